@@ -1,0 +1,384 @@
+"""Vision towers: thin adapters over Hugging Face vision models that all speak `VisionFeatures`.
+
+Everything downstream (projectors, Mixture of Features, the feature router, the contrastive trainer) sees
+only `Tower.forward(pixel_values) -> VisionFeatures` and `Tower.preprocess(images) -> pixel_values`, so a
+new backbone is one registry entry here, not a change there. The adapters wrap the *real* HF classes
+(never re-implementations) so that public checkpoints load unchanged and a tower trained here is an
+ordinary HF checkpoint again after `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    BitImageProcessorPil,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+__all__ = [
+    "IMAGE_PROCESSOR_BACKEND",
+    "TINY_CONFIGS",
+    "TOWERS",
+    "ClipTower",
+    "Dinov2RegistersTower",
+    "Dinov2Tower",
+    "SiglipTower",
+    "Tower",
+    "TowerConfig",
+    "VisionFeatures",
+    "build_tower",
+    "expand2square",
+    "register_tower",
+]
+
+# The PIL backend of the HF image processors, always. The torchvision backend resamples with different
+# kernels, so the same checkpoint would see slightly different pixels on a machine that happens to have
+# torchvision; LLaVA's published numbers were produced by the PIL ("slow") path. ~0.3 ms per 64 px image.
+IMAGE_PROCESSOR_BACKEND = "pil"
+
+# Key of `TowerConfig.config` (and of `Tower.hf_config_dict()`) that carries the image processor's settings.
+# It travels with the architecture because the processor fixes the token count: DINOv2's config says 518 px
+# while its processor crops 224 px, so rebuilding from the model config alone would change the grid.
+PROCESSOR_KEY = "image_processor"
+
+SELECT_FEATURES = ("patch", "cls_patch")
+
+
+@dataclass
+class VisionFeatures:
+    """What every tower returns; the one currency of the vision side."""
+
+    tokens: torch.Tensor  # [B, N, D] selected tokens (patch tokens; CLS first only for "cls_patch")
+    grid: tuple[int, int]  # (h, w) of the patch grid the tokens come from
+    cls: torch.Tensor | None = None  # [B, D] CLS token of the selected layer, where the model has one
+    levels: list[torch.Tensor] | None = None  # multi-scale maps (hierarchical towers); None for plain ViTs
+
+
+@dataclass
+class TowerConfig:
+    """How to build and read a tower. Plain data so that it round-trips through YAML recipes."""
+
+    type: str = "clip"  # registry key, see TOWERS
+    path: str | None = None  # local HF dir (vision-only or full CLIPModel/SiglipModel); None -> `config`
+    config: dict = field(default_factory=dict)  # HF vision-config kwargs over the HF class defaults
+    select_layer: int = -2  # index into hidden_states (LLaVA reads the penultimate layer)
+    select_feature: str = "patch"  # "patch" (drop CLS/register tokens) | "cls_patch" (keep CLS first)
+    pad_to_square: bool = False  # LLaVA's expand2square with the processor's mean colour before resizing
+    trust_remote_code: bool = False
+
+
+# Tiny configs of the real classes: 64 px, 8 px patches -> an 8x8 grid of 64 tokens, 128-wide, 3 layers.
+# Small enough that tests and the CPU demo run in seconds, big enough to have a real penultimate layer.
+_TINY_VIT: dict[str, Any] = {
+    "image_size": 64,
+    "patch_size": 8,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+}
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "clip": dict(_TINY_VIT),
+    "siglip": dict(_TINY_VIT),
+    "dinov2": dict(_TINY_VIT),
+    "dinov2_registers": {**_TINY_VIT, "num_register_tokens": 4},
+}
+
+TOWERS: dict[str, type[Tower]] = {}
+
+
+def register_tower(name: str) -> Callable[[type[Tower]], type[Tower]]:
+    """Add a tower class to `TOWERS` under `name` (the value of `TowerConfig.type`)."""
+
+    def decorator(cls: type[Tower]) -> type[Tower]:
+        if name in TOWERS:
+            raise ValueError(f"tower type {name!r} is already registered ({TOWERS[name].__name__})")
+        TOWERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA's pad-to-square: centre the image on a square of `background` so resizing keeps all of it.
+
+    Without it, a centre-crop processor (CLIP) silently cuts off the sides of wide images.
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    """Read one field of a processor size, which is a `SizeDict` in transformers 5 and a dict before."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _processor_output_size(processor: BaseImageProcessor) -> tuple[int, int]:
+    """(H, W) of the pixels a processor emits; the grid must be derived from this, not the model config."""
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop:
+        height, width = _size_field(crop, "height"), _size_field(crop, "width")
+    else:
+        size = processor.size
+        height, width = _size_field(size, "height"), _size_field(size, "width")
+    if not height or not width:
+        raise ValueError(
+            f"{type(processor).__name__} does not produce a fixed image size (size={processor.size!r}); "
+            "a tower needs fixed-size inputs to have a fixed number of tokens"
+        )
+    return int(height), int(width)
+
+
+class Tower(nn.Module):
+    """A vision backbone that turns pixels into `VisionFeatures`, plus the preprocessing it was trained with.
+
+    Subclasses only declare which HF classes they wrap and how many prefix tokens precede the patches;
+    the reading of hidden states, token selection, preprocessing and saving are shared.
+    """
+
+    model_cls: ClassVar[type[PreTrainedModel]]
+    config_cls: ClassVar[type[PretrainedConfig]]
+    processor_cls: ClassVar[type[BaseImageProcessor]]
+    has_cls: ClassVar[bool] = True
+    # CLIP and SigLIP have learned absolute position embeddings for exactly config.image_size, so their
+    # processor must emit that size; DINOv2 interpolates and runs at whatever its processor crops to.
+    fixed_resolution: ClassVar[bool] = True
+
+    def __init__(self, config: TowerConfig, model: PreTrainedModel, processor: BaseImageProcessor) -> None:
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.processor = processor
+        hf = model.config
+        self.hidden_size: int = int(hf.hidden_size)
+        self.patch_size: int = int(hf.patch_size)
+        self.num_prefix_tokens: int = int(self.has_cls) + int(getattr(hf, "num_register_tokens", 0) or 0)
+
+        height, width = _processor_output_size(processor)
+        if self.fixed_resolution and (height, width) != (hf.image_size, hf.image_size):
+            raise ValueError(
+                f"{type(self).__name__}: the image processor emits {height}x{width} px but the model was "
+                f"built for {hf.image_size} px; fix preprocessor_config.json or the config's image_size"
+            )
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not a multiple of patch size {self.patch_size}")
+        self.image_size: int = height
+        self.grid: tuple[int, int] = (height // self.patch_size, width // self.patch_size)
+
+        if config.select_feature not in SELECT_FEATURES:
+            raise ValueError(f"select_feature must be in {SELECT_FEATURES}, got {config.select_feature!r}")
+        if config.select_feature == "cls_patch" and not self.has_cls:
+            raise ValueError(
+                f"{type(self).__name__} has no CLS token, so select_feature='cls_patch' is impossible; "
+                "use 'patch'"
+            )
+        num_states = int(hf.num_hidden_layers) + 1  # embeddings + one per layer
+        if not -num_states <= config.select_layer < num_states:
+            raise ValueError(
+                f"select_layer={config.select_layer} is out of range for {num_states} hidden states "
+                f"({hf.num_hidden_layers} layers)"
+            )
+        self.num_tokens: int = self.grid[0] * self.grid[1] + int(config.select_feature == "cls_patch")
+
+    # -- construction hooks -------------------------------------------------------------------------------
+
+    @classmethod
+    def default_processor(cls, image_size: int) -> BaseImageProcessor:
+        """The processor this family's checkpoints ship with, scaled to `image_size` (used without a path)."""
+        crop = {"height": image_size, "width": image_size}
+        return cls.processor_cls(size={"shortest_edge": image_size}, crop_size=crop)
+
+    @classmethod
+    def vision_config_dict(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Accept a full two-tower config dict (CLIPConfig-style) by taking its `vision_config`."""
+        return dict(config.get("vision_config", config))
+
+    # -- the protocol ---------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, pixel_values: torch.Tensor) -> VisionFeatures:
+        """Encode a batch and return the tokens of `select_layer` (pre-final-norm hidden states, as LLaVA)."""
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        hidden = outputs.hidden_states[self.config.select_layer]
+        grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
+        patches = hidden[:, self.num_prefix_tokens :]
+        if patches.shape[1] != grid[0] * grid[1]:
+            raise RuntimeError(
+                f"{type(self).__name__}: {patches.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid; "
+                "the prefix-token count does not match this model"
+            )
+        cls = hidden[:, 0] if self.has_cls else None
+        keep_cls = self.config.select_feature == "cls_patch"
+        tokens = torch.cat([hidden[:, :1], patches], dim=1) if keep_cls else patches
+        return VisionFeatures(tokens=tokens, grid=grid, cls=cls)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> the `[B, 3, H, W]` float pixels this checkpoint expects, via its own processor."""
+        rgb = [image.convert("RGB") for image in images]
+        if self.config.pad_to_square:
+            # int() truncates, exactly as LLaVA does, so padded pixels match its training data bit for bit.
+            background = tuple(int(m * 255) for m in self.processor.image_mean)
+            rgb = [expand2square(image, background) for image in rgb]
+        return self.processor(images=rgb, return_tensors="pt")["pixel_values"].float()
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write the standard HF layout (config.json, model.safetensors, preprocessor_config.json).
+
+        The result is reloadable alone with `TowerConfig(type=..., path=directory)` and by plain
+        transformers, so a tower trained here can be published or used by other code unchanged.
+        """
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
+    def hf_config_dict(self, with_processor: bool = True) -> dict[str, Any]:
+        """The HF vision config as a dict, to rebuild this architecture later via `TowerConfig(config=...)`.
+
+        With `with_processor`, the processor settings ride along under `"image_processor"` because they,
+        not the model config, decide the grid (see PROCESSOR_KEY); `build_tower` pops that key again.
+        """
+        config = self.model.config.to_dict()
+        config.pop("_name_or_path", None)
+        if with_processor:
+            config[PROCESSOR_KEY] = self.processor.to_dict()
+        return config
+
+
+@register_tower("clip")
+class ClipTower(Tower):
+    """OpenAI CLIP ViT (LLaVA's default tower); also loads from a full `CLIPModel` checkpoint directory."""
+
+    model_cls = CLIPVisionModel
+    config_cls = CLIPVisionConfig
+    processor_cls = CLIPImageProcessorPil
+
+
+@register_tower("siglip")
+class SiglipTower(Tower):
+    """SigLIP ViT: no CLS token (it pools with an attention head), so every token is a patch."""
+
+    model_cls = SiglipVisionModel
+    config_cls = SiglipVisionConfig
+    processor_cls = SiglipImageProcessorPil
+    has_cls = False
+
+    @classmethod
+    def default_processor(cls, image_size: int) -> BaseImageProcessor:
+        # SigLIP squashes to a square instead of resize + centre crop.
+        return cls.processor_cls(size={"height": image_size, "width": image_size})
+
+
+@register_tower("dinov2")
+class Dinov2Tower(Tower):
+    """DINOv2 ViT: CLS + patch tokens; hidden_states are taken before its final LayerNorm."""
+
+    model_cls = Dinov2Model
+    config_cls = Dinov2Config
+    processor_cls = BitImageProcessorPil
+    fixed_resolution = False
+
+    @classmethod
+    def default_processor(cls, image_size: int) -> BaseImageProcessor:
+        # facebook/dinov2-* ship a BitImageProcessor with ImageNet statistics (not Bit's CLIP defaults).
+        return cls.processor_cls(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=IMAGENET_DEFAULT_MEAN,
+            image_std=IMAGENET_DEFAULT_STD,
+        )
+
+
+@register_tower("dinov2_registers")
+class Dinov2RegistersTower(Dinov2Tower):
+    """DINOv2 with register tokens: [CLS, registers..., patches]; the registers are never returned."""
+
+    model_cls = Dinov2WithRegistersModel
+    config_cls = Dinov2WithRegistersConfig
+
+
+def _attn_kwargs(model_cls: type[PreTrainedModel]) -> dict[str, str]:
+    """SDPA wherever the class supports it: same numerics as eager attention, less memory, faster."""
+    return {"attn_implementation": "sdpa"} if getattr(model_cls, "_supports_sdpa", False) else {}
+
+
+def _build_processor(
+    tower_cls: type[Tower], cfg: TowerConfig, hf_config: PretrainedConfig, settings: dict[str, Any] | None
+) -> BaseImageProcessor:
+    """The checkpoint's own processor if it has one, else the saved settings, else the family default."""
+    if cfg.path and os.path.isfile(os.path.join(cfg.path, "preprocessor_config.json")):
+        return AutoImageProcessor.from_pretrained(
+            cfg.path,
+            backend=IMAGE_PROCESSOR_BACKEND,
+            local_files_only=True,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    if settings:
+        return tower_cls.processor_cls.from_dict(dict(settings))
+    return tower_cls.default_processor(int(hf_config.image_size))
+
+
+def build_tower(cfg: TowerConfig, load_weights: bool = True) -> Tower:
+    """Build the tower `cfg` describes.
+
+    - `path` and `load_weights`: the checkpoint's weights (`from_pretrained`, local files only).
+    - `path` and not `load_weights`: the checkpoint's architecture, randomly initialised, because the
+      caller is about to load the tower's weights from a bigger (whole-model) checkpoint.
+    - no `path`: the architecture from `cfg.config` over the HF class defaults (see TINY_CONFIGS).
+    Models are float32; the training engine decides the working precision.
+    """
+    if cfg.type not in TOWERS:
+        raise ValueError(f"unknown tower type {cfg.type!r}; registered: {', '.join(sorted(TOWERS))}")
+    tower_cls = TOWERS[cfg.type]
+    model_cls = tower_cls.model_cls
+    common: dict[str, Any] = {**_attn_kwargs(model_cls), "dtype": torch.float32}
+    settings: dict[str, Any] | None = None
+    if cfg.path is not None:
+        if not os.path.isdir(cfg.path):
+            raise FileNotFoundError(f"tower path {cfg.path!r} is not a local directory")
+        # trust_remote_code is not passed here: the registry fixes the concrete classes, which never run
+        # remote code (transformers ignores the flag with a warning). It reaches the Auto processor below.
+        if load_weights:
+            model = model_cls.from_pretrained(cfg.path, local_files_only=True, **common)
+        else:
+            hf_config = tower_cls.config_cls.from_pretrained(cfg.path, local_files_only=True)
+            model = model_cls._from_config(hf_config, **common)
+    else:
+        kwargs = tower_cls.vision_config_dict(cfg.config)
+        settings = kwargs.pop(PROCESSOR_KEY, None)
+        hf_config = tower_cls.config_cls.from_dict(kwargs)
+        model = model_cls._from_config(hf_config, **common)
+    processor = _build_processor(tower_cls, cfg, model.config, settings)
+    return tower_cls(cfg, model, processor)

@@ -1,0 +1,256 @@
+"""Recipes: dataclass configs loaded from YAML, merged with `key=value` overrides.
+
+One recipe file says everything a run needs (model, data, stages, engine), so a run folder that keeps
+the resolved recipe can be reproduced from it alone. Dataclasses (not free dicts) make a typo in a
+recipe an error naming the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from encoders.towers import TowerConfig
+
+
+@dataclass
+class LMConfig:
+    """The causal LM: a local Hugging Face directory, or a config to build one from scratch."""
+
+    path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    """Where the tokenizer comes from. With no path, the project trains its own on the data's text."""
+
+    path: str | None = None
+    vocab_size: int = 2048
+    image_token: str = "<image>"
+
+
+@dataclass
+class ModelConfig:
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    projector: str = "mlp2x_gelu"
+    lm: LMConfig = field(default_factory=LMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    template: str = "chatml"
+    max_length: int = 512
+    # Start from a saved MultimodalLM directory (a previous stage's output) instead of building.
+    init_from: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """A LLaVA-format JSON file and the folder its image paths are relative to."""
+
+    json: str | None = None
+    images: str | None = None
+    template: str | None = None  # overrides ModelConfig.template for this stage (e.g. "plain" for align)
+    skip_bad_samples: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class StageConfig:
+    """A training stage as data: what trains, at which learning rate, on which data, for how long."""
+
+    name: str = "align"
+    kind: str = "align"  # registry key in mllm.training.stages
+    data: DataConfig = field(default_factory=DataConfig)
+    # module prefix -> learning rate; None means "use the stage kind's default declaration".
+    trainable: dict[str, float] | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "deepspeed"  # deepspeed | torch
+    zero_config: str | None = "train/ds/zero2.json"
+    precision: str = "bf16"  # bf16 | fp32
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at the end of a stage
+    keep_last: int = 2
+    log_every: int = 10
+    progress: bool = True
+    dist_timeout_s: int = 600
+    threads: int | None = None
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Free-form section for commands that wrap training (the demo's synth and eval settings).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"recipe {self.name!r} has no stage {name!r}; it has {[s.name for s in self.stages]}")
+
+
+class ConfigError(ValueError):
+    """A recipe that does not match the schema, with the dotted key that is wrong."""
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from plain data, refusing unknown keys (a typo must not pass silently)."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    tp = _strip_optional(tp)
+    if value is None:
+        return None
+    if _is_dataclass_type(tp):
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        return tuple(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an int, got a bool")
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        if tp is float and isinstance(value, int):
+            return float(value)
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c=v` in a nested dict; list items are addressed by stage name (`stages.align.lr`)."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
+            if not match:
+                raise ConfigError(f"override {dotted!r}: no list item named {part!r}")
+            node = match[0]
+        else:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply CLI `key=value` pairs; values are parsed as YAML so `lr=1e-4` and `stages=[]` work."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe: {e}") from e
+    apply_overrides(tree, overrides or [])
+    tree = substitute(tree, tree.get("extra") or {})
+    try:
+        return from_dict(Recipe, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def recipe_from_dict(tree: dict, overrides: list[str] | None = None) -> Recipe:
+    tree = apply_overrides(copy.deepcopy(tree), overrides or [])
+    tree = substitute(tree, tree.get("extra") or {})
+    return from_dict(Recipe, tree)
+
+
+_VAR = re.compile(r"\$\{(\w+)\}")
+
+
+def substitute(tree: Any, variables: dict[str, Any]) -> Any:
+    """Replace `${name}` in string values by `extra.name`, so one recipe serves any data folder."""
+    if isinstance(tree, dict):
+        return {k: (v if k == "extra" else substitute(v, variables)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [substitute(v, variables) for v in tree]
+    if isinstance(tree, str):
+        def repl(m: re.Match) -> str:
+            if m.group(1) not in variables:
+                raise ConfigError(f"${{{m.group(1)}}} is used but extra.{m.group(1)} is not set")
+            return str(variables[m.group(1)])
+        return _VAR.sub(repl, tree)
+    return tree
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

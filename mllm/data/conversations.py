@@ -1,0 +1,191 @@
+"""LLaVA-format conversation data: the dataset and its collator.
+
+Samples are validated where it is cheap (at load: JSON syntax, fields, roles) and where it is not
+(at fetch: image decoding, tokenisation, length). A bad sample raises an error naming the file and
+the sample; with `skip_bad_samples` it is returned as a skip record instead, which the collator passes
+on so the engine counts and lists it. Nothing is truncated or dropped without a trace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from mllm.chat import IGNORE_INDEX, SampleError, encode_conversation, normalise_turns
+from mllm.data.images import ImageError, load_image, resolve_image
+
+
+class DataError(ValueError):
+    """A data file that cannot be read at all (syntax error, wrong top-level shape)."""
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """A JSON list (LLaVA) or JSONL file of sample objects; syntax errors name file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: JSON syntax error: {e.msg} (column {e.colno})") from e
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: JSON syntax error: {e.msg} (column {e.colno})") from e
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a list of samples, got {type(records).__name__}")
+    return records
+
+
+def sample_name(path: str | Path, index: int, record: Any) -> str:
+    sid = record.get("id") if isinstance(record, dict) else None
+    return f"{path} sample #{index}" + (f" (id {sid!r})" if sid is not None else "")
+
+
+def image_paths(record: dict) -> list[str]:
+    img = record.get("image")
+    if img is None:
+        return []
+    return list(img) if isinstance(img, list) else [img]
+
+
+@dataclass
+class Skip:
+    """A sample left out under `skip_bad_samples`, carried to the engine to be counted and listed."""
+
+    sample: str
+    reason: str
+
+
+class ConversationDataset(Dataset):
+    def __init__(self, json_path: str | Path, image_root: str | Path | None, tokenizer: PreTrainedTokenizerBase,
+                 template: str, image_token_id: int, num_image_tokens: int,
+                 preprocess: Callable[[Sequence[Image.Image]], torch.Tensor] | None, max_length: int | None,
+                 skip_bad_samples: bool = False):
+        self.path = Path(json_path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.preprocess = preprocess
+        self.max_length = max_length
+        self.skip_bad_samples = skip_bad_samples
+        self.records = read_records(self.path)
+        self.load_errors: dict[int, str] = {}
+        for i, rec in enumerate(self.records):
+            try:
+                self._check_structure(i, rec)
+            except SampleError as e:
+                if not skip_bad_samples:
+                    raise
+                self.load_errors[i] = str(e)
+
+    def _check_structure(self, i: int, rec: Any) -> None:
+        name = sample_name(self.path, i, rec)
+        if not isinstance(rec, dict):
+            raise SampleError(f"{name}: a sample must be an object")
+        if "conversations" not in rec:
+            raise SampleError(f"{name}: missing 'conversations'")
+        normalise_turns(rec["conversations"], name)
+        for p in image_paths(rec):
+            if not isinstance(p, str):
+                raise SampleError(f"{name}: image entry {p!r} is not a path string")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        name = sample_name(self.path, i, rec)
+        if i in self.load_errors:
+            return {"skip": Skip(name, self.load_errors[i])}
+        try:
+            return self._fetch(i, rec, name)
+        except (SampleError, ImageError) as e:
+            msg = str(e) if str(e).startswith(str(self.path)) else f"{name}: {e}"
+            if self.skip_bad_samples:
+                return {"skip": Skip(name, msg)}
+            raise SampleError(msg) from e
+
+    def _fetch(self, i: int, rec: dict, name: str) -> dict[str, Any]:
+        paths = image_paths(rec)
+        enc = encode_conversation(
+            rec["conversations"], self.tokenizer, self.template, self.image_token_id, self.num_image_tokens,
+            num_images=len(paths), max_length=self.max_length, sample=name,
+        )
+        pixel_values = None
+        if paths:
+            if self.preprocess is None:
+                raise SampleError(f"{name}: has an image but the model has no vision tower")
+            images = [load_image(resolve_image(self.image_root, p)) for p in paths]
+            pixel_values = self.preprocess(images)
+        out = {"index": i, "id": rec.get("id", str(i)), **enc, "pixel_values": pixel_values}
+        if "token_weights" in rec:
+            out["token_weights"] = torch.tensor(rec["token_weights"], dtype=torch.float32)
+        return out
+
+
+class Collator:
+    """Right-pads a batch; concatenates images in sample order (the order the splice expects)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        skips = [it["skip"] for it in items if "skip" in it]
+        items = [it for it in items if "skip" not in it]
+        batch: dict[str, Any] = {"skips": skips, "ids": [it["id"] for it in items]}
+        if not items:
+            return batch
+        n = max(len(it["input_ids"]) for it in items)
+        b = len(items)
+        input_ids = torch.full((b, n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((b, n), IGNORE_INDEX, dtype=torch.long)
+        attn = torch.zeros((b, n), dtype=torch.long)
+        weights = None
+        if any("token_weights" in it for it in items):
+            weights = torch.zeros((b, n), dtype=torch.float32)
+        for r, it in enumerate(items):
+            k = len(it["input_ids"])
+            input_ids[r, :k] = it["input_ids"]
+            labels[r, :k] = it["labels"]
+            attn[r, :k] = 1
+            if weights is not None:
+                w = it.get("token_weights")
+                weights[r, :k] = w if w is not None else (it["labels"] != IGNORE_INDEX).float()
+        pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+        batch.update(input_ids=input_ids, labels=labels, attention_mask=attn,
+                     pixel_values=torch.cat(pix) if pix else None)
+        if weights is not None:
+            batch["token_weights"] = weights
+        return batch
+
+
+def left_pad(seqs: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask for batched generation (each row's prompt ends at the last column)."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, n - len(s):] = s
+        mask[r, n - len(s):] = 1
+    return ids, mask

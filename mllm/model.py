@@ -1,0 +1,249 @@
+"""MultimodalLM: a vision tower, a projector and any Hugging Face causal LM.
+
+Image embeddings are scattered into the positions of the expanded `<image>` placeholder tokens in
+one vectorised `masked_scatter` (transformers' LLaVA convention), so there is no per-sample Python
+loop and a single-tower model maps onto `LlavaForConditionalGeneration` by renaming keys.
+
+A saved model is a folder of parts in their native formats: `lm/` and `tower/` are ordinary Hugging
+Face directories (usable alone), `projector.safetensors` holds the projector, `tokenizer/` the
+tokenizer, and `mllm.json` how they fit together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from encoders.towers import Tower, TowerConfig, build_tower
+from mllm.chat import IGNORE_INDEX
+from mllm.projectors import build_projector
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MultimodalMeta:
+    """What `from_pretrained` needs beyond the parts' own configs."""
+
+    tower: dict[str, Any] = field(default_factory=dict)  # TowerConfig fields (path rewritten on save)
+    projector: str = "mlp2x_gelu"
+    image_token: str = "<image>"
+    image_token_id: int = -1
+    template: str = "chatml"
+    max_length: int = 512
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class MultimodalOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    num_loss_tokens: int = 0
+
+
+def build_lm(path: str | None, config: dict[str, Any], vocab_size: int, attn: str = "sdpa",
+             trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM from a local directory, or from config kwargs (`model_type` picks the class)."""
+    if path:
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, attn_implementation=attn, trust_remote_code=trust_remote_code
+        )
+    else:
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", "llama")
+        cfg["vocab_size"] = vocab_size
+        hf_cfg = AutoConfig.for_model(model_type, **cfg)
+        lm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn, trust_remote_code=trust_remote_code)
+    if lm.get_input_embeddings().num_embeddings < vocab_size:
+        lm.resize_token_embeddings(vocab_size)
+    return lm
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, tower: Tower, projector: nn.Module, lm: PreTrainedModel, meta: MultimodalMeta,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
+        super().__init__()
+        self.tower = tower
+        self.projector = projector
+        self.lm = lm
+        self.meta = meta
+        self.tokenizer = tokenizer
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, tower_cfg: TowerConfig, projector: str, lm: PreTrainedModel,
+              tokenizer: PreTrainedTokenizerBase, image_token: str = "<image>", template: str = "chatml",
+              max_length: int = 512, load_tower_weights: bool = True) -> MultimodalLM:
+        tower = build_tower(tower_cfg, load_weights=load_tower_weights)
+        d_llm = lm.get_input_embeddings().embedding_dim
+        proj = build_projector(projector, tower.hidden_size, d_llm)
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        meta = MultimodalMeta(
+            tower=asdict(tower_cfg), projector=projector, image_token=image_token,
+            image_token_id=int(image_token_id), template=template, max_length=max_length,
+        )
+        return cls(tower, proj, lm, meta, tokenizer)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.tower.num_tokens
+
+    @property
+    def image_token_id(self) -> int:
+        return self.meta.image_token_id
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, 3, H, W] -> [n_images, N, d_llm] in the LM's dtype."""
+        feats = self.tower(pixel_values.to(self._tower_dtype()))
+        emb = self.projector(feats.tokens.to(self._param_dtype(self.projector)))
+        return emb
+
+    def _tower_dtype(self) -> torch.dtype:
+        return self._param_dtype(self.tower)
+
+    @staticmethod
+    def _param_dtype(module: nn.Module) -> torch.dtype:
+        for p in module.parameters():
+            return p.dtype
+        return torch.float32
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image embeddings scattered into the placeholder positions."""
+        is_image = input_ids == self.image_token_id
+        # The placeholder id may be outside a resized-but-unused range; embed a safe id there instead.
+        safe_ids = input_ids.masked_fill(is_image, 0)
+        embeds = self.lm.get_input_embeddings()(safe_ids)
+        n_slots = int(is_image.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} image positions in the batch but no pixel_values")
+            return embeds
+        img = self.encode_images(pixel_values)
+        if img.shape[0] * img.shape[1] != n_slots:
+            raise ValueError(
+                f"{pixel_values.shape[0]} image(s) yield {img.shape[0] * img.shape[1]} embeddings "
+                f"but the batch has {n_slots} image positions"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), img.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_logits: bool = False, **_: Any) -> MultimodalOutput:
+        """Next-token loss, optionally weighted per token (PRIOR), over labelled positions only.
+
+        The LM head is applied only where a label exists: with a 150k vocabulary, full-sequence
+        logits are most of a step's activation memory, and most positions (prompt, image) carry none.
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        base = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
+        out = base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        head = self.lm.get_output_embeddings()
+        if labels is None:
+            return MultimodalOutput(None, head(hidden))
+        shift_labels = labels[:, 1:]
+        valid = shift_labels != IGNORE_INDEX
+        h = hidden[:, :-1][valid]
+        logits = head(h).float()
+        ce = F.cross_entropy(logits, shift_labels[valid], reduction="none")
+        n = int(valid.sum())
+        if token_weights is not None:
+            ce = ce * token_weights[:, 1:][valid].to(ce.dtype)
+        loss = ce.sum() / max(n, 1)
+        return MultimodalOutput(loss, logits if return_logits else None, n)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 stop_token_ids: list[int] | None = None, streamer: Any = None) -> torch.Tensor:
+        """New token ids [B, T] (prompt excluded), using the LM's own KV-cached `generate`.
+
+        Prompts must be left-padded so every row's last position is its last prompt token.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed(input_ids, pixel_values)
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        if stop_token_ids:
+            kwargs["eos_token_id"] = stop_token_ids
+        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer, **kwargs)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write every part to a temporary folder beside `out_dir`, then rename it into place.
+
+        A crash while saving leaves either the old folder or none, never a half-written model.
+        """
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+        try:
+            self.tower.save_pretrained(tmp / "tower")
+            self.lm.save_pretrained(tmp / "lm", safe_serialization=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
+                      str(tmp / "projector.safetensors"))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            meta = asdict(self.meta)
+            meta["tower"] = dict(meta["tower"], path="tower")
+            (tmp / "mllm.json").write_text(json.dumps(meta, indent=2))
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, torch_dtype: torch.dtype | None = None,
+                        attn_implementation: str = "sdpa") -> MultimodalLM:
+        from mllm.tokenizer import load_tokenizer
+
+        model_dir = Path(model_dir)
+        meta_path = model_dir / "mllm.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{model_dir}: not an mllm model folder (no mllm.json)")
+        raw = json.loads(meta_path.read_text())
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version {raw['format_version']} is newer than this mllm")
+        meta = MultimodalMeta(**raw)
+        tower_cfg = TowerConfig(**dict(meta.tower, path=str(model_dir / meta.tower["path"])))
+        tower = build_tower(tower_cfg, load_weights=True)
+        lm = AutoModelForCausalLM.from_pretrained(str(model_dir / "lm"), local_files_only=True,
+                                                  attn_implementation=attn_implementation)
+        proj = build_projector(meta.projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
+        proj.load_state_dict(load_file(str(model_dir / "projector.safetensors")))
+        tok = load_tokenizer(model_dir / "tokenizer") if (model_dir / "tokenizer").is_dir() else None
+        model = cls(tower, proj, lm, meta, tok)
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        return model.eval()
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move `tmp` to `dest`, replacing an existing folder with at most a moment without either."""
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)

@@ -1,0 +1,335 @@
+"""The one training loop: DeepSpeed (ZeRO 0/2/3, gloo on CPU, nccl on GPU) or plain torch.
+
+It owns gradient accumulation, clipping, the schedule, logging, progress, checkpoints and resume, so
+every stage (and every later method: PRIOR, contrastive, MoF) gets them by declaring data, not by
+copying a loop. Resume restores weights, optimiser, scheduler, RNG and the data position, so a
+resumed run produces the same loss sequence as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mllm.config import EngineConfig, StageConfig
+from mllm.data.conversations import Skip
+from mllm.training import distributed as D
+from mllm.training.checkpoint import CheckpointManager, atomic_write_text
+from mllm.training.optim import build_optimizer, cosine_with_warmup, param_groups, set_trainable
+from mllm.training.order import BatchOrder
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class StageResult:
+    steps: int
+    final_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    wall_s: float = 0.0
+    resumed_from: int | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {"python": _jsonable(random.getstate()), "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
+                                                                  float(np_state[4])]}
+    return tensors, meta
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x: Any) -> Any:
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    name, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_tupled(meta["python"]))
+
+
+def load_ds_config(path: str | None, stage: StageConfig, precision: str) -> dict[str, Any]:
+    """A ZeRO JSON with `"auto"` values filled from the stage (as HF's integration does)."""
+    cfg: dict[str, Any] = json.loads(Path(path).read_text()) if path else {"zero_optimization": {"stage": 0}}
+    fills = {
+        "train_micro_batch_size_per_gpu": stage.batch_size,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_clipping": stage.grad_clip,
+    }
+    for k, v in fills.items():
+        if cfg.get(k, "auto") == "auto":
+            cfg[k] = v
+    cfg.pop("train_batch_size", None)
+    bf16 = cfg.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = precision == "bf16"
+    cfg.setdefault("fp16", {"enabled": False})
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    cfg.setdefault("steps_per_print", 10**9)
+    return cfg
+
+
+def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    """Runs one stage on a model. Build it, call `train()`; the caller saves the final model."""
+
+    def __init__(self, model: nn.Module, dataset: Dataset, collate, stage: StageConfig, engine: EngineConfig,
+                 out_dir: str | Path, trainable: dict[str, float]):
+        self.model = model
+        self.dataset = dataset
+        self.collate = collate
+        self.stage = stage
+        self.cfg = engine
+        self.out_dir = Path(out_dir)
+        self.trainable = trainable
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", engine.keep_last)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.use_ds = engine.backend == "deepspeed"
+        if engine.backend not in ("deepspeed", "torch"):
+            raise ValueError(f"engine.backend must be 'deepspeed' or 'torch', got {engine.backend!r}")
+        self.skipped: list[Skip] = []
+
+    # ------------------------------------------------------------------ set-up
+    def total_steps(self, order: BatchOrder) -> int:
+        if self.stage.max_steps is not None:
+            return int(self.stage.max_steps)
+        return max(1, math.ceil(self.stage.epochs * order.per_epoch / self.stage.grad_accum))
+
+    def _setup(self) -> None:
+        D.init(self.cfg.backend, self.cfg.dist_timeout_s)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        seed_everything(self.cfg.seed)
+        set_trainable(self.model, self.trainable)
+        groups = param_groups(self.model, self.trainable, self.stage.weight_decay)
+        self.group_names = [g["name"] for g in groups]
+        self.order = BatchOrder(len(self.dataset), self.stage.batch_size, self.cfg.seed, D.rank(), D.world_size())
+        self.steps = self.total_steps(self.order)
+        warmup = int(round(self.stage.warmup_ratio * self.steps))
+        optimizer = build_optimizer(groups, tuple(self.stage.betas))
+        schedule = cosine_with_warmup(warmup, self.steps, self.stage.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(optimizer.param_groups))
+        self.device = D.device()
+        if self.use_ds:
+            import deepspeed
+
+            ds_cfg = load_ds_config(self.cfg.zero_config, self.stage, self.cfg.precision)
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                dist_init_required=False,
+            )
+            self.zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+        else:
+            self.model.to(self.device)
+            self.engine, self.optimizer, self.scheduler = self.model, optimizer, scheduler
+            self.zero_stage = 0
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if (not self.use_ds and self.cfg.precision == "bf16") else contextlib.nullcontext()
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, step: int, position: int) -> Path:
+        if D.is_main():
+            tmp = self.ckpt.begin(step)
+        D.barrier()
+        tmp = self.ckpt.tmp_path(step)
+        if self.use_ds:
+            self.engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False,
+                                        exclude_frozen_parameters=True)
+        else:
+            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+        tensors, meta = _rng_state()
+        save_file(tensors, str(tmp / f"rng_rank{D.rank()}.safetensors"))
+        (tmp / f"rng_rank{D.rank()}.json").write_text(json.dumps(meta))
+        if D.is_main():
+            state = {"step": step, "position": position, "total_steps": self.steps,
+                     "skipped": [s.__dict__ for s in self.skipped], "world_size": D.world_size()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        D.barrier()
+        final = self.ckpt.root / self.ckpt.name(step)
+        if D.is_main():
+            final = self.ckpt.commit(step)
+        D.barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> tuple[int, int]:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("world_size", 1) != D.world_size():
+            raise TrainingError(f"{path}: saved with {state['world_size']} processes, resuming with {D.world_size()}")
+        if self.use_ds:
+            loaded, _ = self.engine.load_checkpoint(str(path / "ds"), tag="state", load_module_strict=False)
+            if loaded is None:
+                raise TrainingError(f"{path}: DeepSpeed could not load the checkpoint")
+        else:
+            weights = load_file(str(path / "trainable.safetensors"))
+            missing = set(self._trainable_state()) - set(weights)
+            if missing:
+                raise TrainingError(f"{path}: checkpoint lacks trainable weights {sorted(missing)[:5]}")
+            self.model.load_state_dict(weights, strict=False)
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+        rng_t = load_file(str(path / f"rng_rank{D.rank()}.safetensors"))
+        _set_rng_state(rng_t, json.loads((path / f"rng_rank{D.rank()}.json").read_text()))
+        self.skipped = [Skip(**s) for s in state.get("skipped", [])]
+        return int(state["step"]), int(state["position"])
+
+    # ------------------------------------------------------------------ loop
+    def _loader(self, start: int, stop: int) -> DataLoader:
+        return DataLoader(self.dataset, batch_sampler=list(self.order.batches(start, stop)),
+                          collate_fn=self.collate, num_workers=self.stage.data.num_workers)
+
+    def _micro_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        batch = _move(batch, self.device)
+        inputs = {k: v for k, v in batch.items() if k not in ("skips", "ids")}
+        with self.autocast:
+            out = self.engine(**inputs)
+        loss = out.loss
+        if self.use_ds:
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            (loss / self.stage.grad_accum).backward()
+        return loss.detach().float()
+
+    def _optimizer_step(self) -> float | None:
+        if self.use_ds:
+            return None  # DeepSpeed stepped at the accumulation boundary inside engine.step()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.stage.grad_clip) if self.stage.grad_clip > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm) if norm is not None else None
+
+    def _lrs(self) -> dict[str, float]:
+        return {n: g["lr"] for n, g in zip(self.group_names, self.optimizer.param_groups)}
+
+    def train(self) -> StageResult:
+        t0 = time.time()
+        self._setup()
+        if D.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.ckpt.clean_orphans()
+        D.barrier()
+        step, position, resumed = 0, 0, None
+        latest = self.ckpt.latest()
+        if latest is not None:
+            step, position = self.load_checkpoint(latest)
+            resumed = step
+        if D.is_main():
+            self._truncate_metrics(step)
+        ga = self.stage.grad_accum
+        losses: list[float] = []
+        bar = None
+        if D.is_main() and self.cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.steps, initial=step, desc=self.stage.name, dynamic_ncols=True, leave=False)
+        if step < self.steps:
+            self.engine.train() if self.use_ds else self.model.train()
+            loader = iter(self._loader(position, position + (self.steps - step) * ga))
+            t_last = time.time()
+            while step < self.steps:
+                micro_losses = []
+                n_samples = 0
+                for _ in range(ga):
+                    batch = next(loader)
+                    position += 1
+                    self._record_skips(batch["skips"])
+                    if "input_ids" not in batch:
+                        raise TrainingError(f"every sample of micro-batch {position - 1} was bad: "
+                                            + "; ".join(s.reason for s in batch["skips"]))
+                    n_samples += len(batch["ids"])
+                    micro_losses.append(self._micro_step(batch))
+                grad_norm = self._optimizer_step()
+                step += 1
+                loss = float(D.all_reduce_mean(torch.stack(micro_losses).mean()))
+                if not math.isfinite(loss):
+                    raise TrainingError(f"non-finite loss {loss} at step {step}")
+                losses.append(loss)
+                now = time.time()
+                if D.is_main():
+                    rec = {"step": step, "loss": loss, "lr": self._lrs(), "samples": n_samples * D.world_size(),
+                           "step_s": round(now - t_last, 4)}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = grad_norm
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                t_last = now
+                every = self.cfg.checkpoint_every
+                if (every and step % every == 0) or step == self.steps:
+                    self.save_checkpoint(step, position)
+        if bar is not None:
+            bar.close()
+        return StageResult(step, losses[-1] if losses else None, losses, self.skipped, time.time() - t0, resumed)
+
+    def _record_skips(self, skips: list[Skip]) -> None:
+        for s in skips:
+            self.skipped.append(s)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop metric lines past the checkpoint: they will be produced again."""
+        if not self.metrics_path.is_file():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
+
+    # ------------------------------------------------------------------ final weights
+    @contextlib.contextmanager
+    def full_weights(self):
+        """Full (un-partitioned) parameters on every rank for the duration; a no-op below ZeRO-3."""
+        if self.use_ds and self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def close(self) -> None:
+        if self.use_ds:
+            with contextlib.suppress(Exception):
+                self.engine.destroy()

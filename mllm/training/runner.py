@@ -1,0 +1,150 @@
+"""From a recipe to trained models: build or load the model, run each stage, save what it made.
+
+Run folder:
+    RUN/recipe.yaml            the resolved recipe (overrides applied)
+    RUN/run.json               stages finished, their final models, wall seconds, skipped samples
+    RUN/<stage>/metrics.jsonl  one line per optimiser step
+    RUN/<stage>/checkpoints/   step-XXXXXXXX folders + `latest`
+    RUN/<stage>/final/         a MultimodalLM folder (loadable by `mllm chat` / `mllm eval`)
+A stage whose `final/` exists is done and skipped on a re-run, so `mllm train` is restartable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mllm.config import ModelConfig, Recipe, StageConfig, save_recipe
+from mllm.data.conversations import Collator, ConversationDataset, read_records
+from mllm.model import MultimodalLM, build_lm
+from mllm.tokenizer import ensure_image_token, load_tokenizer, train_tokenizer
+from mllm.training import distributed as D
+from mllm.training.checkpoint import atomic_write_text
+from mllm.training.engine import StageResult, Trainer, seed_everything
+from mllm.training.stages import resolve_template, resolve_trainable
+
+
+def corpus_from_records(paths: list[Path]) -> list[str]:
+    """Every turn's text in the given LLaVA files (the default tokenizer is trained on them)."""
+    texts = []
+    for p in paths:
+        for rec in read_records(p):
+            for turn in rec.get("conversations", []) if isinstance(rec, dict) else []:
+                if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                    texts.append(turn["value"].replace("<image>", ""))
+    return texts
+
+
+def build_model(cfg: ModelConfig, run_dir: Path, corpus_files: list[Path], seed: int) -> MultimodalLM:
+    """A fresh model from the recipe: tokenizer (given or trained here), tower, projector, LM."""
+    if cfg.init_from:
+        return MultimodalLM.from_pretrained(cfg.init_from)
+    seed_everything(seed)
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path, cfg.lm.trust_remote_code)
+    elif cfg.lm.path:
+        tok = load_tokenizer(cfg.lm.path, cfg.lm.trust_remote_code)
+    else:
+        tok_dir = run_dir / "tokenizer"
+        if tok_dir.is_dir():
+            tok = load_tokenizer(tok_dir)
+        else:
+            tok = train_tokenizer(corpus_from_records(corpus_files), cfg.tokenizer.vocab_size)
+            if D.is_main():
+                tok.save_pretrained(str(tok_dir))
+    ensure_image_token(tok, cfg.tokenizer.image_token)
+    lm = build_lm(cfg.lm.path, cfg.lm.config, len(tok), cfg.lm.attn_implementation, cfg.lm.trust_remote_code)
+    return MultimodalLM.build(cfg.tower, cfg.projector, lm, tok, cfg.tokenizer.image_token, cfg.template,
+                              cfg.max_length)
+
+
+def make_dataset(model: MultimodalLM, stage: StageConfig, template: str) -> ConversationDataset:
+    if not stage.data.json:
+        raise ValueError(f"stage {stage.name!r}: data.json is not set")
+    return ConversationDataset(
+        stage.data.json, stage.data.images, model.tokenizer, template, model.image_token_id,
+        model.num_image_tokens, model.tower.preprocess, model.meta.max_length, stage.data.skip_bad_samples,
+    )
+
+
+def run_stage(model: MultimodalLM, recipe: Recipe, stage: StageConfig, stage_dir: Path) -> StageResult:
+    template = resolve_template(stage, model.meta.template)
+    dataset = make_dataset(model, stage, template)
+    trainer = Trainer(model, dataset, Collator(model.tokenizer.pad_token_id), stage, recipe.engine, stage_dir,
+                      resolve_trainable(stage))
+    result = trainer.train()
+    with trainer.full_weights():
+        if D.is_main():
+            model.save_pretrained(stage_dir / "final")
+    D.barrier()
+    trainer.close()
+    return result
+
+
+def train_recipe(recipe: Recipe, run_dir: str | Path, only: list[str] | None = None,
+                 log=print) -> dict[str, Any]:
+    """Run the recipe's stages in order (or `only` those named), each starting from the previous one."""
+    run_dir = Path(run_dir)
+    D.init(recipe.engine.backend, recipe.engine.dist_timeout_s)
+    if D.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    D.barrier()
+    summary_path = run_dir / "run.json"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": {}}
+    stages = [s for s in recipe.stages if only is None or s.name in only]
+    if not stages:
+        raise ValueError(f"no stage to run; the recipe has {[s.name for s in recipe.stages]}")
+    prev_final: Path | None = None
+    names = [s.name for s in recipe.stages]
+    first = names.index(stages[0].name)
+    if first > 0:
+        prev_final = run_dir / names[first - 1] / "final"
+    corpus = [Path(s.data.json) for s in recipe.stages if s.data.json]
+    for stage in stages:
+        stage_dir = run_dir / stage.name
+        final = stage_dir / "final"
+        if (final / "mllm.json").is_file():
+            log(f"[{stage.name}] already finished: {final}")
+            prev_final = final
+            continue
+        t0 = time.time()
+        if prev_final is not None:
+            if not (prev_final / "mllm.json").is_file():
+                raise FileNotFoundError(f"stage {stage.name!r} starts from {prev_final}, which does not exist")
+            model = MultimodalLM.from_pretrained(prev_final)
+        else:
+            model = build_model(recipe.model, run_dir, corpus, recipe.engine.seed)
+        log(f"[{stage.name}] training {resolve_trainable(stage)} on {stage.data.json}")
+        result = run_stage(model, recipe, stage, stage_dir)
+        wall = time.time() - t0
+        summary["stages"][stage.name] = {
+            "final": str(final), "steps": result.steps, "final_loss": result.final_loss, "wall_s": round(wall, 2),
+            "resumed_from": result.resumed_from, "skipped": [s.__dict__ for s in result.skipped],
+        }
+        summary["final"] = str(final)
+        if D.is_main():
+            atomic_write_text(summary_path, json.dumps(summary, indent=1))
+            if result.skipped:
+                log(f"[{stage.name}] skipped {len(result.skipped)} bad sample(s):")
+                for s in result.skipped:
+                    log(f"  - {s.reason}")
+            log(f"[{stage.name}] done: {result.steps} steps, loss {result.final_loss}, {wall:.1f}s -> {final}")
+        prev_final = final
+        del model
+    return summary
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder, or a run folder (its last finished stage's final model)."""
+    path = Path(path)
+    if (path / "mllm.json").is_file():
+        return path
+    run = path / "run.json"
+    if run.is_file():
+        final = json.loads(run.read_text()).get("final")
+        if final and (Path(final) / "mllm.json").is_file():
+            return Path(final)
+    raise FileNotFoundError(f"{path}: neither a model folder (mllm.json) nor a finished run folder (run.json)")

@@ -1,0 +1,71 @@
+"""Projector registry: LLaVA's layouts, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mllm.projectors import PROJECTORS, build_projector, known_projectors, register_projector
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp1x_gelu", "mlp2x_gelu", "mlp3x_gelu"])
+def test_shapes(name: str) -> None:
+    projector = build_projector(name, 24, 40)
+    assert projector(torch.randn(2, 5, 24)).shape == (2, 5, 40)
+
+
+def test_identity_passes_through_and_checks_dims() -> None:
+    x = torch.randn(2, 3, 16)
+    assert torch.equal(build_projector("identity", 16, 16)(x), x)
+    with pytest.raises(ValueError, match="in_dim == out_dim"):
+        build_projector("identity", 16, 32)
+
+
+def test_mlp2x_gelu_is_llavas_layout() -> None:
+    projector = build_projector("mlp2x_gelu", 24, 40)
+    assert isinstance(projector, nn.Sequential)
+    assert [type(m) for m in projector] == [nn.Linear, nn.GELU, nn.Linear]
+    assert (projector[0].in_features, projector[0].out_features) == (24, 40)
+    assert (projector[2].in_features, projector[2].out_features) == (40, 40)
+    # LLaVA checkpoints name these mm_projector.0.* and mm_projector.2.*
+    assert list(projector.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_mlp_depth() -> None:
+    projector = build_projector("mlp3x_gelu", 8, 12)
+    assert [type(m) for m in projector] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    assert sum(isinstance(m, nn.Linear) for m in projector) == 3
+    assert [type(m) for m in build_projector("mlp1x_gelu", 8, 12)] == [nn.Linear]
+    with pytest.raises(ValueError, match="N >= 1"):
+        build_projector("mlp0x_gelu", 8, 12)
+
+
+def test_linear_is_a_plain_linear() -> None:
+    projector = build_projector("linear", 8, 12)
+    assert type(projector) is nn.Linear
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp2x_relu", "mlp2x_gelu_extra", "resampler"])
+def test_unknown_name_lists_known(name: str) -> None:
+    with pytest.raises(ValueError, match=r"known: identity, linear, mlp\{N\}x_gelu"):
+        build_projector(name, 8, 8)
+
+
+def test_bad_dims() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        build_projector("linear", 0, 8)
+
+
+def test_register_projector() -> None:
+    @register_projector("test_tanh_linear")
+    def _tanh_linear(in_dim: int, out_dim: int) -> nn.Module:
+        return nn.Sequential(nn.Tanh(), nn.Linear(in_dim, out_dim))
+
+    try:
+        assert "test_tanh_linear" in known_projectors()
+        assert build_projector("test_tanh_linear", 4, 6)(torch.zeros(1, 4)).shape == (1, 6)
+        with pytest.raises(ValueError, match="already registered"):
+            register_projector("test_tanh_linear")(_tanh_linear)
+    finally:
+        del PROJECTORS["test_tanh_linear"]
