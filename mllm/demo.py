@@ -59,7 +59,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
     if not (world / "manifest.json").is_file():
         n_scenes = n or (200 if quick else DEMO_N)
         log(f"[synth] GeoWorld: {n_scenes} training scenes -> {world}")
-        kw = dict(n_eval=60, mmvp_pairs=10, pope_per_split=20, mathverse_problems=4, refcoco_n=20) if quick else {}
+        kw = dict(n_eval=64, mmvp_pairs=8, pope_questions=24, mathverse_problems=4, refcoco_n=16) if quick else {}
         write_world(world, seed=0, n=n_scenes, size=64, **kw)
     write_text_corpus(world)
     timings["synth"] = round(time.time() - t0, 2)

@@ -24,12 +24,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from encoders.towers import Tower, TowerConfig, build_tower
 from mllm.chat import IGNORE_INDEX
 from mllm.projectors import build_projector
 
 FORMAT_VERSION = 1
+# Per-shard progress bars for a model of a few MB are noise in every log line of a run.
+hf_logging.disable_progress_bar()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from mllm.config import EngineConfig, StageConfig
 from mllm.data.conversations import Skip
 from mllm.training import distributed as D
 from mllm.training.checkpoint import CheckpointManager, atomic_write_text
+from mllm.training.faults import maybe_kill
 from mllm.training.optim import build_optimizer, cosine_with_warmup, param_groups, set_trainable
 from mllm.training.order import BatchOrder
 
@@ -178,6 +179,7 @@ class Trainer:
             save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+        maybe_kill("mid_checkpoint", step)
         tensors, meta = _rng_state()
         save_file(tensors, str(tmp / f"rng_rank{D.rank()}.safetensors"))
         (tmp / f"rng_rank{D.rank()}.json").write_text(json.dumps(meta))
@@ -302,13 +304,18 @@ class Trainer:
                 every = self.cfg.checkpoint_every
                 if (every and step % every == 0) or step == self.steps:
                     self.save_checkpoint(step, position)
+                maybe_kill("after_step", step)
         if bar is not None:
             bar.close()
         return StageResult(step, losses[-1] if losses else None, losses, self.skipped, time.time() - t0, resumed)
 
     def _record_skips(self, skips: list[Skip]) -> None:
+        """Each bad sample is listed once, however many epochs meet it again."""
+        seen = {s.sample for s in self.skipped}
         for s in skips:
-            self.skipped.append(s)
+            if s.sample not in seen:
+                self.skipped.append(s)
+                seen.add(s.sample)
 
     def _truncate_metrics(self, step: int) -> None:
         """On resume, drop metric lines past the checkpoint: they will be produced again."""
