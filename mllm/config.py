@@ -82,6 +82,9 @@ class StageConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
+    # Per-stage ZeRO config (LLaVA aligns under ZeRO-2 and instruction-tunes under ZeRO-3);
+    # None: the engine's.
+    zero_config: str | None = None
 
 
 @dataclass
@@ -162,15 +165,23 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         return tuple(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected an int, got a bool")
-    if tp in (int, str, bool) and not isinstance(value, tp):
-        if tp is float and isinstance(value, int):
-            return float(value)
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp in (int, float, str, bool):
+        return _scalar(tp, value, where)
     return value
+
+
+def _scalar(tp: type, value: Any, where: str) -> Any:
+    """Scalars with the conversions YAML needs (`2e-5` is a string in YAML 1.1), and no others."""
+    if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
 
 
 def to_dict(obj: Any) -> Any:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import tiny_recipe, write_tiny_world
 from PIL import Image
 
-from helpers import tiny_recipe, write_tiny_world
 from mllm.chat import SampleError
 from mllm.config import recipe_from_dict
 from mllm.data.conversations import Collator, ConversationDataset, DataError, read_records

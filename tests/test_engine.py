@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import tiny_recipe, write_tiny_world
+
 from mllm.config import recipe_from_dict
 from mllm.model import MultimodalLM
 from mllm.training.checkpoint import CheckpointManager

@@ -274,12 +274,19 @@ def test_instruct_answers_agree_with_scene_graph(world, train_scenes):
         conv = item["conversations"]
         for human, gpt in zip(conv[::2], conv[1::2]):
             q = human["value"].removeprefix("<image>\n")
+            answer = gpt["value"]
+            mc = re.fullmatch(r"(.*\?) \(a\) (\S+) \(b\) (\S+)", q)
+            if mc:  # MMVP-style turn: the letter must name the true answer, the other option must not
+                q, opts = mc.group(1), {"(a)": mc.group(2), "(b)": mc.group(3)}
+                assert answer in opts and opts["(a)"] != opts["(b)"], (q, answer)
+                answer = opts[answer]
+                seen_cats.add("MC")
             expected = expected_answer(scene, q)
             assert expected is not None, f"unrecognised question {q!r}"
-            assert gpt["value"] == expected, (q, scene)
+            assert answer == expected, (q, scene)
             assert gpt["value"] == gpt["value"].lower() and not gpt["value"].endswith(".")
             seen_cats.add(q.split()[0])
-    assert {"What", "How", "Is"} <= seen_cats
+    assert {"What", "How", "Is", "MC"} <= seen_cats
 
 
 def test_eval_split_balanced_and_correct(world):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,12 @@ def load_ds_config(path: str | None, stage: StageConfig, precision: str) -> dict
     return cfg
 
 
-def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _move(v, device) for k, v in batch.items()}
+    return batch
 
 
 class Trainer:
@@ -148,7 +153,7 @@ class Trainer:
         if self.use_ds:
             import deepspeed
 
-            ds_cfg = load_ds_config(self.cfg.zero_config, self.stage, self.cfg.precision)
+            ds_cfg = load_ds_config(self.stage.zero_config or self.cfg.zero_config, self.stage, self.cfg.precision)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
                 dist_init_required=False,
@@ -263,7 +268,10 @@ class Trainer:
         ga = self.stage.grad_accum
         losses: list[float] = []
         bar = None
-        if D.is_main() and self.cfg.progress:
+        # A live bar on a terminal; in a log file, one line every `log_every` steps instead of a
+        # carriage-return stream that turns into megabytes.
+        tty = sys.stderr.isatty()
+        if D.is_main() and self.cfg.progress and tty:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.steps, initial=step, desc=self.stage.name, dynamic_ncols=True, leave=False)
@@ -278,7 +286,7 @@ class Trainer:
                     batch = next(loader)
                     position += 1
                     self._record_skips(batch["skips"])
-                    if "input_ids" not in batch:
+                    if not batch["ids"]:
                         raise TrainingError(f"every sample of micro-batch {position - 1} was bad: "
                                             + "; ".join(s.reason for s in batch["skips"]))
                     n_samples += len(batch["ids"])
@@ -300,6 +308,9 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}")
+                    elif self.cfg.progress and (step % self.cfg.log_every == 0 or step == self.steps):
+                        print(f"[{self.stage.name}] step {step}/{self.steps} loss {loss:.4f} "
+                              f"({now - t0:.0f}s)", file=sys.stderr, flush=True)
                 t_last = now
                 every = self.cfg.checkpoint_every
                 if (every and step % every == 0) or step == self.steps:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from mllm.config import ModelConfig, Recipe, StageConfig, save_recipe
-from mllm.data.conversations import Collator, ConversationDataset, read_records
+from mllm.data.conversations import read_records
 from mllm.model import MultimodalLM, build_lm
 from mllm.tokenizer import ensure_image_token, load_tokenizer, train_tokenizer
 from mllm.training import distributed as D
 from mllm.training.checkpoint import atomic_write_text
 from mllm.training.engine import StageResult, Trainer, seed_everything
-from mllm.training.stages import resolve_template, resolve_trainable
+from mllm.training.stages import get_stage_kind, resolve_template, resolve_trainable
+from mllm.training.tasks import get_task
 
 
 def corpus_from_records(paths: list[Path]) -> list[str]:
@@ -60,20 +61,12 @@ def build_model(cfg: ModelConfig, run_dir: Path, corpus_files: list[Path], seed:
                               cfg.max_length)
 
 
-def make_dataset(model: MultimodalLM, stage: StageConfig, template: str) -> ConversationDataset:
-    if not stage.data.json:
-        raise ValueError(f"stage {stage.name!r}: data.json is not set")
-    return ConversationDataset(
-        stage.data.json, stage.data.images, model.tokenizer, template, model.image_token_id,
-        model.num_image_tokens, model.tower.preprocess, model.meta.max_length, stage.data.skip_bad_samples,
-    )
-
-
 def run_stage(model: MultimodalLM, recipe: Recipe, stage: StageConfig, stage_dir: Path) -> StageResult:
+    """Train `model` (in place) for one stage and save it to `stage_dir/final`."""
+    kind = get_stage_kind(stage.kind)
     template = resolve_template(stage, model.meta.template)
-    dataset = make_dataset(model, stage, template)
-    trainer = Trainer(model, dataset, Collator(model.tokenizer.pad_token_id), stage, recipe.engine, stage_dir,
-                      resolve_trainable(stage))
+    module, dataset, collate = get_task(kind.task)(model, stage, template)
+    trainer = Trainer(module, dataset, collate, stage, recipe.engine, stage_dir, resolve_trainable(stage))
     result = trainer.train()
     with trainer.full_weights():
         if D.is_main():

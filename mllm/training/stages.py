@@ -19,6 +19,7 @@ class StageKind:
     trainable: dict[str, float] = field(default_factory=dict)
     template: str | None = None  # None: the model's template
     loss: str = "next_token"  # next_token | weighted_next_token
+    task: str = "conversation"  # registry key in mllm.training.tasks: what module and data the stage trains
     doc: str = ""
 
 
@@ -31,6 +32,8 @@ def register_stage(kind: StageKind) -> StageKind:
 
 
 register_stage(StageKind("lm_pretrain", {"lm": 1.0}, doc="text-only next-token training of the LM (demo warm start)"))
+register_stage(StageKind("tower_warmup", {"tower": 1.0, "heads": 1.0, "count": 1.0}, task="scene_labels",
+                         doc="supervised per-patch warm-up of a from-scratch tower on GeoWorld scene graphs"))
 register_stage(StageKind("align", {"projector": 1.0}, template="plain", doc="projector alignment on captions"))
 register_stage(StageKind("instruct", {"projector": 1.0, "lm": 1.0}, doc="instruction tuning of projector + LM"))
 

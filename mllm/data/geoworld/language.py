@@ -18,12 +18,15 @@ from .scene import Scene, Shape, in_region
 from .vocab import (
     CATEGORIES,
     COLOR_NAMES,
+    DIRECTIONS,
+    LIES,
     LYING,
     NUMBER_WORDS,
     PLURALS,
     POINTING,
     REGION_PHRASES,
     SHAPES,
+    SIZES,
     with_article,
 )
 
@@ -314,3 +317,34 @@ def pick_turns(
                 remaining[c].remove(qa)
                 picks.append((c, qa))
     return picks
+
+
+#: Answer sets a two-option question can draw its distractor from (categories with a closed set).
+_CHOICES: tuple[tuple[str, ...], ...] = (
+    COLOR_NAMES,
+    SHAPES,
+    SIZES,
+    tuple(DIRECTIONS.values()),
+    tuple(LIES.values()),
+    ("yes", "no"),
+    ("1", "2", "3", "4", "5"),
+)
+MC_CATEGORIES: frozenset[str] = frozenset({"colour", "shape", "size", "orientation", "existence", "count"})
+
+
+def multiple_choice(category: str, question: str, answer: str, rng: random.Random) -> QA | None:
+    """The question in MMVP's dress, `"{q} (a) X (b) Y"` answered `"(a)"`/`"(b)"`, or None.
+
+    Training on some of these is what lets a model answer the MMVP-style benchmark in its format;
+    the distractor comes from the same closed answer set, so the options never give the answer away.
+    """
+    if category not in MC_CATEGORIES:
+        return None
+    pool = next((c for c in _CHOICES if answer in c), None)
+    if pool is None:
+        return None
+    other = rng.choice([c for c in pool if c != answer])
+    opts = [answer, other]
+    rng.shuffle(opts)
+    letter = "a" if opts[0] == answer else "b"
+    return f"{question} (a) {opts[0]} (b) {opts[1]}", f"({letter})"

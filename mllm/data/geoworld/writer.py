@@ -32,7 +32,15 @@ from typing import Any
 
 from .files import read_jsonl, write_json, write_jsonl
 from .heldout import default_n_eval, write_eval
-from .language import ALIGN_PROMPTS, long_caption, pick_turns, qa_pool, region_phrase, short_caption
+from .language import (
+    ALIGN_PROMPTS,
+    long_caption,
+    multiple_choice,
+    pick_turns,
+    qa_pool,
+    region_phrase,
+    short_caption,
+)
 from .mathverse import write_mathverse
 from .mmvp import PATTERNS, write_mmvp
 from .pope import SPLITS, write_pope
@@ -96,6 +104,7 @@ def write_world(
     math_size: int = 256,
     math_frac: float = 0.1,
     max_shapes: int = 5,
+    mc_frac: float = 0.2,
 ) -> dict[str, Any]:
     """Write a GeoWorld to `out` and return its manifest (also written to manifest.json).
 
@@ -106,7 +115,8 @@ def write_world(
     refcoco_n: referring expressions; mathverse_problems: problems, each written in 5 versions
     (+ Text Only; official testmini has 788); math_size: MathVerse figure width in px (text must
     stay legible); math_frac: share of training scenes that are labelled-triangle math figures;
-    max_shapes: most primitives in a scene.
+    max_shapes: most primitives in a scene; mc_frac: share of instruct turns (of the closed-answer
+    categories) asked MMVP-style, "{q} (a) X (b) Y" answered "(a)"/"(b)".
 
     The same arguments always produce byte-identical files. An existing (or half-written) world in
     `out` is replaced; a folder that is not a world but holds one of the world's file or folder
@@ -147,7 +157,9 @@ def write_world(
             }
         )
         conv = []
-        for j, (_, (q, a)) in enumerate(pick_turns(qa_pool(scene, rng), rng)):
+        for j, (cat, (q, a)) in enumerate(pick_turns(qa_pool(scene, rng), rng)):
+            if rng.random() < mc_frac:
+                q, a = multiple_choice(cat, q, a, rng) or (q, a)
             conv.append({"from": "human", "value": f"<image>\n{q}" if j == 0 else q})
             conv.append({"from": "gpt", "value": a})
         turns_total += len(conv) // 2
@@ -212,6 +224,7 @@ def write_world(
             "math_size": math_size,
             "math_frac": math_frac,
             "max_shapes": max_shapes,
+            "mc_frac": mc_frac,
         },
         "counts": counts,
         "eval_categories": dict(sorted(Counter(r["category"] for r in eval_rows).items())),
