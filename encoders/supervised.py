@@ -59,7 +59,7 @@ class PatchSupervision(nn.Module):
         if count is not None:
             losses["count"] = F.cross_entropy(self.count(tokens.mean(1)).float(), count, ignore_index=IGNORE)
         loss = sum(losses.values()) if losses else None
-        return SupervisionOutput(loss, {k: float(v) for k, v in losses.items()})
+        return SupervisionOutput(loss, {k: float(v.detach()) for k, v in losses.items()})
 
 
 @dataclass

@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "recipes" / "tiny-geoworld.yaml"
 DEMO_N = 3000
 QUICK = [
-    "stages.lm_pretrain.max_steps=6", "stages.align.max_steps=3", "stages.instruct.max_steps=8",
-    "stages.lm_pretrain.batch_size=8", "stages.align.batch_size=8", "stages.instruct.batch_size=8",
-    "engine.checkpoint_every=4",
+    "stages.lm_pretrain.max_steps=6", "stages.tower_warmup.max_steps=4", "stages.align.max_steps=3",
+    "stages.instruct.max_steps=8", "stages.lm_pretrain.batch_size=8", "stages.tower_warmup.batch_size=8",
+    "stages.align.batch_size=8", "stages.instruct.batch_size=8", "engine.checkpoint_every=4",
 ]
 
 

@@ -30,7 +30,7 @@ def world(tmp_path_factory):
     return write_tiny_world(tmp_path_factory.mktemp("world"))
 
 
-@pytest.mark.parametrize("zero", ["train/ds/zero2.json", "train/ds/zero3.json"])
+@pytest.mark.parametrize("zero", ["train/ds/zero2.json", "train/ds/zero3.json", "train/ds/zero3_offload.json"])
 def test_align_then_instruct_under_deepspeed(world, tmp_path, zero):
     recipe = recipe_from_dict(tiny_recipe(world, "deepspeed", str(REPO / zero), steps=(6, 12)))
     summary = train_recipe(recipe, tmp_path / "run", log=lambda *a: None)
