@@ -34,7 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train_recipe(recipe, out, only=args.stage or None)
     if D.is_main():
         print(f"model: {summary.get('final')}\nchat:  mllm chat --model {out}")
-    if D.world_size() > 1:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # gloo may abort in its own teardown after a finished run (exit 134)
         D.shutdown_and_exit(0)
     return 0
 
