@@ -1,4 +1,4 @@
-"""`mllm demo | synth | train | chat | eval`: the command line, a thin layer over the library."""
+"""`mllm demo | synth | train | chat | eval | report`: the command line, a thin layer over the library."""
 
 from __future__ import annotations
 
@@ -90,22 +90,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mllm.evaluation.mmvp import evaluate_mmvp
-    from mllm.evaluation.qa import evaluate_qa
-    from mllm.model import MultimodalLM
-    from mllm.training.runner import resolve_model_dir
+    from mllm.evaluation.agla import AglaConfig
+    from mllm.evaluation.runner import parse_options, run_eval
 
-    model = MultimodalLM.from_pretrained(resolve_model_dir(args.model))
-    runners = {"qa": lambda: evaluate_qa(model, args.data), "mmvp": lambda: evaluate_mmvp(model, args.data)}
-    if args.bench not in runners:
-        print(f"unknown benchmark {args.bench!r}; known: {sorted(runners)}", file=sys.stderr)
-        return 2
-    metrics, records = runners[args.bench]()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=1))
-    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(json.dumps(metrics, indent=1))
+    agla = AglaConfig(alpha=args.agla_alpha, beta=args.agla_beta, keep_ratio=args.agla_keep)
+    metrics = run_eval(args.bench, args.data, args.out, model_dir=args.model, predictions=args.predictions,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, decoding=args.decoding,
+                       agla=agla, device=args.device, dtype=args.dtype, options=parse_options(args.option),
+                       limit=args.limit)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "meta"}, indent=1))
+    print(f"metrics: {args.out}\nrecords: {Path(args.out).with_suffix('.jsonl')}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mllm.evaluation.report import load_results, render
+
+    text = render(load_results(args.results), references=not args.no_reference)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
     return 0
 
 
@@ -149,12 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.set_defaults(func=cmd_chat)
 
-    e = sub.add_parser("eval", help="evaluate a model on a benchmark folder")
-    e.add_argument("bench")
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True)
-    e.add_argument("--out", required=True)
+    e = sub.add_parser("eval", help="evaluate a model (or score a predictions file) on a benchmark folder")
+    e.add_argument("bench", help="mmvp | pope | mathverse | refcoco | qa")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a model or run folder: generate the answers")
+    src.add_argument("--predictions", help="a JSONL of {<benchmark id>, response} produced elsewhere: score it")
+    e.add_argument("--data", required=True, help="the benchmark folder in its official layout")
+    e.add_argument("--out", required=True, help="metrics JSON; per-item records go beside it as .jsonl")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--decoding", choices=["greedy", "agla"], default="greedy")
+    e.add_argument("--agla-alpha", type=float, default=2.0)
+    e.add_argument("--agla-beta", type=float, default=0.5)
+    e.add_argument("--agla-keep", type=float, default=0.5, help="share of patches the augmented view keeps")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--limit", type=int, default=None, help="only the first N items (smoke tests)")
+    e.add_argument("--option", action="append", default=[],
+                   help="benchmark option key=value (e.g. letter_prompt=true, box_format=norm1000, "
+                        "answer_overrides=FILE.json, cot=true)")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="a markdown table across `mllm eval` results, beside published numbers")
+    r.add_argument("results", nargs="+", help="metrics JSON files written by `mllm eval`")
+    r.add_argument("--out", default=None)
+    r.add_argument("--no-reference", action="store_true")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -47,8 +47,7 @@ def write_text_corpus(world: Path) -> Path:
 def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None = None, quick: bool = False,
              log=print) -> dict[str, Any]:
     from mllm.data.geoworld import write_world
-    from mllm.evaluation.mmvp import evaluate_mmvp
-    from mllm.evaluation.qa import evaluate_qa
+    from mllm.evaluation.runner import evaluate
     from mllm.model import MultimodalLM
     from mllm.training.runner import train_recipe
 
@@ -71,8 +70,8 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
 
     t0 = time.time()
     model = MultimodalLM.from_pretrained(summary["final"])
-    qa, qa_records = evaluate_qa(model, world)
-    mmvp, mmvp_records = evaluate_mmvp(model, world / "mmvp")
+    qa, qa_records = evaluate(model, "qa", world, batch_size=32)
+    mmvp, mmvp_records = evaluate(model, "mmvp", world / "mmvp", batch_size=32)
     timings["eval"] = round(time.time() - t0, 2)
     cats = qa["per_category"]
     basic = [cats[c] for c in ("colour", "shape", "count") if c in cats]

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -19,6 +20,9 @@ from mllm.chat import encode_conversation, get_template
 from mllm.data.conversations import left_pad
 from mllm.data.images import load_image
 from mllm.model import MultimodalLM
+
+if TYPE_CHECKING:
+    from mllm.evaluation.agla import AglaConfig
 
 
 def prompt_ids(model: MultimodalLM, turns: list[tuple[str, str]], num_images: int) -> torch.Tensor:
@@ -34,11 +38,18 @@ def stop_ids(model: MultimodalLM) -> list[int]:
 
 @torch.no_grad()
 def answer_batch(model: MultimodalLM, questions: Sequence[str], images: Sequence[Image.Image | None],
-                 max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy single-turn answers; a `None` image asks the question without one.
+                 max_new_tokens: int = 32, batch_size: int = 16, decoding: str = "greedy",
+                 agla: AglaConfig | None = None) -> list[str]:
+    """Deterministic single-turn answers; a `None` image asks the question without one.
 
     A question that mentions no `<image>` gets one prepended (LLaVA's evaluation prompt: `<image>\\n{q}`).
+    `decoding`: "greedy" (the LM's KV-cached generate) or "agla" (`mllm.evaluation.agla`; every
+    question needs an image).
     """
+    if decoding not in ("greedy", "agla"):
+        raise ValueError(f"decoding must be 'greedy' or 'agla', got {decoding!r}")
+    if decoding == "agla" and any(im is None for im in images):
+        raise ValueError("AGLA decoding needs an image for every question")
     out: list[str] = []
     for s in range(0, len(questions), batch_size):
         qs, ims = questions[s : s + batch_size], images[s : s + batch_size]
@@ -49,9 +60,18 @@ def answer_batch(model: MultimodalLM, questions: Sequence[str], images: Sequence
             if im is not None:
                 pix.append(model.tower.preprocess([im]))
         ids, mask = left_pad(seqs, model.tokenizer.pad_token_id)
-        pixel_values = torch.cat(pix) if pix else None
-        new = model.generate(ids, pixel_values, mask, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(model))
-        out.extend(model.tokenizer.batch_decode(new, skip_special_tokens=True))
+        dev = next(model.parameters()).device
+        ids, mask = ids.to(dev), mask.to(dev)
+        pixel_values = torch.cat(pix).to(dev) if pix else None
+        if decoding == "agla":
+            from mllm.evaluation.agla import AglaConfig, agla_generate
+
+            new = agla_generate(model, ids, pixel_values, mask, agla or AglaConfig(), max_new_tokens,
+                                stop_ids(model))
+        else:
+            new = model.generate(ids, pixel_values, mask, max_new_tokens=max_new_tokens,
+                                 stop_token_ids=stop_ids(model))
+        out.extend(model.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True))
     return [o.strip() for o in out]
 
 

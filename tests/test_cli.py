@@ -72,3 +72,52 @@ def test_synth_cli(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "w" / "manifest.json").read_text())["n"] == 20
     assert len(json.loads((tmp_path / "w" / "instruct.json").read_text())) == 20
+
+
+@pytest.mark.parametrize("bench,sub,n,keys", [
+    ("mmvp", "mmvp", 16, {"pair_accuracy", "question_accuracy"}),
+    ("pope", "pope", 72, {"random", "popular", "adversarial", "mean_f1"}),
+    ("mathverse", "mathverse", 24, {"all", "versions", "text_only"}),
+    ("refcoco", "refcoco", 16, {"acc@0.5", "acc@0.25", "acc@0.75", "miou", "unparsed"}),
+    ("qa", "", 64, {"accuracy", "per_category"}),
+])
+def test_every_evaluator_end_to_end(demo, tmp_path, bench, sub, n, keys):
+    out, _ = demo
+    data = out / "world" / sub if sub else out / "world"
+    r = mllm("eval", bench, "--model", str(out / "run"), "--data", str(data), "--out", str(tmp_path / "m.json"),
+             "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert keys <= set(metrics) and metrics["meta"]["benchmark"] == bench
+    records = [json.loads(ln) for ln in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert len(records) == n and all("response" in rec for rec in records)
+    # The same responses, scored from a predictions file, give the same metrics.
+    id_key = {"mmvp": "Index", "pope": "question_id", "mathverse": "sample_index"}.get(bench, "id")
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({id_key: rec["id"], "response": rec["response"]}) + "\n" for rec in records))
+    r2 = mllm("eval", bench, "--predictions", str(preds), "--data", str(data), "--out", str(tmp_path / "p.json"))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    again = json.loads((tmp_path / "p.json").read_text())
+    assert {k: v for k, v in again.items() if k != "meta"} == {k: v for k, v in metrics.items() if k != "meta"}
+
+
+def test_agla_on_pope_and_report(demo, tmp_path):
+    out, _ = demo
+    for dec in ("greedy", "agla"):
+        r = mllm("eval", "pope", "--model", str(out / "run"), "--data", str(out / "world" / "pope"), "--out",
+                 str(tmp_path / f"pope-{dec}.json"), "--decoding", dec, "--max-new-tokens", "4")
+        assert r.returncode == 0, r.stderr[-3000:]
+    rep = mllm("report", str(tmp_path / "pope-greedy.json"), str(tmp_path / "pope-agla.json"), "--out",
+               str(tmp_path / "r.md"))
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    text = (tmp_path / "r.md").read_text()
+    assert "POPE mean F1" in text and "[agla]" in text and "LLaVA-1.5-7B (published)" in text
+
+
+def test_eval_refuses_unknown_prediction_ids(demo, tmp_path):
+    out, _ = demo
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"Index": "9999", "response": "(a)"}) + "\n")
+    r = mllm("eval", "mmvp", "--predictions", str(preds), "--data", str(out / "world" / "mmvp"), "--out",
+             str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "9999" in r.stderr

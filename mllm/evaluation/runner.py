@@ -1,0 +1,101 @@
+"""`mllm eval`: load a benchmark in its official layout, answer it (or read answers produced
+elsewhere), score it with the same scorer either way, and write metrics + per-item records.
+
+Generation is batched and deterministic (greedy, or AGLA's calibrated greedy); the per-item records
+carry the prompt, the raw response and what was extracted from it, so any score can be audited.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mllm.data.images import load_image
+from mllm.evaluation.agla import AglaConfig
+from mllm.evaluation.benchmarks import get_benchmark, read_predictions, write_report
+from mllm.inference import answer_batch
+from mllm.model import MultimodalLM
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def generate_responses(model: MultimodalLM, items: list, batch_size: int, max_new_tokens: int,
+                       decoding: str = "greedy", agla: AglaConfig | None = None) -> dict[str, str]:
+    """Responses by item id. Images are opened per batch, so a large benchmark never sits in memory."""
+    out: dict[str, str] = {}
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        images = [load_image(it.image) if it.image is not None else None for it in chunk]
+        answers = answer_batch(model, [it.prompt for it in chunk], images, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, decoding=decoding, agla=agla)
+        out.update({it.id: a for it, a in zip(chunk, answers)})
+    return out
+
+
+def evaluate(model: MultimodalLM, bench: str, data: str | Path, options: dict[str, Any] | None = None,
+             batch_size: int = 16, max_new_tokens: int | None = None, decoding: str = "greedy",
+             agla: AglaConfig | None = None, limit: int | None = None) -> tuple[dict, list[dict]]:
+    """Answer and score one benchmark with a model already in memory (the demo, a training loop)."""
+    options = dict(options or {})
+    b = get_benchmark(bench)
+    items = b.load(Path(data), **options)[:limit] if limit else b.load(Path(data), **options)
+    responses = generate_responses(model, items, batch_size, max_new_tokens or b.max_new_tokens, decoding, agla)
+    return b.score(items, responses, **options)
+
+
+def run_eval(bench: str, data: str | Path, out: str | Path, model_dir: str | Path | None = None,
+             predictions: str | Path | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
+             decoding: str = "greedy", agla: AglaConfig | None = None, device: str = "auto",
+             dtype: str = "fp32", options: dict[str, Any] | None = None, limit: int | None = None) -> dict:
+    """Evaluate a model (`model_dir`) or score a predictions file (`predictions`); exactly one."""
+    if (model_dir is None) == (predictions is None):
+        raise ValueError("give exactly one of --model (generate answers) or --predictions (score a JSONL file)")
+    options = dict(options or {})
+    b = get_benchmark(bench)
+    meta: dict[str, Any] = {"benchmark": bench, "data": str(data), "decoding": decoding, "options": options,
+                            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if model_dir is not None:
+        from mllm.training.runner import resolve_model_dir
+
+        path = resolve_model_dir(model_dir)
+        model = MultimodalLM.from_pretrained(path, torch_dtype=torch.bfloat16 if dtype == "bf16" else None)
+        model.to(pick_device(device))
+        metrics, records = evaluate(model, bench, data, options, batch_size, max_new_tokens, decoding, agla, limit)
+        meta.update(model=str(path), max_new_tokens=max_new_tokens or b.max_new_tokens)
+        if decoding == "agla":
+            meta["agla"] = (agla or AglaConfig()).__dict__
+    else:
+        items = b.load(Path(data), **options)
+        responses = read_predictions(predictions, b.id_key)
+        known = {it.id for it in items}
+        unknown = sorted(set(responses) - known)
+        if unknown:
+            raise ValueError(f"{predictions}: {len(unknown)} id(s) not in the {bench} set at {data}: "
+                             f"{unknown[:10]}")
+        metrics, records = b.score(items, responses, **options)
+        meta["predictions"] = str(predictions)
+    metrics = dict(metrics, meta=meta)
+    write_report(out, metrics, records)
+    return metrics
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` benchmark options; values parsed as JSON where they parse (true, 3, "x")."""
+    opts: dict[str, Any] = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"benchmark option {p!r} is not key=value")
+        k, v = p.split("=", 1)
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return opts
