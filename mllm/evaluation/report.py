@@ -46,7 +46,11 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
             raise ValueError(f"{p}: no meta.benchmark among {sorted(HEADLINES)} (was it written by `mllm eval`?)")
         label = meta.get("model") or p.stem
         if meta.get("decoding", "greedy") != "greedy":
-            label += f" [{meta['decoding']}]"
+            params = meta.get("agla") or {}
+            detail = ", ".join(f"{k}={v}" for k, v in params.items())
+            label += f" [{meta['decoding']}{': ' + detail if detail else ''}]"
+        if any(r["label"] == label and r["benchmark"] == bench for r in rows):
+            label += f" ({p.name})"  # two results of one setting: keep both, told apart by file
         rows.append({"label": label, "benchmark": bench, "value": HEADLINES[bench][1](data), "file": str(p)})
     return rows
 
