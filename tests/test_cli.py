@@ -111,7 +111,8 @@ def test_agla_on_pope_and_report(demo, tmp_path):
                str(tmp_path / "r.md"))
     assert rep.returncode == 0, rep.stderr[-2000:]
     text = (tmp_path / "r.md").read_text()
-    assert "POPE mean F1" in text and "[agla]" in text and "LLaVA-1.5-7B (published)" in text
+    assert "POPE mean F1" in text and "[agla: alpha=2.0, beta=0.5, keep_ratio=0.5]" in text
+    assert "LLaVA-1.5-7B (published)" in text
 
 
 def test_eval_refuses_unknown_prediction_ids(demo, tmp_path):
