@@ -16,7 +16,7 @@ import torch
 
 from mllm.data.images import load_image
 from mllm.evaluation.agla import AglaConfig
-from mllm.evaluation.benchmarks import get_benchmark, read_predictions, write_report
+from mllm.evaluation.benchmarks import get_benchmark, score_file, write_report
 from mllm.inference import answer_batch
 from mllm.model import MultimodalLM
 
@@ -73,18 +73,10 @@ def run_eval(bench: str, data: str | Path, out: str | Path, model_dir: str | Pat
         if decoding == "agla":
             meta["agla"] = (agla or AglaConfig()).__dict__
     else:
-        items = b.load(Path(data), **options)
-        responses = read_predictions(predictions, b.id_key)
-        known = {it.id for it in items}
-        unknown = sorted(set(responses) - known)
-        if unknown:
-            raise ValueError(f"{predictions}: {len(unknown)} id(s) not in the {bench} set at {data}: "
-                             f"{unknown[:10]}")
-        metrics, records = b.score(items, responses, **options)
+        metrics, records = score_file(bench, data, predictions, **options)
         meta["predictions"] = str(predictions)
-    metrics = dict(metrics, meta=meta)
-    write_report(out, metrics, records)
-    return metrics
+    write_report(out, metrics, records, meta=meta)
+    return dict(metrics, meta=meta)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from .core import (
     get_benchmark,
     read_predictions,
     register_benchmark,
+    score_file,
     score_predictions,
     write_report,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "get_benchmark",
     "read_predictions",
     "register_benchmark",
+    "score_file",
     "score_predictions",
     "write_report",
 ]

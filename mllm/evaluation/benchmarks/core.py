@@ -222,14 +222,13 @@ def check_options(name: str, extra: Mapping[str, Any], options: Iterable[str]) -
         raise TypeError(f"benchmark {name!r} has no option(s) {stray}; its options are {sorted(known)}")
 
 
-def score_predictions(
-    name: str, data_dir: str | Path, predictions_path: str | Path, out_json: str | Path | None, **opts: Any
-) -> dict[str, Any]:
+def score_file(
+    name: str, data_dir: str | Path, predictions_path: str | Path, **opts: Any
+) -> tuple[dict[str, Any], list[dict]]:
     """Score a predictions file against a benchmark's official files, with no model in the loop.
 
     Ids in the predictions that the benchmark does not have are an error naming them; benchmark
-    items with no prediction stay in, unparsed (records mark them "missing"). Writes the report
-    when `out_json` is given and returns the metrics.
+    items with no prediction stay in, unparsed (records mark them "missing").
     """
     bench = get_benchmark(name)
     items = bench.load(Path(data_dir), **opts)
@@ -241,7 +240,14 @@ def score_predictions(
             f"{predictions_path}: {len(unknown)} {bench.id_key}(s) not in benchmark {name!r} at {data_dir}: "
             f"{_show(unknown)}"
         )
-    metrics, records = bench.score(items, responses, **opts)
+    return bench.score(items, responses, **opts)
+
+
+def score_predictions(
+    name: str, data_dir: str | Path, predictions_path: str | Path, out_json: str | Path | None, **opts: Any
+) -> dict[str, Any]:
+    """`score_file`, writing the report when `out_json` is given; returns the metrics."""
+    metrics, records = score_file(name, data_dir, predictions_path, **opts)
     if out_json is not None:
         meta = {"benchmark": name, "data": str(data_dir), "predictions": str(predictions_path), "options": opts}
         write_report(out_json, metrics, records, meta=meta)
