@@ -48,6 +48,7 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     template: str = "chatml"
     max_length: int = 512
+    box_format: str = "norm1"  # how the model writes boxes: norm1 | norm1000 | pixel (grounding data + eval)
     # Start from a saved MultimodalLM directory (a previous stage's output) instead of building.
     init_from: str | None = None
 

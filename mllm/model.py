@@ -45,6 +45,9 @@ class MultimodalMeta:
     image_token_id: int = -1
     template: str = "chatml"
     max_length: int = 512
+    # How this model writes boxes in text (grounding): "norm1" (0-1), "norm1000" or "pixel", relative to
+    # the padded square image when the tower pads to square. Evaluators read it instead of guessing.
+    box_format: str = "norm1"
     format_version: int = FORMAT_VERSION
 
 
@@ -87,14 +90,14 @@ class MultimodalLM(nn.Module):
     @classmethod
     def build(cls, tower_cfg: TowerConfig, projector: str, lm: PreTrainedModel,
               tokenizer: PreTrainedTokenizerBase, image_token: str = "<image>", template: str = "chatml",
-              max_length: int = 512, load_tower_weights: bool = True) -> MultimodalLM:
+              max_length: int = 512, load_tower_weights: bool = True, box_format: str = "norm1") -> MultimodalLM:
         tower = build_tower(tower_cfg, load_weights=load_tower_weights)
         d_llm = lm.get_input_embeddings().embedding_dim
         proj = build_projector(projector, tower.hidden_size, d_llm)
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         meta = MultimodalMeta(
             tower=asdict(tower_cfg), projector=projector, image_token=image_token,
-            image_token_id=int(image_token_id), template=template, max_length=max_length,
+            image_token_id=int(image_token_id), template=template, max_length=max_length, box_format=box_format,
         )
         return cls(tower, proj, lm, meta, tokenizer)
 

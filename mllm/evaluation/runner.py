@@ -68,6 +68,10 @@ def run_eval(bench: str, data: str | Path, out: str | Path, model_dir: str | Pat
         path = resolve_model_dir(model_dir)
         model = MultimodalLM.from_pretrained(path, torch_dtype=torch.bfloat16 if dtype == "bf16" else None)
         model.to(pick_device(device))
+        if bench == "refcoco":  # the model's recipe declares its box coordinates; never guessed
+            options.setdefault("box_format", model.meta.box_format)
+            options.setdefault("pad_to_square", bool(model.meta.tower.get("pad_to_square", False)))
+            meta["options"] = options
         metrics, records = evaluate(model, bench, data, options, batch_size, max_new_tokens, decoding, agla, limit)
         meta.update(model=str(path), max_new_tokens=max_new_tokens or b.max_new_tokens)
         if decoding == "agla":

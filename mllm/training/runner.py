@@ -58,7 +58,7 @@ def build_model(cfg: ModelConfig, run_dir: Path, corpus_files: list[Path], seed:
     ensure_image_token(tok, cfg.tokenizer.image_token)
     lm = build_lm(cfg.lm.path, cfg.lm.config, len(tok), cfg.lm.attn_implementation, cfg.lm.trust_remote_code)
     return MultimodalLM.build(cfg.tower, cfg.projector, lm, tok, cfg.tokenizer.image_token, cfg.template,
-                              cfg.max_length)
+                              cfg.max_length, box_format=cfg.box_format)
 
 
 def run_stage(model: MultimodalLM, recipe: Recipe, stage: StageConfig, stage_dir: Path) -> StageResult:
