@@ -81,6 +81,9 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, only: list[str] | None = N
     """Run the recipe's stages in order (or `only` those named), each starting from the previous one."""
     run_dir = Path(run_dir)
     D.init(recipe.engine.backend, recipe.engine.dist_timeout_s)
+    from mllm import prior
+
+    prior.configure_from_extra(recipe.extra)  # PRIOR's settings live in `extra.prior` (see mllm.prior)
     if D.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")

@@ -36,6 +36,11 @@ register_stage(StageKind("tower_warmup", {"tower": 1.0, "heads": 1.0, "count": 1
                          doc="supervised per-patch warm-up of a from-scratch tower on GeoWorld scene graphs"))
 register_stage(StageKind("align", {"projector": 1.0}, template="plain", doc="projector alignment on captions"))
 register_stage(StageKind("instruct", {"projector": 1.0, "lm": 1.0}, doc="instruction tuning of projector + LM"))
+# PRIOR (mllm.prior): a text-only reference LM on the captions, then alignment with per-token weights.
+register_stage(StageKind("prior_ref", {"lm": 1.0}, template="plain", task="prior_ref",
+                         doc="PRIOR reference: the LM on `[BOS] + caption` text alone (no image, no prompt)"))
+register_stage(StageKind("prior", {"projector": 1.0}, template="plain", loss="weighted_next_token", task="prior",
+                         doc="PRIOR alignment: projector on captions, tokens weighted by (1 - P_ref)^alpha"))
 
 
 def get_stage_kind(name: str) -> StageKind:

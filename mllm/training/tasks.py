@@ -58,3 +58,45 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str):
     ds = SceneLabelDataset(stage.data.json, stage.data.images, targets, model.tower.grid, model.tower.preprocess,
                            stage.data.skip_bad_samples)
     return PatchSupervision(model.tower, targets), ds, collate_scene_labels
+
+
+def _caption_dataset(model: MultimodalLM, stage: StageConfig, template: str) -> ConversationDataset:
+    if not stage.data.json:
+        raise ValueError(f"stage {stage.name!r}: data.json (captions, LLaVA format) is not set")
+    return ConversationDataset(
+        stage.data.json, stage.data.images, model.tokenizer, template, model.image_token_id,
+        model.num_image_tokens, model.tower.preprocess, model.meta.max_length, stage.data.skip_bad_samples,
+    )
+
+
+@register_task("prior_ref")
+def prior_ref_task(model: MultimodalLM, stage: StageConfig, template: str):
+    """PRIOR's reference LM: the model's `lm` on each caption alone (`[BOS] + caption`; no image, no prompt)."""
+    from mllm.prior import CaptionTextDataset
+
+    return model, CaptionTextDataset(_caption_dataset(model, stage, template)), Collator(model.tokenizer.pad_token_id)
+
+
+@register_task("prior")
+def prior_task(model: MultimodalLM, stage: StageConfig, template: str):
+    """Captions with PRIOR token weights (see mllm.prior for the settings and the cache)."""
+    from pathlib import Path
+
+    from mllm import prior as P
+    from mllm.training import distributed as D
+
+    ds = _caption_dataset(model, stage, template)
+    settings, source = P.resolve_settings(stage.name, stage.data.json)
+    ref = P.reference_from(model.lm, settings, len(model.tokenizer))
+    fp = P.fingerprint(model.tokenizer, ref, settings, template)
+    data = Path(stage.data.json)
+    cache_dir = Path(settings.cache) if settings.cache else data.parent / "prior_cache" / f"{data.stem}-{P.digest(fp)[:16]}"
+    if P.cache_exists(cache_dir):
+        P.check_fingerprint(cache_dir, fp)  # every rank refuses a stale cache, none waits on rank 0 for it
+    elif D.is_main():
+        print(f"[{stage.name}] PRIOR weights (settings from {source}: alpha={settings.alpha}, "
+              f"floor={settings.floor}, cap={settings.cap}, ref={settings.ref or 'the model lm'}) -> {cache_dir}")
+        P.save_cache(cache_dir, P.compute_weights(ref.to(D.device()), ds, settings), fp)
+    D.barrier()
+    del ref
+    return model, P.PriorDataset(ds, P.WeightCache(cache_dir, fp)), Collator(model.tokenizer.pad_token_id)
