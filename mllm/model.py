@@ -112,12 +112,9 @@ class MultimodalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> [n_images, N, d_llm] in the LM's dtype."""
-        feats = self.tower(pixel_values.to(self._tower_dtype()))
+        feats = self.tower(pixel_values.to(self._param_dtype(self.tower)))
         emb = self.projector(feats.tokens.to(self._param_dtype(self.projector)))
         return emb
-
-    def _tower_dtype(self) -> torch.dtype:
-        return self._param_dtype(self.tower)
 
     @staticmethod
     def _param_dtype(module: nn.Module) -> torch.dtype:

@@ -46,7 +46,9 @@ def evaluate(model: MultimodalLM, bench: str, data: str | Path, options: dict[st
     """Answer and score one benchmark with a model already in memory (the demo, a training loop)."""
     options = dict(options or {})
     b = get_benchmark(bench)
-    items = b.load(Path(data), **options)[:limit] if limit else b.load(Path(data), **options)
+    items = b.load(Path(data), **options)
+    if limit:
+        items = items[:limit]
     responses = generate_responses(model, items, batch_size, max_new_tokens or b.max_new_tokens, decoding, agla)
     return b.score(items, responses, **options)
 

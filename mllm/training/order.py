@@ -31,14 +31,8 @@ class BatchOrder:
         total = self.per_epoch * self.global_batch
         return [perm[i % self.n] for i in range(total)]
 
-    def batch(self, position: int) -> list[int]:
-        """This rank's indices for global micro-batch number `position`."""
-        epoch, k = divmod(position, self.per_epoch)
-        idx = self.epoch_indices(epoch)
-        start = k * self.global_batch + self.rank * self.batch_size
-        return idx[start : start + self.batch_size]
-
     def batches(self, start: int, stop: int) -> Iterator[list[int]]:
+        """This rank's indices for global micro-batches `start` .. `stop - 1`."""
         epoch_cache: tuple[int, list[int]] | None = None
         for position in range(start, stop):
             epoch, k = divmod(position, self.per_epoch)
