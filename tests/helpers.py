@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -61,3 +62,13 @@ def tiny_recipe(world: dict[str, Path], backend: str = "deepspeed", zero: str | 
         "engine": {"backend": backend, "zero_config": zero, "precision": "fp32", "seed": 0,
                    "checkpoint_every": checkpoint_every, "keep_last": 2, "progress": False},
     }
+
+
+def subprocess_env(repo: Path, **extra: str) -> dict[str, str]:
+    """Environment for running `python -m mllm.cli` in a child: offline, this checkout importable, and
+    without this pytest process's own process-group variables (a child would reuse its port)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(repo))
+    for k in ("MLLM_FAULT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env

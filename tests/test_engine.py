@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_recipe, write_tiny_world
+from helpers import subprocess_env, tiny_recipe, write_tiny_world
 
 from mllm.config import recipe_from_dict
 from mllm.model import MultimodalLM
@@ -55,11 +54,7 @@ def test_stage_trains_only_what_it_declares(world, tmp_path, backend, zero):
 
 
 def _run_cli(recipe_path: Path, out: Path, fault: str | None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    for k in ("MLLM_FAULT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # this pytest process's own process group must not leak into the child
-    if fault:
-        env["MLLM_FAULT"] = fault
+    env = subprocess_env(REPO, **({"MLLM_FAULT": fault} if fault else {}))
     return subprocess.run([sys.executable, "-m", "mllm.cli", "train", "--recipe", str(recipe_path), "--out", str(out),
                            "--stage", "instruct", "model.init_from=" + str(out.parent / "base")],
                           env=env, capture_output=True, text=True, timeout=600)
