@@ -266,6 +266,24 @@ def test_captions(world, train_scenes):
 # -------------------------------------------------------------------------------------- answers vs scenes
 
 
+def test_align_caption_frames_the_exact_caption(world, train_scenes):
+    """PRIOR's setting: the alignment caption is the exact long caption (image-only content) inside
+    framing that a text-only model predicts, and it says the true number of shapes."""
+    out, _ = world
+    longs = {r["id"]: r["long"] for r in jsonl(out / "captions.jsonl")}
+    framed = 0
+    for item in json.loads((out / "align.json").read_text()):
+        caption = item["conversations"][1]["value"]
+        body = longs[item["id"]].rstrip(".")
+        assert body[:1].lower() + body[1:] in caption
+        scene = train_scenes[item["id"]]
+        if scene["figure"] is None:
+            n = len(scene["shapes"])
+            assert ("one shape" if n == 1 else f"{['two', 'three', 'four', 'five', 'six'][n - 2]} shapes") in caption
+        framed += len(caption) > len(body) + 20
+    assert framed == len(longs)
+
+
 def test_instruct_answers_agree_with_scene_graph(world, train_scenes):
     out, _ = world
     seen_cats = set()

@@ -194,6 +194,39 @@ def short_caption(scene: Scene, rng: random.Random) -> str:
     return prefix + body + suffix
 
 
+#: Alignment-caption framing. Web captions mix what only the image can tell with words any text
+#: model predicts (boilerplate, set phrases, the obvious continuation); PRIOR's premise is that fitting
+#: the latter teaches an MLLM to ignore the image. These frames give GeoWorld's alignment captions that
+#: mix: everything outside `{body}` and the count is predictable from text alone, the body is not.
+_OPENERS: tuple[str, ...] = (
+    "The image shows {count} on a plain white background: {body}.",
+    "This is a simple drawing of {count} on a white background: {body}.",
+    "In this picture there {are} {count}: {body}.",
+)
+_CLOSERS: tuple[str, ...] = (
+    "",
+    " Nothing else is in the picture.",
+    " The background is plain white.",
+    " All of the shapes are drawn with flat colours.",
+)
+_MATH_OPENERS: tuple[str, ...] = (
+    "The image shows a geometry diagram on a white background: {body}.",
+    "This is a math figure from a geometry problem: {body}.",
+)
+
+
+def align_caption(scene: Scene, rng: random.Random) -> str:
+    """The alignment caption: `long_caption`'s exact content inside text-predictable framing."""
+    body = long_caption(scene).rstrip(".")
+    if scene.figure is not None:
+        return rng.choice(_MATH_OPENERS).format(body=body[:1].lower() + body[1:])
+    n = len(scene.shapes)
+    count = "one shape" if n == 1 else f"{NUMBER_WORDS[n]} shapes"
+    opener = rng.choice(_OPENERS).format(count=count, are="is" if n == 1 else "are",
+                                         body=body[:1].lower() + body[1:])
+    return opener + rng.choice(_CLOSERS)
+
+
 # ----------------------------------------------------------------------------------------------- QA
 
 

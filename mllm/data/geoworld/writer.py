@@ -4,7 +4,7 @@ Layout (all JSON paths relative to the stated root):
 
     OUT/images/000000.png ...         train images (PNG)
     OUT/scenes.jsonl                  {"id", "image", "scene"}            scene graphs
-    OUT/align.json                    LLaVA blip_laion_cc_sbu_558k layout (prompt, long caption)
+    OUT/align.json                    LLaVA blip_laion_cc_sbu_558k layout (prompt, framed long caption)
     OUT/instruct.json                 LLaVA mix665k layout, 2-4 QA turns per image
     OUT/captions.jsonl                {"id", "image", "short", "long"}
     OUT/regions.jsonl                 {"id", "image", "width", "height", "regions": [{"box", "phrase"}]}
@@ -34,6 +34,7 @@ from .files import read_jsonl, write_json, write_jsonl
 from .heldout import default_n_eval, write_eval
 from .language import (
     ALIGN_PROMPTS,
+    align_caption,
     long_caption,
     multiple_choice,
     pick_turns,
@@ -152,7 +153,8 @@ def write_world(
                 "image": image,
                 "conversations": [
                     {"from": "human", "value": f"{prompt}\n<image>"},
-                    {"from": "gpt", "value": long},
+                    # Its own RNG stream, so the framing leaves every other draw (QA, eval) unchanged.
+                    {"from": "gpt", "value": align_caption(scene, stream(seed, "align_caption", i))},
                 ],
             }
         )
