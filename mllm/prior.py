@@ -108,19 +108,28 @@ def configure(settings: PriorSettings | dict[str, Any] | None, stage: str | None
     _SETTINGS[stage] = settings if isinstance(settings, PriorSettings) else PriorSettings.from_dict(settings)
 
 
-def configure_from_extra(extra: dict[str, Any]) -> None:
+def configure_from_extra(extra: dict[str, Any], run_dir: str | Path | None = None) -> None:
     """What the runner calls with `recipe.extra`: `extra.prior` is a settings mapping, or a mapping
-    of stage name -> settings mapping when its keys are stage names."""
+    of stage name -> settings mapping when its keys are stage names.
+
+    `ref: "stage:NAME"` names the LM of stage NAME's final model in this run (`RUN/NAME/final/lm`),
+    so a recipe can train its reference (`prior_ref`) and start alignment from another stage."""
     _SETTINGS.clear()  # one recipe's settings must never leak into the next run in this process
     prior = (extra or {}).get("prior")
     if prior is None:
         return
     known = {f.name for f in fields(PriorSettings)}
-    if prior and all(isinstance(v, dict) for v in prior.values()) and not set(prior) & known:
-        for name, s in prior.items():
-            configure(s, name)
-    else:
-        configure(prior)
+    per_stage = bool(prior) and all(isinstance(v, dict) for v in prior.values()) and not set(prior) & known
+    for name, raw in (prior.items() if per_stage else [(None, prior)]):
+        s = PriorSettings.from_dict(raw, where=f"extra.prior{'.' + name if name else ''}")
+        if s.ref and s.ref.startswith(STAGE_REF):
+            if run_dir is None:
+                raise ValueError(f"PRIOR ref {s.ref!r} names a stage, which needs a run folder")
+            s.ref = str(Path(run_dir) / s.ref[len(STAGE_REF):] / "final" / "lm")
+        configure(s, name)
+
+
+STAGE_REF = "stage:"
 
 
 def sidecar_path(data_json: str | Path) -> Path:

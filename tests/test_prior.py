@@ -196,3 +196,35 @@ def test_prior_ref_then_prior_stage_trains_what_it_declares(world, tmp_path):
     with pytest.raises(P.StaleCacheError, match="alpha changed"):
         run_stage(MultimodalLM.from_pretrained(tmp_path / "prior_ref" / "final"), recipe, recipe.stage("prior"),
                   tmp_path / "prior2")
+
+
+def test_recipe_reference_from_a_stage_and_alignment_from_the_base(world, tmp_path):
+    """`ref: stage:prior_ref` + `init`: the MLLM aligns from the base LM while the weights come from the
+    caption-tuned reference trained earlier in the same run."""
+    from mllm.training.runner import train_recipe
+
+    data = {"json": str(world["align"]), "images": str(world["images"])}
+    rec = tiny_recipe(world, "torch", None, steps=(2, 2))
+    rec["extra"] = {"prior": {"alpha": 1.0, "ref": "stage:prior_ref"}}
+    rec["stages"] = [
+        {"name": "base", "kind": "align", "data": data, "lr": 3e-3, "batch_size": 8, "max_steps": 1},
+        {"name": "prior_ref", "kind": "prior_ref", "data": data, "lr": 3e-3, "batch_size": 8, "max_steps": 2},
+        {"name": "prior", "kind": "prior", "init": "base", "data": data, "lr": 3e-3, "batch_size": 8,
+         "max_steps": 1},
+    ]
+    run = tmp_path / "run"
+    logs: list[str] = []
+    train_recipe(recipe_from_dict(rec), run, log=logs.append)
+    base_lm = MultimodalLM.from_pretrained(run / "base" / "final").lm.state_dict()
+    ref_lm = MultimodalLM.from_pretrained(run / "prior_ref" / "final").lm.state_dict()
+    prior_lm = MultimodalLM.from_pretrained(run / "prior" / "final").lm.state_dict()
+    assert all(torch.equal(base_lm[k], prior_lm[k]) for k in base_lm)  # started from `base`; lm frozen
+    assert not all(torch.equal(ref_lm[k], prior_lm[k]) for k in ref_lm)
+    ref_fp = P.model_fingerprint(MultimodalLM.from_pretrained(run / "prior_ref" / "final").lm)
+    made_with = [json.loads(p.read_text())["fingerprint"]["reference LM"]
+                 for p in world["align"].parent.glob("prior_cache/*/manifest.json")]
+    assert ref_fp in made_with
+
+    bad = dict(rec, stages=[dict(rec["stages"][2], init="later")])
+    with pytest.raises(ValueError, match="not an earlier stage"):
+        train_recipe(recipe_from_dict(bad), tmp_path / "bad", log=logs.append)
