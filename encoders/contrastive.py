@@ -1,0 +1,306 @@
+"""ContrastiveModel: an image tower and a text tower mapped into one embedding space (CLIP-style).
+
+The model is the *trainable pair*; the loss comes from `encoders.objectives` (CLIP InfoNCE, SigLIP,
+FILIP, DCL, NegCLIP, ...), chosen by name in `model.encoder.objective`, so one model class serves every
+objective and a new objective never touches this file. `forward(**batch)` returns an output with
+`.loss`, so the project's one engine (DeepSpeed ZeRO, checkpoints, resume) trains it unchanged.
+
+Saved folder (written to a temp folder, then renamed into place):
+
+    DIR/contrastive.json    format version, the image-tower config, the encoder settings
+    DIR/image_tower/        an ordinary HF vision directory: `build_tower(TowerConfig(type, path=...))`
+                            loads it, so a tower trained here is the tower of a MultimodalLM
+    DIR/text_tower/         an ordinary HF text-model directory (CLIPTextModel)
+    DIR/tokenizer/          the tokenizer that feeds the text tower
+    DIR/heads.safetensors   projections and the learnable logit scale / bias
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from encoders.text_tower import TextTower, TextTowerConfig, build_text_tower
+from encoders.towers import Tower, TowerConfig, build_tower
+
+META_FILE = "contrastive.json"
+FORMAT_VERSION = 1
+IMAGE_POOLS = ("pooler", "mean")
+
+
+@dataclass
+class EncoderConfig:
+    """`model.encoder` of a contrastive recipe (validated here, so a typo names its key)."""
+
+    objective: str = "clip"  # registry key of encoders.objectives
+    objective_args: dict[str, Any] = field(default_factory=dict)  # passed to get_objective(name, **args)
+    embed_dim: int = 128
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    # "pooler": the HF model's own pooled output (CLIP: post-LN CLS; SigLIP: attention-pool head;
+    # DINOv2: LN CLS); "mean": the mean of the final patch tokens.
+    image_pool: str = "pooler"
+    # Initial logit parameters; None: the objective's own (init_logit_params), else CLIP's log(1/0.07).
+    init_log_scale: float | None = None
+    init_bias: float | None = None
+
+
+def encoder_config(raw: dict[str, Any] | EncoderConfig) -> EncoderConfig:
+    from mllm.config import ConfigError, from_dict
+
+    cfg = raw if isinstance(raw, EncoderConfig) else from_dict(EncoderConfig, raw or {}, "model.encoder")
+    if cfg.image_pool not in IMAGE_POOLS:
+        raise ConfigError(f"model.encoder.image_pool must be one of {IMAGE_POOLS}, got {cfg.image_pool!r}")
+    if cfg.embed_dim < 1:
+        raise ConfigError(f"model.encoder.embed_dim must be positive, got {cfg.embed_dim}")
+    return cfg
+
+
+def _initial_logit_params(cfg: EncoderConfig) -> tuple[float, float | None]:
+    """The objective's declared initial (log_scale, bias), overridden by the recipe where it says so.
+
+    A bias exists only for objectives that use one (SigLIP); `init_bias` cannot add one to others.
+    """
+    from encoders.objectives import init_logit_params
+
+    init = init_logit_params(cfg.objective)
+    log_scale = init.log_scale if cfg.init_log_scale is None else cfg.init_log_scale
+    bias = init.bias if cfg.init_bias is None or init.bias is None else cfg.init_bias
+    return float(log_scale), (None if bias is None else float(bias))
+
+
+class ContrastiveHeads(nn.Module):
+    """Linear projections to the shared space and the learnable temperature (and bias, for sigmoid losses)."""
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, log_scale: float, bias: float | None):
+        super().__init__()
+        self.image_proj = nn.Linear(image_dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        # 1-element tensors, not 0-d: ZeRO flattens parameters and some versions mishandle 0-d ones.
+        self.logit_scale = nn.Parameter(torch.tensor([log_scale]))
+        self.logit_bias = nn.Parameter(torch.tensor([bias])) if bias is not None else None
+
+
+@dataclass
+class ContrastiveOutput:
+    loss: torch.Tensor | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class ContrastiveModel(nn.Module):
+    def __init__(self, image_tower: Tower, text_tower: TextTower, cfg: EncoderConfig,
+                 heads: ContrastiveHeads | None = None):
+        super().__init__()
+        from encoders.objectives import get_objective, init_logit_params
+
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.cfg = cfg
+        if heads is None:
+            heads = ContrastiveHeads(image_tower.hidden_size, text_tower.hidden_size, cfg.embed_dim,
+                                     *_initial_logit_params(cfg))
+        self.heads = heads
+        # Kept out of the module tree: the objective is a function of embeddings, not part of the weights.
+        self.__dict__["objective"] = get_objective(cfg.objective, **cfg.objective_args)
+        self._logit_init = init_logit_params(cfg.objective)  # how the log scale becomes a scale (clamp)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self):
+        return self.text_tower.tokenizer
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Extra inputs the objective asks for (img_tokens, txt_tokens, txt_mask, hard_txt)."""
+        return frozenset(getattr(self.objective, "needs", ()) or ())
+
+    def logit_scale(self) -> torch.Tensor:
+        """exp(log scale), clamped where the objective says (CLIP: at 100); a 1-element tensor."""
+        return self._logit_init.scale_from_log(self.heads.logit_scale)
+
+    def logit_bias(self) -> torch.Tensor | None:
+        return self.heads.logit_bias
+
+    # ------------------------------------------------------------------ encoding
+    def encode_image(self, pixel_values: torch.Tensor, tokens: bool = False):
+        """Normalised image embeddings [B, E]; with `tokens`, also normalised patch embeddings [B, N, E]."""
+        tower = self.image_tower
+        out = tower.model(pixel_values=pixel_values.to(device=tower.device, dtype=tower.dtype))
+        patches = out.last_hidden_state[:, tower.num_prefix_tokens:]
+        pooled = getattr(out, "pooler_output", None)
+        if self.cfg.image_pool == "mean" or pooled is None:
+            pooled = patches.mean(1)
+        emb = F.normalize(self.heads.image_proj(pooled), dim=-1)
+        if not tokens:
+            return emb
+        return emb, F.normalize(self.heads.image_proj(patches), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: bool = False):
+        """Normalised text embeddings [B, E]; with `tokens`, also normalised token embeddings [B, T, E]
+        (padding positions are embedded too; `attention_mask` says which are real)."""
+        pooled, hidden = self.text_tower(input_ids, attention_mask)
+        emb = F.normalize(self.heads.text_proj(pooled), dim=-1)
+        if not tokens:
+            return emb
+        return emb, F.normalize(self.heads.text_proj(hidden), dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                hard_input_ids: torch.Tensor | None = None, hard_attention_mask: torch.Tensor | None = None,
+                **_: Any) -> ContrastiveOutput:
+        """The objective's loss on a batch of matching (image, text) pairs (row i matches row i)."""
+        needs = self.needs
+        extra: dict[str, torch.Tensor] = {}
+        if needs & {"img_tokens", "txt_tokens", "txt_mask"}:
+            img, img_tok = self.encode_image(pixel_values, tokens=True)
+            txt, txt_tok = self.encode_text(input_ids, attention_mask, tokens=True)
+            extra.update(img_tokens=img_tok, txt_tokens=txt_tok, txt_mask=attention_mask.bool())
+        else:
+            img = self.encode_image(pixel_values)
+            txt = self.encode_text(input_ids, attention_mask)
+        if "hard_txt" in needs:
+            if hard_input_ids is None or hard_attention_mask is None:
+                raise ValueError(f"objective {self.cfg.objective!r} needs hard negative captions; the batch has "
+                                 "none (the data must carry GeoWorld `negatives`)")
+            extra["hard_txt"] = self.encode_text(hard_input_ids, hard_attention_mask)
+        extra = {k: v for k, v in extra.items() if k in needs}
+        loss, stats = self.objective(img, txt, self.logit_scale(), self.logit_bias(), **extra)
+        return ContrastiveOutput(loss, stats)
+
+    # ------------------------------------------------------------------ convenience (evaluation)
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """Normalised embeddings of PIL images, in batches (float32, on the model's device)."""
+        out = []
+        for s in range(0, len(images), batch_size):
+            pv = self.image_tower.preprocess(images[s : s + batch_size])
+            out.append(self.encode_image(pv).float())
+        return torch.cat(out) if out else torch.empty(0, self.cfg.embed_dim)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        device = self.image_tower.device
+        for s in range(0, len(texts), batch_size):
+            ids, mask = self.text_tower.tokenize(texts[s : s + batch_size])
+            out.append(self.encode_text(ids.to(device), mask.to(device)).float())
+        return torch.cat(out) if out else torch.empty(0, self.cfg.embed_dim)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write every part to a temporary folder beside `out_dir`, then rename it into place."""
+        from mllm.config import to_dict
+        from mllm.model import _replace_dir
+
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+        try:
+            self.image_tower.save_pretrained(tmp / "image_tower")
+            self.text_tower.save_pretrained(tmp / "text_tower")
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            save_file({k: v.detach().contiguous().cpu().float() for k, v in self.heads.state_dict().items()},
+                      str(tmp / "heads.safetensors"))
+            enc = to_dict(self.cfg)
+            enc["text"] = dict(enc["text"], path="text_tower", config={})
+            meta = {"format_version": FORMAT_VERSION,
+                    "image_tower": dict(asdict(self.image_tower.config), path="image_tower", config={}),
+                    "encoder": enc}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ContrastiveModel:
+        from mllm.tokenizer import load_tokenizer
+
+        model_dir = Path(model_dir)
+        meta_path = model_dir / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{model_dir}: not a contrastive model folder (no {META_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this code")
+        tower_cfg = TowerConfig(**dict(meta["image_tower"], path=str(model_dir / meta["image_tower"]["path"])))
+        enc = encoder_config(meta["encoder"])
+        enc.text.path = str(model_dir / meta["encoder"]["text"]["path"])
+        tok = load_tokenizer(model_dir / "tokenizer")
+        image_tower = build_tower(tower_cfg)
+        text_tower = build_text_tower(enc.text, tok)
+        weights = load_file(str(model_dir / "heads.safetensors"))
+        heads = ContrastiveHeads(image_tower.hidden_size, text_tower.hidden_size, enc.embed_dim, 0.0,
+                                 0.0 if "logit_bias" in weights else None)
+        heads.load_state_dict(weights)
+        return cls(image_tower, text_tower, enc, heads).eval()
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def caption_corpus(paths: Sequence[Path]) -> list[str]:
+    """Every caption string in the given files: GeoWorld captions.jsonl (short, long, negatives) or
+    LLaVA JSON (every turn), so the tokenizer covers whatever the stages will feed the text tower."""
+    from mllm.data.conversations import read_records
+    from mllm.training.runner import corpus_from_records
+
+    texts: list[str] = []
+    for p in paths:
+        p = Path(p)
+        if p.suffix == ".jsonl" and p.is_file():
+            for rec in read_records(p):
+                if not isinstance(rec, dict):
+                    continue
+                texts += [rec[k] for k in ("short", "long") if isinstance(rec.get(k), str)]
+                negs = rec.get("negatives")
+                if isinstance(negs, dict):
+                    texts += [v for v in negs.values() if isinstance(v, str)]
+        if p.suffix == ".json" and p.is_file():
+            texts += corpus_from_records([p])
+    return texts
+
+
+def build_contrastive_model(cfg: Any, run_dir: Path, corpus_files: Sequence[Path], seed: int) -> ContrastiveModel:
+    """A fresh ContrastiveModel from a recipe's `ModelConfig` (kind "contrastive").
+
+    `cfg.tower` is the image tower, `cfg.encoder` the rest (EncoderConfig). The tokenizer is
+    `cfg.tokenizer.path`, else a tokenizer saved beside `text.path`, else one trained here on the
+    recipe's captions (saved to RUN/tokenizer, so every stage and rank uses the same one).
+    """
+    from mllm.tokenizer import load_tokenizer, train_tokenizer
+    from mllm.training import distributed as D
+    from mllm.training.engine import seed_everything
+
+    if cfg.init_from:
+        return ContrastiveModel.from_pretrained(cfg.init_from)
+    enc = encoder_config(cfg.encoder)
+    seed_everything(seed)
+    tok_dir = Path(run_dir) / "tokenizer"
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+    elif enc.text.path and (Path(enc.text.path) / "tokenizer_config.json").is_file():
+        tok = load_tokenizer(enc.text.path)
+    elif tok_dir.is_dir():
+        tok = load_tokenizer(tok_dir)
+    else:
+        texts = caption_corpus(list(corpus_files))
+        if not texts:
+            raise ValueError(f"no caption text in {[str(p) for p in corpus_files]} to train a tokenizer on; "
+                             "set model.tokenizer.path")
+        tok = train_tokenizer(texts, cfg.tokenizer.vocab_size)
+        if D.is_main():
+            tok.save_pretrained(str(tok_dir))
+    image_tower = build_tower(cfg.tower)
+    text_tower = build_text_tower(enc.text, tok)
+    return ContrastiveModel(image_tower, text_tower, enc)
