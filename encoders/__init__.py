@@ -1,5 +1,10 @@
 """The vision side of mllm, usable on its own: towers (later also mixtures, routers, contrastive training)."""
 
+from encoders.contrastive import ContrastiveModel
+from encoders.fusion import MixtureOfFeatures
+from encoders.geo import GeoConfig, GeoEncoder
+from encoders.router import FeatureRouter
+from encoders.text_tower import TextTowerConfig, build_text_tower
 from encoders.towers import (
     TINY_CONFIGS,
     TOWERS,
@@ -11,6 +16,13 @@ from encoders.towers import (
 )
 
 __all__ = [
+    "ContrastiveModel",
+    "FeatureRouter",
+    "GeoConfig",
+    "GeoEncoder",
+    "MixtureOfFeatures",
+    "TextTowerConfig",
+    "build_text_tower",
     "TINY_CONFIGS",
     "TOWERS",
     "Tower",

@@ -371,7 +371,7 @@ def build_tower(cfg: TowerConfig, load_weights: bool = True) -> Tower:
         # trust_remote_code is not passed here: the registry fixes the concrete classes, which never run
         # remote code (transformers ignores the flag with a warning). It reaches the Auto processor below.
         if load_weights:
-            model = model_cls.from_pretrained(cfg.path, local_files_only=True, **common)
+            model = model_cls.from_pretrained(cfg.path, local_files_only=True, use_safetensors=True, **common)
         else:
             hf_config = tower_cls.config_cls.from_pretrained(cfg.path, local_files_only=True)
             model = model_cls._from_config(hf_config, **common)

@@ -31,9 +31,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = args.out or str(Path("runs") / recipe.name)
-    summary = train_recipe(recipe, out, only=args.stage or None)
+    try:
+        summary = train_recipe(recipe, out, only=args.stage or None)
+    except RuntimeError as e:
+        if D.world_size() > 1 and D.comm_failure(e):  # a dead peer: say so, exit without a hanging teardown
+            err = e if isinstance(e, D.DistributedError) else D.explain(e, "training")
+            print(f"mllm train: error: {err}", file=sys.stderr, flush=True)
+            os._exit(3)
+        raise
     if D.is_main():
-        print(f"model: {summary.get('final')}\nchat:  mllm chat --model {out}")
+        print(f"model: {summary.get('final')}" + (f"\nchat:  mllm chat --model {out}" if recipe.model.kind == "mllm" else ""))
     import torch.distributed as dist
 
     if dist.is_initialized():  # gloo may abort in its own teardown after a finished run (exit 134)
@@ -113,6 +120,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mllm.model import MultimodalLM
+    from mllm.training.runner import resolve_model_dir
+
+    model = MultimodalLM.from_pretrained(resolve_model_dir(args.model))
+    if args.format == "hf":
+        from mllm.hf_export import export_hf
+
+        out = export_hf(model, args.out)
+        print(f"{out}: LlavaForConditionalGeneration + LlavaProcessor (transformers from_pretrained)")
+    else:
+        out = model.save_pretrained(args.out)
+        print(f"{out}: native mllm folder (MultimodalLM.from_pretrained)")
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from mllm.lora import merge_lora_dir
+
+    out = merge_lora_dir(args.model, args.adapter, args.out)
+    print(f"{out}: merged model (no adapter needed)")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from mllm.data.check import run_check
+
+    return run_check(args.file, args.images, args.tokenizer, args.template, args.max_length, args.num_image_tokens)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mllm.demo import run_demo
 
@@ -154,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("eval", help="evaluate a model (or score a predictions file) on a benchmark folder")
-    e.add_argument("bench", help="mmvp | pope | mathverse | refcoco | qa")
+    e.add_argument("bench", help="mmvp | pope | mathverse | refcoco | qa | mmvp_vlm | retrieval (the last two "
+                   "take a contrastive model)")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model or run folder: generate the answers")
     src.add_argument("--predictions", help="a JSONL of {<benchmark id>, response} produced elsewhere: score it")
@@ -173,6 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark option key=value (e.g. letter_prompt=true, box_format=norm1000, "
                         "answer_overrides=FILE.json, cot=true)")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a model as a transformers LLaVA folder (hf) or a native copy (mllm)")
+    x.add_argument("--model", required=True, help="a model or run folder")
+    x.add_argument("--format", choices=["hf", "mllm"], default="hf")
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export)
+
+    ml = sub.add_parser("merge-lora", help="fold a LoRA adapter (peft format) into its base model")
+    ml.add_argument("--model", required=True, help="the base model folder the adapter was trained on")
+    ml.add_argument("--adapter", required=True, help="the adapter folder (a stage's final/adapter)")
+    ml.add_argument("--out", required=True)
+    ml.set_defaults(func=cmd_merge_lora)
+
+    dat = sub.add_parser("data", help="data tools: `mllm data check FILE --images DIR`")
+    dsub = dat.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="list every problem in a LLaVA-format file (exit 1 if any error, 0 if clean)")
+    dc.add_argument("file", help="a LLaVA JSON list or JSONL file")
+    dc.add_argument("--images", default=None, help="the image root (data.images; default: the file's folder)")
+    dc.add_argument("--tokenizer", default=None, help="a tokenizer or model folder: also tokenise every sample")
+    dc.add_argument("--template", default="chatml", help="chat template for tokenising (plain for align data)")
+    dc.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this many tokens")
+    dc.add_argument("--num-image-tokens", type=int, default=1, help="positions one <image> expands to")
+    dc.set_defaults(func=cmd_data_check)
 
     r = sub.add_parser("report", help="a markdown table across `mllm eval` results, beside published numbers")
     r.add_argument("results", nargs="+", help="metrics JSON files written by `mllm eval`")

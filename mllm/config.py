@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from encoders.geo import GeoConfig
 from encoders.towers import TowerConfig
 
 
@@ -41,16 +42,41 @@ class TokenizerConfig:
 
 
 @dataclass
+class FusionConfig:
+    """A fused vision side (see mllm.vision): two towers (MoF) or CLIP + geometric encoder + router (SVE-Math).
+
+    type: mof_additive | mof_interleaved (needs `tower2`) | router (needs `geo` or `geo_path`).
+    """
+
+    type: str = "mof_interleaved"
+    tower2: TowerConfig | None = None  # MoF: the second tower (e.g. DINOv2)
+    alpha: float = 0.5  # mof_additive: F = alpha * tower + (1 - alpha) * tower2
+    resample: str = "none"  # MoF: none | bilinear (second stream's grid resized to the first's)
+    geo: GeoConfig | None = None  # router: the geometric encoder's architecture (random init)
+    geo_path: str | None = None  # router: a trained encoder folder (encoders.geo.GeoEncoder.save_pretrained)
+    router_mode: str = "soft"  # router: soft (learned sigmoid weights) | constant (fixed equal weights)
+    image_size: int | None = None  # canonical input size both parts resample from; None: the largest input
+
+
+@dataclass
 class ModelConfig:
     tower: TowerConfig = field(default_factory=TowerConfig)
+    fusion: FusionConfig | None = None  # None: the single-tower LLaVA layout
     projector: str = "mlp2x_gelu"
     lm: LMConfig = field(default_factory=LMConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     template: str = "chatml"
     max_length: int = 512
     box_format: str = "norm1"  # how the model writes boxes: norm1 | norm1000 | pixel (grounding data + eval)
-    # Start from a saved MultimodalLM directory (a previous stage's output) instead of building.
+    # Start from a saved model directory (a previous stage's output) instead of building.
     init_from: str | None = None
+    # Tower/LM paths that are not local folders are hub names, downloaded only when this is true.
+    allow_network: bool = False
+    # What the recipe trains: a registry key of mllm.training.models.MODEL_KINDS ("mllm" = MultimodalLM,
+    # "contrastive" = encoders.ContrastiveModel, ...). `tower` is the image tower of every kind.
+    kind: str = "mllm"
+    # Kind-specific settings, validated by the kind (e.g. encoders.contrastive.EncoderConfig).
+    encoder: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +88,31 @@ class DataConfig:
     template: str | None = None  # overrides ModelConfig.template for this stage (e.g. "plain" for align)
     skip_bad_samples: bool = False
     num_workers: int = 0
+    # Micro-batch order (mllm.data.samplers): "random" | "modality_length" (LLaVA's group_by_modality_length).
+    sampler: str = "random"
+    # Contrastive stages on a GeoWorld captions.jsonl: which caption pairs with the image,
+    # "long" (exact) | "short" (noisy) | "random" (either, drawn per fetch).
+    caption: str = "long"
+    # Sequence packing (mllm.data.packing): each micro-batch's samples share rows of at most
+    # `pack_length` tokens (None: the model's max_length), each attending only to itself.
+    packing: bool = False
+    pack_length: int | None = None
+    # Frozen-tower feature cache (mllm.feature_cache): tower outputs computed once, stored in
+    # `feature_dtype` (float16 | bfloat16) under `feature_cache_dir` (None: beside the data file).
+    feature_cache: bool = False
+    feature_cache_dir: str | None = None
+    feature_dtype: str = "float16"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the stage's LM (mllm.lora, via peft). Defaults are LLaVA-1.5's LoRA recipe (r 128, alpha 256)."""
+
+    r: int = 128
+    alpha: float = 256.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or every Linear but the head
+    quantize: str | None = None  # "4bit": QLoRA; refused clearly where bitsandbytes or a CUDA GPU is missing
 
 
 @dataclass
@@ -86,6 +137,26 @@ class StageConfig:
     # Per-stage ZeRO config (LLaVA aligns under ZeRO-2 and instruction-tunes under ZeRO-3);
     # None: the engine's.
     zero_config: str | None = None
+    # The earlier stage whose final model this stage starts from; None: the stage just before it.
+    # (PRIOR's alignment starts from the warm-up, not from the text-only reference LM stage.)
+    init: str | None = None
+    # LoRA adapters on the LM instead of full fine-tuning; final/ is saved merged, final/adapter/ in peft format.
+    lora: LoraConfig | None = None
+    # Activation recomputation in the LM and tower (HF gradient checkpointing, use_reentrant=False):
+    # less memory for about one more forward pass. `compile`: torch.compile the LM's decoder layers.
+    # Both off by default; docs/performance.md has the measurements.
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class NonfiniteConfig:
+    """What a non-finite (NaN/inf) loss does. `stop`: write a checkpoint of the last good state, then
+    raise. `skip`: drop that optimiser step (no update, no schedule step; counted in metrics.jsonl and
+    the checkpoint), and raise once more than `max_skips` steps were dropped in the stage."""
+
+    policy: str = "stop"  # stop | skip
+    max_skips: int = 10
 
 
 @dataclass
@@ -100,6 +171,9 @@ class EngineConfig:
     progress: bool = True
     dist_timeout_s: int = 600
     threads: int | None = None
+    nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
+    # Metric sinks (mllm.logging_backends): jsonl is always written; tensorboard, wandb when named here.
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass

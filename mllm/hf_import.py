@@ -161,7 +161,7 @@ def load_llava(model_dir: str | Path, torch_dtype: torch.dtype | None = None, at
     tower_type = _tower_type(config.vision_config.model_type)
     tower_cls = TOWERS[tower_type]
     llava = LlavaForConditionalGeneration.from_pretrained(
-        str(model_dir), local_files_only=True, attn_implementation=attn_implementation,
+        str(model_dir), local_files_only=True, use_safetensors=True, attn_implementation=attn_implementation,
         dtype=torch_dtype or torch.float32,
     )
     vision = llava.model.vision_tower

@@ -58,7 +58,7 @@ def answer_batch(model: MultimodalLM, questions: Sequence[str], images: Sequence
             text = q if (im is None or "<image>" in q) else f"<image>\n{q}"
             seqs.append(prompt_ids(model, [("user", text)], 0 if im is None else 1))
             if im is not None:
-                pix.append(model.tower.preprocess([im]))
+                pix.append(model.preprocess([im]))
         ids, mask = left_pad(seqs, model.tokenizer.pad_token_id)
         dev = next(model.parameters()).device
         ids, mask = ids.to(dev), mask.to(dev)
@@ -100,7 +100,7 @@ class ChatSession:
         turns = [*self.turns, ("user", user)]
         n_img = 1 if self.image is not None else 0
         ids = prompt_ids(self.model, turns, n_img).unsqueeze(0)
-        pix = self.model.tower.preprocess([self.image]) if self.image is not None else None
+        pix = self.model.preprocess([self.image]) if self.image is not None else None
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=False, skip_special_tokens=True)
         err: list[BaseException] = []
 

@@ -15,12 +15,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -28,7 +30,10 @@ from transformers.utils import logging as hf_logging
 
 from encoders.towers import Tower, TowerConfig, build_tower
 from mllm.chat import IGNORE_INDEX
+from mllm.config import FusionConfig
+from mllm.data.packing import check_packing_support
 from mllm.projectors import build_projector
+from mllm.vision import Fusion, build_fusion, fusion_from_meta
 
 FORMAT_VERSION = 1
 # Per-shard progress bars for a model of a few MB are noise in every log line of a run.
@@ -49,6 +54,8 @@ class MultimodalMeta:
     # the padded square image when the tower pads to square. Evaluators read it instead of guessing.
     box_format: str = "norm1"
     format_version: int = FORMAT_VERSION
+    # Fused vision side only (mllm.vision): a FusionConfig as a dict. Absent from a single-tower mllm.json.
+    fusion: dict[str, Any] | None = None
 
 
 @dataclass
@@ -63,7 +70,8 @@ def build_lm(path: str | None, config: dict[str, Any], vocab_size: int, attn: st
     """A causal LM from a local directory, or from config kwargs (`model_type` picks the class)."""
     if path:
         lm = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation=attn, trust_remote_code=trust_remote_code
+            path, local_files_only=True, attn_implementation=attn, trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # weights never from pickle files
         )
     else:
         cfg = dict(config)
@@ -78,32 +86,50 @@ def build_lm(path: str | None, config: dict[str, Any], vocab_size: int, attn: st
 
 class MultimodalLM(nn.Module):
     def __init__(self, tower: Tower, projector: nn.Module, lm: PreTrainedModel, meta: MultimodalMeta,
-                 tokenizer: PreTrainedTokenizerBase | None = None):
+                 tokenizer: PreTrainedTokenizerBase | None = None, fusion: Fusion | None = None,
+                 parts: dict[str, nn.Module] | None = None):
         super().__init__()
         self.tower = tower
         self.projector = projector
         self.lm = lm
         self.meta = meta
         self.tokenizer = tokenizer
+        # Fused vision side (mllm.vision): extra modules (tower2 / geo / router) beside tower and projector.
+        self.fusion = fusion
+        for name, module in (parts or {}).items():
+            self.add_module(name, module)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(cls, tower_cfg: TowerConfig, projector: str, lm: PreTrainedModel,
               tokenizer: PreTrainedTokenizerBase, image_token: str = "<image>", template: str = "chatml",
-              max_length: int = 512, load_tower_weights: bool = True, box_format: str = "norm1") -> MultimodalLM:
+              max_length: int = 512, load_tower_weights: bool = True, box_format: str = "norm1",
+              fusion: FusionConfig | None = None) -> MultimodalLM:
         tower = build_tower(tower_cfg, load_weights=load_tower_weights)
         d_llm = lm.get_input_embeddings().embedding_dim
-        proj = build_projector(projector, tower.hidden_size, d_llm)
+        fuse, parts = None, {}
+        if fusion is not None:
+            fuse = build_fusion(fusion)
+            parts = fuse.build_parts(tower, projector, d_llm, load_weights=load_tower_weights)
+            proj = parts.pop("projector")
+        else:
+            proj = build_projector(projector, tower.hidden_size, d_llm)
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         meta = MultimodalMeta(
             tower=asdict(tower_cfg), projector=projector, image_token=image_token,
             image_token_id=int(image_token_id), template=template, max_length=max_length, box_format=box_format,
+            fusion=asdict(fusion) if fusion is not None else None,
         )
-        return cls(tower, proj, lm, meta, tokenizer)
+        return cls(tower, proj, lm, meta, tokenizer, fuse, parts)
 
     @property
     def num_image_tokens(self) -> int:
-        return self.tower.num_tokens
+        """Placeholder positions per image: N for one tower, 2N for interleaved MoF (see mllm.vision)."""
+        return self.fusion.num_tokens(self) if self.fusion is not None else self.tower.num_tokens
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> the `pixel_values` this model's `encode_images` takes (one tensor per batch)."""
+        return self.fusion.preprocess(self, images) if self.fusion is not None else self.tower.preprocess(images)
 
     @property
     def image_token_id(self) -> int:
@@ -112,9 +138,44 @@ class MultimodalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> [n_images, N, d_llm] in the LM's dtype."""
-        feats = self.tower(pixel_values.to(self._param_dtype(self.tower)))
-        emb = self.projector(feats.tokens.to(self._param_dtype(self.projector)))
-        return emb
+        if self.fusion is not None:
+            return self.fusion.encode(self, pixel_values)
+        return self.project_features(self.tower_features(pixel_values))
+
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, 3, H, W] -> the pre-projector tokens [n_images, N, D].
+
+        The split point of `encode_images`: everything before it is what `mllm.feature_cache` stores
+        for a stage that freezes the tower, everything after it (`project_features`) still trains.
+        """
+        if self.fusion is not None:
+            raise NotImplementedError(f"{self.meta.fusion['type']} fusion has no single pre-projector feature "
+                                      "tensor to cache; train fused models without the feature cache")
+        return self.tower(pixel_values.to(self._param_dtype(self.tower))).tokens
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-projector tokens (computed now or read from the feature cache) -> image embeddings."""
+        return self.projector(features.to(self._param_dtype(self.projector)))
+
+    def gradient_checkpointing_enable(self) -> list[str]:
+        """Recompute layer activations in backward in every Hugging Face model inside (LM, towers).
+
+        Non-reentrant checkpointing (`use_reentrant=False`) is the form that works when a block's
+        inputs need no gradient (a frozen tower, a frozen LM under a trained projector). Returns the
+        names of the modules it was enabled on.
+        """
+        done: list[str] = []
+        for name, m in self.named_modules():
+            if not isinstance(m, PreTrainedModel) or not m.supports_gradient_checkpointing:
+                continue
+            if any(name.startswith(d + ".") for d in done):
+                continue  # an inner model of one already switched (LlamaModel inside LlamaForCausalLM)
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            done.append(name)
+        return done
 
     @staticmethod
     def _param_dtype(module: nn.Module) -> torch.dtype:
@@ -122,21 +183,29 @@ class MultimodalLM(nn.Module):
             return p.dtype
         return torch.float32
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image embeddings scattered into the placeholder positions."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image embeddings scattered into the placeholder positions.
+
+        `image_features` (pre-projector tokens from the feature cache) replace `pixel_values`.
+        """
         is_image = input_ids == self.image_token_id
         # The placeholder id may be outside a resized-but-unused range; embed a safe id there instead.
         safe_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.lm.get_input_embeddings()(safe_ids)
         n_slots = int(is_image.sum())
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        source = image_features if image_features is not None else pixel_values
+        if source is None or source.shape[0] == 0:
             if n_slots:
                 raise ValueError(f"{n_slots} image positions in the batch but no pixel_values")
             return embeds
-        img = self.encode_images(pixel_values)
+        if image_features is not None:
+            img = self.project_features(image_features)
+        else:
+            img = self.encode_images(pixel_values)
         if img.shape[0] * img.shape[1] != n_slots:
             raise ValueError(
-                f"{pixel_values.shape[0]} image(s) yield {img.shape[0] * img.shape[1]} embeddings "
+                f"{source.shape[0]} image(s) yield {img.shape[0] * img.shape[1]} embeddings "
                 f"but the batch has {n_slots} image positions"
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), img.to(embeds.dtype))
@@ -144,13 +213,20 @@ class MultimodalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 token_weights: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_logits: bool = False, **_: Any) -> MultimodalOutput:
+                return_logits: bool = False, image_features: torch.Tensor | None = None,
+                **_: Any) -> MultimodalOutput:
         """Next-token loss, optionally weighted per token (PRIOR), over labelled positions only.
 
         The LM head is applied only where a label exists: with a 150k vocabulary, full-sequence
         logits are most of a step's activation memory, and most positions (prompt, image) carry none.
+
+        Packed rows (`mllm.data.packing`): `position_ids` restart at 0 for each sample and
+        `attention_mask` is None; transformers' mask code then builds the block-diagonal causal mask
+        (SDPA/eager) or flash-attn's varlen boundaries from the position ids, so no sample sees another.
         """
-        embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is None and position_ids is not None:
+            check_packing_support(self.lm)
+        embeds = self.embed(input_ids, pixel_values, image_features)
         base = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
         out = base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -208,6 +284,10 @@ class MultimodalLM(nn.Module):
                 self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             meta = asdict(self.meta)
             meta["tower"] = dict(meta["tower"], path="tower")
+            if self.fusion is not None:
+                meta["fusion"] = self.fusion.save_parts(self, tmp)
+            else:
+                del meta["fusion"]  # single-tower mllm.json keeps exactly its original fields
             (tmp / "mllm.json").write_text(json.dumps(meta, indent=2))
             _replace_dir(tmp, out_dir)
         except BaseException:
@@ -222,6 +302,11 @@ class MultimodalLM(nn.Module):
 
         model_dir = Path(model_dir)
         meta_path = model_dir / "mllm.json"
+        if not meta_path.is_file() and (model_dir / "config.json").is_file():  # a transformers LLaVA folder
+            from mllm.hf_import import is_llava_dir, load_llava
+
+            if is_llava_dir(model_dir):
+                return load_llava(model_dir, torch_dtype, attn_implementation)
         if not meta_path.is_file():
             raise FileNotFoundError(f"{model_dir}: not an mllm model folder (no mllm.json)")
         raw = json.loads(meta_path.read_text())
@@ -230,12 +315,19 @@ class MultimodalLM(nn.Module):
         meta = MultimodalMeta(**raw)
         tower_cfg = TowerConfig(**dict(meta.tower, path=str(model_dir / meta.tower["path"])))
         tower = build_tower(tower_cfg, load_weights=True)
-        lm = AutoModelForCausalLM.from_pretrained(str(model_dir / "lm"), local_files_only=True,
+        lm = AutoModelForCausalLM.from_pretrained(str(model_dir / "lm"), local_files_only=True, use_safetensors=True,
                                                   attn_implementation=attn_implementation)
-        proj = build_projector(meta.projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
+        d_llm = lm.get_input_embeddings().embedding_dim
+        fuse, parts = None, {}
+        if meta.fusion is not None:
+            fuse = fusion_from_meta(meta.fusion)
+            parts = fuse.build_parts(tower, meta.projector, d_llm, model_dir=model_dir)
+            proj = parts.pop("projector")
+        else:
+            proj = build_projector(meta.projector, tower.hidden_size, d_llm)
         proj.load_state_dict(load_file(str(model_dir / "projector.safetensors")))
         tok = load_tokenizer(model_dir / "tokenizer") if (model_dir / "tokenizer").is_dir() else None
-        model = cls(tower, proj, lm, meta, tok)
+        model = cls(tower, proj, lm, meta, tok, fuse, parts)
         if torch_dtype is not None:
             model.to(torch_dtype)
         return model.eval()

@@ -457,7 +457,7 @@ def reference_from(model_lm: nn.Module, s: PriorSettings, vocab_size: int) -> nn
     if s.ref:
         from transformers import AutoModelForCausalLM
 
-        ref = AutoModelForCausalLM.from_pretrained(s.ref, local_files_only=True)
+        ref = AutoModelForCausalLM.from_pretrained(s.ref, local_files_only=True, use_safetensors=True)
     else:
         ref = copy.deepcopy(model_lm)
     emb = ref.get_input_embeddings().num_embeddings

@@ -8,7 +8,6 @@ on so the engine counts and lists it. Nothing is truncated or dropped without a 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,38 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mllm.chat import IGNORE_INDEX, SampleError, encode_conversation, normalise_turns
 from mllm.data.images import ImageError, load_image, resolve_image
-
-
-class DataError(ValueError):
-    """A data file that cannot be read at all (syntax error, wrong top-level shape)."""
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """A JSON list (LLaVA) or JSONL file of sample objects; syntax errors name file, line and column."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from e
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: JSON syntax error: {e.msg} (column {e.colno})") from e
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: JSON syntax error: {e.msg} (column {e.colno})") from e
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a list of samples, got {type(records).__name__}")
-    return records
+from mllm.data.records import DataError, read_records  # noqa: F401  (lazy; re-exported)
 
 
 def sample_name(path: str | Path, index: int, record: Any) -> str:
@@ -90,6 +58,8 @@ class ConversationDataset(Dataset):
         self.max_length = max_length
         self.skip_bad_samples = skip_bad_samples
         self.records = read_records(self.path)
+        # image paths -> pre-projector features [n, N, D]; set by mllm.feature_cache.attach, else None
+        self.features: Callable[[list[Path], str], torch.Tensor] | None = None
         self.load_errors: dict[int, str] = {}
         for i, rec in enumerate(self.records):
             try:
@@ -133,28 +103,46 @@ class ConversationDataset(Dataset):
             num_images=len(paths), max_length=self.max_length, sample=name,
         )
         pixel_values = None
-        if paths:
+        features = None
+        if paths and self.features is not None:  # a frozen tower's cached outputs (mllm.feature_cache)
+            features = self.features([resolve_image(self.image_root, p) for p in paths], name)
+        elif paths:
             if self.preprocess is None:
                 raise SampleError(f"{name}: has an image but the model has no vision tower")
             images = [load_image(resolve_image(self.image_root, p)) for p in paths]
             pixel_values = self.preprocess(images)
         out = {"index": i, "id": rec.get("id", str(i)), **enc, "pixel_values": pixel_values}
+        if features is not None:
+            out["image_features"] = features
         if "token_weights" in rec:
             out["token_weights"] = torch.tensor(rec["token_weights"], dtype=torch.float32)
         return out
 
 
 class Collator:
-    """Right-pads a batch; concatenates images in sample order (the order the splice expects)."""
+    """Right-pads a batch; concatenates images in sample order (the order the splice expects).
 
-    def __init__(self, pad_token_id: int):
+    With `pack_length`, the batch's samples are packed into rows of at most that many tokens instead
+    (`mllm.data.packing`: position ids restart per sample, no attention_mask); `ids` then lists the
+    samples in packed order.
+    """
+
+    def __init__(self, pad_token_id: int, pack_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.pack_length = pack_length
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         skips = [it["skip"] for it in items if "skip" in it]
         items = [it for it in items if "skip" not in it]
         batch: dict[str, Any] = {"skips": skips, "ids": [it["id"] for it in items]}
         if not items:
+            return batch
+        if self.pack_length:
+            from mllm.data.packing import pack_items
+
+            packed = pack_items(items, self.pack_length, self.pad_token_id)
+            batch["ids"] = [items[i]["id"] for i in packed.pop("order")]
+            batch.update({k: v for k, v in packed.items() if v is not None or k == "pixel_values"})
             return batch
         n = max(len(it["input_ids"]) for it in items)
         b = len(items)
@@ -175,6 +163,9 @@ class Collator:
         pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         batch.update(input_ids=input_ids, labels=labels, attention_mask=attn,
                      pixel_values=torch.cat(pix) if pix else None)
+        feats = [it["image_features"] for it in items if it.get("image_features") is not None]
+        if feats:  # pre-projector tokens from mllm.feature_cache, in place of pixels
+            batch["image_features"] = torch.cat(feats)
         if weights is not None:
             batch["token_weights"] = weights
         return batch

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 # Over this many pixels an image is refused before decoding (decompression bombs). 8k x 8k.
 MAX_PIXELS = 64_000_000
@@ -25,18 +26,32 @@ def resolve_image(root: str | Path | None, rel: str) -> Path:
     return path
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB as a camera would show it: EXIF orientation applied, 16-bit and float greys scaled to 8 bits
+    (PIL's own convert clips them, turning a 16-bit scan white), palette transparency via RGBA."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.nan_to_num(np.asarray(im)), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode fully (so truncation fails here, not later in a worker) and convert to RGB."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"{path}: image file not found")
+        raise ImageError(f"{path}: image file not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

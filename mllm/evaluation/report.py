@@ -16,6 +16,7 @@ from typing import Any
 HEADLINES: dict[str, tuple[str, Any]] = {
     "mmvp": ("MMVP pair acc", lambda m: m.get("pair_accuracy")),
     "mmvp_vlm": ("MMVP-VLM avg", lambda m: m.get("average")),
+    "retrieval": ("Retrieval mean R@1", lambda m: m.get("mean_R@1")),
     "mathverse": ("MathVerse all", lambda m: m.get("all")),
     "pope": ("POPE mean F1", lambda m: m.get("mean_f1")),
     "refcoco": ("RefCOCO acc@0.5", lambda m: m.get("acc@0.5")),

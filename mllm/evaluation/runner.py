@@ -53,6 +53,22 @@ def evaluate(model: MultimodalLM, bench: str, data: str | Path, options: dict[st
     return b.score(items, responses, **options)
 
 
+def evaluate_with_kind(b: Any, model_dir: str | Path, data: str | Path, options: dict[str, Any], batch_size: int,
+                       device: str, limit: int | None, meta: dict[str, Any]) -> tuple[dict, list[dict]]:
+    """A benchmark that answers through `b.respond` with a model of `b.model_kind` (e.g. MMVP-VLM with a
+    ContrastiveModel): load that kind from `model_dir` (a model or run folder), respond, score."""
+    from mllm.training.models import get_model_kind
+    from mllm.training.runner import resolve_model_dir
+
+    path = resolve_model_dir(model_dir, b.model_kind)
+    model = get_model_kind(b.model_kind).load(path).to(pick_device(device)).eval()
+    items = b.load(Path(data), **options)
+    if limit:
+        items = items[:limit]
+    meta.update(model=str(path), model_kind=b.model_kind)
+    return b.score(items, b.respond(model, items, batch_size=batch_size, **options), **options)
+
+
 def run_eval(bench: str, data: str | Path, out: str | Path, model_dir: str | Path | None = None,
              predictions: str | Path | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
              decoding: str = "greedy", agla: AglaConfig | None = None, device: str = "auto",
@@ -64,7 +80,9 @@ def run_eval(bench: str, data: str | Path, out: str | Path, model_dir: str | Pat
     b = get_benchmark(bench)
     meta: dict[str, Any] = {"benchmark": bench, "data": str(data), "decoding": decoding, "options": options,
                             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if model_dir is not None:
+    if model_dir is not None and b.respond is not None:  # scored from a non-generative model's outputs
+        metrics, records = evaluate_with_kind(b, model_dir, data, options, batch_size, device, limit, meta)
+    elif model_dir is not None:
         from mllm.training.runner import resolve_model_dir
 
         path = resolve_model_dir(model_dir)

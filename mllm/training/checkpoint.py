@@ -13,6 +13,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from mllm.training.faults import maybe_kill
+
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -79,6 +81,7 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        maybe_kill("before_latest", step)
         atomic_write_text(self.root / "latest", final.name + "\n")
         self.prune()
         return final
@@ -93,14 +96,22 @@ class CheckpointManager:
         return sorted(int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name)))
 
     def latest(self) -> Path | None:
-        """The checkpoint `latest` names; falls back to the newest complete folder if it is missing."""
+        """The newest complete checkpoint: what `latest` names, or a newer `step-N` folder.
+
+        The rename is the commit (a `step-N` folder is complete by construction), so a folder newer
+        than the pointer means the run died between the rename and the pointer update: it is used.
+        """
         pointer = self.root / "latest"
+        named = None
         if pointer.is_file():
             name = pointer.read_text().strip()
             if STEP_RE.match(name) and (self.root / name).is_dir():
-                return self.root / name
+                named = self.root / name
         steps = self.steps()
-        return self.root / self.name(steps[-1]) if steps else None
+        newest = self.root / self.name(steps[-1]) if steps else None
+        if named is None or (newest is not None and newest.name > named.name):
+            return newest
+        return named
 
     def prune(self) -> None:
         for step in self.steps()[: -self.keep_last]:

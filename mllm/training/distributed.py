@@ -31,11 +31,42 @@ def ensure_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+class DistributedError(RuntimeError):
+    """A collective failed: another process died (connection reset) or went silent (timeout)."""
+
+
+_TIMEOUT_S: int | None = None
+
+
+def comm_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because of a peer (gloo and NCCL errors, timeouts)."""
+    if isinstance(e, DistributedError | getattr(dist, "DistBackendError", DistributedError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in (
+        "gloo", "Gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out", "Broken pipe"))
+
+
+def explain(e: BaseException, what: str = "a collective") -> DistributedError:
+    """The one message a survivor prints: who it is, what failed, the likely cause, the bound."""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return DistributedError(
+        f"rank {rank()} of {world_size()}: lost contact with the other processes during {what} ({first}). "
+        f"Another rank most likely died (see its log) or stopped responding; a silent peer is waited for "
+        f"at most engine.dist_timeout_s={_TIMEOUT_S} s.")
+
+
 def init(backend: str, timeout_s: int) -> None:
-    """Initialise the default process group once (gloo on CPU, nccl on GPU)."""
+    """Initialise the default process group once (gloo on CPU, nccl on GPU).
+
+    `timeout_s` bounds every collective: gloo raises when a peer is silent that long, and NCCL's
+    watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default) aborts the process, so a dead rank cannot
+    leave the others hanging forever."""
+    global _TIMEOUT_S
     ensure_env()
     if dist.is_initialized():
         return
+    _TIMEOUT_S = timeout_s
     timeout = timedelta(seconds=timeout_s)
     if backend == "deepspeed":
         import deepspeed
@@ -62,13 +93,19 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise (explain(e, "a barrier") if comm_failure(e) else e) from e
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
-        dist.all_reduce(x)
+        try:
+            dist.all_reduce(x)
+        except RuntimeError as e:
+            raise (explain(e, "an all-reduce") if comm_failure(e) else e) from e
         x /= dist.get_world_size()
     return x
 

@@ -26,9 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from mllm.config import EngineConfig, StageConfig
 from mllm.data.conversations import Skip
+from mllm.data.samplers import build_order
+from mllm.logging_backends import open_loggers
+from mllm.lora import restrict_to_adapters
 from mllm.training import distributed as D
 from mllm.training.checkpoint import CheckpointManager, atomic_write_text
-from mllm.training.faults import maybe_kill
+from mllm.training.faults import injected, maybe_kill
+from mllm.training.nonfinite import NonfiniteError, NonfiniteGuard
 from mllm.training.optim import build_optimizer, cosine_with_warmup, param_groups, set_trainable
 from mllm.training.order import BatchOrder
 
@@ -128,6 +132,7 @@ class Trainer:
         if engine.backend not in ("deepspeed", "torch"):
             raise ValueError(f"engine.backend must be 'deepspeed' or 'torch', got {engine.backend!r}")
         self.skipped: list[Skip] = []
+        self.guard = NonfiniteGuard(engine.nonfinite)
 
     # ------------------------------------------------------------------ set-up
     def total_steps(self, order: BatchOrder) -> int:
@@ -141,9 +146,11 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         seed_everything(self.cfg.seed)
         set_trainable(self.model, self.trainable)
+        restrict_to_adapters(self.model)  # LoRA: under a peft-wrapped module only the adapters train
         groups = param_groups(self.model, self.trainable, self.stage.weight_decay)
         self.group_names = [g["name"] for g in groups]
-        self.order = BatchOrder(len(self.dataset), self.stage.batch_size, self.cfg.seed, D.rank(), D.world_size())
+        self.order = build_order(self.stage.data.sampler, self.dataset, self.stage.batch_size, self.cfg.seed,
+                                 D.rank(), D.world_size())
         self.steps = self.total_steps(self.order)
         warmup = int(round(self.stage.warmup_ratio * self.steps))
         optimizer = build_optimizer(groups, tuple(self.stage.betas))
@@ -170,7 +177,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        """Trainable parameters + persistent buffers: training changes buffers too (an EMA teacher, DINO's
+        centres, BatchNorm statistics), and DeepSpeed's checkpoints carry them, so this path must as well."""
+        state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        for n, t in self.model.state_dict().items():
+            if n not in params and isinstance(t, torch.Tensor):
+                state[n] = t.detach().cpu().clone()  # a copy: buffers may share storage (safetensors refuses)
+        return state
 
     def save_checkpoint(self, step: int, position: int) -> Path:
         if D.is_main():
@@ -190,7 +204,8 @@ class Trainer:
         (tmp / f"rng_rank{D.rank()}.json").write_text(json.dumps(meta))
         if D.is_main():
             state = {"step": step, "position": position, "total_steps": self.steps,
-                     "skipped": [s.__dict__ for s in self.skipped], "world_size": D.world_size()}
+                     "skipped": [s.__dict__ for s in self.skipped], "world_size": D.world_size(),
+                     "nonfinite_skips": self.guard.skipped}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         D.barrier()
         final = self.ckpt.root / self.ckpt.name(step)
@@ -218,29 +233,44 @@ class Trainer:
         rng_t = load_file(str(path / f"rng_rank{D.rank()}.safetensors"))
         _set_rng_state(rng_t, json.loads((path / f"rng_rank{D.rank()}.json").read_text()))
         self.skipped = [Skip(**s) for s in state.get("skipped", [])]
+        self.guard.skipped = list(state.get("nonfinite_skips", []))
         return int(state["step"]), int(state["position"])
 
     # ------------------------------------------------------------------ loop
     def _loader(self, start: int, stop: int) -> DataLoader:
+        # Its own generator: creating the iterator draws a seed, which from the global RNG would shift
+        # every later dropout mask of a resumed run (LoRA dropout) away from the uninterrupted one.
         return DataLoader(self.dataset, batch_sampler=list(self.order.batches(start, stop)),
-                          collate_fn=self.collate, num_workers=self.stage.data.num_workers)
+                          collate_fn=self.collate, num_workers=self.stage.data.num_workers,
+                          generator=torch.Generator().manual_seed(self.cfg.seed + start))
 
-    def _micro_step(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _micro_step(self, batch: dict[str, Any], step: int, first: bool) -> tuple[torch.Tensor, bool]:
+        """Forward, the non-finite check (before any gradient exists), backward. Returns (loss, finite)."""
         batch = _move(batch, self.device)
         inputs = {k: v for k, v in batch.items() if k not in ("skips", "ids")}
         with self.autocast:
             out = self.engine(**inputs)
         loss = out.loss
+        if first and injected("nan_loss", step):
+            loss = loss * float("nan")
+        finite = self.guard.all_finite(loss)
+        if not finite and self.guard.stop:
+            return loss.detach().float(), False
         if self.use_ds:
+            # A non-finite loss is still back-propagated here: DeepSpeed's overflow check then drops
+            # the step (verified in train()); skipping backward would shift its accumulation boundary.
             self.engine.backward(loss)
             self.engine.step()
-        else:
+        elif finite:
             (loss / self.stage.grad_accum).backward()
-        return loss.detach().float()
+        return loss.detach().float(), finite
 
-    def _optimizer_step(self) -> float | None:
+    def _optimizer_step(self, finite: bool = True) -> float | None:
         if self.use_ds:
             return None  # DeepSpeed stepped at the accumulation boundary inside engine.step()
+        if not finite:  # the skip policy: no update and no schedule step, as DeepSpeed does on overflow
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.stage.grad_clip) if self.stage.grad_clip > 0 else None
         self.optimizer.step()
@@ -265,6 +295,8 @@ class Trainer:
             resumed = step
         if D.is_main():
             self._truncate_metrics(step)
+        # TensorBoard / W&B beside metrics.jsonl (main rank only); named-but-missing packages fail here.
+        self.loggers = open_loggers(self.cfg.loggers if D.is_main() else [], self.out_dir, self.stage.name, step)
         ga = self.stage.grad_accum
         losses: list[float] = []
         bar = None
@@ -282,7 +314,9 @@ class Trainer:
             while step < self.steps:
                 micro_losses = []
                 n_samples = 0
-                for _ in range(ga):
+                step_start, finite = position, True
+                ds_skipped = getattr(self.engine, "skipped_steps", 0)
+                for k in range(ga):
                     batch = next(loader)
                     position += 1
                     self._record_skips(batch["skips"])
@@ -290,21 +324,42 @@ class Trainer:
                         raise TrainingError(f"every sample of micro-batch {position - 1} was bad: "
                                             + "; ".join(s.reason for s in batch["skips"]))
                     n_samples += len(batch["ids"])
-                    micro_losses.append(self._micro_step(batch))
-                grad_norm = self._optimizer_step()
+                    micro_loss, ok = self._micro_step(batch, step + 1, k == 0)
+                    micro_losses.append(micro_loss)
+                    finite = finite and ok
+                    if not ok and self.guard.stop:
+                        self._stop_nonfinite(step, step_start, position, micro_loss, batch["ids"])
+                grad_norm = self._optimizer_step(finite)
                 step += 1
+                ds_dropped = self.use_ds and getattr(self.engine, "skipped_steps", 0) > ds_skipped
+                if not finite and self.use_ds and not ds_dropped:
+                    raise NonfiniteError(
+                        f"non-finite loss at step {step}, and DeepSpeed applied the update anyway (its overflow "
+                        "check is off in this configuration: fp32 needs gradient_clipping > 0, bf16 "
+                        "check_grad_overflow); use engine.nonfinite.policy=stop")
+                if not finite or ds_dropped:
+                    self.guard.record_skip(step, "non-finite loss" if not finite else "DeepSpeed overflow")
                 loss = float(D.all_reduce_mean(torch.stack(micro_losses).mean()))
-                if not math.isfinite(loss):
-                    raise TrainingError(f"non-finite loss {loss} at step {step}")
-                losses.append(loss)
+                if finite and not ds_dropped:
+                    if not math.isfinite(loss):
+                        raise TrainingError(f"non-finite loss {loss} at step {step}")
+                    losses.append(loss)
                 now = time.time()
                 if D.is_main():
-                    rec = {"step": step, "loss": loss, "lr": self._lrs(), "samples": n_samples * D.world_size(),
-                           "step_s": round(now - t_last, 4)}
+                    rec = {"step": step, "loss": loss if finite and not ds_dropped else None, "lr": self._lrs(),
+                           "samples": n_samples * D.world_size(), "step_s": round(now - t_last, 4)}
                     if grad_norm is not None:
                         rec["grad_norm"] = grad_norm
+                    if not finite or ds_dropped:
+                        rec["skipped"] = "non-finite loss" if not finite else "DeepSpeed overflow"
+                    line = json.dumps(rec) + "\n"
                     with open(self.metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                        if injected("mid_metrics", step):  # a torn line, as a kill in mid-write leaves
+                            f.write(line[: len(line) // 2])
+                            f.flush()
+                            maybe_kill("mid_metrics", step)
+                        f.write(line)
+                    self.loggers.log(rec, step)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}")
@@ -318,6 +373,7 @@ class Trainer:
                 maybe_kill("after_step", step)
         if bar is not None:
             bar.close()
+        self.loggers.close()
         return StageResult(step, losses[-1] if losses else None, losses, self.skipped, time.time() - t0, resumed)
 
     def _record_skips(self, skips: list[Skip]) -> None:
@@ -329,11 +385,31 @@ class Trainer:
                 seen.add(s.sample)
 
     def _truncate_metrics(self, step: int) -> None:
-        """On resume, drop metric lines past the checkpoint: they will be produced again."""
+        """On resume, drop metric lines past the checkpoint: they will be produced again. A torn last
+        line (killed mid-write) is past the checkpoint by construction and goes too."""
         if not self.metrics_path.is_file():
             return
-        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        keep = []
+        for ln in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                keep.append(ln)
         atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
+
+    def _stop_nonfinite(self, step: int, step_start: int, position: int, loss: torch.Tensor,
+                        ids: list[Any]) -> None:
+        """The stop policy: checkpoint the last good state (weights before this step, data position at
+        its start, so a resume replays it), then raise naming the step, micro-batch and samples."""
+        path = self.ckpt.root / self.ckpt.name(step)
+        if step not in self.ckpt.steps():
+            path = self.save_checkpoint(step, step_start)
+        raise NonfiniteError(
+            f"non-finite loss {float(loss)} at step {step + 1} (micro-batch {position - 1}, samples "
+            f"{ids[:8]}); the last good state (after step {step}) is checkpointed in {path}. "
+            "Set engine.nonfinite.policy=skip to drop such steps instead.")
 
     # ------------------------------------------------------------------ final weights
     @contextlib.contextmanager

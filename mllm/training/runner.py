@@ -3,10 +3,13 @@
 Run folder:
     RUN/recipe.yaml            the resolved recipe (overrides applied)
     RUN/run.json               stages finished, their final models, wall seconds, skipped samples
+    RUN/env.json               per (re)start: git revision + dirty flag, package versions, hardware, world size
     RUN/<stage>/metrics.jsonl  one line per optimiser step
     RUN/<stage>/checkpoints/   step-XXXXXXXX folders + `latest`
-    RUN/<stage>/final/         a MultimodalLM folder (loadable by `mllm chat` / `mllm eval`)
-A stage whose `final/` exists is done and skipped on a re-run, so `mllm train` is restartable.
+    RUN/<stage>/final/         the model, saved by its kind (a MultimodalLM folder for kind "mllm",
+                               loadable by `mllm chat` / `mllm eval`; see mllm.training.models)
+A stage whose `final/` holds a complete save is done and skipped on a re-run, so `mllm train` is
+restartable.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from mllm.config import ModelConfig, Recipe, StageConfig, save_recipe
 from mllm.data.conversations import read_records
 from mllm.model import MultimodalLM, build_lm
@@ -23,6 +28,7 @@ from mllm.tokenizer import ensure_image_token, load_tokenizer, train_tokenizer
 from mllm.training import distributed as D
 from mllm.training.checkpoint import atomic_write_text
 from mllm.training.engine import StageResult, Trainer, seed_everything
+from mllm.training.models import get_model_kind
 from mllm.training.stages import get_stage_kind, resolve_template, resolve_trainable
 from mllm.training.tasks import get_task
 
@@ -43,6 +49,7 @@ def build_model(cfg: ModelConfig, run_dir: Path, corpus_files: list[Path], seed:
     if cfg.init_from:
         return MultimodalLM.from_pretrained(cfg.init_from)
     seed_everything(seed)
+    cfg = _local_paths(cfg)
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path, cfg.lm.trust_remote_code)
     elif cfg.lm.path:
@@ -58,18 +65,42 @@ def build_model(cfg: ModelConfig, run_dir: Path, corpus_files: list[Path], seed:
     ensure_image_token(tok, cfg.tokenizer.image_token)
     lm = build_lm(cfg.lm.path, cfg.lm.config, len(tok), cfg.lm.attn_implementation, cfg.lm.trust_remote_code)
     return MultimodalLM.build(cfg.tower, cfg.projector, lm, tok, cfg.tokenizer.image_token, cfg.template,
-                              cfg.max_length, box_format=cfg.box_format)
+                              cfg.max_length, box_format=cfg.box_format, fusion=cfg.fusion)
 
 
-def run_stage(model: MultimodalLM, recipe: Recipe, stage: StageConfig, stage_dir: Path) -> StageResult:
+def _local_paths(cfg: ModelConfig) -> ModelConfig:
+    """Tower/LM/tokenizer paths as local folders; a hub name is fetched only with `allow_network`."""
+    import dataclasses
+
+    from mllm.hf_import import resolve_model_path
+
+    def local(path: str | None, what: str) -> str | None:
+        return resolve_model_path(path, cfg.allow_network, what) if path else path
+
+    return dataclasses.replace(
+        cfg, tower=dataclasses.replace(cfg.tower, path=local(cfg.tower.path, "model.tower.path")),
+        lm=dataclasses.replace(cfg.lm, path=local(cfg.lm.path, "model.lm.path")),
+        tokenizer=dataclasses.replace(cfg.tokenizer, path=local(cfg.tokenizer.path, "model.tokenizer.path")))
+
+
+def run_stage(model: nn.Module, recipe: Recipe, stage: StageConfig, stage_dir: Path) -> StageResult:
     """Train `model` (in place) for one stage and save it to `stage_dir/final`."""
     kind = get_stage_kind(stage.kind)
-    template = resolve_template(stage, model.meta.template)
+    meta = getattr(model, "meta", None)  # models without a chat template (encoders) train on "plain"
+    template = resolve_template(stage, getattr(meta, "template", None) or "plain")
+    if stage.lora is not None:  # before the task and the engine, so names match on resume (mllm.lora)
+        from mllm.lora import apply_lora
+
+        apply_lora(model, stage.lora)
     module, dataset, collate = get_task(kind.task)(model, stage, template)
-    trainer = Trainer(module, dataset, collate, stage, recipe.engine, stage_dir, resolve_trainable(stage))
+    trainer = Trainer(module, dataset, collate, stage, recipe.engine, stage_dir, resolve_trainable(stage, module))
     result = trainer.train()
     with trainer.full_weights():
-        if D.is_main():
+        if D.is_main() and stage.lora is not None:  # final/ merged, final/adapter/ in peft format
+            from mllm.lora import save_lora_final
+
+            save_lora_final(model, stage.lora, stage_dir / "final")
+        elif D.is_main():
             model.save_pretrained(stage_dir / "final")
     D.barrier()
     trainer.close()
@@ -83,10 +114,11 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, only: list[str] | None = N
     D.init(recipe.engine.backend, recipe.engine.dist_timeout_s)
     from mllm import prior
 
-    prior.configure_from_extra(recipe.extra)  # PRIOR's settings live in `extra.prior` (see mllm.prior)
+    prior.configure_from_extra(recipe.extra, run_dir)  # PRIOR's settings live in `extra.prior` (see mllm.prior)
     if D.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
+        _record_environment(run_dir / "env.json")
     D.barrier()
     summary_path = run_dir / "run.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": {}}
@@ -99,21 +131,27 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, only: list[str] | None = N
     if first > 0:
         prev_final = run_dir / names[first - 1] / "final"
     corpus = [Path(s.data.json) for s in recipe.stages if s.data.json]
+    model_kind = get_model_kind(recipe.model.kind)
     for stage in stages:
         stage_dir = run_dir / stage.name
         final = stage_dir / "final"
-        if (final / "mllm.json").is_file():
+        if model_kind.is_saved(final):
             log(f"[{stage.name}] already finished: {final}")
             prev_final = final
             continue
         t0 = time.time()
+        if stage.init is not None:
+            if stage.init not in names[: names.index(stage.name)]:
+                raise ValueError(f"stage {stage.name!r}: init {stage.init!r} is not an earlier stage of the recipe "
+                                 f"({names[: names.index(stage.name)]})")
+            prev_final = run_dir / stage.init / "final"
         if prev_final is not None:
-            if not (prev_final / "mllm.json").is_file():
+            if not model_kind.is_saved(prev_final):
                 raise FileNotFoundError(f"stage {stage.name!r} starts from {prev_final}, which does not exist")
-            model = MultimodalLM.from_pretrained(prev_final)
+            model = model_kind.load(prev_final)
         else:
-            model = build_model(recipe.model, run_dir, corpus, recipe.engine.seed)
-        log(f"[{stage.name}] training {resolve_trainable(stage)} on {stage.data.json}")
+            model = model_kind.build(recipe.model, run_dir, corpus, recipe.engine.seed)
+        log(f"[{stage.name}] training {resolve_trainable(stage, model)} on {stage.data.json}")
         result = run_stage(model, recipe, stage, stage_dir)
         wall = time.time() - t0
         summary["stages"][stage.name] = {
@@ -133,14 +171,25 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, only: list[str] | None = N
     return summary
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder, or a run folder (its last finished stage's final model)."""
+def _record_environment(path: Path) -> None:
+    """Append this invocation's git revision, versions and hardware to env.json (one entry per (re)start)."""
+    from mllm.logging_backends import environment_info
+
+    runs = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+    runs.append(environment_info(D.world_size()))
+    atomic_write_text(path, json.dumps({"runs": runs}, indent=1))
+
+
+def resolve_model_dir(path: str | Path, kind: str = "mllm") -> Path:
+    """A model folder of `kind`, or a run folder (its last finished stage's final model)."""
     path = Path(path)
-    if (path / "mllm.json").is_file():
+    saved = get_model_kind(kind).is_saved
+    if saved(path):
         return path
     run = path / "run.json"
     if run.is_file():
         final = json.loads(run.read_text()).get("final")
-        if final and (Path(final) / "mllm.json").is_file():
+        if final and saved(Path(final)):
             return Path(final)
-    raise FileNotFoundError(f"{path}: neither a model folder (mllm.json) nor a finished run folder (run.json)")
+    what = "mllm.json" if kind == "mllm" else f"a saved {kind!r} model"
+    raise FileNotFoundError(f"{path}: neither a model folder ({what}) nor a finished run folder (run.json)")

@@ -40,9 +40,27 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str):
         raise ValueError(f"stage {stage.name!r}: data.json is not set")
     ds = ConversationDataset(
         stage.data.json, stage.data.images, model.tokenizer, template, model.image_token_id,
-        model.num_image_tokens, model.tower.preprocess, model.meta.max_length, stage.data.skip_bad_samples,
+        model.num_image_tokens, model.preprocess, model.meta.max_length, stage.data.skip_bad_samples,
     )
-    return model, ds, Collator(model.tokenizer.pad_token_id)
+    return model, ds, _speed_switches(model, stage, ds)
+
+
+def _speed_switches(model: MultimodalLM, stage: StageConfig, ds: ConversationDataset | None) -> Collator:
+    """The stage's performance switches (docs/performance.md): the frozen-tower feature cache on `ds`,
+    gradient checkpointing and torch.compile on the model; returns the (packing) collator."""
+    if stage.data.feature_cache and ds is not None:
+        from mllm.feature_cache import cache_for_stage
+        from mllm.training.stages import resolve_trainable
+
+        cache_for_stage(model, ds, stage, resolve_trainable(stage))
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if stage.compile:
+        # In place (nn.Module.compile), so parameter names, checkpoints and DeepSpeed see the same model.
+        for layer in model.lm.get_decoder().layers:
+            layer.compile(dynamic=True)
+    pack = (stage.data.pack_length or model.meta.max_length) if stage.data.packing else None
+    return Collator(model.tokenizer.pad_token_id, pack_length=pack)
 
 
 @register_task("scene_labels")
@@ -65,7 +83,7 @@ def _caption_dataset(model: MultimodalLM, stage: StageConfig, template: str) -> 
         raise ValueError(f"stage {stage.name!r}: data.json (captions, LLaVA format) is not set")
     return ConversationDataset(
         stage.data.json, stage.data.images, model.tokenizer, template, model.image_token_id,
-        model.num_image_tokens, model.tower.preprocess, model.meta.max_length, stage.data.skip_bad_samples,
+        model.num_image_tokens, model.preprocess, model.meta.max_length, stage.data.skip_bad_samples,
     )
 
 
@@ -74,7 +92,7 @@ def prior_ref_task(model: MultimodalLM, stage: StageConfig, template: str):
     """PRIOR's reference LM: the model's `lm` on each caption alone (`[BOS] + caption`; no image, no prompt)."""
     from mllm.prior import CaptionTextDataset
 
-    return model, CaptionTextDataset(_caption_dataset(model, stage, template)), Collator(model.tokenizer.pad_token_id)
+    return model, CaptionTextDataset(_caption_dataset(model, stage, template)), _speed_switches(model, stage, None)
 
 
 @register_task("prior")
@@ -86,6 +104,7 @@ def prior_task(model: MultimodalLM, stage: StageConfig, template: str):
     from mllm.training import distributed as D
 
     ds = _caption_dataset(model, stage, template)
+    collate = _speed_switches(model, stage, ds)
     settings, source = P.resolve_settings(stage.name, stage.data.json)
     ref = P.reference_from(model.lm, settings, len(model.tokenizer))
     fp = P.fingerprint(model.tokenizer, ref, settings, template)
@@ -99,4 +118,59 @@ def prior_task(model: MultimodalLM, stage: StageConfig, template: str):
         P.save_cache(cache_dir, P.compute_weights(ref.to(D.device()), ds, settings), fp)
     D.barrier()
     del ref
-    return model, P.PriorDataset(ds, P.WeightCache(cache_dir, fp)), Collator(model.tokenizer.pad_token_id)
+    return model, P.PriorDataset(ds, P.WeightCache(cache_dir, fp)), collate
+
+
+@register_task("contrastive")
+def contrastive_task(model, stage: StageConfig, template: str):
+    """A ContrastiveModel on image-caption pairs (GeoWorld captions.jsonl); hard negatives when the
+    objective asks for them (NegCLIP)."""
+    from mllm.data.captions import CaptionCollator, CaptionDataset
+
+    if not stage.data.json:
+        raise ValueError(f"stage {stage.name!r}: data.json (a GeoWorld captions.jsonl) is not set")
+    if not hasattr(model, "encode_text"):
+        raise ValueError(f"stage {stage.name!r} is contrastive but the model is a {type(model).__name__}; "
+                         "set model.kind: contrastive")
+    ds = CaptionDataset(stage.data.json, stage.data.images, model.image_tower.preprocess, stage.data.caption,
+                        hard_negatives="hard_txt" in model.needs, skip_bad_samples=stage.data.skip_bad_samples)
+    return model, ds, CaptionCollator(model.text_tower.tokenize)
+
+
+@register_task("geoglip")
+def geoglip_task(model: MultimodalLM, stage: StageConfig, template: str):
+    """data.json is a GeoWorld `scenes.jsonl`; only the fused model's geometric encoder (`geo`) trains."""
+    from encoders.geo import GeoDetector
+    from mllm.data.geoworld.geo_targets import GeoFigureDataset, collate_geo
+
+    if not stage.data.json:
+        raise ValueError(f"stage {stage.name!r}: data.json (a GeoWorld scenes.jsonl) is not set")
+    geo = getattr(model, "geo", None)
+    if geo is None:
+        raise ValueError(f"stage {stage.name!r} trains a geometric encoder but the model has none; "
+                         "set model.fusion: {type: router, geo: {...}}")
+    ds = GeoFigureDataset(stage.data.json, stage.data.images, geo.config.image_size, geo.preprocess,
+                          geo.config.classes)
+    return GeoDetector(geo), ds, collate_geo
+
+
+# encoders.ssl / tips / cloc: each module owns its dataset and collator; these entries only route to them.
+@register_task("ssl")
+def ssl_task(model, stage: StageConfig, template: str):
+    from encoders.ssl import ssl_task as task
+
+    return task(model, stage, template)
+
+
+@register_task("tips")
+def tips_task(model, stage: StageConfig, template: str):
+    from encoders.tips import tips_task as task
+
+    return task(model, stage, template)
+
+
+@register_task("cloc")
+def cloc_task(model, stage: StageConfig, template: str):
+    from encoders.cloc import cloc_task as task
+
+    return task(model, stage, template)

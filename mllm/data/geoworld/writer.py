@@ -6,9 +6,11 @@ Layout (all JSON paths relative to the stated root):
     OUT/scenes.jsonl                  {"id", "image", "scene"}            scene graphs
     OUT/align.json                    LLaVA blip_laion_cc_sbu_558k layout (prompt, framed long caption)
     OUT/instruct.json                 LLaVA mix665k layout, 2-4 QA turns per image
-    OUT/captions.jsonl                {"id", "image", "short", "long"}
+    OUT/captions.jsonl                {"id", "image", "short", "long", "negatives"}  (see `negatives`)
     OUT/regions.jsonl                 {"id", "image", "width", "height", "regions": [{"box", "phrase"}]}
     OUT/eval/{images/,qa.jsonl,scenes.jsonl}                      held-out QA (see `heldout`)
+    OUT/eval/captions.jsonl           {"id", "image", "short", "long"} of the held-out images (retrieval)
+    OUT/mmvp_vlm/{Questions.csv,MLLM_VLM Images/<Type>/,scenes.jsonl}  (see `mmvp_vlm`)
     OUT/mmvp/{Questions.csv,MMVP Images/,patterns.json,scenes.jsonl}   (see `mmvp`)
     OUT/pope/{images/,geoworld_pope_*.json,scenes.jsonl}               (see `pope`)
     OUT/refcoco/{images/,refcoco_val.jsonl,scenes.jsonl}               (see `refcoco`)
@@ -44,14 +46,16 @@ from .language import (
 )
 from .mathverse import write_mathverse
 from .mmvp import PATTERNS, write_mmvp
+from .mmvp_vlm import write_mmvp_vlm
+from .negatives import hard_negatives
 from .pope import SPLITS, write_pope
 from .refcoco import write_refcoco
 from .render import figure_regions, render, save_png
 from .sampling import pixel_key, stream, world_scene
-from .scene import Scene
+from .scene import Scene, scene_from_dict
 
 VERSION = 1
-_OWNED_DIRS = ("images", "eval", "mmvp", "pope", "refcoco", "mathverse")
+_OWNED_DIRS = ("images", "eval", "mmvp", "pope", "refcoco", "mathverse", "mmvp_vlm")
 _OWNED_FILES = (
     "scenes.jsonl",
     "align.json",
@@ -106,6 +110,7 @@ def write_world(
     math_frac: float = 0.1,
     max_shapes: int = 5,
     mc_frac: float = 0.2,
+    mmvp_vlm_pairs: int = 8,
 ) -> dict[str, Any]:
     """Write a GeoWorld to `out` and return its manifest (also written to manifest.json).
 
@@ -117,7 +122,9 @@ def write_world(
     (+ Text Only; official testmini has 788); math_size: MathVerse figure width in px (text must
     stay legible); math_frac: share of training scenes that are labelled-triangle math figures;
     max_shapes: most primitives in a scene; mc_frac: share of instruct turns (of the closed-answer
-    categories) asked MMVP-style, "{q} (a) X (b) Y" answered "(a)"/"(b)".
+    categories) asked MMVP-style, "{q} (a) X (b) Y" answered "(a)"/"(b)"; mmvp_vlm_pairs: MMVP-VLM
+    pairs per pattern (official: 15 per pattern). Hard negatives and eval captions use their own
+    RNG streams, so the other files are the same as without them.
 
     The same arguments always produce byte-identical files. An existing (or half-written) world in
     `out` is replaced; a folder that is not a world but holds one of the world's file or folder
@@ -145,7 +152,8 @@ def write_world(
         save_png(img, out / image)
         train_objects.append(scene.objects())
         long = long_caption(scene)
-        captions.append({"id": ident, "image": image, "short": short_caption(scene, rng), "long": long})
+        captions.append({"id": ident, "image": image, "short": short_caption(scene, rng), "long": long,
+                         "negatives": hard_negatives(scene, stream(seed, "negatives", i))})
         prompt = rng.choice(ALIGN_PROMPTS)
         align.append(
             {
@@ -183,6 +191,14 @@ def write_world(
     pope_rows = write_pope(out, seed, pope_questions, size, seen, train_objects, max_shapes)
     ref_rows = write_refcoco(out, seed, refcoco_n, size, seen, max_shapes)
     mv_rows = write_mathverse(out, seed, mathverse_problems, math_size, seen)
+    vlm_rows = write_mmvp_vlm(out, seed, mmvp_vlm_pairs, size, seen)
+    eval_captions = [
+        {"id": r["id"], "image": r["image"], "short": short_caption(sc, stream(seed, "eval-captions", i)),
+         "long": long_caption(sc)}
+        for i, r in enumerate(read_jsonl(out / "eval" / "scenes.jsonl"))
+        for sc in [scene_from_dict(r["scene"])]
+    ]
+    write_jsonl(out / "eval" / "captions.jsonl", eval_captions)
 
     pope_images = len({r["image"] for r in pope_rows[SPLITS[0]]})
     counts: dict[str, int] = {
@@ -197,6 +213,9 @@ def write_world(
         "eval/images": n_eval,
         "eval/qa.jsonl": len(eval_rows),
         "eval/scenes.jsonl": n_eval,
+        "eval/captions.jsonl": len(eval_captions),
+        "mmvp_vlm/Questions.csv": len(vlm_rows),
+        "mmvp_vlm/MLLM_VLM Images": len(vlm_rows),
         "mmvp/MMVP Images": len(mmvp_rows),
         "mmvp/Questions.csv": len(mmvp_rows),
         "mmvp/patterns.json": len(mmvp_rows),
@@ -227,6 +246,7 @@ def write_world(
             "math_frac": math_frac,
             "max_shapes": max_shapes,
             "mc_frac": mc_frac,
+            "mmvp_vlm_pairs": mmvp_vlm_pairs,
         },
         "counts": counts,
         "eval_categories": dict(sorted(Counter(r["category"] for r in eval_rows).items())),

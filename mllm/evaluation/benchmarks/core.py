@@ -42,6 +42,11 @@ class Benchmark:
     score: Callable[..., tuple[dict, list[dict]]]  # score(items, responses, **opts) -> (metrics, records)
     max_new_tokens: int = 32
     options: tuple[str, ...] = ()  # every option load or score understands (for help texts and checks)
+    # Benchmarks not answered by generation (MMVP-VLM, retrieval: a contrastive model's similarities):
+    # respond(model, items, batch_size=..., **opts) -> {id: response}, for a model of `model_kind`
+    # (a key of mllm.training.models.MODEL_KINDS). None: the runner generates answers with a MultimodalLM.
+    respond: Callable[..., dict[str, str]] | None = None
+    model_kind: str = "mllm"
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
