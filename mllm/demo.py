@@ -1,9 +1,9 @@
 """`mllm demo`: the whole pipeline on a CPU in minutes, with nothing downloaded.
 
-synth (GeoWorld) -> tokenizer + tiny LM pretrained on GeoWorld's text -> align -> instruct (the tiny
-CLIP tower trains here too: a random frozen tower teaches nothing, and the contrastive encoders that
-would give it a real start arrive with their own issue) -> held-out QA and MMVP-style pairs -> a table
-and `results.json`.
+synth (GeoWorld) -> a tiny CLIP (image + text towers) trained contrastively on GeoWorld's captions
+(train/recipes/clip-tiny.yaml) -> tokenizer + tiny LM pretrained on GeoWorld's text -> align on the
+CLIP image tower -> instruct (the tower keeps training: 300 contrastive steps leave much to learn) ->
+held-out QA, MMVP-style pairs, and the encoder's zero-shot retrieval -> a table and `results.json`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,16 @@ from mllm.data.conversations import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "recipes" / "tiny-geoworld.yaml"
+ENCODER_RECIPE = REPO / "train" / "recipes" / "clip-tiny.yaml"
+# CLIP and DCL tie on GeoWorld retrieval at equal compute (docs/results.md); 300 steps fit the budget.
+ENCODER_STEPS = 300
 DEMO_N = 3000
 QUICK = [
-    "stages.lm_pretrain.max_steps=6", "stages.tower_warmup.max_steps=4", "stages.align.max_steps=3",
-    "stages.instruct.max_steps=8", "stages.lm_pretrain.batch_size=8", "stages.tower_warmup.batch_size=8",
+    "stages.lm_pretrain.max_steps=6", "stages.align.max_steps=3",
+    "stages.instruct.max_steps=8", "stages.lm_pretrain.batch_size=8",
     "stages.align.batch_size=8", "stages.instruct.batch_size=8", "engine.checkpoint_every=4",
 ]
+QUICK_ENCODER = ["stages.contrastive.max_steps=4", "stages.contrastive.batch_size=8", "engine.checkpoint_every=4"]
 
 
 def write_text_corpus(world: Path) -> Path:
@@ -63,7 +67,14 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
     write_text_corpus(world)
     timings["synth"] = round(time.time() - t0, 2)
 
-    recipe = load_recipe(RECIPE, [f"extra.world={world}", *(QUICK if quick else []), *(overrides or [])])
+    encoder = load_recipe(ENCODER_RECIPE, [f"extra.world={world}", f"stages.contrastive.max_steps={ENCODER_STEPS}",
+                                           *(QUICK_ENCODER if quick else [])])
+    enc_summary = train_recipe(encoder, out / "encoder", log=log)
+    timings["encoder"] = enc_summary["stages"]["contrastive"]["wall_s"]
+    tower = Path(enc_summary["final"]) / "image_tower"
+
+    recipe = load_recipe(RECIPE, [f"extra.world={world}", f"extra.tower={tower}", *(QUICK if quick else []),
+                                  *(overrides or [])])
     summary = train_recipe(recipe, out / "run", log=log)
     for name, st in summary["stages"].items():
         timings[name] = st["wall_s"]
@@ -72,6 +83,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
     model = MultimodalLM.from_pretrained(summary["final"])
     qa, qa_records = evaluate(model, "qa", world, batch_size=32)
     mmvp, mmvp_records = evaluate(model, "mmvp", world / "mmvp", batch_size=32)
+    retrieval = _encoder_retrieval(enc_summary["final"], world)
     timings["eval"] = round(time.time() - t0, 2)
     cats = qa["per_category"]
     basic = [cats[c] for c in ("colour", "shape", "count") if c in cats]
@@ -84,6 +96,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
         "mmvp_question_accuracy": mmvp["question_accuracy"],
         "mmvp_unparsed": mmvp["unparsed"],
         "mmvp_pairs": mmvp["pairs"],
+        "encoder_retrieval": retrieval,
         "wall_s": timings,
         "wall_s_total": round(sum(timings.values()), 2),
         "model": summary["final"],
@@ -97,6 +110,18 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
     log(f"\nresults: {out / 'results.json'}")
     log(f"chat:    mllm chat --model {out / 'run'} --image {world / example['image']}")
     return results
+
+
+def _encoder_retrieval(encoder_dir: str | Path, world: Path) -> dict[str, float]:
+    """Zero-shot image<->text R@1/R@5 of the demo's contrastive encoder on held-out GeoWorld."""
+    from mllm.evaluation.benchmarks import get_benchmark
+    from mllm.training.models import get_model_kind
+
+    b = get_benchmark("retrieval")
+    model = get_model_kind(b.model_kind).load(Path(encoder_dir)).eval()
+    items = b.load(world)
+    metrics, _ = b.score(items, b.respond(model, items, batch_size=64))
+    return {k: metrics[k] for k in ("mean_R@1", "mean_R@5")}
 
 
 def show_results(results: dict[str, Any], log=print) -> None:
@@ -113,6 +138,8 @@ def show_results(results: dict[str, Any], log=print) -> None:
         table.add_row(f"  {cat}", f"{acc:.1f}%")
     table.add_row("MMVP-style pair accuracy (chance 25%)", f"{results['mmvp_pair_accuracy']:.1f}%")
     table.add_row("MMVP-style question accuracy (chance 50%)", f"{results['mmvp_question_accuracy']:.1f}%")
+    for key, value in results.get("encoder_retrieval", {}).items():
+        table.add_row(f"encoder retrieval {key}", f"{value:.1f}")
     for stage, s in results["wall_s"].items():
         table.add_row(f"wall seconds: {stage}", f"{s:.1f}")
     table.add_row("wall seconds: total", f"{results['wall_s_total']:.1f}")

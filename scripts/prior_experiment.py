@@ -164,7 +164,7 @@ def main() -> int:
 
     print("\n| metric | NTP (mean ± std) | PRIOR (mean ± std) |\n|---|---|---|")
     for k, v in summary.items():
-        if isinstance(v, dict) and "ntp" in v:
+        if k != "runs" and isinstance(v, dict) and "ntp" in v:
             print(f"| {k} | {v['ntp']['mean']:.1f} ± {v['ntp']['std']:.1f} | "
                   f"{v['prior']['mean']:.1f} ± {v['prior']['std']:.1f} |")
     return 0

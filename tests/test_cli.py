@@ -31,8 +31,12 @@ def test_demo_quick_writes_results(demo):
     res = json.loads((out / "results.json").read_text())
     for key in ("qa_accuracy", "mmvp_pair_accuracy", "mmvp_question_accuracy", "wall_s", "qa_per_category"):
         assert key in res
-    assert set(res["wall_s"]) >= {"synth", "lm_pretrain", "align", "instruct", "eval"}
+    assert set(res["wall_s"]) >= {"synth", "encoder", "lm_pretrain", "align", "instruct", "eval"}
     assert 0.0 <= res["qa_accuracy"] <= 100.0
+    assert set(res["encoder_retrieval"]) == {"mean_R@1", "mean_R@5"}
+    # the MLLM's tower started as the contrastive encoder's image tower
+    recipe = (out / "run" / "recipe.yaml").read_text()
+    assert str(out / "encoder" / "contrastive" / "final" / "image_tower") in recipe
     assert "mllm chat --model" in r.stdout
     assert (out / "run" / "instruct" / "final" / "mllm.json").is_file()
     assert len((out / "qa_records.jsonl").read_text().splitlines()) == res["qa_n"]
