@@ -6,20 +6,22 @@ process there, checks the checkpoint folder's invariants after every kill, then 
 finish. The finished run's loss sequence must equal the reference's exactly (fp32 on the CPU is
 deterministic), and so must its final weights.
 
-Every run is a real process killed by a real SIGKILL: a child forked from this test process (which
-has already imported torch, transformers and DeepSpeed, so a launch costs the training, not the
-imports). Trials: `MLLM_FAULT_TRIALS` (default 24), seed: `MLLM_FAULT_SEED` (default 0). A failure
+Every run is a real process killed by a real SIGKILL: a child forked from a `forkserver` process
+that has imported torch, transformers and the trainer but never started a thread (so a launch costs
+the training, not the imports). Forking the pytest process itself deadlocks once earlier tests have
+left threads holding locks (OpenMP pools, W&B/TensorBoard writers): the child waits forever. Trials: `MLLM_FAULT_TRIALS` (default 24), seed: `MLLM_FAULT_SEED` (default 0). A failure
 prints each failed trial's faults and the command that replays the same list.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
 import random
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,47 +88,57 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+_CTX = multiprocessing.get_context("forkserver")
+_CTX.set_forkserver_preload(["torch", "mllm.training.runner"])
+
+
+def _child_main(fn: Callable[[], None], log: str, env: dict[str, str]) -> None:
+    """The child: output to `log`, the given environment, one thread; its exit code says how `fn` ended."""
+    code = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(1)
+        fn()
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported through the log and the exit code
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def run_in_child(fn: Callable[[], None], log: Path, fault: str | None = None,
                  timeout_s: float = CHILD_TIMEOUT_S) -> int:
-    """Run `fn` in a forked process with `MLLM_FAULT=fault`; its exit code (-9 when SIGKILLed)."""
+    """Run `fn` (picklable) in a fresh child with `MLLM_FAULT=fault`; its exit code (-9 when SIGKILLed)."""
     env = _child_env()
     if fault:
         env["MLLM_FAULT"] = fault
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # not pytest's capture
-            os.environ.clear()
-            os.environ.update(env)
-            torch.set_num_threads(1)
-            fn()
-            code = 0
-        except BaseException:  # noqa: BLE001 - reported through the log and the exit code
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise TimeoutError(f"training child {pid} ran past {timeout_s}s; log: {log}")
-        time.sleep(0.02)
+    proc = _CTX.Process(target=_child_main, args=(fn, str(log), env))
+    proc.start()
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise TimeoutError(f"training child {proc.pid} ran past {timeout_s}s; log: {log}")
+    return int(proc.exitcode)
+
+
+def _train_run(recipe: dict, out: Path) -> None:
+    train_recipe(recipe_from_dict(recipe), out, log=lambda *a: None)
+
+
+def _make_base(recipe: dict, corpus: list[Path], tok_dir: Path, base: Path) -> None:
+    build_model(recipe_from_dict(recipe).model, tok_dir, corpus, seed=0).save_pretrained(base)
 
 
 def _train(recipe: dict, out: Path) -> Callable[[], None]:
-    return lambda: train_recipe(recipe_from_dict(recipe), out, log=lambda *a: None)
+    return functools.partial(_train_run, recipe, out)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -217,10 +229,7 @@ def bench(tmp_path_factory):
     text_json.write_text(json.dumps(_text_records()))
     base = root / "base"
 
-    def make_base():
-        rec = tiny_recipe(world)
-        build_model(recipe_from_dict(rec).model, root / "tok", [world["align"], text_json], seed=0).save_pretrained(base)
-
+    make_base = functools.partial(_make_base, tiny_recipe(world), [world["align"], text_json], root / "tok", base)
     assert run_in_child(make_base, root / "base.log") == 0, (root / "base.log").read_text()[-3000:]
     setups = _setups(world, text_json, base)
     refs = {}

@@ -7,6 +7,7 @@ error, and a resume from that checkpoint must reproduce the uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def test_deepspeed_zero2(data, tmp_path, policy):
     """Under DeepSpeed the skip is DeepSpeed's own overflow drop, which the engine verifies."""
     rec = _recipe(data, backend="deepspeed", policy=policy)
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    code = run_in_child(lambda: _train(rec, out), log, fault="nan_loss:3")
+    code = run_in_child(functools.partial(_train, rec, out), log, fault="nan_loss:3")
     text = log.read_text()
     m = _metrics(out)
     if policy == "skip":
