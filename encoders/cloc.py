@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -340,26 +338,14 @@ class ClocModel(ContrastiveModel):
 
     # -- persistence ----------------------------------------------------------------------------------------
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """The ContrastiveModel folder + `cloc.safetensors` (Prompter) + `cloc.json`, renamed into place."""
-        from mllm.model import _replace_dir
-
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-cloc-", dir=out_dir.parent))
-        try:
-            inner = super().save_pretrained(tmp / "model")
-            save_file(
-                {k: v.detach().contiguous().cpu().float() for k, v in self.prompter.state_dict().items()},
-                str(inner / CLOC_WEIGHTS),
-            )
-            (inner / CLOC_FILE).write_text(
-                json.dumps({"format_version": 1, "cloc": asdict(self.cloc_cfg)}, indent=2)
-            )
-            _replace_dir(inner, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out_dir
+    def write_parts(self, folder: Path) -> None:
+        """The ContrastiveModel files + `cloc.safetensors` (Prompter) + `cloc.json`."""
+        super().write_parts(folder)
+        save_file(
+            {k: v.detach().contiguous().cpu().float() for k, v in self.prompter.state_dict().items()},
+            str(folder / CLOC_WEIGHTS),
+        )
+        (folder / CLOC_FILE).write_text(json.dumps({"format_version": 1, "cloc": asdict(self.cloc_cfg)}, indent=2))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ClocModel:

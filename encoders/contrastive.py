@@ -18,8 +18,6 @@ Saved folder (written to a temp folder, then renamed into place):
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,29 +196,27 @@ class ContrastiveModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write every part to a temporary folder beside `out_dir`, then rename it into place."""
-        from mllm.config import to_dict
-        from mllm.model import _replace_dir
+        from mllm.model import atomic_dir
 
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-        try:
-            self.image_tower.save_pretrained(tmp / "image_tower")
-            self.text_tower.save_pretrained(tmp / "text_tower")
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            save_file({k: v.detach().contiguous().cpu().float() for k, v in self.heads.state_dict().items()},
-                      str(tmp / "heads.safetensors"))
-            enc = to_dict(self.cfg)
-            enc["text"] = dict(enc["text"], path="text_tower", config={})
-            meta = {"format_version": FORMAT_VERSION,
-                    "image_tower": dict(asdict(self.image_tower.config), path="image_tower", config={}),
-                    "encoder": enc}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+        with atomic_dir(out_dir) as tmp:
+            self.write_parts(tmp)
+        return Path(out_dir)
+
+    def write_parts(self, folder: Path) -> None:
+        """The ContrastiveModel files into `folder` (CLOC and TIPS add theirs beside them)."""
+        from mllm.config import to_dict
+
+        self.image_tower.save_pretrained(folder / "image_tower")
+        self.text_tower.save_pretrained(folder / "text_tower")
+        self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        save_file({k: v.detach().contiguous().cpu().float() for k, v in self.heads.state_dict().items()},
+                  str(folder / "heads.safetensors"))
+        enc = to_dict(self.cfg)
+        enc["text"] = dict(enc["text"], path="text_tower", config={})
+        meta = {"format_version": FORMAT_VERSION,
+                "image_tower": dict(asdict(self.image_tower.config), path="image_tower", config={}),
+                "encoder": enc}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ContrastiveModel:

@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -667,10 +664,9 @@ def save_encoder(
     Written to a temporary sibling and renamed, so a crash never leaves a half-written model folder.
     `tower_state` replaces the tower's weights in `image_tower/` (an EMA teacher export).
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from mllm.model import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
         tower: Tower = model.image_tower
         if tower_state is not None:
             backup = {k: v.detach().clone() for k, v in tower.model.state_dict().items()}
@@ -692,19 +688,7 @@ def save_encoder(
         (tmp / f"{kind}.json").write_text(
             json.dumps({"kind": kind, "tower": tower_meta(tower), **meta}, indent=1)
         )
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def read_meta(model_dir: Path, kind: str) -> dict[str, Any]:

@@ -22,8 +22,6 @@ are iBOT's and DINO's.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -155,28 +153,16 @@ class TipsModel(ContrastiveModel):
 
     # -- persistence ----------------------------------------------------------------------------------------
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """The ContrastiveModel folder + `tips.safetensors` (cls2_proj, distill) + `tips.json`."""
-        from mllm.model import _replace_dir
-
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-tips-", dir=out_dir.parent))
-        try:
-            inner = super().save_pretrained(tmp / "model")
-            state = {
-                k: v.detach().contiguous().cpu()
-                for k, v in self.state_dict().items()
-                if k.startswith(("cls2_proj.", "distill."))
-            }
-            save_file(state, str(inner / TIPS_WEIGHTS))
-            (inner / TIPS_FILE).write_text(
-                json.dumps({"format_version": 1, "tips": asdict(self.tips_cfg)}, indent=2)
-            )
-            _replace_dir(inner, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out_dir
+    def write_parts(self, folder: Path) -> None:
+        """The ContrastiveModel files + `tips.safetensors` (cls2_proj, distill) + `tips.json`."""
+        super().write_parts(folder)
+        state = {
+            k: v.detach().contiguous().cpu()
+            for k, v in self.state_dict().items()
+            if k.startswith(("cls2_proj.", "distill."))
+        }
+        save_file(state, str(folder / TIPS_WEIGHTS))
+        (folder / TIPS_FILE).write_text(json.dumps({"format_version": 1, "tips": asdict(self.tips_cfg)}, indent=2))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> TipsModel:

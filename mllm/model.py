@@ -11,11 +11,12 @@ tokenizer, and `mllm.json` how they fit together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,10 +273,7 @@ class MultimodalLM(nn.Module):
 
         A crash while saving leaves either the old folder or none, never a half-written model.
         """
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir) as tmp:
             self.tower.save_pretrained(tmp / "tower")
             self.lm.save_pretrained(tmp / "lm", safe_serialization=True)
             save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
@@ -289,11 +287,7 @@ class MultimodalLM(nn.Module):
             else:
                 del meta["fusion"]  # single-tower mllm.json keeps exactly its original fields
             (tmp / "mllm.json").write_text(json.dumps(meta, indent=2))
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+        return Path(out_dir)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, torch_dtype: torch.dtype | None = None,
@@ -331,6 +325,24 @@ class MultimodalLM(nn.Module):
         if torch_dtype is not None:
             model.to(torch_dtype)
         return model.eval()
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `out_dir` to write a model into, renamed over `out_dir` on success.
+
+    A crash while saving leaves either the old folder or none, never a half-written model; every
+    model kind's `save_pretrained` writes through this.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:
