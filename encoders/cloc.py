@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from encoders.contrastive import ContrastiveHeads, ContrastiveModel, EncoderConfig
 from encoders.text_tower import TextTower
 from encoders.towers import Tower
+from mllm.data.captions import CaptionCollator
 
 CLOC_FILE = "cloc.json"
 CLOC_WEIGHTS = "cloc.safetensors"
@@ -465,20 +466,14 @@ class RegionCaptionDataset(Dataset):
         return item
 
 
-class RegionCaptionCollator:
-    """Pixels, caption tokens, and the batch's regions flattened: tokens, boxes, owning image index."""
-
-    def __init__(self, tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]):
-        self.tokenize = tokenize
+class RegionCaptionCollator(CaptionCollator):
+    """CaptionCollator's batch plus the batch's regions flattened: tokens, boxes, owning image index."""
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        skips = [it["skip"] for it in items if "skip" in it]
+        batch = super().__call__(items)
         items = [it for it in items if "skip" not in it]
-        batch: dict[str, Any] = {"skips": skips, "ids": [it["id"] for it in items]}
         if not items:
             return batch
-        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
-        batch["input_ids"], batch["attention_mask"] = self.tokenize([it["text"] for it in items])
         phrases = [p for it in items for p in it["phrases"]]
         batch["region_boxes"] = torch.cat([it["boxes"] for it in items]).reshape(-1, 4)
         batch["region_image"] = torch.tensor(
