@@ -235,7 +235,7 @@ class ClocModel(ContrastiveModel):
                 f"CLOC combines its losses with a global objective that needs no extra inputs; "
                 f"{cfg.objective!r} needs {sorted(self.needs)}"
             )
-        self.prompter = Prompter(image_tower.hidden_size, cfg.embed_dim, self.cloc_cfg.box_dim)
+        self.prompter = Prompter(image_tower.output_size, cfg.embed_dim, self.cloc_cfg.box_dim)
 
     @classmethod
     def from_contrastive(cls, base: ContrastiveModel, cloc: ClocConfig) -> ClocModel:
@@ -245,12 +245,11 @@ class ClocModel(ContrastiveModel):
     # -- encoding -------------------------------------------------------------------------------------------
 
     def image_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global embedding [B, E] exactly as `encode_image`, pre-pool tokens [B, 1 + N, D]) in one pass."""
+        """(global embedding [B, E] exactly as `encode_image`, pre-pool tokens [B, P + N, D], P the tower's
+        prefix tokens: 1 for CLIP, 0 for SigLIP and conv towers) in one pass."""
         tower = self.image_tower
-        out = tower.model(pixel_values=pixel_values.to(device=tower.device, dtype=tower.dtype))
-        hidden = out.last_hidden_state
+        hidden, pooled = tower.final_outputs(pixel_values)
         patches = hidden[:, tower.num_prefix_tokens :]
-        pooled = getattr(out, "pooler_output", None)
         if self.cfg.image_pool == "mean" or pooled is None:
             pooled = patches.mean(1)
         return F.normalize(self.heads.image_proj(pooled), dim=-1), hidden

@@ -46,7 +46,8 @@ class EncoderConfig:
     embed_dim: int = 128
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     # "pooler": the HF model's own pooled output (CLIP: post-LN CLS; SigLIP: attention-pool head;
-    # DINOv2: LN CLS); "mean": the mean of the final patch tokens.
+    # DINOv2: LN CLS; ResNet: global average; ConvNeXt: LN of the global average); "mean": the mean of
+    # the final patch tokens (for a ResNet the same as "pooler").
     image_pool: str = "pooler"
     # Initial logit parameters; None: the objective's own (init_logit_params), else CLIP's log(1/0.07).
     init_log_scale: float | None = None
@@ -105,7 +106,8 @@ class ContrastiveModel(nn.Module):
         self.text_tower = text_tower
         self.cfg = cfg
         if heads is None:
-            heads = ContrastiveHeads(image_tower.hidden_size, text_tower.hidden_size, cfg.embed_dim,
+            # output_size, not hidden_size: the heads see the final outputs, whatever layer an MLLM selects
+            heads = ContrastiveHeads(image_tower.output_size, text_tower.hidden_size, cfg.embed_dim,
                                      *_initial_logit_params(cfg))
         self.heads = heads
         # Kept out of the module tree: the objective is a function of embeddings, not part of the weights.
@@ -133,9 +135,8 @@ class ContrastiveModel(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor, tokens: bool = False):
         """Normalised image embeddings [B, E]; with `tokens`, also normalised patch embeddings [B, N, E]."""
         tower = self.image_tower
-        out = tower.model(pixel_values=pixel_values.to(device=tower.device, dtype=tower.dtype))
-        patches = out.last_hidden_state[:, tower.num_prefix_tokens:]
-        pooled = getattr(out, "pooler_output", None)
+        hidden, pooled = tower.final_outputs(pixel_values)
+        patches = hidden[:, tower.num_prefix_tokens:]
         if self.cfg.image_pool == "mean" or pooled is None:
             pooled = patches.mean(1)
         emb = F.normalize(self.heads.image_proj(pooled), dim=-1)
@@ -236,7 +237,7 @@ class ContrastiveModel(nn.Module):
         image_tower = build_tower(tower_cfg)
         text_tower = build_text_tower(enc.text, tok)
         weights = load_file(str(model_dir / "heads.safetensors"))
-        heads = ContrastiveHeads(image_tower.hidden_size, text_tower.hidden_size, enc.embed_dim, 0.0,
+        heads = ContrastiveHeads(image_tower.output_size, text_tower.hidden_size, enc.embed_dim, 0.0,
                                  0.0 if "logit_bias" in weights else None)
         heads.load_state_dict(weights)
         return cls(image_tower, text_tower, enc, heads).eval()

@@ -110,6 +110,12 @@ def _check_exportable(model: MultimodalLM) -> Tower:
             "tower read at one layer and one two-layer projector, so it cannot express several towers mixed or "
             "routed. Export it with --format mllm (the native folder, loadable by MultimodalLM.from_pretrained)"
         )
+    if getattr(tower, "hidden_states_are_maps", False):
+        raise ExportError(
+            f"tower {tower.config.type!r} is convolutional: its hidden states are [B, C, H, W] maps, and "
+            "LlavaModel takes vision_feature_layer from them as [B, N, D] token sequences (it never flattens a "
+            "map), so LlavaForConditionalGeneration cannot run it. Export it with --format mllm"
+        )
     if model.meta.projector not in PROJECTOR_EXPORTS:
         raise ExportError(
             f"projector {model.meta.projector!r} has no LlavaMultiModalProjector equivalent (Linear-act-Linear); "

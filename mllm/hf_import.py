@@ -160,6 +160,9 @@ def load_llava(model_dir: str | Path, torch_dtype: torch.dtype | None = None, at
                            "reads one (select_layer)")
     tower_type = _tower_type(config.vision_config.model_type)
     tower_cls = TOWERS[tower_type]
+    if tower_cls.hidden_states_are_maps:
+        raise ImportError_(f"{where}: vision tower {tower_type!r} is convolutional; transformers' LLaVA reads its "
+                           "hidden states as token sequences, so this folder cannot be a working LLaVA model")
     llava = LlavaForConditionalGeneration.from_pretrained(
         str(model_dir), local_files_only=True, use_safetensors=True, attn_implementation=attn_implementation,
         dtype=torch_dtype or torch.float32,

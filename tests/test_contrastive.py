@@ -15,7 +15,7 @@ from helpers import tiny_recipe, write_tiny_world
 
 from encoders.contrastive import ContrastiveModel, EncoderConfig
 from encoders.text_tower import TextTowerConfig, build_text_tower
-from encoders.towers import TowerConfig, build_tower
+from encoders.towers import TINY_CONFIGS, TowerConfig, build_tower
 from mllm.config import ConfigError, recipe_from_dict
 from mllm.data.captions import CaptionCollator, CaptionDataset
 from mllm.data.conversations import DataError
@@ -138,6 +138,49 @@ def test_save_load_round_trip_and_the_tower_is_an_mllm_tower(tokenizer, tmp_path
     mllm = MultimodalLM.build(TowerConfig(type="clip", path=str(tmp_path / "enc" / "image_tower"), select_layer=-1),
                               "mlp2x_gelu", lm, tokenizer)
     assert torch.equal(mllm.tower(pv).tokens, model.image_tower(pv).tokens)
+
+
+@pytest.mark.parametrize("type_", ["resnet", "convnext"])
+def test_conv_image_tower_trains_and_becomes_an_mllm_tower(type_, tokenizer, tmp_path):
+    """A ResNet / ConvNeXt image tower under the default pooling ("pooler": the HF model's pooler_output)."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(objective="clip", embed_dim=16, text=TextTowerConfig(config=TINY_TEXT, max_length=96))
+    model = ContrastiveModel(build_tower(TowerConfig(type=type_, config=TINY_CONFIGS[type_])),
+                             build_text_tower(cfg.text, tokenizer), cfg)
+    pv = torch.randn(4, 3, 64, 64)
+    ids, mask = model.text_tower.tokenize(["red", "blue circle", "green", "a small blue triangle"])
+    out = model.train()(pixel_values=pv, input_ids=ids, attention_mask=mask)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    stem = next(p for p in model.image_tower.parameters() if p.dim() == 4)
+    assert stem.grad is not None and model.heads.image_proj.weight.grad is not None
+    model.eval()
+    img, tok = model.encode_image(pv, tokens=True)
+    assert img.shape == (4, 16) and tok.shape == (4, 64, 16)  # the final 8x8 map, no prefix tokens
+    model.save_pretrained(tmp_path / "enc")
+    assert json.loads((tmp_path / "enc" / "contrastive.json").read_text())["image_tower"]["select_layer"] == -1
+    back = ContrastiveModel.from_pretrained(tmp_path / "enc")
+    assert torch.equal(back.encode_image(pv), model.encode_image(pv))
+    # image_tower/ is the `model.tower: {type: TYPE, path: .../image_tower}` of a MultimodalLM recipe
+    from mllm.model import build_lm
+
+    lm = build_lm(None, dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2), len(tokenizer))
+    mllm = MultimodalLM.build(TowerConfig(type=type_, path=str(tmp_path / "enc" / "image_tower")), "mlp2x_gelu",
+                              lm, tokenizer)
+    assert mllm.num_image_tokens == 64
+    with torch.no_grad():
+        assert torch.equal(mllm.eval().tower(pv).tokens, model.image_tower(pv).tokens)
+
+
+def test_conv_heads_take_the_final_stage_whatever_layer_an_mllm_selects(tokenizer):
+    """select_layer=-2 makes the MLLM read 16x16x64 maps; the contrastive heads still pool the 128-wide end."""
+    cfg = EncoderConfig(objective="clip", embed_dim=16, text=TextTowerConfig(config=TINY_TEXT, max_length=96))
+    tower = build_tower(TowerConfig(type="resnet", config=TINY_CONFIGS["resnet"], select_layer=-2))
+    model = ContrastiveModel(tower, build_text_tower(cfg.text, tokenizer), cfg).eval()
+    assert (tower.hidden_size, tower.output_size, tower.grid) == (64, 128, (16, 16))
+    assert model.heads.image_proj.in_features == 128
+    assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 16)
 
 
 def test_encoder_config_errors_name_the_key(tokenizer):
