@@ -1,4 +1,4 @@
-"""`mllm demo | synth | train | chat | eval | report`: the command line, a thin layer over the library."""
+"""`mllm demo | synth | train | chat | eval | report | plot`: the command line, a thin layer over the library."""
 
 from __future__ import annotations
 
@@ -31,8 +31,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = args.out or str(Path("runs") / recipe.name)
+    evaluator = None
+    if any(s.eval_every is not None for s in recipe.stages if not args.stage or s.name in args.stage):
+        # Built here, above both layers: training takes an evaluator but never imports evaluation.
+        from mllm.evaluation.periodic import make_evaluator
+
+        evaluator = make_evaluator(recipe, only=args.stage or None)
     try:
-        summary = train_recipe(recipe, out, only=args.stage or None)
+        summary = train_recipe(recipe, out, only=args.stage or None, evaluator=evaluator)
     except RuntimeError as e:
         if D.world_size() > 1 and D.comm_failure(e):  # a dead peer: say so, exit without a hanging teardown
             err = e if isinstance(e, D.DistributedError) else D.explain(e, "training")
@@ -120,6 +126,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: matplotlib costs about half a second to import (more on a first
+    # run, which builds its font cache), and no other command needs it.
+    from mllm.plotting import plot_run
+
+    print(plot_run(args.run, args.out))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mllm.model import MultimodalLM
     from mllm.training.runner import resolve_model_dir
@@ -153,7 +168,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mllm.demo import run_demo
 
-    run_demo(args.out, overrides=args.overrides, n=args.n, quick=args.quick)
+    run_demo(args.out, overrides=args.overrides, n=args.n, quick=args.quick, seed=args.seed)
     return 0
 
 
@@ -165,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--n", type=int, default=None, help="training scenes (default: the recipe's)")
     d.add_argument("--quick", action="store_true", help="a reduced run for tests (minutes -> seconds)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="seeds the world, the training streams and every stage (results differ per seed)")
     d.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     d.set_defaults(func=cmd_demo)
 
@@ -240,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None)
     r.add_argument("--no-reference", action="store_true")
     r.set_defaults(func=cmd_report)
+
+    pl = sub.add_parser("plot", help="a run's learning curves (loss, learning rate, eval_every accuracy) as a PNG")
+    pl.add_argument("run", help="a run folder (its stages' metrics.jsonl and evals.jsonl)")
+    pl.add_argument("--out", default=None, help="the PNG to write (default: RUN/curves.png)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -80,6 +80,29 @@ class ModelConfig:
 
 
 @dataclass
+class LiveWorldConfig:
+    """GeoWorld drawn on the fly (mllm.data.geoworld.live): a fresh scene for every training sample.
+
+    Set as a stage's `data.live` in place of `data.json`. `heldout` names the written world whose
+    benchmark scenes training must never draw (the demo's world); `augment` is an
+    `mllm.data.geoworld.augment.AugmentConfig` as a mapping (None: GeoWorld's exact pixels).
+    """
+
+    seed: int = 1  # the stream's seed; a world's own files use stream names that never collide with "live"
+    n: int = 1_000_000  # virtual samples: more than any stage draws, so none repeats
+    size: int = 64
+    max_shapes: int = 5
+    math_frac: float = 0.1
+    content: str = "qa"  # "qa" (many QA turns per image) | "caption" (alignment captions)
+    turns: tuple[int, int] = (6, 10)  # GeoWorld questions per image, drawn in [lo, hi]
+    existence: int = 2  # extra POPE-style existence probes per image
+    paraphrase_frac: float = 0.3  # share of questions asked in a training-only wording
+    mc_frac: float = 0.2  # share asked as "(a) X (b) Y" multiple choice
+    heldout: str | None = None
+    augment: dict | None = None
+
+
+@dataclass
 class DataConfig:
     """A LLaVA-format JSON file and the folder its image paths are relative to."""
 
@@ -102,6 +125,8 @@ class DataConfig:
     feature_cache: bool = False
     feature_cache_dir: str | None = None
     feature_dtype: str = "float16"
+    # GeoWorld drawn on the fly instead of `json` (see LiveWorldConfig).
+    live: LiveWorldConfig | None = None
 
 
 @dataclass
@@ -113,6 +138,26 @@ class LoraConfig:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or every Linear but the head
     quantize: str | None = None  # "4bit": QLoRA; refused clearly where bitsandbytes or a CUDA GPU is missing
+
+
+@dataclass
+class EvalConfig:
+    """What a stage's periodic evaluation (`eval_every`) answers. A small held-out slice (`limit` items,
+    taken round-robin over the benchmark's categories) keeps a learning curve cheap enough to draw every
+    few hundred steps; the full benchmark is `mllm eval`'s job on the final model."""
+
+    benchmark: str = "qa"  # a key of mllm.evaluation.benchmarks.BENCHMARKS
+    data: str | None = None  # the benchmark folder in its official layout (for qa: the GeoWorld root)
+    limit: int | None = 96  # None: every item
+    batch_size: int = 32
+    max_new_tokens: int | None = None  # None: the benchmark's own
+    options: dict[str, Any] = field(default_factory=dict)  # benchmark options, as `mllm eval --option`
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"eval.limit={self.limit} must be a positive number of items (or null: all)")
+        if self.batch_size <= 0:
+            raise ConfigError(f"eval.batch_size={self.batch_size} must be positive")
 
 
 @dataclass
@@ -147,6 +192,24 @@ class StageConfig:
     # Both off by default; docs/performance.md has the measurements.
     gradient_checkpointing: bool = False
     compile: bool = False
+    # Evaluate `eval` every this many optimiser steps and at the last one (RUN/<stage>/evals.jsonl,
+    # drawn by `mllm plot`); None: no evaluation during training.
+    eval_every: int | None = None
+    eval: EvalConfig | None = None
+
+    def __post_init__(self) -> None:
+        """Refused when the recipe loads, not hundreds of steps into a run. A stage sized by `epochs` is
+        checked again at its start, once its length in steps is known."""
+        if self.eval_every is None:
+            return
+        where = f"stage {self.name!r}: eval_every={self.eval_every}"
+        if self.eval_every <= 0:
+            raise ConfigError(f"{where} must be a positive number of optimiser steps")
+        if self.max_steps is not None and self.eval_every > self.max_steps:
+            raise ConfigError(f"{where} is larger than the stage (max_steps={self.max_steps})")
+        if self.eval is None or not self.eval.data:
+            raise ConfigError(f"{where} needs `eval.data` (what to evaluate, e.g. "
+                              "eval: {benchmark: qa, data: <world folder>})")
 
 
 @dataclass

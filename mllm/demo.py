@@ -15,6 +15,7 @@ from typing import Any
 
 from mllm.config import load_recipe
 from mllm.data.conversations import read_records
+from mllm.data.geoworld.pope import SPLITS as POPE_SPLITS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "recipes" / "tiny-geoworld.yaml"
@@ -49,7 +50,7 @@ def write_text_corpus(world: Path) -> Path:
 
 
 def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None = None, quick: bool = False,
-             log=print) -> dict[str, Any]:
+             seed: int = 0, log=print) -> dict[str, Any]:
     from mllm.data.geoworld import write_world
     from mllm.evaluation.runner import evaluate
     from mllm.model import MultimodalLM
@@ -63,18 +64,18 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
         n_scenes = n or (200 if quick else DEMO_N)
         log(f"[synth] GeoWorld: {n_scenes} training scenes -> {world}")
         kw = dict(n_eval=64, mmvp_pairs=8, pope_questions=24, mathverse_problems=4, refcoco_n=16) if quick else {}
-        write_world(world, seed=0, n=n_scenes, size=64, **kw)
+        write_world(world, seed=seed, n=n_scenes, size=64, **kw)
     write_text_corpus(world)
     timings["synth"] = round(time.time() - t0, 2)
 
     encoder = load_recipe(ENCODER_RECIPE, [f"extra.world={world}", f"stages.contrastive.max_steps={ENCODER_STEPS}",
-                                           *(QUICK_ENCODER if quick else [])])
+                                           f"engine.seed={seed}", *(QUICK_ENCODER if quick else [])])
     enc_summary = train_recipe(encoder, out / "encoder", log=log)
     timings["encoder"] = enc_summary["stages"]["contrastive"]["wall_s"]
     tower = Path(enc_summary["final"]) / "image_tower"
 
-    recipe = load_recipe(RECIPE, [f"extra.world={world}", f"extra.tower={tower}", *(QUICK if quick else []),
-                                  *(overrides or [])])
+    recipe = load_recipe(RECIPE, [f"extra.world={world}", f"extra.tower={tower}", f"engine.seed={seed}",
+                                  f"extra.live_seed={seed + 1}", *(QUICK if quick else []), *(overrides or [])])
     summary = train_recipe(recipe, out / "run", log=log)
     for name, st in summary["stages"].items():
         timings[name] = st["wall_s"]
@@ -83,6 +84,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
     model = MultimodalLM.from_pretrained(summary["final"])
     qa, qa_records = evaluate(model, "qa", world, batch_size=32)
     mmvp, mmvp_records = evaluate(model, "mmvp", world / "mmvp", batch_size=32)
+    pope, pope_records = evaluate(model, "pope", world / "pope", batch_size=32)
     retrieval = _encoder_retrieval(enc_summary["final"], world)
     timings["eval"] = round(time.time() - t0, 2)
     cats = qa["per_category"]
@@ -96,15 +98,21 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
         "mmvp_question_accuracy": mmvp["question_accuracy"],
         "mmvp_unparsed": mmvp["unparsed"],
         "mmvp_pairs": mmvp["pairs"],
+        "pope_accuracy": {split: pope[split]["accuracy"] for split in POPE_SPLITS if split in pope},
+        "pope_f1": {split: pope[split]["f1"] for split in POPE_SPLITS if split in pope},
+        "pope_yes_ratio": {split: pope[split]["yes_ratio"] for split in POPE_SPLITS if split in pope},
+        "pope_mean_f1": pope["mean_f1"],
         "encoder_retrieval": retrieval,
         "wall_s": timings,
         "wall_s_total": round(sum(timings.values()), 2),
         "model": summary["final"],
         "quick": quick,
+        "seed": seed,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "qa_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa_records))
     (out / "mmvp_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mmvp_records))
+    (out / "pope_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pope_records))
     show_results(results, log)
     example = next(iter(json.loads(ln) for ln in (world / "eval" / "qa.jsonl").read_text().splitlines()))
     log(f"\nresults: {out / 'results.json'}")
@@ -138,6 +146,9 @@ def show_results(results: dict[str, Any], log=print) -> None:
         table.add_row(f"  {cat}", f"{acc:.1f}%")
     table.add_row("MMVP-style pair accuracy (chance 25%)", f"{results['mmvp_pair_accuracy']:.1f}%")
     table.add_row("MMVP-style question accuracy (chance 50%)", f"{results['mmvp_question_accuracy']:.1f}%")
+    for split, acc in results.get("pope_accuracy", {}).items():
+        table.add_row(f"POPE {split}: accuracy / F1 / yes-ratio",
+                      f"{acc:.1f}% / {results['pope_f1'][split]:.1f} / {results['pope_yes_ratio'][split]:.1f}%")
     for key, value in results.get("encoder_retrieval", {}).items():
         table.add_row(f"encoder retrieval {key}", f"{value:.1f}")
     for stage, s in results["wall_s"].items():

@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mllm.config import EngineConfig, StageConfig
+from mllm.config import ConfigError, EngineConfig, StageConfig
 from mllm.data.conversations import Skip
 from mllm.data.samplers import build_order
 from mllm.logging_backends import open_loggers
@@ -39,6 +40,27 @@ from mllm.training.order import BatchOrder
 
 class TrainingError(RuntimeError):
     pass
+
+
+#: What `train_recipe(evaluator=)` takes: (the stage's model, the stage, the optimiser step) -> JSON-able
+#: metrics. Built above this package (mllm.evaluation.periodic.make_evaluator), because training never
+#: imports evaluation; the engine only decides when it runs and keeps it from disturbing training.
+Evaluator = Callable[[nn.Module, StageConfig, int], dict[str, Any]]
+#: The engine's view of it: the step in, the metrics out (run_stage binds the model and the stage).
+StepEvaluator = Callable[[int], dict[str, Any]]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode for the duration, then every submodule's own train/eval flag as it was
+    (a blanket `.train()` would also wake parts a model keeps in eval mode on purpose)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 @dataclass
@@ -118,7 +140,7 @@ class Trainer:
     """Runs one stage on a model. Build it, call `train()`; the caller saves the final model."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, collate, stage: StageConfig, engine: EngineConfig,
-                 out_dir: str | Path, trainable: dict[str, float]):
+                 out_dir: str | Path, trainable: dict[str, float], evaluate: StepEvaluator | None = None):
         self.model = model
         self.dataset = dataset
         self.collate = collate
@@ -128,6 +150,13 @@ class Trainer:
         self.trainable = trainable
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", engine.keep_last)
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.evals_path = self.out_dir / "evals.jsonl"
+        self.evaluate = evaluate
+        if stage.eval_every is not None and evaluate is None:
+            raise ValueError(f"stage {stage.name!r} sets eval_every={stage.eval_every} but no evaluator was given "
+                             "(`mllm train` builds one; a library caller passes train_recipe(..., evaluator="
+                             "mllm.evaluation.periodic.make_evaluator(recipe)))")
+        self.train_s = 0.0  # training-loop seconds of this stage so far, periodic evaluation excluded
         self.use_ds = engine.backend == "deepspeed"
         if engine.backend not in ("deepspeed", "torch"):
             raise ValueError(f"engine.backend must be 'deepspeed' or 'torch', got {engine.backend!r}")
@@ -152,6 +181,9 @@ class Trainer:
         self.order = build_order(self.stage.data.sampler, self.dataset, self.stage.batch_size, self.cfg.seed,
                                  D.rank(), D.world_size())
         self.steps = self.total_steps(self.order)
+        if self.stage.eval_every is not None and self.stage.eval_every > self.steps:
+            raise ConfigError(f"stage {self.stage.name!r}: eval_every={self.stage.eval_every} is larger than the "
+                              f"stage ({self.steps} optimiser steps)")
         warmup = int(round(self.stage.warmup_ratio * self.steps))
         optimizer = build_optimizer(groups, tuple(self.stage.betas))
         schedule = cosine_with_warmup(warmup, self.steps, self.stage.min_lr_ratio)
@@ -161,6 +193,11 @@ class Trainer:
             import deepspeed
 
             ds_cfg = load_ds_config(self.stage.zero_config or self.cfg.zero_config, self.stage, self.cfg.precision)
+            if self.stage.eval_every is not None and int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
+                # Rank 0 alone would run generate on partitioned weights, whose forward hooks gather
+                # from every rank: a hang. Gathering all weights on every rank for it defeats ZeRO-3.
+                raise ConfigError(f"stage {self.stage.name!r}: eval_every={self.stage.eval_every} is not supported "
+                                  "under ZeRO-3; use ZeRO-2 for this stage, or `mllm eval` on its final model")
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
                 dist_init_required=False,
@@ -294,7 +331,9 @@ class Trainer:
             step, position = self.load_checkpoint(latest)
             resumed = step
         if D.is_main():
-            self._truncate_metrics(step)
+            kept = self._truncate_jsonl(self.metrics_path, step)
+            self.train_s = sum(float(r.get("step_s") or 0.0) for r in kept)  # the clock evals.jsonl continues
+            self._truncate_jsonl(self.evals_path, step)
         # TensorBoard / W&B beside metrics.jsonl (main rank only); named-but-missing packages fail here.
         self.loggers = open_loggers(self.cfg.loggers if D.is_main() else [], self.out_dir, self.stage.name, step)
         ga = self.stage.grad_accum
@@ -345,9 +384,11 @@ class Trainer:
                         raise TrainingError(f"non-finite loss {loss} at step {step}")
                     losses.append(loss)
                 now = time.time()
+                step_s = round(now - t_last, 4)
+                self.train_s += step_s  # the same rounded numbers a resume re-adds from metrics.jsonl
                 if D.is_main():
                     rec = {"step": step, "loss": loss if finite and not ds_dropped else None, "lr": self._lrs(),
-                           "samples": n_samples * D.world_size(), "step_s": round(now - t_last, 4)}
+                           "samples": n_samples * D.world_size(), "step_s": step_s}
                     if grad_norm is not None:
                         rec["grad_norm"] = grad_norm
                     if not finite or ds_dropped:
@@ -367,6 +408,12 @@ class Trainer:
                         print(f"[{self.stage.name}] step {step}/{self.steps} loss {loss:.4f} "
                               f"({now - t0:.0f}s)", file=sys.stderr, flush=True)
                 t_last = now
+                every_eval = self.stage.eval_every
+                if every_eval and (step % every_eval == 0 or step == self.steps):
+                    # Before the checkpoint: a crash mid-evaluation resumes from an earlier checkpoint and
+                    # evaluates this step again (its line, if written, is past that checkpoint and dropped).
+                    self._periodic_eval(step)
+                    t_last = time.time()  # the next step's step_s leaves the evaluation out
                 every = self.cfg.checkpoint_every
                 if (every and step % every == 0) or step == self.steps:
                     self.save_checkpoint(step, position)
@@ -384,20 +431,54 @@ class Trainer:
                 self.skipped.append(s)
                 seen.add(s.sample)
 
-    def _truncate_metrics(self, step: int) -> None:
-        """On resume, drop metric lines past the checkpoint: they will be produced again. A torn last
-        line (killed mid-write) is past the checkpoint by construction and goes too."""
-        if not self.metrics_path.is_file():
-            return
-        keep = []
-        for ln in self.metrics_path.read_text().splitlines():
+    @staticmethod
+    def _truncate_jsonl(path: Path, step: int) -> list[dict[str, Any]]:
+        """On resume, drop lines (metrics.jsonl, evals.jsonl) past the checkpoint: they will be produced
+        again. A torn last line (killed mid-write) is past the checkpoint by construction and goes too.
+        Returns the records kept."""
+        if not path.is_file():
+            return []
+        keep: list[str] = []
+        recs: list[dict[str, Any]] = []
+        for ln in path.read_text().splitlines():
             try:
                 rec = json.loads(ln)
             except json.JSONDecodeError:
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
                 keep.append(ln)
-        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
+                recs.append(rec)
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+        return recs
+
+    def _periodic_eval(self, step: int) -> None:
+        """One `eval_every` evaluation on rank 0 (the others wait at a barrier), appended to evals.jsonl.
+
+        The model is in eval mode only for the evaluation, with gradients off, and every RNG (python,
+        numpy, torch CPU/CUDA) is put back afterwards, so a run with `eval_every` trains exactly as one
+        without: same dropout masks, same losses. Under ZeRO-0/2 rank 0 holds whole weights; ZeRO-3 is
+        refused in _setup. The other ranks' wait is bounded by engine.dist_timeout_s.
+        """
+        assert self.evaluate is not None
+        if D.is_main():
+            t0 = time.time()
+            tensors, meta = _rng_state()
+            try:
+                with eval_mode(self.model), torch.no_grad():
+                    result = self.evaluate(step)
+            finally:
+                _set_rng_state(tensors, meta)
+            rec = {"step": step, "wall_s": round(self.train_s, 4), "eval_s": round(time.time() - t0, 4)}
+            rec.update((k, v) for k, v in result.items() if k not in rec)
+            line = json.dumps(rec) + "\n"
+            with open(self.evals_path, "a") as f:  # one whole line per write, as metrics.jsonl
+                f.write(line)
+            if self.cfg.progress:
+                acc = rec.get("accuracy")
+                shown = f"{rec.get('benchmark', 'eval')} {acc:.1f}%" if isinstance(acc, (int, float)) else "done"
+                print(f"[{self.stage.name}] step {step}/{self.steps} eval: {shown} ({rec['eval_s']:.1f}s)",
+                      file=sys.stderr, flush=True)
+        D.barrier()
 
     def _stop_nonfinite(self, step: int, step_start: int, position: int, loss: torch.Tensor,
                         ids: list[Any]) -> None:

@@ -5,6 +5,7 @@ Run folder:
     RUN/run.json               stages finished, their final models, wall seconds, skipped samples
     RUN/env.json               per (re)start: git revision + dirty flag, package versions, hardware, world size
     RUN/<stage>/metrics.jsonl  one line per optimiser step
+    RUN/<stage>/evals.jsonl    one line per `eval_every` evaluation (when the stage sets it)
     RUN/<stage>/checkpoints/   step-XXXXXXXX folders + `latest`
     RUN/<stage>/final/         the model, saved by its kind (a MultimodalLM folder for kind "mllm",
                                loadable by `mllm chat` / `mllm eval`; see mllm.training.models)
@@ -27,7 +28,7 @@ from mllm.model import MultimodalLM, build_lm
 from mllm.tokenizer import ensure_image_token, load_tokenizer, train_tokenizer
 from mllm.training import distributed as D
 from mllm.training.checkpoint import atomic_write_text
-from mllm.training.engine import StageResult, Trainer, seed_everything
+from mllm.training.engine import Evaluator, StageResult, StepEvaluator, Trainer, eval_mode, seed_everything
 from mllm.training.models import get_model_kind
 from mllm.training.stages import get_stage_kind, resolve_template, resolve_trainable
 from mllm.training.tasks import get_task
@@ -83,8 +84,12 @@ def _local_paths(cfg: ModelConfig) -> ModelConfig:
         tokenizer=dataclasses.replace(cfg.tokenizer, path=local(cfg.tokenizer.path, "model.tokenizer.path")))
 
 
-def run_stage(model: nn.Module, recipe: Recipe, stage: StageConfig, stage_dir: Path) -> StageResult:
-    """Train `model` (in place) for one stage and save it to `stage_dir/final`."""
+def run_stage(model: nn.Module, recipe: Recipe, stage: StageConfig, stage_dir: Path,
+              evaluator: Evaluator | None = None) -> StageResult:
+    """Train `model` (in place) for one stage and save it to `stage_dir/final`.
+
+    `evaluator` runs every `stage.eval_every` steps on `model` itself, not on the task's training
+    module (which may wrap it, e.g. under per-patch heads)."""
     kind = get_stage_kind(stage.kind)
     meta = getattr(model, "meta", None)  # models without a chat template (encoders) train on "plain"
     template = resolve_template(stage, getattr(meta, "template", None) or "plain")
@@ -93,7 +98,9 @@ def run_stage(model: nn.Module, recipe: Recipe, stage: StageConfig, stage_dir: P
 
         apply_lora(model, stage.lora)
     module, dataset, collate = get_task(kind.task)(model, stage, template)
-    trainer = Trainer(module, dataset, collate, stage, recipe.engine, stage_dir, resolve_trainable(stage, module))
+    evaluate = _bind(evaluator, model, stage) if evaluator is not None and stage.eval_every is not None else None
+    trainer = Trainer(module, dataset, collate, stage, recipe.engine, stage_dir, resolve_trainable(stage, module),
+                      evaluate=evaluate)
     result = trainer.train()
     with trainer.full_weights():
         if D.is_main() and stage.lora is not None:  # final/ merged, final/adapter/ in peft format
@@ -107,10 +114,28 @@ def run_stage(model: nn.Module, recipe: Recipe, stage: StageConfig, stage_dir: P
     return result
 
 
+def _bind(evaluator: Evaluator, model: nn.Module, stage: StageConfig) -> StepEvaluator:
+    def evaluate(step: int) -> dict[str, Any]:
+        with eval_mode(model):  # the Trainer's own eval_mode covers its module, which may not hold `model`
+            return evaluator(model, stage, step)
+
+    return evaluate
+
+
 def train_recipe(recipe: Recipe, run_dir: str | Path, only: list[str] | None = None,
-                 log=print) -> dict[str, Any]:
-    """Run the recipe's stages in order (or `only` those named), each starting from the previous one."""
+                 log=print, evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """Run the recipe's stages in order (or `only` those named), each starting from the previous one.
+
+    `evaluator` serves the stages that set `eval_every` (mllm.evaluation.periodic.make_evaluator); it
+    is passed in rather than imported because training does not depend on evaluation."""
     run_dir = Path(run_dir)
+    stages = [s for s in recipe.stages if only is None or s.name in only]
+    if not stages:
+        raise ValueError(f"no stage to run; the recipe has {[s.name for s in recipe.stages]}")
+    if evaluator is None and any(s.eval_every is not None for s in stages):
+        name = next(s.name for s in stages if s.eval_every is not None)
+        raise ValueError(f"stage {name!r} sets eval_every but train_recipe got no evaluator "
+                         "(pass evaluator=mllm.evaluation.periodic.make_evaluator(recipe))")
     D.init(recipe.engine.backend, recipe.engine.dist_timeout_s)
     from mllm import prior
 
@@ -122,9 +147,6 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, only: list[str] | None = N
     D.barrier()
     summary_path = run_dir / "run.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": {}}
-    stages = [s for s in recipe.stages if only is None or s.name in only]
-    if not stages:
-        raise ValueError(f"no stage to run; the recipe has {[s.name for s in recipe.stages]}")
     prev_final: Path | None = None
     names = [s.name for s in recipe.stages]
     first = names.index(stages[0].name)
@@ -152,7 +174,7 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, only: list[str] | None = N
         else:
             model = model_kind.build(recipe.model, run_dir, corpus, recipe.engine.seed)
         log(f"[{stage.name}] training {resolve_trainable(stage, model)} on {stage.data.json}")
-        result = run_stage(model, recipe, stage, stage_dir)
+        result = run_stage(model, recipe, stage, stage_dir, evaluator)
         wall = time.time() - t0
         summary["stages"][stage.name] = {
             "final": str(final), "steps": result.steps, "final_loss": result.final_loss, "wall_s": round(wall, 2),

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from mllm.config import StageConfig
 from mllm.data.conversations import Collator, ConversationDataset
+from mllm.data.geoworld.live import LiveWorldDataset
 from mllm.model import MultimodalLM
 
 Task = Callable[[MultimodalLM, StageConfig, str], tuple[nn.Module, Dataset, Callable[[list], Any]]]
@@ -36,8 +37,14 @@ def get_task(name: str) -> Task:
 
 @register_task("conversation")
 def conversation_task(model: MultimodalLM, stage: StageConfig, template: str):
+    if stage.data.live is not None:
+        if stage.data.json:
+            raise ValueError(f"stage {stage.name!r}: data.json and data.live are both set; choose one")
+        live = LiveWorldDataset(stage.data.live, model.tokenizer, template, model.image_token_id,
+                                model.num_image_tokens, model.preprocess, model.meta.max_length)
+        return model, live, _speed_switches(model, stage, None)
     if not stage.data.json:
-        raise ValueError(f"stage {stage.name!r}: data.json is not set")
+        raise ValueError(f"stage {stage.name!r}: data.json (or data.live) is not set")
     ds = ConversationDataset(
         stage.data.json, stage.data.images, model.tokenizer, template, model.image_token_id,
         model.num_image_tokens, model.preprocess, model.meta.max_length, stage.data.skip_bad_samples,

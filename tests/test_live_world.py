@@ -1,0 +1,168 @@
+"""GeoWorld drawn on the fly (mllm.data.geoworld.live): determinism, held-out hygiene, true answers."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+
+from mllm.chat import IGNORE_INDEX
+from mllm.config import LiveWorldConfig, load_recipe
+from mllm.data.geoworld import write_world
+from mllm.data.geoworld.live import (
+    LiveWorldDataset,
+    existence_probes,
+    heldout_keys,
+    paraphrase,
+    qa_turns,
+    two_options,
+)
+from mllm.data.geoworld.render import render
+from mllm.data.geoworld.sampling import pixel_key
+from mllm.data.geoworld.scene import sample_scene
+from mllm.tokenizer import ensure_image_token, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("w")
+    write_world(out, seed=0, n=40, size=64, n_eval=16, mmvp_pairs=8, pope_questions=12, refcoco_n=8,
+                mathverse_problems=2, mmvp_vlm_pairs=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+    corpus = ["What color is the circle? red", "Is there a blue square in the image? yes no (a) (b)"] * 20
+    t = train_tokenizer(corpus, 400)
+    ensure_image_token(t, "<image>")
+    return t
+
+
+def _dataset(tok, world=None, **kw):
+    cfg = LiveWorldConfig(heldout=str(world) if world else None, **kw)
+    return LiveWorldDataset(cfg, tok, "chatml", tok.convert_tokens_to_ids("<image>"), 4,
+                            lambda ims: torch.zeros(len(ims), 3, 8, 8), 4096)
+
+
+def test_samples_are_a_pure_function_of_seed_and_index(tok):
+    a, b = _dataset(tok), _dataset(tok)
+    assert torch.equal(a[7]["input_ids"], b[7]["input_ids"])
+    assert not torch.equal(a[7]["input_ids"], a[8]["input_ids"])
+    c = _dataset(tok, seed=2)
+    assert pixel_key(render(a.scene(7)[0])) != pixel_key(render(c.scene(7)[0]))
+
+
+def test_heldout_scenes_are_redrawn(tok, world):
+    keys = heldout_keys(world)
+    assert len(keys) >= 16 + 16  # eval + mmvp at least
+    ds = _dataset(tok, world)
+    # Pretend the first live scenes were held out: each must be replaced by a different one.
+    first = [pixel_key(render(ds.scene(i)[0])) for i in range(5)]
+    ds.excluded |= set(first)
+    for i in range(5):
+        assert pixel_key(render(ds.scene(i)[0])) not in ds.excluded
+    assert ds.redrawn >= 5
+    for i in range(200):  # and no live draw is ever one of the world's held-out images
+        assert pixel_key(render(ds.scene(i)[0])) not in keys
+
+
+def test_heldout_must_be_a_world(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="not a GeoWorld folder"):
+        _dataset(tok, tmp_path)
+
+
+def test_paraphrases_keep_the_answer():
+    assert paraphrase("Which way is the arrow pointing?", "up") == ("Which direction is the arrow pointing?", "up")
+    assert paraphrase("Is the red star on the left or the right?", "left") == (
+        "Is the red star on the left or the right side of the image?", "left")
+    assert paraphrase("Is the circle to the left of the square?", "yes") == (
+        "Is the circle to the left or to the right of the square?", "left")
+    assert paraphrase("Is the circle to the left of the square?", "no")[1] == "right"
+    assert paraphrase("Is the circle above the square?", "no")[1] == "below"
+    assert paraphrase("What color is the circle?", "red") is None
+
+
+def test_two_options_contain_the_answer_once():
+    rng = random.Random(0)
+    for cat, q, a in [("position", "Is it on the left?", "left"), ("colour", "What color is it?", "red"),
+                      ("count", "How many?", "3"), ("existence", "Is there a star?", "no")]:
+        for _ in range(20):
+            mq, ma = two_options(cat, q, a, rng)
+            opts = re.findall(r"\((a|b)\) (\w+)", mq)
+            assert dict(opts)[ma.strip("()")] == a
+            assert [o for _, o in opts].count(a) == 1
+
+
+def test_existence_probes_are_true_and_balanced():
+    for seed in range(50):
+        rng = random.Random(seed)
+        scene = sample_scene(rng, 64, max_shapes=5)
+        probes = existence_probes(scene, rng, 4)
+        assert sorted(a for _, a in probes) == ["no", "no", "yes", "yes"]
+        for q, a in probes:
+            obj = re.match(r"Is there an? (\w+ \w+) in the image\?", q)[1]
+            assert (obj in scene.objects()) == (a == "yes")
+
+
+def _find(scene, phrase):
+    """The one object an attribute phrase ("small red circle") names, or None."""
+    words = phrase.split()
+    hits = [s for s in scene.shapes if words[-1] == s.kind and all(w in (s.color, s.size) for w in words[:-1])]
+    return hits[0] if len(hits) == 1 else None
+
+
+def test_spatial_paraphrases_match_the_scene():
+    """Paraphrased left/right-of answers must agree with the scene's coordinates."""
+    checked = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        scene = sample_scene(rng, 64, max_shapes=5)
+        cfg = LiveWorldConfig(paraphrase_frac=1.0, mc_frac=0.0, turns=(30, 30), existence=0)
+        for q, a in qa_turns(scene, rng, cfg):
+            m = re.match(r"Is the (.+) to the left or to the right of the (.+)\?", q)
+            if not m:
+                continue
+            x, y = _find(scene, m[1]), _find(scene, m[2])
+            if x is None or y is None:
+                continue
+            assert a == ("left" if x.x < y.x else "right"), (q, a)
+            checked += 1
+    assert checked > 20
+
+
+def test_long_conversations_lose_whole_turns(tok):
+    ds = _dataset(tok, turns=(10, 10))
+    full = ds[3]
+    ds.max_length = len(full["input_ids"]) - 1
+    short = ds[3]
+    n = len(short["input_ids"])
+    assert n < len(full["input_ids"])
+    assert torch.equal(short["input_ids"], full["input_ids"][:n])  # a prefix: whole turns dropped at the end
+    assert (short["labels"] != IGNORE_INDEX).any()
+
+
+def test_recipe_refuses_json_and_live_together(tmp_path):
+    from mllm.training.tasks import conversation_task
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nstages:\n  - {name: instruct, kind: instruct, data: {json: a.json, live: {n: 4}}}\n")
+    stage = load_recipe(recipe).stages[0]
+    assert stage.data.live.n == 4
+
+    class M:  # the check comes before the model is used
+        pass
+
+    with pytest.raises(ValueError, match="both set"):
+        conversation_task(M(), stage, "chatml")
+
+
+def test_unknown_live_key_is_refused(tmp_path):
+    from mllm.config import ConfigError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nstages:\n  - {name: i, kind: instruct, data: {live: {turnz: 3}}}\n")
+    with pytest.raises(ConfigError, match="turnz"):
+        load_recipe(recipe)
