@@ -100,6 +100,9 @@ class LiveWorldConfig:
     mc_frac: float = 0.2  # share asked as "(a) X (b) Y" multiple choice
     heldout: str | None = None
     augment: dict | None = None
+    # Scenes grow from one object to `max_shapes` over the first `curriculum` samples (0: no
+    # curriculum). Indices must arrive in order for this to be a curriculum: needs data.sampler sequential.
+    curriculum: int = 0
 
 
 @dataclass

@@ -166,3 +166,28 @@ def test_unknown_live_key_is_refused(tmp_path):
     recipe.write_text("name: t\nstages:\n  - {name: i, kind: instruct, data: {live: {turnz: 3}}}\n")
     with pytest.raises(ConfigError, match="turnz"):
         load_recipe(recipe)
+
+
+def test_curriculum_grows_scenes_and_needs_a_sequential_order(tok, tmp_path):
+    from mllm.training.tasks import conversation_task
+
+    ds = _dataset(tok, curriculum=100, max_shapes=5, math_frac=0.0)
+    assert [ds.max_shapes(i) for i in (0, 19, 20, 99, 100, 10**6)] == [1, 1, 2, 5, 5, 5]
+    assert all(len(ds.scene(i)[0].shapes) == 1 for i in range(20))
+    assert max(len(ds.scene(i)[0].shapes) for i in range(100, 160)) > 2
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nstages:\n  - {name: i, kind: instruct, data: {live: {curriculum: 50}}}\n")
+
+    class M:
+        pass
+
+    with pytest.raises(ValueError, match="sequential"):
+        conversation_task(M(), load_recipe(recipe).stages[0], "chatml")
+
+
+def test_sequential_order_is_index_order():
+    from mllm.data.samplers import build_order
+
+    order = build_order("sequential", list(range(10)), 4, seed=3)
+    assert list(order.batches(0, 2)) == [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -118,6 +118,9 @@ def _checked_lengths(dataset: Dataset) -> list[int]:
 OrderFactory = Callable[[Dataset, int, int, int, int], BatchOrder]
 ORDERS: dict[str, OrderFactory] = {
     "random": lambda ds, bs, seed, rank, world: BatchOrder(len(ds), bs, seed, rank, world),
+    # In index order: for streams whose every index is already a fresh random draw (live GeoWorld),
+    # where the index may also carry a curriculum.
+    "sequential": lambda ds, bs, seed, rank, world: BatchOrder(len(ds), bs, seed, rank, world, shuffle=False),
     "modality_length": lambda ds, bs, seed, rank, world: ModalityLengthOrder(
         _checked_lengths(ds), bs, seed, rank, world),
 }

@@ -40,6 +40,9 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str):
     if stage.data.live is not None:
         if stage.data.json:
             raise ValueError(f"stage {stage.name!r}: data.json and data.live are both set; choose one")
+        if stage.data.live.curriculum and stage.data.sampler != "sequential":
+            raise ValueError(f"stage {stage.name!r}: data.live.curriculum={stage.data.live.curriculum} needs "
+                             f"data.sampler: sequential (got {stage.data.sampler!r}), else the order is shuffled")
         live = LiveWorldDataset(stage.data.live, model.tokenizer, template, model.image_token_id,
                                 model.num_image_tokens, model.preprocess, model.meta.max_length)
         return model, live, _speed_switches(model, stage, None)

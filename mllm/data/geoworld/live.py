@@ -186,11 +186,18 @@ class LiveWorldDataset(Dataset):
     def __len__(self) -> int:
         return self.cfg.n
 
+    def max_shapes(self, i: int) -> int:
+        """The most objects sample `i` may hold: 1 at the start of a curriculum, `max_shapes` after it."""
+        c = self.cfg.curriculum
+        if c <= 0 or i >= c:
+            return self.cfg.max_shapes
+        return 1 + (i * self.cfg.max_shapes) // c
+
     def scene(self, i: int) -> tuple[Scene, random.Random]:
         """Sample `i`'s scene (never a held-out one) and the RNG its text and augmentation continue from."""
         for attempt in range(100):
             rng = stream(self.cfg.seed, "live", i, attempt)
-            scene = world_scene(rng, self.cfg.size, self.cfg.math_frac, self.cfg.max_shapes)
+            scene = world_scene(rng, self.cfg.size, self.cfg.math_frac, self.max_shapes(i))
             if not self.excluded or pixel_key(render(scene)) not in self.excluded:
                 return scene, rng
             self.redrawn += 1
