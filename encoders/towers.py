@@ -62,6 +62,7 @@ __all__ = [
     "build_tower",
     "expand2square",
     "register_tower",
+    "sincos_2d",
 ]
 
 # The PIL backend of the HF image processors, always. The torchvision backend resamples with different
@@ -103,6 +104,11 @@ class TowerConfig:
     select_feature: str = "patch"  # "patch" (drop CLS/register tokens) | "cls_patch" (keep CLS first)
     pad_to_square: bool = False  # LLaVA's expand2square with the processor's mean colour before resizing
     trust_remote_code: bool = False
+    # Fixed 2-D sin-cos position code added to the tokens: "sincos2d" | "none"; None: the family's default
+    # (conv towers "sincos2d": a convolution is translation-equivariant, so without it a token does not say
+    # where in the image it is, and "is the circle on the left?" becomes unlearnable for the LM after it;
+    # ViTs "none": they carry their own position embeddings).
+    positions: str | None = None
 
 
 # Tiny configs of the real classes: 64 px, 8 px patches -> an 8x8 grid of 64 tokens, 128-wide, 3 layers.
@@ -315,6 +321,10 @@ class Tower(nn.Module):
                 f"{type(self).__name__}: {patches.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid; "
                 "the prefix-token count does not match this model"
             )
+        if self.config.positions == "sincos2d":  # explicit only: a ViT has position embeddings of its own
+            patches = patches + sincos_2d(grid, patches.shape[-1], patches.device, patches.dtype)
+        elif self.config.positions not in (None, "none"):
+            raise ValueError(f"tower positions must be 'sincos2d' or 'none', got {self.config.positions!r}")
         cls = hidden[:, 0] if self.has_cls else None
         keep_cls = self.config.select_feature == "cls_patch"
         tokens = torch.cat([hidden[:, :1], patches], dim=1) if keep_cls else patches
@@ -476,6 +486,10 @@ class ConvTower(Tower):
                 "geometry does not match this model, or the input size is not a multiple of the stride"
             )
         tokens = selected.flatten(2).transpose(1, 2)
+        if (self.config.positions or "sincos2d") == "sincos2d":
+            tokens = tokens + sincos_2d(grid, tokens.shape[-1], tokens.device, tokens.dtype)
+        elif self.config.positions != "none":
+            raise ValueError(f"tower positions must be 'sincos2d' or 'none', got {self.config.positions!r}")
         return VisionFeatures(tokens=tokens, grid=grid, cls=selected.mean(dim=(-2, -1)), levels=maps)
 
     def final_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -530,6 +544,26 @@ class ConvNextTower(ConvTower):
             stride *= 2 if i > 0 else 1  # ConvNextEncoder: stage 0 has stride 1, the others 2
             geometry.append((int(hf.hidden_sizes[i]), stride))
         return geometry
+
+
+def sincos_2d(grid: tuple[int, int], dim: int, device: torch.device | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`[H*W, dim]` fixed sin-cos codes of each cell's (row, column), row-major (MAE's 2-D scheme).
+
+    Half of the channels code the row and half the column, each as sines and cosines at geometrically
+    spaced frequencies; values lie in [-1, 1], the scale of normalised conv activations. No parameters,
+    so a saved HF tower stays a plain HF checkpoint.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos 2-D positions need a channel count divisible by 4, got {dim}")
+    h, w = grid
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    rows = torch.arange(h, dtype=torch.float64)[:, None] * freq  # [H, dim/4]
+    cols = torch.arange(w, dtype=torch.float64)[:, None] * freq  # [W, dim/4]
+    row_code = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(h, w, 2 * quarter)
+    col_code = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(h, w, 2 * quarter)
+    return torch.cat([row_code, col_code], dim=-1).reshape(h * w, dim).to(device=device, dtype=dtype)
 
 
 def _attn_kwargs(model_cls: type[PreTrainedModel]) -> dict[str, str]:

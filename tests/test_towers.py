@@ -28,7 +28,7 @@ from transformers import (
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from encoders import TINY_CONFIGS, TOWERS, Tower, TowerConfig, VisionFeatures, build_tower
-from encoders.towers import IMAGE_PROCESSOR_BACKEND, ConvTower, expand2square
+from encoders.towers import IMAGE_PROCESSOR_BACKEND, ConvTower, expand2square, sincos_2d
 
 TYPES = sorted(TOWERS)
 WITH_CLS = [t for t in TYPES if TOWERS[t].has_cls]
@@ -82,8 +82,9 @@ def hf_hidden(tower: Tower, pixels: torch.Tensor, layer: int) -> torch.Tensor:
 def hf_tokens(tower: Tower, pixels: torch.Tensor, layer: int) -> torch.Tensor:
     """The HF model's own hidden state `layer` as the tower's tokens: prefix dropped, or a map flattened."""
     hidden = hf_hidden(tower, pixels, layer)
-    if tower.hidden_states_are_maps:
-        return hidden.flatten(2).transpose(1, 2)
+    if tower.hidden_states_are_maps:  # conv towers add their fixed 2-D position code (TowerConfig.positions)
+        tokens = hidden.flatten(2).transpose(1, 2)
+        return tokens + sincos_2d(tuple(hidden.shape[-2:]), tokens.shape[-1])
     return hidden[:, tower.num_prefix_tokens :]
 
 
@@ -336,8 +337,9 @@ def test_conv_tokens_are_the_map_row_major(type_: str, pixels: torch.Tensor) -> 
     with torch.no_grad():
         tokens, fmap = tower(pixels).tokens, hf_hidden(tower, pixels, -1)
     gh, gw = tower.grid
+    code = sincos_2d(tower.grid, tower.hidden_size)
     for y, x in [(0, 0), (0, gw - 1), (1, 0), (gh - 1, 2)]:
-        assert torch.equal(tokens[:, y * gw + x], fmap[:, :, y, x])
+        assert torch.equal(tokens[:, y * gw + x], fmap[:, :, y, x] + code[y * gw + x])
 
 
 def test_tiny_conv_configs() -> None:
@@ -400,7 +402,7 @@ def test_conv_real_format_checkpoint_with_its_processor(type_: str, pixels: torc
     assert tower.grid == (8, 8) and tower.preprocess(images(1)).shape == (1, 3, 64, 64)
     with torch.no_grad():
         expected = hf(pixel_values=pixels).last_hidden_state.flatten(2).transpose(1, 2)
-        assert torch.equal(tower(pixels).tokens, expected)
+        assert torch.equal(tower(pixels).tokens, expected + sincos_2d((8, 8), expected.shape[-1]))
 
 
 def test_frozen_resnet_keeps_its_batchnorm_statistics(pixels: torch.Tensor) -> None:
@@ -534,3 +536,28 @@ def test_align_stage_leaves_a_frozen_resnet_exactly_as_it_was(tmp_path: Path) ->
     for k, v in tower_state.items():
         assert torch.equal(v, start[k]), k
     assert not torch.equal(final.state_dict()["projector.0.weight"], start["projector.0.weight"])
+
+
+def test_sincos_2d_codes_row_and_column() -> None:
+    code = sincos_2d((4, 3), 16)
+    assert code.shape == (12, 16) and code.abs().max() <= 1.0
+    grid = code.reshape(4, 3, 16)
+    assert torch.equal(grid[0, 0, :8], grid[0, 2, :8]) and not torch.equal(grid[0, 0, 8:], grid[0, 2, 8:])
+    assert torch.equal(grid[0, 1, 8:], grid[3, 1, 8:]) and not torch.equal(grid[0, 1, :8], grid[3, 1, :8])
+    assert len({tuple(r.tolist()) for r in code}) == 12  # every cell distinct
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d((2, 2), 6)
+
+
+def test_conv_tower_positions_switch() -> None:
+    pixels = torch.rand(2, 3, 64, 64)
+    on = build_tower(TowerConfig(type="resnet", config=TINY_CONFIGS["resnet"])).eval()
+    off = build_tower(TowerConfig(type="resnet", config=TINY_CONFIGS["resnet"], positions="none")).eval()
+    off.load_state_dict(on.state_dict())
+    with torch.no_grad():
+        diff = on(pixels).tokens - off(pixels).tokens
+    assert torch.allclose(diff[0], sincos_2d(on.grid, on.hidden_size), atol=1e-5)
+    assert torch.allclose(diff[0], diff[1], atol=1e-5)
+    bad = build_tower(TowerConfig(type="resnet", config=TINY_CONFIGS["resnet"], positions="learned"))
+    with pytest.raises(ValueError, match="positions"):
+        bad(pixels)
