@@ -1,9 +1,10 @@
 """`mllm demo`: the whole pipeline on a CPU in minutes, with nothing downloaded.
 
-synth (GeoWorld) -> a tiny CLIP (image + text towers) trained contrastively on GeoWorld's captions
-(train/recipes/clip-tiny.yaml) -> tokenizer + tiny LM pretrained on GeoWorld's text -> align on the
-CLIP image tower -> instruct (the tower keeps training: 300 contrastive steps leave much to learn) ->
-held-out QA, MMVP-style pairs, and the encoder's zero-shot retrieval -> a table and `results.json`.
+synth (GeoWorld) -> a tiny CLIP with a convolutional image tower trained contrastively on GeoWorld's
+captions (train/recipes/clip-resnet-tiny.yaml) -> tokenizer + tiny LM pretrained on GeoWorld's text ->
+the tower's per-patch warm-up (fine-grained, from scene graphs) -> align -> instruct on fresh scenes
+every step (tower, projector and LM; train/recipes/tiny-geoworld.yaml) -> held-out QA, MMVP-style pairs,
+POPE and the encoder's zero-shot retrieval -> a table, `results.json` and `curves.png`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from mllm.data.geoworld.pope import SPLITS as POPE_SPLITS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "recipes" / "tiny-geoworld.yaml"
-ENCODER_RECIPE = REPO / "train" / "recipes" / "clip-tiny.yaml"
-# CLIP and DCL tie on GeoWorld retrieval at equal compute (docs/results.md); 300 steps fit the budget.
+ENCODER_RECIPE = REPO / "train" / "recipes" / "clip-resnet-tiny.yaml"
+# CLIP and DCL tie on GeoWorld retrieval at equal compute (docs/results.md); the conv tower reaches mean
+# R@1 83.8 in 300 steps (the ViT: 58.2).
 ENCODER_STEPS = 300
 DEMO_N = 3000
 QUICK = [
-    "stages.lm_pretrain.max_steps=6", "stages.align.max_steps=3",
-    "stages.instruct.max_steps=8", "stages.lm_pretrain.batch_size=8",
-    "stages.align.batch_size=8", "stages.instruct.batch_size=8", "engine.checkpoint_every=4",
+    "stages.lm_pretrain.max_steps=6", "stages.tower_warmup.max_steps=4", "stages.align.max_steps=3",
+    "stages.instruct.max_steps=8", "stages.lm_pretrain.batch_size=8", "stages.tower_warmup.batch_size=8",
+    "stages.align.batch_size=8", "stages.instruct.batch_size=8", "stages.instruct.eval_every=4",
+    "stages.instruct.eval.limit=16", "engine.checkpoint_every=4",
 ]
 QUICK_ENCODER = ["stages.contrastive.max_steps=4", "stages.contrastive.batch_size=8", "engine.checkpoint_every=4"]
 

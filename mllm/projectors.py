@@ -100,3 +100,22 @@ def _mlp_gelu(match: re.Match[str], in_dim: int, out_dim: int) -> nn.Module:
     for _ in range(depth - 1):
         layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
     return nn.Sequential(*layers)
+
+
+class _Standardised(nn.Module):
+    """Per-channel standardisation of the vision tokens (BatchNorm over batch and tokens), then `inner`."""
+
+    def __init__(self, dim: int, inner: nn.Module):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim)
+        self.inner = inner
+
+    def forward(self, x):  # [B, N, D]
+        return self.inner(self.norm(x.flatten(0, 1)).view_as(x))
+
+
+@register_projector_pattern(r"bn_mlp(\d+)x_gelu", display="bn_mlp{N}x_gelu")
+def _bn_mlp_gelu(match: re.Match[str], in_dim: int, out_dim: int) -> nn.Module:
+    """mlp{N}x_gelu over per-channel standardised tokens (see `_Standardised`)."""
+    return _Standardised(in_dim, _mlp_gelu(re.fullmatch(r"mlp(\d+)x_gelu", f"mlp{match.group(1)}x_gelu"),
+                                           in_dim, out_dim))

@@ -31,7 +31,10 @@ def test_demo_quick_writes_results(demo):
     res = json.loads((out / "results.json").read_text())
     for key in ("qa_accuracy", "mmvp_pair_accuracy", "mmvp_question_accuracy", "wall_s", "qa_per_category"):
         assert key in res
-    assert set(res["wall_s"]) >= {"synth", "encoder", "lm_pretrain", "align", "instruct", "eval"}
+    assert set(res["wall_s"]) >= {"synth", "encoder", "lm_pretrain", "tower_warmup", "align", "instruct", "eval"}
+    assert set(res["pope_accuracy"]) == {"random", "popular", "adversarial"} and "pope_mean_f1" in res
+    assert res["seed"] == 0 and (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "run" / "instruct" / "evals.jsonl").is_file()  # the learning curve's points
     assert 0.0 <= res["qa_accuracy"] <= 100.0
     assert set(res["encoder_retrieval"]) == {"mean_R@1", "mean_R@5"}
     # the MLLM's tower started as the contrastive encoder's image tower
@@ -40,6 +43,12 @@ def test_demo_quick_writes_results(demo):
     assert "mllm chat --model" in r.stdout
     assert (out / "run" / "instruct" / "final" / "mllm.json").is_file()
     assert len((out / "qa_records.jsonl").read_text().splitlines()) == res["qa_n"]
+
+
+def test_demo_seed_must_be_an_integer(tmp_path):
+    r = mllm("demo", "--quick", "--seed", "zero", "--out", str(tmp_path / "d"))
+    assert r.returncode == 2 and "--seed: invalid int value: 'zero'" in r.stderr
+    assert not (tmp_path / "d").exists()  # nothing half-written
 
 
 def test_chat_once_and_interactive(demo):

@@ -21,7 +21,8 @@ def test_tokenizer_round_trips_in_hf_format(tmp_path):
 def test_recipes_load_and_overrides_apply():
     r = load_recipe("train/recipes/tiny-geoworld.yaml", ["extra.world=/w", "stages.instruct.lr=2e-5",
                                                          "engine.backend=deepspeed"])
-    assert r.stage("instruct").data.json == "/w/instruct.json"
+    assert r.stage("align").data.json == "/w/align.json"
+    assert r.stage("instruct").data.live.heldout == "/w" and r.stage("instruct").data.json is None
     assert r.stage("instruct").lr == 2e-5 and r.engine.backend == "deepspeed"
     big = load_recipe("train/recipes/llava15-7b.yaml")
     assert big.model.tower.path == "/models/clip-vit-large-patch14-336" and big.model.template == "vicuna_v1"
