@@ -37,23 +37,45 @@ class PatchTargets:
 
 
 class PatchSupervision(nn.Module):
-    """Tower + linear heads; `forward` returns an object with `.loss` so the engine can train it."""
+    """Tower + linear heads; `forward` returns an object with `.loss` so the engine can train it.
 
-    def __init__(self, tower: Tower, targets: PatchTargets):
+    `readout`: a Linear (an MLLM projector's first layer) whose first rows become the per-patch heads
+    instead of separate ones. Why: the tower then learns to say colour and shape in exactly the
+    directions the LM's input reads, as loud, disentangled logits. With separate heads (discarded), a
+    frozen tower whose patches a linear probe reads at 98% still left a fresh projector + LM unable to
+    read colour or shape in 200 steps (docs/results.md, "Models that see").
+    """
+
+    def __init__(self, tower: Tower, targets: PatchTargets, readout: nn.Linear | None = None):
         super().__init__()
         self.tower = tower
         self.targets = targets
         d = tower.hidden_size
-        self.heads = nn.ModuleDict({k: nn.Linear(d, n) for k, n in targets.heads().items()})
+        sizes = targets.heads()
+        if readout is None:
+            self.heads = nn.ModuleDict({k: nn.Linear(d, n) for k, n in sizes.items()})
+            self.rows = None
+        else:
+            if readout.in_features != d or readout.out_features < sum(sizes.values()):
+                raise ValueError(f"readout {readout} cannot hold {sum(sizes.values())} head rows over {d}-wide tokens")
+            self.heads = readout  # trained under the prefix "heads", shared with the projector
+            starts = torch.cumsum(torch.tensor([0, *sizes.values()]), 0).tolist()
+            self.rows = {k: (starts[i], starts[i + 1]) for i, k in enumerate(sizes)}
         self.count = nn.Linear(d, targets.max_count + 1)
+
+    def _logits(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return self.heads[name](tokens)
+        a, b = self.rows[name]
+        return F.linear(tokens, self.heads.weight[a:b], self.heads.bias[a:b])
 
     def forward(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None = None,
                 count: torch.Tensor | None = None, **_) -> SupervisionOutput:
         feats = self.tower(pixel_values.to(next(self.tower.parameters()).dtype))
         tokens = feats.tokens  # [B, N, D]
         losses = {}
-        for name, head in self.heads.items():
-            logits = head(tokens).float()
+        for name in self.targets.heads():
+            logits = self._logits(name, tokens).float()
             if labels is not None:
                 losses[name] = F.cross_entropy(logits.flatten(0, 1), labels[name].flatten(), ignore_index=IGNORE)
         if count is not None:

@@ -195,6 +195,9 @@ class StageConfig:
     # Both off by default; docs/performance.md has the measurements.
     gradient_checkpointing: bool = False
     compile: bool = False
+    # tower_warmup only: the per-patch heads are the first rows of the MLLM projector's first Linear
+    # (encoders.supervised.PatchSupervision `readout`), so they are kept, not discarded.
+    readout_heads: bool = False
     # Evaluate `eval` every this many optimiser steps and at the last one (RUN/<stage>/evals.jsonl,
     # drawn by `mllm plot`); None: no evaluation during training.
     eval_every: int | None = None

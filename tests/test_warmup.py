@@ -43,3 +43,34 @@ def test_patch_supervision_learns_a_batch(tiny_model):
         opt.zero_grad()
     assert float(out.loss) < 0.5 * first
     assert set(out.parts) == {"colour", "shape", "size", "orientation", "count"}
+
+
+def test_readout_heads_are_the_projectors_first_rows(tiny_model):
+    """With `readout`, the heads train the projector's first Linear in place (and only its head rows)."""
+    torch.manual_seed(0)
+    first = tiny_model.projector[0]
+    rows = sum(T.heads().values())
+    before = first.weight.detach().clone()
+    sup = PatchSupervision(tiny_model.tower, T, readout=first)
+    assert sup.heads is first and {n for n, _ in sup.named_parameters()} >= {"heads.weight", "heads.bias"}
+    pix = torch.randn(4, 3, 32, 32)
+    labels = {k: torch.randint(0, n, (4, 16)) for k, n in T.heads().items()}
+    opt = torch.optim.AdamW(sup.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(30):
+        out = sup(pix, labels, torch.tensor([1, 2, 3, 4]))
+        losses.append(float(out.loss))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.5 * losses[0]
+    after = tiny_model.projector[0].weight.detach()
+    assert not torch.equal(after[:rows], before[:rows]) and torch.equal(after[rows:], before[rows:])
+
+
+def test_readout_too_narrow_is_refused(tiny_model):
+    import pytest
+
+    narrow = torch.nn.Linear(tiny_model.tower.hidden_size, 3)
+    with pytest.raises(ValueError, match="cannot hold"):
+        PatchSupervision(tiny_model.tower, T, readout=narrow)

@@ -85,7 +85,14 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str):
     targets = PatchTargets(colours=COLOR_NAMES, shapes=SHAPES)
     ds = SceneLabelDataset(stage.data.json, stage.data.images, targets, model.tower.grid, model.tower.preprocess,
                            stage.data.skip_bad_samples)
-    return PatchSupervision(model.tower, targets), ds, collate_scene_labels
+    readout = None
+    if stage.readout_heads:
+        first = model.projector[0] if isinstance(model.projector, nn.Sequential) else model.projector
+        if not isinstance(first, nn.Linear):
+            raise ValueError(f"stage {stage.name!r}: readout_heads needs a projector that starts with a Linear, "
+                             f"got {type(model.projector).__name__}")
+        readout = first
+    return PatchSupervision(model.tower, targets, readout), ds, collate_scene_labels
 
 
 def _caption_dataset(model: MultimodalLM, stage: StageConfig, template: str) -> ConversationDataset:
