@@ -48,8 +48,20 @@ def test_linear_is_a_plain_linear() -> None:
 
 @pytest.mark.parametrize("name", ["mlp", "mlp2x_relu", "mlp2x_gelu_extra", "resampler"])
 def test_unknown_name_lists_known(name: str) -> None:
-    with pytest.raises(ValueError, match=r"known: identity, linear, mlp\{N\}x_gelu"):
+    with pytest.raises(ValueError, match=r"known: identity, linear, bn_mlp\{N\}x_gelu, mlp\{N\}x_gelu"):
         build_projector(name, 8, 8)
+
+
+def test_bn_mlp_standardises_channels_then_projects() -> None:
+    import torch
+
+    projector = build_projector("bn_mlp2x_gelu", 8, 12)
+    x = torch.randn(4, 5, 8) * torch.linspace(0.1, 50, 8) + 7.0  # channels of very different scales
+    out = projector.train()(x)
+    assert out.shape == (4, 5, 12)
+    normed = projector.norm(x.flatten(0, 1))
+    assert torch.allclose(normed.mean(0), torch.zeros(8), atol=1e-5)
+    assert torch.allclose(normed.std(0, unbiased=False), torch.ones(8), atol=1e-3)
 
 
 def test_bad_dims() -> None:
