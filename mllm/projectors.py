@@ -93,9 +93,13 @@ def _linear(in_dim: int, out_dim: int) -> nn.Module:
 @register_projector_pattern(r"mlp(\d+)x_gelu", display="mlp{N}x_gelu")
 def _mlp_gelu(match: re.Match[str], in_dim: int, out_dim: int) -> nn.Module:
     """LLaVA-1.5's family: Linear(in, out), then (N-1) x [GELU, Linear(out, out)]; LLaVA-1.5 uses N=2."""
-    depth = int(match.group(1))
+    return _mlp(int(match.group(1)), match.group(0), in_dim, out_dim)
+
+
+def _mlp(depth: int, name: str, in_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear(in, out), then (depth-1) x [GELU, Linear(out, out)]: the body of every mlp{N}x_gelu variant."""
     if depth < 1:
-        raise ValueError(f"mlp{{N}}x_gelu needs N >= 1, got {match.group(0)!r}")
+        raise ValueError(f"mlp{{N}}x_gelu needs N >= 1, got {name!r}")
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
     for _ in range(depth - 1):
         layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
@@ -117,5 +121,4 @@ class _Standardised(nn.Module):
 @register_projector_pattern(r"bn_mlp(\d+)x_gelu", display="bn_mlp{N}x_gelu")
 def _bn_mlp_gelu(match: re.Match[str], in_dim: int, out_dim: int) -> nn.Module:
     """mlp{N}x_gelu over per-channel standardised tokens (see `_Standardised`)."""
-    return _Standardised(in_dim, _mlp_gelu(re.fullmatch(r"mlp(\d+)x_gelu", f"mlp{match.group(1)}x_gelu"),
-                                           in_dim, out_dim))
+    return _Standardised(in_dim, _mlp(int(match.group(1)), match.group(0), in_dim, out_dim))

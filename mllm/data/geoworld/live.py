@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from mllm.chat import SampleError, encode_conversation
 from mllm.config import LiveWorldConfig, from_dict
 
+from .augment import AugmentConfig, render_augmented
 from .files import read_jsonl
 from .language import ALIGN_PROMPTS, QA, align_caption, multiple_choice, pick_turns, qa_pool
 from .render import render
@@ -170,18 +171,11 @@ class LiveWorldDataset(Dataset):
         self.max_length = max_length
         self.excluded = heldout_keys(cfg.heldout) if cfg.heldout else set()
         self.redrawn = 0
-        self.augment = None
-        if cfg.augment is not None:
-            from .augment import AugmentConfig
-
-            self.augment = from_dict(AugmentConfig, cfg.augment, "data.live.augment")
+        self.augment = from_dict(AugmentConfig, cfg.augment, "data.live.augment") if cfg.augment is not None else None
 
     def _image(self, scene: Scene, rng: random.Random) -> Image.Image:
-        if self.augment is None:
-            return render(scene)
-        from .augment import render_augmented
-
-        return render_augmented(scene, rng, self.augment)
+        # No config means GeoWorld's exact pixels (render_augmented(None) would use AugmentConfig's defaults).
+        return render(scene) if self.augment is None else render_augmented(scene, rng, self.augment)
 
     def __len__(self) -> int:
         return self.cfg.n
