@@ -32,8 +32,16 @@ class PatchTargets:
     max_count: int = 8
 
     def heads(self) -> dict[str, int]:
-        return {"colour": len(self.colours) + 1, "shape": len(self.shapes) + 1, "size": len(self.sizes) + 1,
-                "orientation": len(self.orientations) + 1}
+        return {name: len(words) for name, words in self.words().items()}
+
+    def words(self) -> dict[str, tuple[str | None, ...]]:
+        """Each per-patch head's classes as the words that name them (None: background / not a centre).
+
+        `centre` marks the patch holding an object's centre: one patch per object, so counting objects is
+        counting marked patches, where counting covered patches would count an object's area.
+        """
+        return {"colour": (None, *self.colours), "shape": (None, *self.shapes), "size": (None, *self.sizes),
+                "orientation": (None, *self.orientations), "centre": (None, "object")}
 
 
 class PatchSupervision(nn.Module):

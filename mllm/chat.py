@@ -20,6 +20,25 @@ IGNORE_INDEX = -100
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+# Where a question's `<image>` marker goes, by name. "before" is LLaVA's `<image>\n{q}`. "after" puts the
+# question first, so in a causal LM every image position can already read the question: a patch can
+# check itself against the words asked about (one hop), and the answer gathers what the patches flagged.
+# With the image first, the answer position must first gather the question and then search the image
+# (two hops): measured on a 3-layer Llama over 64 word-mixture tokens, colour/shape binding reached 57%
+# after 600 steps with the image first and 100% after 500 with the question first (docs/results.md).
+IMAGE_PLACEMENTS: dict[str, Callable[[str, str], str]] = {
+    "before": lambda text, images: f"{images}\n{text}",
+    "after": lambda text, images: f"{text}\n{images}",
+}
+
+
+def with_image(text: str, placement: str = "before", n: int = 1, marker: str = "<image>") -> str:
+    """`text` with `n` image markers placed as `placement` says (a key of IMAGE_PLACEMENTS)."""
+    if placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"unknown image placement {placement!r}; known: {sorted(IMAGE_PLACEMENTS)}")
+    return IMAGE_PLACEMENTS[placement](text, "\n".join([marker] * n)) if n else text
+
+
 class SampleError(ValueError):
     """A sample that cannot be used, with where it came from (file and sample id) in the message."""
 

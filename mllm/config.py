@@ -68,6 +68,9 @@ class ModelConfig:
     template: str = "chatml"
     max_length: int = 512
     box_format: str = "norm1"  # how the model writes boxes: norm1 | norm1000 | pixel (grounding data + eval)
+    # Where `<image>` goes beside a question in generated data, evaluation and chat: "before" (LLaVA's
+    # `<image>\n{q}`) or "after" (`{q}\n<image>`); see mllm.chat.IMAGE_PLACEMENTS.
+    image_placement: str = "before"
     # Start from a saved model directory (a previous stage's output) instead of building.
     init_from: str | None = None
     # Tower/LM paths that are not local folders are hub names, downloaded only when this is true.

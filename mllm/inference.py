@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from mllm.chat import encode_conversation, get_template
+from mllm.chat import encode_conversation, get_template, with_image
 from mllm.data.conversations import left_pad
 from mllm.data.images import load_image
 from mllm.model import MultimodalLM
@@ -42,7 +42,8 @@ def answer_batch(model: MultimodalLM, questions: Sequence[str], images: Sequence
                  agla: AglaConfig | None = None) -> list[str]:
     """Deterministic single-turn answers; a `None` image asks the question without one.
 
-    A question that mentions no `<image>` gets one prepended (LLaVA's evaluation prompt: `<image>\\n{q}`).
+    A question that mentions no `<image>` gets one where the model was trained to see it
+    (`meta.image_placement`; LLaVA's evaluation prompt `<image>\\n{q}` for "before").
     `decoding`: "greedy" (the LM's KV-cached generate) or "agla" (`mllm.evaluation.agla`; every
     question needs an image).
     """
@@ -55,7 +56,7 @@ def answer_batch(model: MultimodalLM, questions: Sequence[str], images: Sequence
         qs, ims = questions[s : s + batch_size], images[s : s + batch_size]
         seqs, pix = [], []
         for q, im in zip(qs, ims):
-            text = q if (im is None or "<image>" in q) else f"<image>\n{q}"
+            text = q if (im is None or "<image>" in q) else with_image(q, model.meta.image_placement)
             seqs.append(prompt_ids(model, [("user", text)], 0 if im is None else 1))
             if im is not None:
                 pix.append(model.preprocess([im]))
@@ -96,7 +97,7 @@ class ChatSession:
         if "<image>" in text:
             raise ValueError("type your question without '<image>': the image is attached for you")
         first = not self.turns
-        user = f"<image>\n{text}" if (first and self.image is not None) else text
+        user = with_image(text, self.model.meta.image_placement) if (first and self.image is not None) else text
         turns = [*self.turns, ("user", user)]
         n_img = 1 if self.image is not None else 0
         ids = prompt_ids(self.model, turns, n_img).unsqueeze(0)

@@ -54,6 +54,9 @@ class MultimodalMeta:
     # How this model writes boxes in text (grounding): "norm1" (0-1), "norm1000" or "pixel", relative to
     # the padded square image when the tower pads to square. Evaluators read it instead of guessing.
     box_format: str = "norm1"
+    # Where the `<image>` marker goes beside a question (mllm.chat.IMAGE_PLACEMENTS): what the model was
+    # trained with, so evaluation, chat and serving ask it the same way.
+    image_placement: str = "before"
     format_version: int = FORMAT_VERSION
     # Fused vision side only (mllm.vision): a FusionConfig as a dict. Absent from a single-tower mllm.json.
     fusion: dict[str, Any] | None = None
@@ -105,7 +108,7 @@ class MultimodalLM(nn.Module):
     def build(cls, tower_cfg: TowerConfig, projector: str, lm: PreTrainedModel,
               tokenizer: PreTrainedTokenizerBase, image_token: str = "<image>", template: str = "chatml",
               max_length: int = 512, load_tower_weights: bool = True, box_format: str = "norm1",
-              fusion: FusionConfig | None = None) -> MultimodalLM:
+              fusion: FusionConfig | None = None, image_placement: str = "before") -> MultimodalLM:
         tower = build_tower(tower_cfg, load_weights=load_tower_weights)
         d_llm = lm.get_input_embeddings().embedding_dim
         fuse, parts = None, {}
@@ -119,6 +122,7 @@ class MultimodalLM(nn.Module):
         meta = MultimodalMeta(
             tower=asdict(tower_cfg), projector=projector, image_token=image_token,
             image_token_id=int(image_token_id), template=template, max_length=max_length, box_format=box_format,
+            image_placement=image_placement,
             fusion=asdict(fusion) if fusion is not None else None,
         )
         return cls(tower, proj, lm, meta, tokenizer, fuse, parts)

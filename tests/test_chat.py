@@ -84,3 +84,31 @@ def test_generation_prompt_is_a_prefix_of_training_ids(tokenizer):
     prompt = encode_conversation([("user", "<image>\nWhat color?")], tokenizer, "chatml", img, 2, 1,
                                  for_generation=True)["input_ids"]
     assert torch.equal(full[: len(prompt)], prompt)
+
+
+def test_image_placement_before_and_after():
+    from mllm.chat import with_image
+
+    assert with_image("What color is it?") == "<image>\nWhat color is it?"
+    assert with_image("What color is it?", "after") == "What color is it?\n<image>"
+    assert with_image("Compare.", "after", n=2) == "Compare.\n<image>\n<image>"
+    assert with_image("No image.", "after", n=0) == "No image."
+    with pytest.raises(ValueError, match="unknown image placement 'middle'"):
+        with_image("q", "middle")
+
+
+def test_answer_batch_asks_where_the_model_was_trained_to_see(tiny_model, monkeypatch):
+    """`meta.image_placement` decides the evaluation prompt: the question's tokens precede the image's."""
+    from PIL import Image
+
+    import mllm.inference as inf
+
+    seen = []
+    real = inf.prompt_ids
+    monkeypatch.setattr(inf, "prompt_ids", lambda m, turns, n: seen.append(turns) or real(m, turns, n))
+    img = Image.new("RGB", (32, 32), "white")
+    tiny_model.meta.image_placement = "after"
+    inf.answer_batch(tiny_model, ["What color is it?"], [img], max_new_tokens=1)
+    tiny_model.meta.image_placement = "before"
+    inf.answer_batch(tiny_model, ["What color is it?"], [img], max_new_tokens=1)
+    assert [t[0][1] for t in seen] == ["What color is it?\n<image>", "<image>\nWhat color is it?"]

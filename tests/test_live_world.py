@@ -191,3 +191,17 @@ def test_sequential_order_is_index_order():
 
     order = build_order("sequential", list(range(10)), 4, seed=3)
     assert list(order.batches(0, 2)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_image_placement_after_puts_the_first_question_before_the_image(tok):
+    image_id = tok.convert_tokens_to_ids("<image>")
+    before = _dataset(tok)[5]["input_ids"].tolist()
+    after = LiveWorldDataset(LiveWorldConfig(), tok, "chatml", image_id, 4, lambda ims: torch.zeros(len(ims), 3, 8, 8),
+                             4096, image_placement="after")[5]["input_ids"].tolist()
+    assert sorted(before) == sorted(after) and before != after  # the same tokens, the image moved
+    first_q = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(after)) if after[i:i + len(first_q)] == first_q) + len(first_q)
+    assert before[start] == image_id and after[start] != image_id  # LLaVA's order vs question first
+    assert after.index(image_id) > start
+    with pytest.raises(ValueError, match="unknown image placement"):
+        LiveWorldDataset(LiveWorldConfig(), tok, "chatml", image_id, 4, lambda ims: ims, 4096, image_placement="x")

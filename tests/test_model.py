@@ -102,3 +102,34 @@ def test_batched_left_padded_generation_matches_single(tiny_model, tokenizer):
     for i, p in enumerate(prompts):
         one = m.generate(p[None], pix[i : i + 1], None, max_new_tokens=4, stop_token_ids=[])
         assert both[i].tolist() == one[0].tolist()
+
+
+def test_anchored_projector_anchors_at_the_first_conversation_stage_and_round_trips(tokenizer, tmp_path):
+    """The first conversation task that trains the projector (not lm_pretrain) sets the anchors from the
+    LM's embeddings, once; save/load keeps them and the flag, and the reloaded model embeds alike."""
+    from conftest import TINY_LM, TINY_TOWER
+
+    from encoders.towers import TowerConfig
+    from mllm.config import DataConfig, StageConfig
+    from mllm.model import build_lm
+    from mllm.training.tasks import conversation_task
+
+    torch.manual_seed(0)
+    lm = build_lm(None, TINY_LM, len(tokenizer))
+    model = MultimodalLM.build(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1), "anchored_mlp2x_gelu",
+                               lm, tokenizer, template="chatml", max_length=128)
+    assert not bool(model.projector.anchored)
+    (tmp_path / "c.json").write_text("[]")
+    data = DataConfig(json=str(tmp_path / "c.json"))
+    conversation_task(model, StageConfig(name="lm_pretrain", kind="lm_pretrain", data=data), "chatml")
+    assert not bool(model.projector.anchored)  # the LM has not learned its words yet
+    conversation_task(model, StageConfig(name="align", kind="align", data=data), "chatml")
+    assert bool(model.projector.anchored) and model.projector.anchors.abs().sum() > 0
+    pix = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.encode_images(pix)
+    model.save_pretrained(tmp_path / "m")
+    again = MultimodalLM.from_pretrained(tmp_path / "m")
+    assert bool(again.projector.anchored)
+    with torch.no_grad():
+        assert torch.allclose(again.encode_images(pix), want, atol=1e-6)

@@ -48,7 +48,7 @@ def test_linear_is_a_plain_linear() -> None:
 
 @pytest.mark.parametrize("name", ["mlp", "mlp2x_relu", "mlp2x_gelu_extra", "resampler"])
 def test_unknown_name_lists_known(name: str) -> None:
-    with pytest.raises(ValueError, match=r"known: identity, linear, bn_mlp\{N\}x_gelu, mlp\{N\}x_gelu"):
+    with pytest.raises(ValueError, match=r"known: identity, linear, anchored_mlp\{N\}x_gelu, bn_mlp\{N\}x_gelu, mlp\{N\}x_gelu"):
         build_projector(name, 8, 8)
 
 
@@ -81,3 +81,46 @@ def test_register_projector() -> None:
             register_projector("test_tanh_linear")(_tanh_linear)
     finally:
         del PROJECTORS["test_tanh_linear"]
+
+
+def test_anchored_projector_mixes_word_embeddings() -> None:
+    """Before anchoring, the output is the MLP path alone; after, a patch whose heads say "red" and
+    "circle" with certainty gets exactly those words' embeddings added; anchoring happens once."""
+    from transformers import PreTrainedTokenizerFast
+
+    from mllm.projectors import AnchoredProjector
+    from mllm.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    words = {"colour": (None, "red", "blue"), "shape": (None, "circle")}
+    proj = AnchoredProjector(6, 8, 2, words)
+    assert proj.heads.out_features == 5 and proj.sizes == [3, 2]
+    x = torch.randn(1, 4, 6)
+    assert torch.count_nonzero(proj(x)) == 0  # zero anchors, silent body: a token starts as its words
+    with torch.no_grad():
+        proj.body[-1].weight.normal_()
+    assert torch.allclose(proj(x), proj.body(x)) and torch.count_nonzero(proj(x)) > 0
+    tok: PreTrainedTokenizerFast = train_tokenizer(["a red circle and a blue circle"] * 20, vocab_size=300)
+    emb = torch.nn.Embedding(len(tok), 8)
+    assert proj.anchor(emb, tok) == 3 and bool(proj.anchored)
+    red = tok("red", add_special_tokens=False)["input_ids"] + tok(" red", add_special_tokens=False)["input_ids"]
+    assert torch.allclose(proj.anchors[1], emb.weight[red].mean(0)) and torch.equal(proj.anchors[0], torch.zeros(8))
+    with torch.no_grad():  # heads certain: colour = red (row 1), shape = circle (row 4)
+        proj.heads.weight.zero_()
+        proj.heads.bias.copy_(torch.tensor([-50.0, 50.0, -50.0, -50.0, 50.0]))
+    expected = proj.body(x) + proj.anchors[1] + proj.anchors[4]
+    assert torch.allclose(proj(x), expected, atol=1e-5)
+    before = proj.anchors.detach().clone()
+    emb.weight.data.add_(1.0)
+    assert proj.anchor(emb, tok) == 0 and torch.equal(proj.anchors, before)  # not re-anchored
+    # the flag and anchors survive a state-dict round trip (what projector.safetensors holds)
+    again = AnchoredProjector(6, 8, 2, words)
+    again.load_state_dict(proj.state_dict())
+    assert bool(again.anchored) and torch.equal(again.anchors, proj.anchors)
+
+
+def test_anchored_registry_entry_uses_geoworld_words() -> None:
+    proj = build_projector("anchored_mlp2x_gelu", 16, 12)
+    assert list(proj.words) == ["colour", "shape", "size", "orientation", "centre"]
+    assert "circle" in proj.words["shape"] and proj.words["colour"][0] is None
+    assert proj(torch.randn(2, 3, 16)).shape == (2, 3, 12)

@@ -12,8 +12,10 @@ T = PatchTargets(colours=("red", "blue"), shapes=("circle", "triangle"))
 
 def test_patch_labels_by_hand():
     scene = {"width": 32, "height": 32, "figure": None, "shapes": [
-        {"kind": "triangle", "color": "blue", "size": "large", "orientation": "down", "box": [0, 0, 16, 16]},
-        {"kind": "circle", "color": "red", "size": "small", "orientation": None, "box": [8, 8, 12, 12]},
+        {"kind": "triangle", "color": "blue", "size": "large", "orientation": "down", "box": [0, 0, 16, 16],
+         "x": 8, "y": 8},
+        {"kind": "circle", "color": "red", "size": "small", "orientation": None, "box": [8, 8, 12, 12],
+         "x": 10, "y": 10},
     ]}
     lab = patch_labels(scene, (4, 4), T)  # 8-px cells, centres at 4, 12, 20, 28
     colour = lab["colour"].view(4, 4).tolist()
@@ -21,6 +23,10 @@ def test_patch_labels_by_hand():
     # half-open box [8,12) -> still the triangle; everything else background.
     assert colour == [[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert lab["orientation"].view(4, 4)[0, 0] == 3  # "down"
+    # one centre patch per object: the triangle's (8, 8) and the circle's (10, 10) both lie in cell (1, 1)
+    assert lab["centre"].view(4, 4).tolist() == [[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    scene["shapes"][0].update(x=31, y=0)  # the image's edge still maps into the grid
+    assert lab["centre"].sum() == 1 and patch_labels(scene, (4, 4), T)["centre"].view(4, 4)[0, 3] == 1
     scene["shapes"][1]["box"] = [8, 8, 16, 16]  # now covers (12,12): the smaller box wins there
     lab = patch_labels(scene, (4, 4), T)
     assert lab["colour"].view(4, 4)[1, 1] == 1 and lab["shape"].view(4, 4)[1, 1] == 1
@@ -42,7 +48,7 @@ def test_patch_supervision_learns_a_batch(tiny_model):
         opt.step()
         opt.zero_grad()
     assert float(out.loss) < 0.5 * first
-    assert set(out.parts) == {"colour", "shape", "size", "orientation", "count"}
+    assert set(out.parts) == {"colour", "shape", "size", "orientation", "centre", "count"}
 
 
 def test_readout_heads_are_the_projectors_first_rows(tiny_model):

@@ -18,7 +18,8 @@ from mllm.data.images import ImageError, load_image, resolve_image
 
 def patch_labels(scene: dict, grid: tuple[int, int], targets: PatchTargets) -> dict[str, torch.Tensor]:
     """For each patch, the attributes of the object whose box holds the patch centre (smallest box
-    wins where boxes overlap); background patches get 0 for every attribute."""
+    wins where boxes overlap); background patches get 0 for every attribute. `centre` is 1 on the patch
+    holding each object's centre point."""
     gh, gw = grid
     w, h = scene["width"], scene["height"]
     out = {k: torch.zeros(gh * gw, dtype=torch.long) for k in targets.heads()}
@@ -37,6 +38,9 @@ def patch_labels(scene: dict, grid: tuple[int, int], targets: PatchTargets) -> d
                     out["size"][i] = targets.sizes.index(s["size"]) + 1
                     o = s.get("orientation")
                     out["orientation"][i] = targets.orientations.index(o) + 1 if o else 0
+    for s in shapes:
+        r, c = min(int(s["y"] * gh / h), gh - 1), min(int(s["x"] * gw / w), gw - 1)
+        out["centre"][r * gw + c] = 1
     return out
 
 

@@ -26,7 +26,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from mllm.chat import IGNORE_INDEX
+from mllm.chat import IGNORE_INDEX, with_image
 from mllm.inference import prompt_ids, stop_ids
 from mllm.model import MultimodalLM
 
@@ -56,11 +56,12 @@ def _flatten(visuals: Any) -> list[Image.Image]:
     return out
 
 
-def _with_images(context: str, n: int) -> str:
-    """LLaVA's evaluation prompt: `<image>` markers before the question unless the task placed them."""
+def _with_images(context: str, n: int, placement: str = "before") -> str:
+    """The model's own prompt (`meta.image_placement`; "before" is LLaVA's evaluation prompt), unless the
+    task placed the `<image>` markers itself."""
     if n == 0 or "<image>" in context:
         return context
-    return "\n".join(["<image>"] * n) + "\n" + context
+    return with_image(context, placement, n)
 
 
 class MllmLMMS(lmms):
@@ -114,7 +115,7 @@ class MllmLMMS(lmms):
         out = []
         for context, gen_kwargs, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             images = _flatten(doc_to_visual(self._doc(task, split, doc_id))) if doc_to_visual else []
-            out.append(self._generate([("user", _with_images(context, len(images)))], images, gen_kwargs))
+            out.append(self._generate([("user", _with_images(context, len(images), self.model.meta.image_placement))], images, gen_kwargs))
         return out
 
     @torch.no_grad()
@@ -124,7 +125,7 @@ class MllmLMMS(lmms):
             doc = self._doc(task, split, doc_id)
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             images = _flatten(doc_to_visual(doc)) if doc_to_visual else []
-            prompt = prompt_ids(self.model, [("user", _with_images(context, len(images)))], len(images))
+            prompt = prompt_ids(self.model, [("user", _with_images(context, len(images), self.model.meta.image_placement))], len(images))
             cont = self.model.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             if cont.numel() == 0:
                 raise ValueError(f"mllm (lmms-eval): empty continuation for {task}/{split}/{doc_id}")
@@ -158,7 +159,7 @@ class MllmLMMS(lmms):
                     if extra:  # a round that shows new images starts the conversation over with them
                         images, turns = extra, []
                 n_new = len(images) if not turns else 0
-                turns.append(("user", _with_images(context, n_new)))
+                turns.append(("user", _with_images(context, n_new, self.model.meta.image_placement)))
                 answer = self._generate(turns, images, gen_kwargs)
                 turns.append(("assistant", answer))
                 answers.append(answer)

@@ -66,7 +66,8 @@ def build_model(cfg: ModelConfig, run_dir: Path, corpus_files: list[Path], seed:
     ensure_image_token(tok, cfg.tokenizer.image_token)
     lm = build_lm(cfg.lm.path, cfg.lm.config, len(tok), cfg.lm.attn_implementation, cfg.lm.trust_remote_code)
     return MultimodalLM.build(cfg.tower, cfg.projector, lm, tok, cfg.tokenizer.image_token, cfg.template,
-                              cfg.max_length, box_format=cfg.box_format, fusion=cfg.fusion)
+                              cfg.max_length, box_format=cfg.box_format, fusion=cfg.fusion,
+                              image_placement=cfg.image_placement)
 
 
 def _local_paths(cfg: ModelConfig) -> ModelConfig:

@@ -6,6 +6,7 @@ trains the tower under per-patch heads. A new kind of training (contrastive, PRI
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,9 @@ from mllm.config import StageConfig
 from mllm.data.conversations import Collator, ConversationDataset
 from mllm.data.geoworld.live import LiveWorldDataset
 from mllm.model import MultimodalLM
+from mllm.training.stages import resolve_trainable
+
+log = logging.getLogger(__name__)
 
 Task = Callable[[MultimodalLM, StageConfig, str], tuple[nn.Module, Dataset, Callable[[list], Any]]]
 TASKS: dict[str, Task] = {}
@@ -44,7 +48,9 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str):
             raise ValueError(f"stage {stage.name!r}: data.live.curriculum={stage.data.live.curriculum} needs "
                              f"data.sampler: sequential (got {stage.data.sampler!r}), else the order is shuffled")
         live = LiveWorldDataset(stage.data.live, model.tokenizer, template, model.image_token_id,
-                                model.num_image_tokens, model.preprocess, model.meta.max_length)
+                                model.num_image_tokens, model.preprocess, model.meta.max_length,
+                                model.meta.image_placement)
+        _anchor_projector(model, stage)
         return model, live, _speed_switches(model, stage, None)
     if not stage.data.json:
         raise ValueError(f"stage {stage.name!r}: data.json (or data.live) is not set")
@@ -52,7 +58,19 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str):
         stage.data.json, stage.data.images, model.tokenizer, template, model.image_token_id,
         model.num_image_tokens, model.preprocess, model.meta.max_length, stage.data.skip_bad_samples,
     )
+    _anchor_projector(model, stage)
     return model, ds, _speed_switches(model, stage, ds)
+
+
+def _anchor_projector(model: MultimodalLM, stage: StageConfig) -> None:
+    """An anchored projector (mllm.projectors.AnchoredProjector) takes its word anchors from the LM at
+    the first conversation stage that trains the projector: by then `lm_pretrain` (which does not) has
+    taught the LM its words."""
+    anchor = getattr(model.projector, "anchor", None)
+    if anchor is not None and any(k.split(".")[0] == "projector" for k in resolve_trainable(stage, model)):
+        n = anchor(model.lm.get_input_embeddings(), model.tokenizer)
+        if n:
+            log.info("stage %s: projector anchors set from the LM's embeddings of %d words", stage.name, n)
 
 
 def _speed_switches(model: MultimodalLM, stage: StageConfig, ds: ConversationDataset | None) -> Collator:
@@ -60,7 +78,6 @@ def _speed_switches(model: MultimodalLM, stage: StageConfig, ds: ConversationDat
     gradient checkpointing and torch.compile on the model; returns the (packing) collator."""
     if stage.data.feature_cache and ds is not None:
         from mllm.feature_cache import cache_for_stage
-        from mllm.training.stages import resolve_trainable
 
         cache_for_stage(model, ds, stage, resolve_trainable(stage))
     if stage.gradient_checkpointing:
@@ -88,6 +105,7 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str):
     readout = None
     if stage.readout_heads:
         first = model.projector[0] if isinstance(model.projector, nn.Sequential) else model.projector
+        first = getattr(first, "heads", first)  # an AnchoredProjector's heads are its readout
         if not isinstance(first, nn.Linear):
             raise ValueError(f"stage {stage.name!r}: readout_heads needs a projector that starts with a Linear, "
                              f"got {type(model.projector).__name__}")

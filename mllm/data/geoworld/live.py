@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mllm.chat import SampleError, encode_conversation
+from mllm.chat import SampleError, encode_conversation, with_image
 from mllm.config import LiveWorldConfig, from_dict
 
 from .augment import AugmentConfig, render_augmented
@@ -137,10 +137,11 @@ def qa_turns(scene: Scene, rng: random.Random, cfg: LiveWorldConfig) -> list[QA]
     return turns
 
 
-def conversation(turns: Sequence[QA]) -> list[dict[str, str]]:
+def conversation(turns: Sequence[QA], placement: str = "before") -> list[dict[str, str]]:
+    """LLaVA-format turns; the image marker goes beside the first question (`mllm.chat.with_image`)."""
     conv = []
     for j, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": f"<image>\n{q}" if j == 0 else q})
+        conv.append({"from": "human", "value": with_image(q, placement) if j == 0 else q})
         conv.append({"from": "gpt", "value": a})
     return conv
 
@@ -154,7 +155,7 @@ class LiveWorldDataset(Dataset):
 
     def __init__(self, cfg: LiveWorldConfig, tokenizer: Any, template: str, image_token_id: int,
                  num_image_tokens: int, preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
-                 max_length: int | None):
+                 max_length: int | None, image_placement: str = "before"):
         if cfg.content not in ("qa", "caption"):
             raise ValueError(f"data.live.content must be 'qa' or 'caption', got {cfg.content!r}")
         if cfg.n < 1:
@@ -162,6 +163,8 @@ class LiveWorldDataset(Dataset):
         lo, hi = cfg.turns
         if not 1 <= lo <= hi:
             raise ValueError(f"data.live.turns must be [lo, hi] with 1 <= lo <= hi, got {list(cfg.turns)}")
+        with_image("", image_placement)  # an unknown placement fails here, not at the first sample
+        self.placement = image_placement
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.template = template
@@ -205,7 +208,7 @@ class LiveWorldDataset(Dataset):
                     {"from": "gpt", "value": align_caption(scene, rng)}]
         else:
             turns = qa_turns(scene, rng, self.cfg)
-            conv = conversation(turns)
+            conv = conversation(turns, self.placement)
         image = self._image(scene, rng)
         enc = self._encode(conv, name)
         return {"index": i, "id": f"live-{i}", **enc, "pixel_values": self.preprocess([image])}
