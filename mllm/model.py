@@ -160,7 +160,10 @@ class MultimodalLM(nn.Module):
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-projector tokens (computed now or read from the feature cache) -> image embeddings."""
-        return self.projector(features.to(self._param_dtype(self.projector)))
+        x = features.to(self._param_dtype(self.projector))
+        if getattr(self.projector, "reads_lm_embeddings", False):  # mllm.projectors.AnchoredProjector
+            return self.projector(x, self.lm.get_input_embeddings())
+        return self.projector(x)
 
     def gradient_checkpointing_enable(self) -> list[str]:
         """Recompute layer activations in backward in every Hugging Face model inside (LM, towers).

@@ -142,47 +142,79 @@ class AnchoredProjector(nn.Module):
     probability-weighted mixtures of embedding rows, as Ovis's probabilistic visual tokens are, with the
     rows tied to words instead of a separate visual vocabulary.
 
+    Background patches must be *silent* (zero vectors): the background rows are held at zero and the MLP
+    path is gated by the first head's probability that an object covers the patch. Measured on a 3-layer
+    Llama reading 64 word-mixture tokens (question first): with zero background tokens binding reached
+    100% in 500 steps; with the same background as one constant non-zero token it stayed at ~50%
+    (docs/results.md). A zero token after the LM's RMSNorm has a zero key and a zero value, so the
+    answer's attention only ever competes among the object's patches.
+
+    The rows are *tied* to the LM's input embeddings (the word as an answer, "red", plus the word inside
+    a question, " red"), looked up at every forward, so a patch of a red circle is the very vectors the
+    LM reads and writes for those words; `anchors` are learned offsets on top, starting at zero. Measured:
+    with anchors *copied* once from the embeddings, the copy and the LM's rows drifted apart (cosine 0.3
+    after training) and colour stayed at chance.
+
     `heads` (one Linear, groups in `words` order) is what the tower warm-up trains as its per-patch heads
-    (`readout_heads`); `anchors` start as zeros and are set from the LM's embeddings by `anchor` once the
-    LM knows its words (`anchored` records that, so a resumed or reloaded model is not re-anchored).
+    (`readout_heads`). `anchor` records the words' token ids once the LM knows its words (`anchored` says
+    so, and a resumed or reloaded model keeps them); before that the word rows are zero.
     """
+
+    reads_lm_embeddings = True  # MultimodalLM.project_features passes the LM's input embeddings
 
     def __init__(self, in_dim: int, out_dim: int, depth: int, words: dict[str, tuple[str | None, ...]]):
         super().__init__()
         self.words = {k: tuple(v) for k, v in words.items()}
         self.sizes = [len(v) for v in self.words.values()]
-        self.heads = nn.Linear(in_dim, sum(self.sizes))
-        self.anchors = nn.Parameter(torch.zeros(sum(self.sizes), out_dim))
+        rows = sum(self.sizes)
+        self.heads = nn.Linear(in_dim, rows)
+        self.anchors = nn.Parameter(torch.zeros(rows, out_dim))
         self.body = _mlp(depth, f"anchored_mlp{depth}x_gelu", in_dim, out_dim)
         # The body starts silent, so a token starts as its words: measured on the demo, a default-initialised
         # MLP's output was ~20x the LM's word-embedding scale and drowned the anchors (docs/results.md).
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
         self.register_buffer("anchored", torch.zeros((), dtype=torch.bool))
+        # Per row, the token ids of the word alone and after a space (-1: none; background rows have none).
+        self.register_buffer("word_ids", torch.full((rows, 2), -1, dtype=torch.long))
+        # Background rows (word None) stay zero: see the class docstring.
+        named = torch.tensor([w is not None for group in self.words.values() for w in group], dtype=torch.float32)
+        self.register_buffer("named", named[:, None], persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def table(self, embedding: nn.Embedding | None) -> torch.Tensor:
+        """The row vectors: tied word embeddings (once anchored) plus the learned offsets; background zero."""
+        rows = self.anchors
+        if bool(self.anchored):
+            if embedding is None:
+                raise ValueError("an anchored projector reads the LM's input embeddings; pass `embedding`")
+            ids = self.word_ids
+            words = embedding(ids.clamp(min=0)) * (ids >= 0).unsqueeze(-1).to(rows.dtype)
+            rows = rows + words.sum(1).to(rows.dtype)
+        return rows * self.named
+
+    def forward(self, x: torch.Tensor, embedding: nn.Embedding | None = None) -> torch.Tensor:
         logits = self.heads(x).split(self.sizes, dim=-1)
         probs = torch.cat([g.softmax(-1) for g in logits], dim=-1)
-        return self.body(x) + probs @ self.anchors
+        seen = 1.0 - logits[0].softmax(-1)[..., :1]  # P(an object covers this patch), from the first head
+        return seen * self.body(x) + probs @ self.table(embedding)
 
     @torch.no_grad()
     def anchor(self, embedding: nn.Embedding, tokenizer) -> int:
-        """Set each named class's anchor to the mean embedding of its word's tokens, as the word appears
-        alone (an answer) and after a space (inside a question); background classes stay zero. Returns
-        the number of words anchored; does nothing once anchored."""
+        """Tie each named class to its word's first token, alone (an answer) and after a space (inside a
+        question). Returns the number of words tied; does nothing once anchored."""
         if bool(self.anchored):
             return 0
-        rows = [w for group in self.words.values() for w in group]
         n = 0
-        for i, word in enumerate(rows):
+        for i, word in enumerate(w for group in self.words.values() for w in group):
             if word is None:
                 continue
-            ids = list(tokenizer(word, add_special_tokens=False)["input_ids"])
-            ids += list(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise ValueError(f"the tokenizer gives no tokens for the anchor word {word!r}")
-            weight = embedding.weight[torch.tensor(ids, device=embedding.weight.device)]
-            self.anchors[i] = weight.float().mean(0).to(self.anchors.dtype)
+            for j, form in enumerate((word, " " + word)):
+                ids = tokenizer(form, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ValueError(f"the tokenizer gives no tokens for the anchor word {form!r}")
+                if ids[0] >= embedding.num_embeddings:
+                    raise ValueError(f"anchor word {form!r}: token id {ids[0]} is outside the LM's embeddings")
+                self.word_ids[i, j] = ids[0]
             n += 1
         self.anchored.fill_(True)
         return n

@@ -84,8 +84,9 @@ def test_register_projector() -> None:
 
 
 def test_anchored_projector_mixes_word_embeddings() -> None:
-    """Before anchoring, the output is the MLP path alone; after, a patch whose heads say "red" and
-    "circle" with certainty gets exactly those words' embeddings added; anchoring happens once."""
+    """Before anchoring, the output is the (gated) MLP path alone; after, a patch whose heads say "red" and
+    "circle" with certainty gets exactly those words' embeddings, read live from the LM's table; a
+    background patch is a zero vector; anchoring happens once and survives a state-dict round trip."""
     from transformers import PreTrainedTokenizerFast
 
     from mllm.projectors import AnchoredProjector
@@ -96,27 +97,39 @@ def test_anchored_projector_mixes_word_embeddings() -> None:
     proj = AnchoredProjector(6, 8, 2, words)
     assert proj.heads.out_features == 5 and proj.sizes == [3, 2]
     x = torch.randn(1, 4, 6)
-    assert torch.count_nonzero(proj(x)) == 0  # zero anchors, silent body: a token starts as its words
+    assert torch.count_nonzero(proj(x)) == 0  # zero offsets, silent body: nothing before the words
     with torch.no_grad():
         proj.body[-1].weight.normal_()
-    assert torch.allclose(proj(x), proj.body(x)) and torch.count_nonzero(proj(x)) > 0
+    seen = 1 - proj.heads(x)[..., :3].softmax(-1)[..., :1]  # gated by P(an object covers the patch)
+    assert torch.allclose(proj(x), seen * proj.body(x)) and torch.count_nonzero(proj(x)) > 0
+    with torch.no_grad():
+        proj.body[-1].weight.zero_()
     tok: PreTrainedTokenizerFast = train_tokenizer(["a red circle and a blue circle"] * 20, vocab_size=300)
     emb = torch.nn.Embedding(len(tok), 8)
     assert proj.anchor(emb, tok) == 3 and bool(proj.anchored)
-    red = tok("red", add_special_tokens=False)["input_ids"] + tok(" red", add_special_tokens=False)["input_ids"]
-    assert torch.allclose(proj.anchors[1], emb.weight[red].mean(0)) and torch.equal(proj.anchors[0], torch.zeros(8))
+    with pytest.raises(ValueError, match="reads the LM's input embeddings"):
+        proj(x)
+
+    def ids(w: str) -> list[int]:
+        return [tok(w, add_special_tokens=False)["input_ids"][0], tok(" " + w, add_special_tokens=False)["input_ids"][0]]
+
     with torch.no_grad():  # heads certain: colour = red (row 1), shape = circle (row 4)
         proj.heads.weight.zero_()
         proj.heads.bias.copy_(torch.tensor([-50.0, 50.0, -50.0, -50.0, 50.0]))
-    expected = proj.body(x) + proj.anchors[1] + proj.anchors[4]
-    assert torch.allclose(proj(x), expected, atol=1e-5)
-    before = proj.anchors.detach().clone()
-    emb.weight.data.add_(1.0)
-    assert proj.anchor(emb, tok) == 0 and torch.equal(proj.anchors, before)  # not re-anchored
-    # the flag and anchors survive a state-dict round trip (what projector.safetensors holds)
+    want = emb.weight[ids("red")].sum(0) + emb.weight[ids("circle")].sum(0)
+    assert torch.allclose(proj(x, emb), want.expand(1, 4, 8), atol=1e-5)
+    with torch.no_grad():  # tied, not copied: the LM's rows move, the patch moves with them
+        emb.weight.add_(1.0)
+    assert torch.allclose(proj(x, emb), (want + 4.0).expand(1, 4, 8), atol=1e-5)
+    with torch.no_grad():  # background certain: a silent token, whatever the offsets hold
+        proj.heads.bias.copy_(torch.tensor([50.0, -50.0, -50.0, 50.0, -50.0]))
+        proj.anchors[0].fill_(3.0)
+    assert proj(x, emb).abs().max() < 1e-30
+    before = proj.word_ids.clone()
+    assert proj.anchor(torch.nn.Embedding(len(tok), 8), tok) == 0 and torch.equal(proj.word_ids, before)
     again = AnchoredProjector(6, 8, 2, words)
     again.load_state_dict(proj.state_dict())
-    assert bool(again.anchored) and torch.equal(again.anchors, proj.anchors)
+    assert bool(again.anchored) and torch.equal(again.word_ids, proj.word_ids)
 
 
 def test_anchored_registry_entry_uses_geoworld_words() -> None:
