@@ -30,6 +30,7 @@ class PatchTargets:
     sizes: tuple[str, ...] = ("small", "large")
     orientations: tuple[str, ...] = ("up", "right", "down", "left", "horizontal", "vertical")
     max_count: int = 8
+    centre: bool = False  # a per-patch "object centre" head (the anchored projector's "object" word)
 
     def heads(self) -> dict[str, int]:
         return {name: len(words) for name, words in self.words().items()}
@@ -40,8 +41,9 @@ class PatchTargets:
         `centre` marks the patch holding an object's centre: one patch per object, so counting objects is
         counting marked patches, where counting covered patches would count an object's area.
         """
-        return {"colour": (None, *self.colours), "shape": (None, *self.shapes), "size": (None, *self.sizes),
-                "orientation": (None, *self.orientations), "centre": (None, "object")}
+        words = {"colour": (None, *self.colours), "shape": (None, *self.shapes), "size": (None, *self.sizes),
+                 "orientation": (None, *self.orientations)}
+        return {**words, "centre": (None, "object")} if self.centre else words
 
 
 class PatchSupervision(nn.Module):

@@ -293,6 +293,8 @@ class MultimodalLM(nn.Module):
                 meta["fusion"] = self.fusion.save_parts(self, tmp)
             else:
                 del meta["fusion"]  # single-tower mllm.json keeps exactly its original fields
+            if meta["image_placement"] == "before":
+                del meta["image_placement"]  # LLaVA's placement, the default when the field is absent
             (tmp / "mllm.json").write_text(json.dumps(meta, indent=2))
         return Path(out_dir)
 

@@ -133,3 +133,15 @@ def test_anchored_projector_anchors_at_the_first_conversation_stage_and_round_tr
     assert bool(again.projector.anchored)
     with torch.no_grad():
         assert torch.allclose(again.encode_images(pix), want, atol=1e-6)
+
+
+def test_image_placement_is_saved_only_when_not_llavas(tiny_model, tmp_path):
+    import json
+
+    tiny_model.save_pretrained(tmp_path / "a")
+    assert "image_placement" not in json.loads((tmp_path / "a" / "mllm.json").read_text())
+    tiny_model.meta.image_placement = "after"
+    tiny_model.save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "mllm.json").read_text())["image_placement"] == "after"
+    assert MultimodalLM.from_pretrained(tmp_path / "b").meta.image_placement == "after"
+    assert MultimodalLM.from_pretrained(tmp_path / "a").meta.image_placement == "before"

@@ -7,7 +7,7 @@ import torch
 from encoders.supervised import PatchSupervision, PatchTargets
 from mllm.data.scene_labels import patch_labels
 
-T = PatchTargets(colours=("red", "blue"), shapes=("circle", "triangle"))
+T = PatchTargets(colours=("red", "blue"), shapes=("circle", "triangle"), centre=True)
 
 
 def test_patch_labels_by_hand():
@@ -80,3 +80,11 @@ def test_readout_too_narrow_is_refused(tiny_model):
     narrow = torch.nn.Linear(tiny_model.tower.hidden_size, 3)
     with pytest.raises(ValueError, match="cannot hold"):
         PatchSupervision(tiny_model.tower, T, readout=narrow)
+
+
+def test_centre_head_only_when_asked():
+    plain = PatchTargets(colours=("red",), shapes=("circle",))
+    assert "centre" not in plain.heads() and "centre" in T.heads()
+    scene = {"width": 8, "height": 8, "figure": None, "shapes": [
+        {"kind": "circle", "color": "red", "size": "small", "orientation": None, "box": [0, 0, 8, 8], "x": 4, "y": 4}]}
+    assert set(patch_labels(scene, (2, 2), plain)) == {"colour", "shape", "size", "orientation"}

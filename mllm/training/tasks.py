@@ -99,7 +99,8 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str):
 
     if not stage.data.json:
         raise ValueError(f"stage {stage.name!r}: data.json (a GeoWorld scenes.jsonl) is not set")
-    targets = PatchTargets(colours=COLOR_NAMES, shapes=SHAPES)
+    # The centre head exists where the projector reads it (an anchored projector's "object" word).
+    targets = PatchTargets(colours=COLOR_NAMES, shapes=SHAPES, centre="centre" in getattr(model.projector, "words", {}))
     ds = SceneLabelDataset(stage.data.json, stage.data.images, targets, model.tower.grid, model.tower.preprocess,
                            stage.data.skip_bad_samples)
     readout = None

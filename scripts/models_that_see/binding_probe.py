@@ -5,7 +5,7 @@ patches are exactly the sum of its colour and shape word embeddings? It isolates
 
 Knobs (environment): ORDER=q_first|img_first (question before or after the image tokens), T=questions
 per image (the first placed by ORDER, later ones after the image), BG=zero|const (background patches as
-zero vectors or as one constant non-zero embedding), NOISE=share of patch labels replaced at random,
+zero vectors or as one constant non-zero embedding), EXTRA=more attribute words per object patch, NOISE=share of patch labels replaced at random,
 LR, STEPS. Prints held-out accuracy of the first and of later questions every 100 steps.
 
 Usage: T=1 BG=zero ORDER=q_first python scripts/models_that_see/binding_probe.py
@@ -27,6 +27,7 @@ T = int(os.environ.get("T", "1"))
 NOISE = float(os.environ.get("NOISE", "0"))
 STEPS = int(os.environ.get("STEPS", "600"))
 BG = os.environ.get("BG", "zero")
+EXTRA = int(os.environ.get("EXTRA", "0"))  # more attribute words (3 values each) summed into object patches
 torch.manual_seed(0)
 random.seed(0)
 torch.set_num_threads(1)
@@ -34,7 +35,8 @@ C, S = 8, 8  # colours, shapes
 PAD, SEP, ANS = 0, 1, 2
 COL0, SH0 = 3, 3 + C
 QC, QS, Q3 = 3 + C + S, 4 + C + S, 5 + C + S  # "what colour", "what shape", "?"
-V = 6 + C + S
+X0 = 6 + C + S
+V = X0 + 3 * EXTRA
 cfg = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
 lm = LlamaForCausalLM(cfg)
@@ -80,7 +82,8 @@ def batch(b=32):
                 c = random.randrange(C)
             if random.random() < NOISE:
                 s = random.randrange(S)
-            img.append(table[COL0 + c] + table[SH0 + s])
+            extra = sum((table[X0 + 3 * e + (hash((g, e, n)) % 3)] for e in range(EXTRA)), torch.zeros(128))
+            img.append(table[COL0 + c] + table[SH0 + s] + extra)
         img = torch.stack(img)
         parts, tgt = [], []
         qs = [question(n, cols, shapes) for _ in range(T)]
