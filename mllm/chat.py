@@ -30,11 +30,17 @@ IMAGE_PLACEMENTS: dict[str, Callable[[str, str], str]] = {
 }
 
 
-def with_image(text: str, placement: str = "before", n: int = 1, marker: str = "<image>") -> str:
-    """`text` with `n` image markers placed as `placement` says (a key of IMAGE_PLACEMENTS)."""
+def check_image_placement(placement: str) -> str:
+    """`placement` if it names an IMAGE_PLACEMENTS entry, else a ValueError listing the known ones."""
     if placement not in IMAGE_PLACEMENTS:
         raise ValueError(f"unknown image placement {placement!r}; known: {sorted(IMAGE_PLACEMENTS)}")
-    return IMAGE_PLACEMENTS[placement](text, "\n".join([marker] * n)) if n else text
+    return placement
+
+
+def with_image(text: str, placement: str = "before", n: int = 1, marker: str = "<image>") -> str:
+    """`text` with `n` image markers placed as `placement` says (a key of IMAGE_PLACEMENTS)."""
+    place = IMAGE_PLACEMENTS[check_image_placement(placement)]
+    return place(text, "\n".join([marker] * n)) if n else text
 
 
 class SampleError(ValueError):

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.utils import logging as hf_logging
 
 from encoders.towers import Tower, TowerConfig, build_tower
-from mllm.chat import IGNORE_INDEX
+from mllm.chat import IGNORE_INDEX, check_image_placement
 from mllm.config import FusionConfig
 from mllm.data.packing import check_packing_support
 from mllm.projectors import build_projector
@@ -122,7 +122,7 @@ class MultimodalLM(nn.Module):
         meta = MultimodalMeta(
             tower=asdict(tower_cfg), projector=projector, image_token=image_token,
             image_token_id=int(image_token_id), template=template, max_length=max_length, box_format=box_format,
-            image_placement=image_placement,
+            image_placement=check_image_placement(image_placement),
             fusion=asdict(fusion) if fusion is not None else None,
         )
         return cls(tower, proj, lm, meta, tokenizer, fuse, parts)

@@ -189,8 +189,8 @@ class AnchoredProjector(nn.Module):
         if bool(self.anchored):
             if embedding is None:
                 raise ValueError("an anchored projector reads the LM's input embeddings; pass `embedding`")
-            ids = self.word_ids
-            words = (embedding(ids.clamp(min=0)) * (ids >= 0).unsqueeze(-1).to(rows.dtype)).sum(1).to(rows.dtype)
+            # Background rows hold id -1; what they look up is removed by `named` below and by `keep`.
+            words = embedding(self.word_ids.clamp(min=0)).sum(1).to(rows.dtype)
             # Each word minus its group's mean: what tells "red" from the other colours. A text-trained LM's
             # colour words share most of their direction (mean cosine 0.65 after the demo's lm_pretrain).
             parts = []
@@ -201,9 +201,9 @@ class AnchoredProjector(nn.Module):
         return rows * self.named
 
     def forward(self, x: torch.Tensor, embedding: nn.Embedding | None = None) -> torch.Tensor:
-        logits = self.heads(x).split(self.sizes, dim=-1)
-        probs = torch.cat([g.softmax(-1) for g in logits], dim=-1)
-        first = logits[0].softmax(-1)
+        groups = [g.softmax(-1) for g in self.heads(x).split(self.sizes, dim=-1)]
+        probs = torch.cat(groups, dim=-1)
+        first = groups[0]
         seen = 1.0 - first[..., :1]  # P(an object covers this patch), from the first head
         # Exactly zero where the first head says background: a near-zero token is not silent, since the
         # LM's RMSNorm scales it back up (measured: 0.002-norm background tokens took 50-90% of attention).

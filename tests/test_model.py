@@ -145,3 +145,15 @@ def test_image_placement_is_saved_only_when_not_llavas(tiny_model, tmp_path):
     assert json.loads((tmp_path / "b" / "mllm.json").read_text())["image_placement"] == "after"
     assert MultimodalLM.from_pretrained(tmp_path / "b").meta.image_placement == "after"
     assert MultimodalLM.from_pretrained(tmp_path / "a").meta.image_placement == "before"
+
+
+def test_unknown_image_placement_is_refused_at_build(tokenizer):
+    from conftest import TINY_LM, TINY_TOWER
+
+    from encoders.towers import TowerConfig
+    from mllm.model import build_lm
+
+    lm = build_lm(None, TINY_LM, len(tokenizer))
+    with pytest.raises(ValueError, match="unknown image placement 'middle'"):
+        MultimodalLM.build(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1), "mlp2x_gelu", lm,
+                           tokenizer, image_placement="middle")

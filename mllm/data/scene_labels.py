@@ -38,9 +38,10 @@ def patch_labels(scene: dict, grid: tuple[int, int], targets: PatchTargets) -> d
                     out["size"][i] = targets.sizes.index(s["size"]) + 1
                     o = s.get("orientation")
                     out["orientation"][i] = targets.orientations.index(o) + 1 if o else 0
-    for s in shapes if "centre" in out else ():
-        r, c = min(int(s["y"] * gh / h), gh - 1), min(int(s["x"] * gw / w), gw - 1)
-        out["centre"][r * gw + c] = 1
+    if "centre" in out:
+        for s in shapes:
+            r, c = min(int(s["y"] * gh / h), gh - 1), min(int(s["x"] * gw / w), gw - 1)
+            out["centre"][r * gw + c] = 1
     return out
 
 

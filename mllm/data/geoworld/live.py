@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mllm.chat import SampleError, encode_conversation, with_image
+from mllm.chat import SampleError, check_image_placement, encode_conversation, with_image
 from mllm.config import LiveWorldConfig, from_dict
 
 from .augment import AugmentConfig, render_augmented
@@ -163,8 +163,7 @@ class LiveWorldDataset(Dataset):
         lo, hi = cfg.turns
         if not 1 <= lo <= hi:
             raise ValueError(f"data.live.turns must be [lo, hi] with 1 <= lo <= hi, got {list(cfg.turns)}")
-        with_image("", image_placement)  # an unknown placement fails here, not at the first sample
-        self.placement = image_placement
+        self.placement = check_image_placement(image_placement)  # fails here, not at the first sample
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.template = template
