@@ -3,6 +3,9 @@
 Every benchmark runs its contenders in the same process, alternating (A B A B ...), so a neighbour
 that loads the machine for a while slows both alike instead of whichever ran then; medians ignore
 the odd outlier. The last line a benchmark prints is `RESULT {json}`.
+
+Benchmarks import the installed `mllm` (install.sh installs the checkout, editable), never a path patched
+into sys.path; `_common` and `_pair` import as siblings because Python puts a script's folder first on it.
 """
 
 from __future__ import annotations
@@ -11,17 +14,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout, without installing
-    sys.path.insert(0, str(ROOT))
 
 
 def sync(device: torch.device | str) -> None:
@@ -37,8 +35,13 @@ def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[fl
     return time.perf_counter() - t0, out
 
 
-def alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-              device: torch.device | str = "cpu", log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+def alternate(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
     """Run each fn `warmup` times (untimed), then `repeats` rounds of all fns in turn; seconds per call."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -57,8 +60,9 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None, repeats: int = 5
-                ) -> float:
+def matmul_peak(
+    dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None, repeats: int = 5
+) -> float:
     """FLOP/s of a large square matmul (2 n^3 per product), best of `repeats` after one warm-up.
 
     The best, not the median: it estimates what the hardware can do, the ceiling MFU is measured against.
@@ -99,8 +103,13 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"nproc": os.cpu_count(), "threads": torch.get_num_threads(), "cpu": cpu, "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    info = {
+        "nproc": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
     try:
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     except OSError:

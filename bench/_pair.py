@@ -26,32 +26,76 @@ from mllm.projectors import build_projector
 class PairConfig:
     """Default: ~107M parameters, LM-dominated (CLIP 6x384 at 192 px / 16 -> 144 tokens; Llama 10x768)."""
 
-    vision: dict[str, Any] = field(default_factory=lambda: dict(
-        image_size=192, patch_size=16, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-        num_attention_heads=6))
-    text: dict[str, Any] = field(default_factory=lambda: dict(
-        hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
-        num_key_value_heads=12, vocab_size=16000, max_position_embeddings=2048, tie_word_embeddings=False))
+    vision: dict[str, Any] = field(
+        default_factory=lambda: dict(
+            image_size=192,
+            patch_size=16,
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+        )
+    )
+    text: dict[str, Any] = field(
+        default_factory=lambda: dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=10,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            vocab_size=16000,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
+    )
     select_layer: int = -2
 
     @classmethod
     def quick(cls) -> PairConfig:
         return cls(
-            vision=dict(image_size=96, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                        num_attention_heads=4),
-            text=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=4000, max_position_embeddings=2048,
-                      tie_word_embeddings=False))
+            vision=dict(
+                image_size=96,
+                patch_size=8,
+                hidden_size=128,
+                intermediate_size=512,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+            ),
+            text=dict(
+                hidden_size=256,
+                intermediate_size=688,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                vocab_size=4000,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+            ),
+        )
 
     @classmethod
     def large(cls) -> PairConfig:
         """~1.2B parameters for a GPU (CLIP-L-like 24x1024 at 168 px / 14 -> 144 tokens; Llama 16x2048)."""
         return cls(
-            vision=dict(image_size=168, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                        num_hidden_layers=24, num_attention_heads=16),
-            text=dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
-                      num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096,
-                      tie_word_embeddings=False))
+            vision=dict(
+                image_size=168,
+                patch_size=14,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+            ),
+            text=dict(
+                hidden_size=2048,
+                intermediate_size=5504,
+                num_hidden_layers=16,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                vocab_size=32000,
+                max_position_embeddings=4096,
+                tie_word_embeddings=False,
+            ),
+        )
 
     @classmethod
     def named(cls, name: str) -> PairConfig:
@@ -76,7 +120,9 @@ def build_ours(cfg: PairConfig, attn: str = "sdpa", seed: int = 0) -> Multimodal
     vocab = lm_cfg.pop("vocab_size")
     lm = build_lm(None, lm_cfg, vocab, attn=attn)
     proj = build_projector("mlp2x_gelu", tower.hidden_size, cfg.text["hidden_size"])
-    meta = MultimodalMeta(tower={}, projector="mlp2x_gelu", image_token_id=cfg.image_token_id, max_length=4096)
+    meta = MultimodalMeta(
+        tower={}, projector="mlp2x_gelu", image_token_id=cfg.image_token_id, max_length=4096
+    )
     return MultimodalLM(tower, proj, lm, meta, tokenizer=None)
 
 
@@ -85,13 +131,13 @@ def llava_keys(ours: MultimodalLM) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in ours.state_dict().items():
         if k.startswith("tower.model."):  # CLIPVisionModel; older transformers nest it under vision_model.
-            rest = k[len("tower.model."):]
+            rest = k[len("tower.model.") :]
             out["model.vision_tower." + rest.removeprefix("vision_model.")] = v
         elif k.startswith("projector."):
-            idx, rest = k[len("projector."):].split(".", 1)
+            idx, rest = k[len("projector.") :].split(".", 1)
             out[f"model.multi_modal_projector.linear_{ {'0': 1, '2': 2}[idx] }.{rest}"] = v
         elif k.startswith("lm.model."):
-            out["model.language_model." + k[len("lm.model."):]] = v
+            out["model.language_model." + k[len("lm.model.") :]] = v
         elif k == "lm.lm_head.weight":
             out["lm_head.weight"] = v
         else:
@@ -103,9 +149,13 @@ def build_reference(cfg: PairConfig, ours: MultimodalLM, attn: str = "sdpa") -> 
     lcfg = LlavaConfig(
         vision_config=CLIPVisionConfig(**cfg.vision).to_dict(),
         text_config=LlamaConfig(**cfg.text).to_dict(),
-        image_token_id=cfg.image_token_id, projector_hidden_act="gelu", vision_feature_layer=cfg.select_layer,
-        vision_feature_select_strategy="default", multimodal_projector_bias=True,
-        image_seq_length=cfg.num_image_tokens, tie_word_embeddings=False,
+        image_token_id=cfg.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=cfg.select_layer,
+        vision_feature_select_strategy="default",
+        multimodal_projector_bias=True,
+        image_seq_length=cfg.num_image_tokens,
+        tie_word_embeddings=False,
     )
     ref = LlavaForConditionalGeneration._from_config(lcfg, attn_implementation=attn, dtype=torch.float32)
     missing, unexpected = ref.load_state_dict(llava_keys(ours), strict=False)
@@ -137,8 +187,13 @@ def draw_samples(cfg: PairConfig, n: int, seed: int = 0, mix=LENGTH_MIX) -> list
         n_text = rng.randint(*bounds)
         pre = rng.randint(4, 12)
         text = torch.randint(3, vocab, (n_text,), generator=g)
-        ids = torch.cat([torch.randint(3, vocab, (pre,), generator=g),
-                         torch.full((cfg.num_image_tokens,), cfg.image_token_id), text])
+        ids = torch.cat(
+            [
+                torch.randint(3, vocab, (pre,), generator=g),
+                torch.full((cfg.num_image_tokens,), cfg.image_token_id),
+                text,
+            ]
+        )
         labels = torch.full_like(ids, IGNORE_INDEX)
         n_ans = max(1, int(0.4 * n_text))
         labels[-n_ans:] = ids[-n_ans:]
@@ -147,17 +202,24 @@ def draw_samples(cfg: PairConfig, n: int, seed: int = 0, mix=LENGTH_MIX) -> list
     return out
 
 
-def check_same_model(ours: MultimodalLM, ref: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor],
-                     atol: float) -> float:
+def check_same_model(
+    ours: MultimodalLM, ref: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor], atol: float
+) -> float:
     """Assert equal logits (and loss) on `batch`; returns the max logit difference."""
     was = ours.training, ref.training
     ours.eval()
     ref.eval()
     with torch.no_grad():
-        a = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 pixel_values=batch["pixel_values"]).logits.float()
-        b = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"]).logits.float()
+        a = ours(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        ).logits.float()
+        b = ref(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        ).logits.float()
         la = ours(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}).loss
         lb = ref(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}).loss
     ours.train(was[0])

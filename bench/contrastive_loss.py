@@ -46,12 +46,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, result  # noqa: E402
+from _common import machine, result
 
-REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("clip", "siglip")
 IMPLS = ("naive", "ours")
 
@@ -87,7 +84,9 @@ def _step(objective: str, impl: str, img, txt, scale, bias, chunk: int):
     if impl == "ours":
         from encoders.objectives import get_objective
 
-        loss, _ = get_objective(objective, chunk=chunk)(img, txt, scale, bias if objective == "siglip" else None)
+        loss, _ = get_objective(objective, chunk=chunk)(
+            img, txt, scale, bias if objective == "siglip" else None
+        )
     elif objective == "clip":
         logits = scale * img @ txt.T
         labels = torch.arange(img.shape[0])
@@ -127,20 +126,46 @@ def worker(objective: str, impl: str, b: int, d: int, chunk: int, seed: int, thr
     loss = _step(objective, impl, img, txt, scale, bias, chunk)
     seconds = time.perf_counter() - t
     peak = _peak_bytes(reset_ok)
-    return {"objective": objective, "impl": impl, "B": b, "D": d, "chunk": chunk, "loss": loss,
-            "seconds": seconds, "peak_delta_mb": (peak - before) / 2**20, "rss_before_mb": before / 2**20,
-            "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss since start",
-            "threads": torch.get_num_threads()}
+    return {
+        "objective": objective,
+        "impl": impl,
+        "B": b,
+        "D": d,
+        "chunk": chunk,
+        "loss": loss,
+        "seconds": seconds,
+        "peak_delta_mb": (peak - before) / 2**20,
+        "rss_before_mb": before / 2**20,
+        "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss since start",
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ------------------------------------------------------------------------------------ driver
 def run_one(objective: str, impl: str, b: int, d: int, chunk: int, seed: int, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, __file__, "--worker", objective, impl, str(b), str(d), str(chunk),
-                          str(seed), str(threads)], env=env, capture_output=True, text=True, cwd=REPO)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # the installed mllm, as in the parent
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            objective,
+            impl,
+            str(b),
+            str(d),
+            str(chunk),
+            str(seed),
+            str(threads),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
-        raise RuntimeError(f"{objective}/{impl} B={b} failed (exit {out.returncode}; killed for memory if -9):\n"
-                           f"{out.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{objective}/{impl} B={b} failed (exit {out.returncode}; killed for memory if -9):\n"
+            f"{out.stderr[-2000:]}"
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -150,10 +175,18 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=1024, help="rows per block in our kernels")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run: B 512,1024, D 64, chunk 128, 1 repeat")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads per measurement; 0 = torch default")
-    ap.add_argument("--worker", nargs=7, metavar=("OBJ", "IMPL", "B", "D", "CHUNK", "SEED", "THREADS"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny smoke run: B 512,1024, D 64, chunk 128, 1 repeat"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads per measurement; 0 = torch default"
+    )
+    ap.add_argument(
+        "--worker",
+        nargs=7,
+        metavar=("OBJ", "IMPL", "B", "D", "CHUNK", "SEED", "THREADS"),
+        help=argparse.SUPPRESS,
+    )
     args = ap.parse_args()
     if args.worker:
         obj, impl, b, d, chunk, seed, threads = args.worker
@@ -170,31 +203,60 @@ def main() -> None:
                 for impl in IMPLS if rep % 2 == 0 else IMPLS[::-1]:
                     r = run_one(obj, impl, b, args.dim, args.chunk, seed=rep, threads=args.threads)
                     runs.setdefault((obj, b, impl), []).append(r)
-                    print(f"B={b:6d} {obj:6s} {impl:5s} rep {rep}: {r['seconds']:8.3f} s  "
-                          f"peak +{r['peak_delta_mb']:9.1f} MB  loss {r['loss']:.6f}", flush=True)
-    med = {k: {"seconds": statistics.median(r["seconds"] for r in v),
-               "peak_delta_mb": statistics.median(r["peak_delta_mb"] for r in v)} for k, v in runs.items()}
+                    print(
+                        f"B={b:6d} {obj:6s} {impl:5s} rep {rep}: {r['seconds']:8.3f} s  "
+                        f"peak +{r['peak_delta_mb']:9.1f} MB  loss {r['loss']:.6f}",
+                        flush=True,
+                    )
+    med = {
+        k: {
+            "seconds": statistics.median(r["seconds"] for r in v),
+            "peak_delta_mb": statistics.median(r["peak_delta_mb"] for r in v),
+        }
+        for k, v in runs.items()
+    }
     info = machine()
-    info["threads"] = runs[(OBJECTIVES[0], sizes[0], "ours")][0]["threads"]  # the measurements', not this driver's
-    out: dict = {"machine": info, "D": args.dim, "chunk": args.chunk, "repeats": args.repeats, "sizes": sizes,
-                    "headline_B": sizes[-1], "threads": runs[(OBJECTIVES[0], sizes[0], "ours")][0]["threads"],
-                    "peak_method": runs[(OBJECTIVES[0], sizes[0], "ours")][0]["peak_method"]}
-    print(f"\n{'objective':9s} {'B':>6s} {'naive s':>9s} {'ours s':>9s} {'naive MB':>10s} {'ours MB':>10s} "
-          f"{'mem ratio':>9s} {'time ratio':>10s}")
+    info["threads"] = runs[(OBJECTIVES[0], sizes[0], "ours")][0][
+        "threads"
+    ]  # the measurements', not this driver's
+    out: dict = {
+        "machine": info,
+        "D": args.dim,
+        "chunk": args.chunk,
+        "repeats": args.repeats,
+        "sizes": sizes,
+        "headline_B": sizes[-1],
+        "threads": runs[(OBJECTIVES[0], sizes[0], "ours")][0]["threads"],
+        "peak_method": runs[(OBJECTIVES[0], sizes[0], "ours")][0]["peak_method"],
+    }
+    print(
+        f"\n{'objective':9s} {'B':>6s} {'naive s':>9s} {'ours s':>9s} {'naive MB':>10s} {'ours MB':>10s} "
+        f"{'mem ratio':>9s} {'time ratio':>10s}"
+    )
     for obj in OBJECTIVES:
         per_b = {}
         for b in sizes:
             n, o = med[(obj, b, "naive")], med[(obj, b, "ours")]
             mem_ratio = n["peak_delta_mb"] / max(o["peak_delta_mb"], 1e-3)
             time_ratio = n["seconds"] / o["seconds"]
-            per_b[str(b)] = {"naive_s": round(n["seconds"], 4), "ours_s": round(o["seconds"], 4),
-                             "naive_peak_mb": round(n["peak_delta_mb"], 1), "ours_peak_mb": round(o["peak_delta_mb"], 1),
-                             "peak_memory_ratio": round(mem_ratio, 2), "time_ratio": round(time_ratio, 3)}
-            print(f"{obj:9s} {b:6d} {n['seconds']:9.3f} {o['seconds']:9.3f} {n['peak_delta_mb']:10.1f} "
-                  f"{o['peak_delta_mb']:10.1f} {mem_ratio:9.2f} {time_ratio:10.3f}")
+            per_b[str(b)] = {
+                "naive_s": round(n["seconds"], 4),
+                "ours_s": round(o["seconds"], 4),
+                "naive_peak_mb": round(n["peak_delta_mb"], 1),
+                "ours_peak_mb": round(o["peak_delta_mb"], 1),
+                "peak_memory_ratio": round(mem_ratio, 2),
+                "time_ratio": round(time_ratio, 3),
+            }
+            print(
+                f"{obj:9s} {b:6d} {n['seconds']:9.3f} {o['seconds']:9.3f} {n['peak_delta_mb']:10.1f} "
+                f"{o['peak_delta_mb']:10.1f} {mem_ratio:9.2f} {time_ratio:10.3f}"
+            )
         head = per_b[str(sizes[-1])]
-        out[obj] = {"peak_memory_ratio": head["peak_memory_ratio"], "time_ratio": head["time_ratio"],
-                       "by_batch": per_b}
+        out[obj] = {
+            "peak_memory_ratio": head["peak_memory_ratio"],
+            "time_ratio": head["time_ratio"],
+            "by_batch": per_b,
+        }
     out["peak_memory_ratio"] = min(out[o]["peak_memory_ratio"] for o in OBJECTIVES)
     out["time_ratio"] = min(out[o]["time_ratio"] for o in OBJECTIVES)
     out["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -1,15 +1,18 @@
 """Is the data pipeline ever the bottleneck? GeoWorld rendering, and dataset + collate vs a training step.
 
-    python bench/data.py            # the demo recipe's instruct stage (train/recipes/tiny-geoworld.yaml)
+    python bench/data.py            # the demo recipe's instruct stage (recipe tiny-geoworld)
     python bench/data.py --quick
 
 1. GeoWorld images/s: scene sampling + PIL rendering at the recipe's 64 px (what `mllm synth` does
    per training image, before PNG encoding).
 2. Loader samples/s: `ConversationDataset` (PNG decode, tower preprocessing, chat template,
-   tokenisation, label masks) + `Collator` through a DataLoader with the stage's default workers
+   tokenisation, label masks; for a live stage such as the demo's instruct, `LiveWorldDataset`: a scene
+   drawn and rendered per sample instead of a PNG decoded) + `Collator` through a DataLoader with the stage's default workers
    (`data.num_workers`, 0 = in the training process), over a world written by `write_world`.
 3. Training samples/s: one step (forward, backward, AdamW) of the recipe's model on the same
    batches, with the stage's trainable modules and precision (fp32 in the demo recipe).
+The recipe's tower is the demo's trained clip-resnet-tiny image tower: the benchmark trains one for a single
+step in its temporary folder (same architecture, so the same cost), so it runs on a fresh checkout.
 Loader and step alternate per round. `loader_headroom` = loader samples/s / training samples/s:
 how many times faster the loader produces batches than a step consumes them (target >= 5).
 """
@@ -23,22 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from _common import alternate, machine, median, result
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from _common import alternate, machine, median, result  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from mllm.config import load_recipe  # noqa: E402
-from mllm.data.conversations import Collator, ConversationDataset  # noqa: E402
-from mllm.data.geoworld import render, write_world  # noqa: E402
-from mllm.data.geoworld.sampling import world_scene  # noqa: E402
-from mllm.demo import write_text_corpus  # noqa: E402
-from mllm.training.optim import build_optimizer, param_groups, set_trainable  # noqa: E402
-from mllm.training.runner import build_model  # noqa: E402
-from mllm.training.stages import resolve_template, resolve_trainable  # noqa: E402
-
-RECIPE = Path(__file__).resolve().parent.parent / "train" / "recipes" / "tiny-geoworld.yaml"
+from mllm.config import load_recipe
+from mllm.data.batch import model_inputs
+from mllm.data.conversations import Collator, ConversationDataset
+from mllm.data.geoworld import render, write_world
+from mllm.data.geoworld.live import LiveWorldDataset
+from mllm.data.geoworld.sampling import world_scene
+from mllm.demo import ENCODER_RECIPE, RECIPE, write_text_corpus
+from mllm.families import resolve_template, resolve_trainable
+from mllm.training.optim import build_optimizer, param_groups, set_trainable
+from mllm.training.runner import build_model, train_recipe
 
 
 def render_rate(n: int, size: int, seed: int = 0) -> float:
@@ -49,7 +50,50 @@ def render_rate(n: int, size: int, seed: int = 0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def align_cache_speedup(recipe_path: Path, world: Path, tmp: Path, steps: int, rounds: int, log) -> dict:
+def tiny_tower(world: Path, out: Path) -> Path:
+    """An image tower shaped as the demo's (clip-resnet-tiny), trained one step: what the recipe's tower path needs."""
+    enc = load_recipe(
+        ENCODER_RECIPE,
+        [
+            f"extra.world={world}",
+            "stages.contrastive.max_steps=1",
+            "stages.contrastive.batch_size=8",
+            "engine.checkpoint_every=0",
+        ],
+    )
+    return Path(train_recipe(enc, out, log=lambda *_: None)["final"]) / "image_tower"
+
+
+def stage_dataset(stage, model):
+    """The stage's dataset as training builds it: scenes drawn and rendered per sample for a live stage (the
+    demo's instruct), else its LLaVA-format file."""
+    template = resolve_template(stage, model.meta.template)
+    if stage.data.live is not None:
+        return LiveWorldDataset(
+            stage.data.live,
+            model.tokenizer,
+            template,
+            model.image_token_id,
+            model.num_image_tokens,
+            model.preprocess,
+            model.meta.max_length,
+            model.meta.image_placement,
+        )
+    return ConversationDataset(
+        stage.data.json,
+        stage.data.images,
+        model.tokenizer,
+        template,
+        model.image_token_id,
+        model.num_image_tokens,
+        model.preprocess,
+        model.meta.max_length,
+    )
+
+
+def align_cache_speedup(
+    recipe_path: Path, overrides: list[str], tmp: Path, steps: int, rounds: int, log
+) -> dict:
     """The recipe's `align` stage (tower frozen) alone, without and with `data.feature_cache`, alternating.
 
     Each run trains `steps` steps from the same fresh model; the per-step seconds come from the
@@ -60,9 +104,8 @@ def align_cache_speedup(recipe_path: Path, world: Path, tmp: Path, steps: int, r
 
     from mllm.config import recipe_from_dict as from_tree
     from mllm.config import to_dict
-    from mllm.training.runner import train_recipe
 
-    base = to_dict(load_recipe(recipe_path, [f"extra.world={world}"]))
+    base = to_dict(load_recipe(recipe_path, overrides))
     align = next(st for st in base["stages"] if st["kind"] == "align")
     align.update(max_steps=steps, warmup_ratio=0.0)
     base["stages"] = [align]
@@ -83,9 +126,11 @@ def align_cache_speedup(recipe_path: Path, world: Path, tmp: Path, steps: int, r
             if on and build_s is None:
                 build_s = wall - sum(x["step_s"] for x in rows)  # includes model build + save, as for plain
             log(f"align {name} round {r + 1}: median step {median(step_s):.3f}s, wall {wall:.1f}s")
-    return {"align_cache_speedup": round(median(per_step["plain"]) / median(per_step["cached"]), 3),
-            "align_step_s": {k: round(median(v), 4) for k, v in per_step.items()},
-            "align_cached_first_run_overhead_s": round(build_s or 0.0, 2)}
+    return {
+        "align_cache_speedup": round(median(per_step["plain"]) / median(per_step["cached"]), 3),
+        "align_step_s": {k: round(median(v), 4) for k, v in per_step.items()},
+        "align_cached_first_run_overhead_s": round(build_s or 0.0, 2),
+    }
 
 
 def main() -> None:
@@ -94,8 +139,11 @@ def main() -> None:
     ap.add_argument("--stage", default="instruct", help="the recipe stage to measure (default instruct)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workers", type=int, default=None, help="override data.num_workers")
-    ap.add_argument("--align-cache", action="store_true",
-                    help="also time the align stage without / with the frozen-tower feature cache")
+    ap.add_argument(
+        "--align-cache",
+        action="store_true",
+        help="also time the align stage without / with the frozen-tower feature cache",
+    )
     ap.add_argument("--align-steps", type=int, default=20)
     args = ap.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -108,18 +156,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         world = Path(tmp) / "world"
         t0 = time.perf_counter()
-        write_world(world, seed=0, n=n_scenes, size=64, mmvp_pairs=8, pope_questions=12, refcoco_n=8,
-                    mathverse_problems=2, mmvp_vlm_pairs=1)
+        write_world(
+            world,
+            seed=0,
+            n=n_scenes,
+            size=64,
+            mmvp_pairs=8,
+            pope_questions=12,
+            refcoco_n=8,
+            mathverse_problems=2,
+            mmvp_vlm_pairs=1,
+        )
         write_text_corpus(world)  # the demo's text.json (the tokenizer is trained on the recipe's files)
         log(f"write_world n={n_scenes}: {time.perf_counter() - t0:.1f}s")
-        recipe = load_recipe(RECIPE, [f"extra.world={world}"])
+        overrides = [f"extra.world={world}", f"extra.tower={tiny_tower(world, Path(tmp) / 'encoder')}"]
+        recipe = load_recipe(RECIPE, overrides)
         stage = recipe.stage(args.stage)
         workers = stage.data.num_workers if args.workers is None else args.workers
-        model = build_model(recipe.model, Path(tmp) / "run", [Path(s.data.json) for s in recipe.stages
-                                                                if s.data.json], 0)
-        ds = ConversationDataset(stage.data.json, stage.data.images, model.tokenizer,
-                                 resolve_template(stage, model.meta.template), model.image_token_id,
-                                 model.num_image_tokens, model.preprocess, model.meta.max_length)
+        model = build_model(
+            recipe.model, Path(tmp) / "run", [Path(s.data.json) for s in recipe.stages if s.data.json], 0
+        )
+        ds = stage_dataset(stage, model)
         collate = Collator(model.tokenizer.pad_token_id)
         bs = stage.batch_size
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
@@ -131,15 +188,22 @@ def main() -> None:
             try:
                 return next(loader_iter)
             except StopIteration:
-                loader_iter = iter(DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                                              persistent_workers=workers > 0))
+                loader_iter = iter(
+                    DataLoader(
+                        ds,
+                        batch_sampler=batches,
+                        collate_fn=collate,
+                        num_workers=workers,
+                        persistent_workers=workers > 0,
+                    )
+                )
                 return next(loader_iter)
 
         trainable = resolve_trainable(stage)
         set_trainable(model, trainable)
         opt = build_optimizer(param_groups(model, trainable, stage.weight_decay), tuple(stage.betas))
         fixed = collate([ds[i] for i in batches[0]])
-        inputs = {k: v for k, v in fixed.items() if k not in ("skips", "ids")}
+        inputs = model_inputs(fixed)
         model.train()
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.engine.precision == "bf16")
 
@@ -153,22 +217,40 @@ def main() -> None:
         # A loader round is several batches, so a DataLoader restart or worker start-up is amortised
         # as it is in training (one iterator per stage).
         k = 4
-        times = alternate({"loader": lambda: [next_loader_batch() for _ in range(k)], "train_step": train_step},
-                          rounds, warmup=1, log=log)
+        times = alternate(
+            {"loader": lambda: [next_loader_batch() for _ in range(k)], "train_step": train_step},
+            rounds,
+            warmup=1,
+            log=log,
+        )
         extra = {}
         if args.align_cache:
-            extra = align_cache_speedup(RECIPE, world, Path(tmp), 4 if args.quick else args.align_steps,
-                                        1 if args.quick else 2, log)
+            extra = align_cache_speedup(
+                RECIPE,
+                overrides,
+                Path(tmp),
+                4 if args.quick else args.align_steps,
+                1 if args.quick else 2,
+                log,
+            )
     loader_sps = k * bs / median(times["loader"])
     train_sps = bs / median(times["train_step"])
-    result({
-        "loader_headroom": round(loader_sps / train_sps, 2),
-        "geoworld_images_per_s": round(images_per_s, 1),
-        "loader_samples_per_s": round(loader_sps, 1),
-        "train_samples_per_s": round(train_sps, 1),
-        "stage": args.stage, "batch_size": bs, "num_workers": workers, "precision": recipe.engine.precision,
-        "rounds": rounds, "config": "quick" if args.quick else "default", **extra, "machine": machine(),
-    })
+    result(
+        {
+            "loader_headroom": round(loader_sps / train_sps, 2),
+            "geoworld_images_per_s": round(images_per_s, 1),
+            "loader_samples_per_s": round(loader_sps, 1),
+            "train_samples_per_s": round(train_sps, 1),
+            "stage": args.stage,
+            "batch_size": bs,
+            "num_workers": workers,
+            "precision": recipe.engine.precision,
+            "rounds": rounds,
+            "config": "quick" if args.quick else "default",
+            **extra,
+            "machine": machine(),
+        }
+    )
 
 
 if __name__ == "__main__":

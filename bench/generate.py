@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from _common import alternate, machine, median, result
+from _pair import PairConfig, build_ours, build_reference, check_same_model, draw_samples
 
-import torch  # noqa: E402
-from _common import alternate, machine, median, result  # noqa: E402
-from _pair import PairConfig, build_ours, build_reference, check_same_model, draw_samples  # noqa: E402
-
-from mllm.data.conversations import Collator  # noqa: E402
+from mllm.data.conversations import Collator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -59,8 +56,14 @@ def main() -> None:
         return ours.generate(ids, pix, mask, max_new_tokens=n)
 
     def run_ref(n: int) -> torch.Tensor:
-        out = ref.generate(input_ids=ids, pixel_values=pix, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
+        out = ref.generate(
+            input_ids=ids,
+            pixel_values=pix,
+            attention_mask=mask,
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
         return out[:, prompt_len:]
 
     with torch.no_grad():
@@ -71,23 +74,39 @@ def main() -> None:
     log(f"prompt {prompt_len} tokens ({cfg.num_image_tokens} image), {n_new} new tokens; same tokens")
 
     with torch.no_grad():
-        times = alternate({"ours_ttft": lambda: run_ours(1), "ref_ttft": lambda: run_ref(1),
-                           "ours_n": lambda: run_ours(n_new), "ref_n": lambda: run_ref(n_new)},
-                          rounds, warmup=1, device=dev, log=log)
+        times = alternate(
+            {
+                "ours_ttft": lambda: run_ours(1),
+                "ref_ttft": lambda: run_ref(1),
+                "ours_n": lambda: run_ours(n_new),
+                "ref_n": lambda: run_ref(n_new),
+            },
+            rounds,
+            warmup=1,
+            device=dev,
+            log=log,
+        )
     med = {k: median(v) for k, v in times.items()}
     dec_ours = (n_new - 1) / max(med["ours_n"] - med["ours_ttft"], 1e-9)
     dec_ref = (n_new - 1) / max(med["ref_n"] - med["ref_ttft"], 1e-9)
-    result({
-        "tokens_per_s_ratio": round(dec_ours / dec_ref, 3),
-        "e2e_tokens_per_s_ratio": round(med["ref_n"] / med["ours_n"], 3),
-        "ttft_ratio": round(med["ref_ttft"] / med["ours_ttft"], 3),
-        "decode_tokens_per_s": {"ours": round(dec_ours, 1), "reference": round(dec_ref, 1)},
-        "ttft_s": {"ours": round(med["ours_ttft"], 4), "reference": round(med["ref_ttft"], 4)},
-        "total_s": {"ours": round(med["ours_n"], 4), "reference": round(med["ref_n"], 4)},
-        "prompt_tokens": prompt_len, "new_tokens": n_new, "dtype": args.dtype, "attn": args.attn,
-        "device": str(dev), "rounds": rounds, "config": "quick" if args.quick else "default",
-        "machine": machine(),
-    })
+    result(
+        {
+            "tokens_per_s_ratio": round(dec_ours / dec_ref, 3),
+            "e2e_tokens_per_s_ratio": round(med["ref_n"] / med["ours_n"], 3),
+            "ttft_ratio": round(med["ref_ttft"] / med["ours_ttft"], 3),
+            "decode_tokens_per_s": {"ours": round(dec_ours, 1), "reference": round(dec_ref, 1)},
+            "ttft_s": {"ours": round(med["ours_ttft"], 4), "reference": round(med["ref_ttft"], 4)},
+            "total_s": {"ours": round(med["ours_n"], 4), "reference": round(med["ref_n"], 4)},
+            "prompt_tokens": prompt_len,
+            "new_tokens": n_new,
+            "dtype": args.dtype,
+            "attn": args.attn,
+            "device": str(dev),
+            "rounds": rounds,
+            "config": "quick" if args.quick else "default",
+            "machine": machine(),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -18,20 +18,17 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 
 def main() -> None:
     from mllm import prior as P
     from mllm.config import load_recipe
+    from mllm.data.batch import model_inputs
     from mllm.data.conversations import Collator, ConversationDataset
     from mllm.data.geoworld import write_world
     from mllm.training.runner import build_model
@@ -44,12 +41,29 @@ def main() -> None:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="prior-bench-"))
     world = tmp / "world"
-    write_world(world, seed=0, n=args.n, size=64, n_eval=8, mmvp_pairs=2, pope_questions=6, refcoco_n=2,
-                mathverse_problems=2)
-    recipe = load_recipe(REPO / "train" / "recipes" / "prior-tiny.yaml", [f"extra.world={world}"])
+    write_world(
+        world,
+        seed=0,
+        n=args.n,
+        size=64,
+        n_eval=8,
+        mmvp_pairs=2,
+        pope_questions=6,
+        refcoco_n=2,
+        mathverse_problems=2,
+    )
+    recipe = load_recipe("prior-tiny", [f"extra.world={world}"])
     model = build_model(recipe.model, tmp / "run", [world / "align.json"], seed=0)
-    ds = ConversationDataset(world / "align.json", world, model.tokenizer, "plain", model.image_token_id,
-                             model.num_image_tokens, model.tower.preprocess, model.meta.max_length)
+    ds = ConversationDataset(
+        world / "align.json",
+        world,
+        model.tokenizer,
+        "plain",
+        model.image_token_id,
+        model.num_image_tokens,
+        model.tower.preprocess,
+        model.meta.max_length,
+    )
     settings = P.PriorSettings(alpha=1.0)
     ref = P.reference_from(model.lm, settings, len(model.tokenizer))
     t = time.perf_counter()
@@ -74,7 +88,7 @@ def main() -> None:
         for name, m in models.items():
             t = time.perf_counter()
             batch = collate([data[name][i] for i in idx])
-            inputs = {k: v for k, v in batch.items() if k not in ("skips", "ids")}
+            inputs = model_inputs(batch)
             out = m(**inputs)
             out.loss.backward()
             opts[name].step()
@@ -82,12 +96,20 @@ def main() -> None:
             if r:  # the first round warms up allocators and kernels
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"ntp_step_s": round(med["ntp"], 4), "prior_step_s": round(med["prior"], 4),
-              "overhead": round(med["prior"] / med["ntp"] - 1, 4), "weights_pass_s": round(weights_pass_s, 2),
-              "samples": len(ds), "batch": args.batch, "repeats": args.repeats,
-              "threads": torch.get_num_threads()}
-    print(f"median step (data + forward + backward + AdamW), batch {args.batch}: NTP {med['ntp']:.4f}s, "
-          f"PRIOR {med['prior']:.4f}s; one-off weight pass over {len(ds)} captions {weights_pass_s:.1f}s")
+    result = {
+        "ntp_step_s": round(med["ntp"], 4),
+        "prior_step_s": round(med["prior"], 4),
+        "overhead": round(med["prior"] / med["ntp"] - 1, 4),
+        "weights_pass_s": round(weights_pass_s, 2),
+        "samples": len(ds),
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"median step (data + forward + backward + AdamW), batch {args.batch}: NTP {med['ntp']:.4f}s, "
+        f"PRIOR {med['prior']:.4f}s; one-off weight pass over {len(ds)} captions {weights_pass_s:.1f}s"
+    )
     print("RESULT " + json.dumps(result))
 
 

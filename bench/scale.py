@@ -22,10 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 8
-WORDS = ("red green blue yellow circle square triangle large small left right top bottom above below the a "
-         "of is there how many what color shape pointing up down").split()
+WORDS = (
+    "red green blue yellow circle square triangle large small left right top bottom above below the a "
+    "of is there how many what color shape pointing up down"
+).split()
 
 
 def write_llava(path: Path, n: int, seed: int = 0) -> Path:
@@ -41,11 +42,15 @@ def write_llava(path: Path, n: int, seed: int = 0) -> Path:
     with open(path, "w") as f:
         f.write("[\n")
         for i in range(n):
-            turns = [{"from": "human", "value": "<image>\n" + " ".join(rng.choices(WORDS, k=12)) + "?"},
-                     {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(4, 20)))}]
+            turns = [
+                {"from": "human", "value": "<image>\n" + " ".join(rng.choices(WORDS, k=12)) + "?"},
+                {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(4, 20)))},
+            ]
             if rng.random() < 0.5:
-                turns += [{"from": "human", "value": " ".join(rng.choices(WORDS, k=8)) + "?"},
-                          {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=6))}]
+                turns += [
+                    {"from": "human", "value": " ".join(rng.choices(WORDS, k=8)) + "?"},
+                    {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=6))},
+                ]
             rec = {"id": f"{i:09d}", "image": f"images/{i % N_IMAGES}.png", "conversations": turns}
             f.write(("" if i == 0 else ",\n") + json.dumps(rec))
         f.write("\n]\n")
@@ -83,23 +88,42 @@ def run_mode(mode: str, path: Path, base: Path | None) -> dict:
         recs = read_records(path)
         n = sum(1 for r in recs if isinstance(r, dict))
     elif mode == "train":
-        rec = {"name": "scale", "model": {"init_from": str(base)},
-               "stages": [{"name": "s", "kind": "instruct", "data": {"json": str(path), "images": str(path.parent)},
-                           "lr": 1e-3, "batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0}],
-               "engine": {"backend": "torch", "precision": "fp32", "progress": False, "threads": 1}}
+        rec = {
+            "name": "scale",
+            "model": {"init_from": str(base)},
+            "stages": [
+                {
+                    "name": "s",
+                    "kind": "instruct",
+                    "data": {"json": str(path), "images": str(path.parent)},
+                    "lr": 1e-3,
+                    "batch_size": 4,
+                    "max_steps": 3,
+                    "warmup_ratio": 0.0,
+                }
+            ],
+            "engine": {"backend": "torch", "precision": "fp32", "progress": False, "threads": 1},
+        }
         out = Path(tempfile.mkdtemp(prefix="scale-run-"))
         summary = train_recipe(recipe_from_dict(rec), out, log=lambda *a: None)
         n = summary["stages"]["s"]["steps"]
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    return {"mode": mode, "n": n, "start_mb": round(start_mb, 1), "peak_mb": round(_peak_mb(), 1),
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "mode": mode,
+        "n": n,
+        "start_mb": round(start_mb, 1),
+        "peak_mb": round(_peak_mb(), 1),
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
 def measure(mode: str, path: Path, base: Path | None = None, timeout: float = 900) -> dict:
     """`run_mode` in a fresh interpreter (peak RSS is per process and never goes down)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--run", mode, str(path)] + ([str(base)] if base else [])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run", mode, str(path)] + (
+        [str(base)] if base else []
+    )
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} on {path} failed:\n{out.stderr[-3000:]}")
@@ -119,11 +143,31 @@ def make_base(out: Path) -> Path:
     torch.manual_seed(0)
     tok = train_tokenizer([" ".join(WORDS)] * 20, vocab_size=300)
     ensure_image_token(tok, "<image>")
-    lm = build_lm(None, dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256), len(tok))
-    tower = TowerConfig(type="clip", select_layer=-1, config=dict(image_size=32, patch_size=8, hidden_size=32,
-                                                                   intermediate_size=64, num_hidden_layers=2,
-                                                                   num_attention_heads=2))
+    lm = build_lm(
+        None,
+        dict(
+            model_type="llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        ),
+        len(tok),
+    )
+    tower = TowerConfig(
+        type="clip",
+        select_layer=-1,
+        config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+    )
     MultimodalLM.build(tower, "mlp2x_gelu", lm, tok, max_length=256).save_pretrained(out)
     return out
 
@@ -152,11 +196,21 @@ def main() -> None:
     for mode in args.modes.split(","):
         small, big = measure(mode, files[args.small], base), measure(mode, files[args.big], base)
         per = (big["peak_mb"] - small["peak_mb"]) * 2**20 / (args.big - args.small)
-        rows.append({"mode": mode, "small": small, "big": big, "growth_mb": round(big["peak_mb"] - small["peak_mb"], 1),
-                     "bytes_per_sample": round(per, 1)})
-        print(f"{mode:6s} peak RSS {args.small}: {small['peak_mb']:.0f} MB ({small['seconds']}s)   "
-              f"{args.big}: {big['peak_mb']:.0f} MB ({big['seconds']}s)   growth {rows[-1]['growth_mb']} MB = "
-              f"{per:.0f} bytes/sample", flush=True)
+        rows.append(
+            {
+                "mode": mode,
+                "small": small,
+                "big": big,
+                "growth_mb": round(big["peak_mb"] - small["peak_mb"], 1),
+                "bytes_per_sample": round(per, 1),
+            }
+        )
+        print(
+            f"{mode:6s} peak RSS {args.small}: {small['peak_mb']:.0f} MB ({small['seconds']}s)   "
+            f"{args.big}: {big['peak_mb']:.0f} MB ({big['seconds']}s)   growth {rows[-1]['growth_mb']} MB = "
+            f"{per:.0f} bytes/sample",
+            flush=True,
+        )
     size = files[args.big].stat().st_size / 2**20
     print(json.dumps({"file_mb": round(size, 1), "rows": rows}, indent=1))
 

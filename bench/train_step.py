@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from _common import alternate, bf16_supported, machine, matmul_peak, median, result  # noqa: E402
-from _pair import (  # noqa: E402
+import torch
+from _common import alternate, bf16_supported, machine, matmul_peak, median, result
+from _pair import (
     LENGTH_MIX,
     QUICK_MIX,
     PairConfig,
@@ -38,8 +35,9 @@ from _pair import (  # noqa: E402
     draw_samples,
 )
 
-from mllm.chat import IGNORE_INDEX  # noqa: E402
-from mllm.data.conversations import Collator  # noqa: E402
+from mllm.chat import IGNORE_INDEX
+from mllm.data.batch import model_inputs
+from mllm.data.conversations import Collator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -60,14 +58,18 @@ def model_flops(cfg: PairConfig, samples: list[dict]) -> float:
     labelled = 0
     for s in samples:
         n = len(s["input_ids"])
-        lm += t["num_hidden_layers"] * (6 * per_layer * n + 6 * n * n * d)  # causal attention: half of 4 n^2 d, x3
+        lm += t["num_hidden_layers"] * (
+            6 * per_layer * n + 6 * n * n * d
+        )  # causal attention: half of 4 n^2 d, x3
         labelled += int((s["labels"][1:] != IGNORE_INDEX).sum())
     head = 6 * d * t["vocab_size"] * labelled
     return float(tower + proj + lm + head)
 
 
-def make_step(model: torch.nn.Module, batch: dict, opt: torch.optim.Optimizer, fwd_kwargs: dict | None = None):
-    inputs = {k: v for k, v in batch.items() if k not in ("skips", "ids")}
+def make_step(
+    model: torch.nn.Module, batch: dict, opt: torch.optim.Optimizer, fwd_kwargs: dict | None = None
+):
+    inputs = model_inputs(batch)
 
     def step() -> float:
         loss = model(**inputs, **(fwd_kwargs or {})).loss
@@ -98,8 +100,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="samples per step (default 8; --quick 4)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grad-ckpt", action="store_true", help="also time ours packed with gradient checkpointing")
-    ap.add_argument("--compile", action="store_true", help="also time ours packed with compiled decoder layers")
+    ap.add_argument(
+        "--grad-ckpt", action="store_true", help="also time ours packed with gradient checkpointing"
+    )
+    ap.add_argument(
+        "--compile", action="store_true", help="also time ours packed with compiled decoder layers"
+    )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -125,8 +131,10 @@ def main() -> None:
     packed = Collator(pad, pack_length=width)([dict(s, id=str(i)) for i, s in enumerate(samples)])
     useful = int(padded["attention_mask"].sum())
     diff = check_same_model(ours, ref, padded, atol=1e-4)
-    log(f"{n_params / 1e6:.1f}M parameters; same logits (max diff {diff:.2e}); batch {args.batch}: padded "
-        f"{tuple(padded['input_ids'].shape)}, packed {tuple(packed['input_ids'].shape)}, useful tokens {useful}")
+    log(
+        f"{n_params / 1e6:.1f}M parameters; same logits (max diff {diff:.2e}); batch {args.batch}: padded "
+        f"{tuple(padded['input_ids'].shape)}, packed {tuple(packed['input_ids'].shape)}, useful tokens {useful}"
+    )
 
     ours.to(dev, dtype).train()
     ref.to(dev, dtype).train()
@@ -150,13 +158,16 @@ def main() -> None:
     if args.grad_ckpt:
         ckpt = copy.deepcopy(ours)
         ckpt.gradient_checkpointing_enable()
-        fns["ours_packed_ckpt"] = make_step(ckpt, packed_d, torch.optim.AdamW(trainable(ckpt, "tower."), lr=1e-5))
+        fns["ours_packed_ckpt"] = make_step(
+            ckpt, packed_d, torch.optim.AdamW(trainable(ckpt, "tower."), lr=1e-5)
+        )
     if args.compile:
         comp = copy.deepcopy(ours)
         for layer in comp.lm.get_decoder().layers:
             layer.compile(dynamic=True)
-        fns["ours_packed_compiled"] = make_step(comp, packed_d,
-                                                torch.optim.AdamW(trainable(comp, "tower."), lr=1e-5))
+        fns["ours_packed_compiled"] = make_step(
+            comp, packed_d, torch.optim.AdamW(trainable(comp, "tower."), lr=1e-5)
+        )
     times = alternate(fns, rounds, warmup=1, device=dev, log=log)
     # The ceiling is the best the hardware showed: on a shared machine a neighbour may have slowed
     # the first measurement, so it is taken again after the steps and the higher one kept.
@@ -180,8 +191,13 @@ def main() -> None:
         "model_tflops_per_step": round(flops / 1e12, 4),
         "peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "params_m": round(n_params / 1e6, 1),
-        "dtype": args.dtype, "attn": args.attn, "device": str(dev), "batch": args.batch, "rounds": rounds,
-        "config": "quick" if args.quick else args.config, "machine": machine(),
+        "dtype": args.dtype,
+        "attn": args.attn,
+        "device": str(dev),
+        "batch": args.batch,
+        "rounds": rounds,
+        "config": "quick" if args.quick else args.config,
+        "machine": machine(),
     }
     if "ours_packed_ckpt" in med:
         out["grad_ckpt_slowdown"] = round(med["ours_packed_ckpt"] / med["ours_packed"], 3)

@@ -145,13 +145,25 @@ class _ChunkedPairLSE(torch.autograd.Function):
             gs += (xc * gyr).sum()
             gx[r0:r1] = gyr * s
             gy.addmm_(g.T, xc, alpha=s)
-        return (gx.to(x.dtype) if ctx.needs_input_grad[0] else None,
-                gy.to(y.dtype) if ctx.needs_input_grad[1] else None,
-                gs.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None, None, None, None)
+        return (
+            gx.to(x.dtype) if ctx.needs_input_grad[0] else None,
+            gy.to(y.dtype) if ctx.needs_input_grad[1] else None,
+            gs.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+        )
 
 
-def pair_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, chunk: int,
-             exclude_offset: int | None = None, cols: bool = False) -> PairLSE:
+def pair_lse(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    chunk: int,
+    exclude_offset: int | None = None,
+    cols: bool = False,
+) -> PairLSE:
     """Log-sum-exp over columns of each row of `scale * x @ y.T` (and over rows of each column).
 
     exclude_offset: when not None, entry (i, i + exclude_offset) is left out of the sums (DCL removes the
@@ -215,14 +227,25 @@ class _ChunkedSigLIP(torch.autograd.Function):
             gs += (xc * gyr).sum()
             gx[r0:r1] = gyr * s
             gy.addmm_(g.T, xc, alpha=s)
-        return (gx.to(x.dtype) if ctx.needs_input_grad[0] else None,
-                gy.to(y.dtype) if ctx.needs_input_grad[1] else None,
-                gs.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None,
-                gb.reshape(bias.shape).to(bias.dtype) if ctx.needs_input_grad[3] else None, None, None)
+        return (
+            gx.to(x.dtype) if ctx.needs_input_grad[0] else None,
+            gy.to(y.dtype) if ctx.needs_input_grad[1] else None,
+            gs.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None,
+            gb.reshape(bias.shape).to(bias.dtype) if ctx.needs_input_grad[3] else None,
+            None,
+            None,
+        )
 
 
-def siglip_sum(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, chunk: int,
-               pos_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def siglip_sum(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    chunk: int,
+    pos_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over all (i, j) of -log sigmoid(z_ij * (scale * x_i.y_j + bias)), z = +1 at j = i + pos_offset
     and -1 elsewhere, and each row's arg-max column. Rows are processed `chunk` at a time once there are
     more than `chunk`, holding O(chunk * C) numbers instead of R * C."""

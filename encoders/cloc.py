@@ -17,14 +17,16 @@ MLLM asked about "the small blue triangle" then has to find it alone. CLOC adds,
 `ClocModel` is a `ContrastiveModel` (same towers, heads, objective registry, save layout) plus the
 Prompter, so its `image_tower/` loads into a MultimodalLM like any contrastive tower, and a CLIP
 checkpoint can seed it (`model.init_from`). Spec: ../shared/reference/methods.md, "CLOC".
+
+This module is the model only: its data is `mllm.data.regions`, its builder and stage task
+`mllm.families.cloc`, its evaluation `mllm.evaluation.regions` (`mllm probe regions`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +35,15 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
 
-from encoders.contrastive import ContrastiveHeads, ContrastiveModel, EncoderConfig
+from encoders.common import ConfigError, from_dict, meta_kind, read_meta
+from encoders.contrastive import FORMAT_VERSION, META_FILE, ContrastiveHeads, ContrastiveModel, EncoderConfig
 from encoders.text_tower import TextTower
 from encoders.towers import Tower
-from mllm.data.captions import CaptionCollator
 
-CLOC_FILE = "cloc.json"
 CLOC_WEIGHTS = "cloc.safetensors"
+# Folders saved before the one-meta-file convention kept the CLOC section in a second file; they still load.
+LEGACY_CLOC_FILE = "cloc.json"
 
 
 @dataclass
@@ -56,18 +58,24 @@ class ClocConfig:
     box_dim: int = 128  # size of the sinusoidal box code (32 per coordinate)
     regions_file: str = "regions.jsonl"  # beside the stage's data.json (captions.jsonl), joined by id
 
+    def __post_init__(self) -> None:
+        if self.box_dim % 8:
+            raise ConfigError(
+                f"model.encoder.cloc.box_dim must be a multiple of 8 (sin+cos per coordinate), got {self.box_dim}"
+            )
+        if self.regions_per_image < 1:
+            raise ConfigError("model.encoder.cloc.regions_per_image must be at least 1")
+
 
 def cloc_config(raw: dict[str, Any] | None) -> ClocConfig:
-    from mllm.config import ConfigError, from_dict
+    return from_dict(ClocConfig, raw or {}, "model.encoder.cloc")
 
-    cfg = from_dict(ClocConfig, raw or {}, "model.encoder.cloc")
-    if cfg.box_dim % 8:
-        raise ConfigError(
-            f"model.encoder.cloc.box_dim must be a multiple of 8 (sin+cos per coordinate), got {cfg.box_dim}"
-        )
-    if cfg.regions_per_image < 1:
-        raise ConfigError("model.encoder.cloc.regions_per_image must be at least 1")
-    return cfg
+
+@dataclass
+class ClocEncoderConfig(EncoderConfig):
+    """`model.encoder` of model kind `cloc`: the contrastive pair's settings plus `cloc:`."""
+
+    cloc: ClocConfig = field(default_factory=ClocConfig)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -103,10 +111,11 @@ def negative_filter(text_emb: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def region_info_nce(
     region: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float, threshold: float
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE over R (region, phrase) pairs with the near-duplicate negative filter.
 
-    region, text: [R, E] L2-normalised. Returns (loss, share of off-diagonal pairs dropped).
+    region, text: [R, E] L2-normalised. Returns (loss, share of off-diagonal pairs dropped: a 0-dim
+    tensor, a statistic left on the device).
     """
     if region.shape != text.shape:
         raise ValueError(
@@ -118,7 +127,7 @@ def region_info_nce(
     target = torch.arange(len(region), device=region.device)
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
     n = len(region)
-    dropped = float(drop.sum()) / max(1, n * (n - 1))
+    dropped = drop.sum() / max(1, n * (n - 1))
     return loss, dropped
 
 
@@ -127,13 +136,6 @@ def combined_loss(
 ) -> torch.Tensor:
     """L_CLIP + lambda * s * (L_CLOC + L_ground), s = share of images with regions (0 -> plain CLIP)."""
     return clip + (weight * share) * (cloc + ground)
-
-
-def sample_regions(n: int, m: int, generator: torch.Generator | None = None) -> list[int]:
-    """Up to m of n region indices without replacement, in their original order."""
-    if n <= m:
-        return list(range(n))
-    return sorted(torch.randperm(n, generator=generator)[:m].tolist())
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -214,7 +216,7 @@ class Prompter(nn.Module):
 @dataclass
 class ClocOutput:
     loss: torch.Tensor
-    stats: dict[str, float]
+    stats: dict[str, torch.Tensor | float]  # logged by the training engine (metrics.jsonl `stats`)
 
 
 class ClocModel(ContrastiveModel):
@@ -284,9 +286,9 @@ class ClocModel(ContrastiveModel):
             l_ground = F.mse_loss(pred, region_boxes.float())
         loss = combined_loss(l_clip, l_cloc, l_ground, share, self.cloc_cfg.weight)
         stats.update(
-            clip=float(l_clip.detach()),
-            cloc=float(l_cloc.detach()),
-            ground=float(l_ground.detach()),
+            clip=l_clip.detach(),
+            cloc=l_cloc.detach(),
+            ground=l_ground.detach(),
             region_share=share,
             filtered=dropped,
             regions=n_regions,
@@ -338,319 +340,46 @@ class ClocModel(ContrastiveModel):
 
     # -- persistence ----------------------------------------------------------------------------------------
 
+    KIND = "cloc"
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "cloc": asdict(self.cloc_cfg)}
+
     def write_parts(self, folder: Path) -> None:
-        """The ContrastiveModel files + `cloc.safetensors` (Prompter) + `cloc.json`."""
+        """The ContrastiveModel files (contrastive.json of kind `cloc`, with the `cloc` section) +
+        `cloc.safetensors` (Prompter)."""
         super().write_parts(folder)
         save_file(
             {k: v.detach().contiguous().cpu().float() for k, v in self.prompter.state_dict().items()},
             str(folder / CLOC_WEIGHTS),
         )
-        (folder / CLOC_FILE).write_text(json.dumps({"format_version": 1, "cloc": asdict(self.cloc_cfg)}, indent=2))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ClocModel:
         model_dir = Path(model_dir)
-        if not (model_dir / CLOC_FILE).is_file():
-            raise FileNotFoundError(f"{model_dir}: not a CLOC model folder (no {CLOC_FILE})")
+        section = _cloc_section(model_dir)
         base = ContrastiveModel.from_pretrained(model_dir)
-        cfg = cloc_config(json.loads((model_dir / CLOC_FILE).read_text())["cloc"])
+        cfg = cloc_config(section)
         model = cls.from_contrastive(base, cfg)
         model.prompter.load_state_dict(load_file(str(model_dir / CLOC_WEIGHTS)))
         return model.eval()
 
 
+def _cloc_section(model_dir: Path) -> dict[str, Any]:
+    """The `cloc` section of a CLOC folder's meta (checked), or of its legacy `cloc.json`."""
+    meta = read_meta(model_dir / META_FILE, "cloc", FORMAT_VERSION)
+    if "cloc" in meta:
+        return meta["cloc"]
+    legacy = model_dir / LEGACY_CLOC_FILE
+    if not legacy.is_file():  # a contrastive folder saved before kinds were written
+        raise FileNotFoundError(
+            f"{model_dir}: not a CLOC model folder (no cloc section in {META_FILE}, no {LEGACY_CLOC_FILE})"
+        )
+    return read_meta(legacy, "cloc", 1)["cloc"]
+
+
 def is_cloc_dir(path: str | Path) -> bool:
-    return (Path(path) / CLOC_FILE).is_file() and (Path(path) / "image_tower").is_dir()
-
-
-def build_cloc_model(cfg: Any, run_dir: Path, corpus_files: Sequence[Path], seed: int) -> ClocModel:
-    """Model kind `cloc`: `model.encoder` = EncoderConfig + `cloc:` (ClocConfig).
-
-    `model.init_from` may name a CLOC folder (continue) or a contrastive one (a CLIP start: fresh Prompter).
-    """
-    from encoders.contrastive import build_contrastive_model
-
-    enc = dict(cfg.encoder or {})
-    cloc = cloc_config(enc.pop("cloc", None))
-    if cfg.init_from and is_cloc_dir(cfg.init_from):
-        return ClocModel.from_pretrained(cfg.init_from)
-    base = build_contrastive_model(replace(cfg, encoder=enc), run_dir, corpus_files, seed)
-    return ClocModel.from_contrastive(base, cloc).train()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Data: captions.jsonl joined with regions.jsonl
-# --------------------------------------------------------------------------------------------------------
-
-
-def read_regions(path: Path) -> dict[str, dict[str, Any]]:
-    """id -> {"width", "height", "boxes": [[x1, y1, x2, y2] normalised], "phrases"}.
-
-    A bad row is an error naming its line."""
-    from mllm.data.conversations import DataError
-
-    out: dict[str, dict[str, Any]] = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        where = f"{path} line {i + 1}"
-        try:
-            row = json.loads(line)
-            w, h = float(row["width"]), float(row["height"])
-            boxes, phrases = [], []
-            for r in row["regions"]:
-                x1, y1, x2, y2 = (float(v) for v in r["box"])
-                if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-                    raise ValueError(f"box {r['box']} is not inside the {w:g}x{h:g} image")
-                if not isinstance(r["phrase"], str) or not r["phrase"].strip():
-                    raise ValueError("empty phrase")
-                boxes.append([x1 / w, y1 / h, x2 / w, y2 / h])
-                phrases.append(r["phrase"])
-            out[str(row["id"])] = {"width": w, "height": h, "boxes": boxes, "phrases": phrases}
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{where}: {type(e).__name__}: {e}") from e
-    return out
-
-
-class RegionCaptionDataset(Dataset):
-    """GeoWorld captions (the CLIP pair) with the image's region boxes and phrases (CLOC's extra signal).
-
-    Up to M regions per fetch, drawn with a generator seeded from the global torch RNG (which the engine
-    seeds and restores on resume). Images must be square: the boxes are normalised to the image and the
-    tower's processor must see all of it (no centre crop cutting boxes off).
-    """
-
-    def __init__(
-        self,
-        captions: str | Path,
-        regions: str | Path,
-        image_root: str | Path | None,
-        preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
-        caption: str = "long",
-        regions_per_image: int = 4,
-        skip_bad_samples: bool = False,
-    ):
-        from mllm.data.captions import CaptionDataset
-        from mllm.data.conversations import DataError
-
-        self.captions = CaptionDataset(
-            captions, image_root, preprocess, caption, skip_bad_samples=skip_bad_samples
-        )
-        self.regions_path = Path(regions)
-        if not self.regions_path.is_file():
-            raise FileNotFoundError(f"CLOC needs region boxes: {self.regions_path} does not exist")
-        self.regions = read_regions(self.regions_path)
-        self.m = regions_per_image
-        for i, row in enumerate(self.captions.rows):
-            rid = str(row.get("id", i)) if isinstance(row, dict) else None
-            reg = self.regions.get(rid) if rid is not None else None
-            if reg is not None and reg["width"] != reg["height"]:
-                raise DataError(
-                    f"{self.regions_path}: image {rid!r} is {reg['width']:g}x{reg['height']:g}; "
-                    "CLOC needs square images (normalised boxes must match what the tower sees)"
-                )
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.captions[i]
-        if "skip" in item:
-            return item
-        reg = self.regions.get(item["id"], {"boxes": [], "phrases": []})
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-        keep = sample_regions(len(reg["boxes"]), self.m, gen)
-        item["boxes"] = torch.tensor([reg["boxes"][k] for k in keep], dtype=torch.float32).reshape(-1, 4)
-        item["phrases"] = [reg["phrases"][k] for k in keep]
-        return item
-
-
-class RegionCaptionCollator(CaptionCollator):
-    """CaptionCollator's batch plus the batch's regions flattened: tokens, boxes, owning image index."""
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = super().__call__(items)
-        items = [it for it in items if "skip" not in it]
-        if not items:
-            return batch
-        phrases = [p for it in items for p in it["phrases"]]
-        batch["region_boxes"] = torch.cat([it["boxes"] for it in items]).reshape(-1, 4)
-        batch["region_image"] = torch.tensor(
-            [j for j, it in enumerate(items) for _ in it["phrases"]], dtype=torch.long
-        )
-        if phrases:
-            batch["region_input_ids"], batch["region_attention_mask"] = self.tokenize(phrases)
-        else:
-            batch["region_input_ids"] = torch.zeros(0, 1, dtype=torch.long)
-            batch["region_attention_mask"] = torch.zeros(0, 1, dtype=torch.long)
-        return batch
-
-
-def cloc_task(model: ClocModel, stage: Any, template: str):
-    """Stage kind `cloc`: data.json = captions.jsonl; its regions.jsonl sibling (ClocConfig.regions_file)."""
-    if not stage.data.json:
-        raise ValueError(f"stage {stage.name!r}: data.json (a GeoWorld captions.jsonl) is not set")
-    if not isinstance(model, ClocModel):
-        raise ValueError(
-            f"stage {stage.name!r} is a CLOC stage but the model is a {type(model).__name__}; "
-            "set model.kind: cloc"
-        )
-    regions = Path(stage.data.json).parent / model.cloc_cfg.regions_file
-    ds = RegionCaptionDataset(
-        stage.data.json,
-        regions,
-        stage.data.images,
-        model.image_tower.preprocess,
-        stage.data.caption,
-        model.cloc_cfg.regions_per_image,
-        stage.data.skip_bad_samples,
-    )
-    return model, ds, RegionCaptionCollator(model.text_tower.tokenize)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Evaluation on held-out GeoWorld: region retrieval and grounding
-# --------------------------------------------------------------------------------------------------------
-
-
-def heldout_regions(
-    scenes_jsonl: str | Path, limit: int | None = None, image_root: str | Path | None = None
-) -> list[dict[str, Any]]:
-    """Regions of a GeoWorld scenes file (e.g. eval/scenes.jsonl): the writer's boxes and unique phrases.
-
-    Image paths are relative to `image_root`, by default the world folder (held-out scenes files sit one
-    level below it and name `eval/images/...`).
-    """
-    from mllm.data.geoworld.language import region_phrase
-    from mllm.data.geoworld.scene import scene_from_dict
-
-    path = Path(scenes_jsonl)
-    root = (
-        Path(image_root)
-        if image_root is not None
-        else (path.parent.parent if path.parent.name in ("eval", "mmvp", "pope", "refcoco") else path.parent)
-    )
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines()[:limit]:
-        row = json.loads(line)
-        scene = scene_from_dict(row["scene"])
-        if scene.figure is not None:
-            continue
-        regs = []
-        for i, s in enumerate(scene.shapes):
-            phrase = region_phrase(scene, i)
-            if phrase:
-                x1, y1, x2, y2 = s.box
-                regs.append(
-                    {
-                        "box": [x1 / scene.width, y1 / scene.height, x2 / scene.width, y2 / scene.height],
-                        "phrase": phrase,
-                    }
-                )
-        if regs:
-            rows.append({"image": str(root / row["image"]), "regions": regs})
-    return rows
-
-
-def _load(path: str) -> Image.Image:
-    from mllm.data.images import load_image
-
-    return load_image(path)
-
-
-@torch.no_grad()
-def crop_region_embeddings(
-    model: ContrastiveModel, images: Sequence[Image.Image], boxes: torch.Tensor, image_index: torch.Tensor
-) -> torch.Tensor:
-    """The CLIP baseline's region embedding: crop the box out of the image and embed the crop."""
-    crops = []
-    for b, k in zip(boxes.tolist(), image_index.tolist(), strict=True):
-        im = images[k]
-        w, h = im.size
-        crops.append(im.crop((b[0] * w, b[1] * h, b[2] * w, b[3] * h)))
-    return model.embed_images(crops)
-
-
-@torch.no_grad()
-def evaluate_regions(
-    model: ContrastiveModel, rows: list[dict[str, Any]], batch: int = 64
-) -> dict[str, float]:
-    """Region retrieval (region -> phrase R@1 over every distinct phrase of the set; a hit is the same
-    phrase text) and, for a CLOC model, grounding Acc@0.5 (IoU of the predicted box with the true one).
-
-    A plain ContrastiveModel (CLIP) gets region embeddings from crops; it has no grounding head.
-    """
-    images = [_load(r["image"]) for r in rows]
-    boxes = torch.tensor([reg["box"] for r in rows for reg in r["regions"]], dtype=torch.float32)
-    phrases = [reg["phrase"] for r in rows for reg in r["regions"]]
-    owner = torch.tensor([i for i, r in enumerate(rows) for _ in r["regions"]])
-    vocab = sorted(set(phrases))
-    text = model.embed_texts(vocab)
-    want = torch.tensor([vocab.index(p) for p in phrases])
-    emb, pred = [], []
-    for s in range(0, len(rows), batch):
-        sel = (owner >= s) & (owner < s + batch)
-        idx = owner[sel] - s
-        if isinstance(model, ClocModel):
-            pix = model.image_tower.preprocess(images[s : s + batch])
-            emb.append(model.region_embeddings(pix, boxes[sel], idx))
-            pred.append(
-                model.ground_boxes(pix, [p for p, m in zip(phrases, sel.tolist(), strict=True) if m], idx)
-            )
-        else:
-            emb.append(crop_region_embeddings(model, images[s : s + batch], boxes[sel], idx))
-    region = torch.cat(emb)
-    top1 = (region @ text.to(region.device).t()).argmax(1).cpu()
-    out = {"regions": len(phrases), "phrases": len(vocab), "region_r1": float((top1 == want).float().mean())}
-    if pred:
-        iou = box_iou(torch.cat(pred).cpu(), boxes)
-        out["ground_acc50"] = float((iou >= 0.5).float().mean())
-        out["ground_miou"] = float(iou.mean())
-    return out
-
-
-def mean_box_accuracy(rows: list[dict[str, Any]], train_regions: str | Path) -> dict[str, float]:
-    """The no-image reference for grounding: always answer the mean training box (Acc@0.5, mIoU)."""
-    boxes = [b for r in read_regions(Path(train_regions)).values() for b in r["boxes"]]
-    mean = torch.tensor(boxes, dtype=torch.float32).mean(0, keepdim=True)
-    truth = torch.tensor([reg["box"] for r in rows for reg in r["regions"]], dtype=torch.float32)
-    iou = box_iou(mean.expand_as(truth), truth)
-    return {"mean_box_acc50": float((iou >= 0.5).float().mean()), "mean_box_miou": float(iou.mean())}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m encoders.cloc --model DIR --scenes WORLD/eval/scenes.jsonl [--out FILE]`."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--model", required=True, help="a CLOC or contrastive model folder")
-    ap.add_argument(
-        "--scenes", required=True, help="a GeoWorld scenes.jsonl (held-out: WORLD/eval/scenes.jsonl)"
-    )
-    ap.add_argument("--images", default=None, help="image root (default: the world folder)")
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument(
-        "--train-regions",
-        default=None,
-        help="a training regions.jsonl: also report the mean-box reference for grounding",
-    )
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    model = (
-        ClocModel.from_pretrained(args.model)
-        if is_cloc_dir(args.model)
-        else ContrastiveModel.from_pretrained(args.model)
-    )
-    rows = heldout_regions(args.scenes, args.limit, args.images)
-    result = evaluate_regions(model, rows)
-    if args.train_regions:
-        result.update(mean_box_accuracy(rows, args.train_regions))
-    result["model"] = args.model
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    path = Path(path)
+    if not (path / "image_tower").is_dir():
+        return False
+    return meta_kind(path / META_FILE) == "cloc" or (path / LEGACY_CLOC_FILE).is_file()

@@ -7,19 +7,22 @@ objective and a new objective never touches this file. `forward(**batch)` return
 
 Saved folder (written to a temp folder, then renamed into place):
 
-    DIR/contrastive.json    format version, the image-tower config, the encoder settings
+    DIR/contrastive.json    the folder's one meta file (encoders.common.write_meta): kind `contrastive` (or
+                            `tips` / `cloc`, whose sections it also holds), format_version, the
+                            image-tower config, the encoder settings
     DIR/image_tower/        an ordinary HF vision directory: `build_tower(TowerConfig(type, path=...))`
                             loads it, so a tower trained here is the tower of a MultimodalLM
     DIR/text_tower/         an ordinary HF text-model directory (CLIPTextModel)
     DIR/tokenizer/          the tokenizer that feeds the text tower
     DIR/heads.safetensors   projections and the learnable logit scale / bias
+
+Building one from a recipe (tokenizer included) is `mllm.families.contrastive`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from encoders.common import ConfigError, atomic_dir, from_dict, load_tokenizer, read_meta, to_dict, write_meta
+from encoders.objectives import get_objective, init_logit_params
 from encoders.text_tower import TextTower, TextTowerConfig, build_text_tower
 from encoders.towers import Tower, TowerConfig, build_tower
 
 META_FILE = "contrastive.json"
 FORMAT_VERSION = 1
+# The kinds whose folder holds a complete contrastive pair (TIPS and CLOC add their parts beside it and
+# their sections to contrastive.json), so `ContrastiveModel.from_pretrained` reads all three.
+PAIR_KINDS = {"contrastive": FORMAT_VERSION, "tips": FORMAT_VERSION, "cloc": FORMAT_VERSION}
 IMAGE_POOLS = ("pooler", "mean")
 
 
@@ -53,16 +61,22 @@ class EncoderConfig:
     init_log_scale: float | None = None
     init_bias: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.image_pool not in IMAGE_POOLS:
+            raise ConfigError(
+                f"model.encoder.image_pool must be one of {IMAGE_POOLS}, got {self.image_pool!r}"
+            )
+        if self.embed_dim < 1:
+            raise ConfigError(f"model.encoder.embed_dim must be positive, got {self.embed_dim}")
 
-def encoder_config(raw: dict[str, Any] | EncoderConfig) -> EncoderConfig:
-    from mllm.config import ConfigError, from_dict
+    def pair(self) -> EncoderConfig:
+        """The contrastive pair's part alone (a TIPS or CLOC config less its own section)."""
+        return EncoderConfig(**{f.name: getattr(self, f.name) for f in fields(EncoderConfig)})
 
-    cfg = raw if isinstance(raw, EncoderConfig) else from_dict(EncoderConfig, raw or {}, "model.encoder")
-    if cfg.image_pool not in IMAGE_POOLS:
-        raise ConfigError(f"model.encoder.image_pool must be one of {IMAGE_POOLS}, got {cfg.image_pool!r}")
-    if cfg.embed_dim < 1:
-        raise ConfigError(f"model.encoder.embed_dim must be positive, got {cfg.embed_dim}")
-    return cfg
+
+def encoder_config(raw: dict[str, Any] | EncoderConfig | None) -> EncoderConfig:
+    """`model.encoder` of a contrastive recipe as an EncoderConfig (validated when built)."""
+    return raw if isinstance(raw, EncoderConfig) else from_dict(EncoderConfig, raw or {}, "model.encoder")
 
 
 def _initial_logit_params(cfg: EncoderConfig) -> tuple[float, float | None]:
@@ -70,8 +84,6 @@ def _initial_logit_params(cfg: EncoderConfig) -> tuple[float, float | None]:
 
     A bias exists only for objectives that use one (SigLIP); `init_bias` cannot add one to others.
     """
-    from encoders.objectives import init_logit_params
-
     init = init_logit_params(cfg.objective)
     log_scale = init.log_scale if cfg.init_log_scale is None else cfg.init_log_scale
     bias = init.bias if cfg.init_bias is None or init.bias is None else cfg.init_bias
@@ -93,22 +105,28 @@ class ContrastiveHeads(nn.Module):
 @dataclass
 class ContrastiveOutput:
     loss: torch.Tensor | None
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's; logged by the engine
 
 
 class ContrastiveModel(nn.Module):
-    def __init__(self, image_tower: Tower, text_tower: TextTower, cfg: EncoderConfig,
-                 heads: ContrastiveHeads | None = None):
-        super().__init__()
-        from encoders.objectives import get_objective, init_logit_params
+    KIND = "contrastive"  # the `kind` of its saved folder (encoders.common.write_meta)
 
+    def __init__(
+        self,
+        image_tower: Tower,
+        text_tower: TextTower,
+        cfg: EncoderConfig,
+        heads: ContrastiveHeads | None = None,
+    ):
+        super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.cfg = cfg
         if heads is None:
             # output_size, not hidden_size: the heads see the final outputs, whatever layer an MLLM selects
-            heads = ContrastiveHeads(image_tower.output_size, text_tower.hidden_size, cfg.embed_dim,
-                                     *_initial_logit_params(cfg))
+            heads = ContrastiveHeads(
+                image_tower.output_size, text_tower.hidden_size, cfg.embed_dim, *_initial_logit_params(cfg)
+            )
         self.heads = heads
         # Kept out of the module tree: the objective is a function of embeddings, not part of the weights.
         self.__dict__["objective"] = get_objective(cfg.objective, **cfg.objective_args)
@@ -136,7 +154,7 @@ class ContrastiveModel(nn.Module):
         """Normalised image embeddings [B, E]; with `tokens`, also normalised patch embeddings [B, N, E]."""
         tower = self.image_tower
         hidden, pooled = tower.final_outputs(pixel_values)
-        patches = hidden[:, tower.num_prefix_tokens:]
+        patches = hidden[:, tower.num_prefix_tokens :]
         if self.cfg.image_pool == "mean" or pooled is None:
             pooled = patches.mean(1)
         emb = F.normalize(self.heads.image_proj(pooled), dim=-1)
@@ -153,9 +171,15 @@ class ContrastiveModel(nn.Module):
             return emb
         return emb, F.normalize(self.heads.text_proj(hidden), dim=-1)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                hard_input_ids: torch.Tensor | None = None, hard_attention_mask: torch.Tensor | None = None,
-                **_: Any) -> ContrastiveOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hard_input_ids: torch.Tensor | None = None,
+        hard_attention_mask: torch.Tensor | None = None,
+        **_: Any,
+    ) -> ContrastiveOutput:
         """The objective's loss on a batch of matching (image, text) pairs (row i matches row i)."""
         needs = self.needs
         extra: dict[str, torch.Tensor] = {}
@@ -168,8 +192,10 @@ class ContrastiveModel(nn.Module):
             txt = self.encode_text(input_ids, attention_mask)
         if "hard_txt" in needs:
             if hard_input_ids is None or hard_attention_mask is None:
-                raise ValueError(f"objective {self.cfg.objective!r} needs hard negative captions; the batch has "
-                                 "none (the data must carry GeoWorld `negatives`)")
+                raise ValueError(
+                    f"objective {self.cfg.objective!r} needs hard negative captions; the batch has "
+                    "none (the data must carry GeoWorld `negatives`)"
+                )
             extra["hard_txt"] = self.encode_text(hard_input_ids, hard_attention_mask)
         extra = {k: v for k, v in extra.items() if k in needs}
         loss, stats = self.objective(img, txt, self.logit_scale(), self.logit_bias(), **extra)
@@ -197,107 +223,50 @@ class ContrastiveModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write every part to a temporary folder beside `out_dir`, then rename it into place."""
-        from mllm.model import atomic_dir
-
         with atomic_dir(out_dir) as tmp:
             self.write_parts(tmp)
         return Path(out_dir)
 
     def write_parts(self, folder: Path) -> None:
         """The ContrastiveModel files into `folder` (CLOC and TIPS add theirs beside them)."""
-        from mllm.config import to_dict
-
         self.image_tower.save_pretrained(folder / "image_tower")
         self.text_tower.save_pretrained(folder / "text_tower")
         self.tokenizer.save_pretrained(str(folder / "tokenizer"))
-        save_file({k: v.detach().contiguous().cpu().float() for k, v in self.heads.state_dict().items()},
-                  str(folder / "heads.safetensors"))
-        enc = to_dict(self.cfg)
+        save_file(
+            {k: v.detach().contiguous().cpu().float() for k, v in self.heads.state_dict().items()},
+            str(folder / "heads.safetensors"),
+        )
+        write_meta(folder / META_FILE, self.KIND, FORMAT_VERSION, self.meta())
+
+    def meta(self) -> dict[str, Any]:
+        """What contrastive.json holds besides its kind and version (subclasses add their section)."""
+        enc = to_dict(self.cfg.pair())
         enc["text"] = dict(enc["text"], path="text_tower", config={})
-        meta = {"format_version": FORMAT_VERSION,
-                "image_tower": dict(asdict(self.image_tower.config), path="image_tower", config={}),
-                "encoder": enc}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+        return {
+            "image_tower": dict(asdict(self.image_tower.config), path="image_tower", config={}),
+            "encoder": enc,
+        }
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ContrastiveModel:
-        from mllm.tokenizer import load_tokenizer
-
+        """The pair saved in `model_dir`: a contrastive folder, or the pair inside a TIPS or CLOC one."""
         model_dir = Path(model_dir)
-        meta_path = model_dir / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{model_dir}: not a contrastive model folder (no {META_FILE})")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this code")
-        tower_cfg = TowerConfig(**dict(meta["image_tower"], path=str(model_dir / meta["image_tower"]["path"])))
+        meta = read_meta(model_dir / META_FILE, PAIR_KINDS)
+        tower_cfg = TowerConfig(
+            **dict(meta["image_tower"], path=str(model_dir / meta["image_tower"]["path"]))
+        )
         enc = encoder_config(meta["encoder"])
         enc.text.path = str(model_dir / meta["encoder"]["text"]["path"])
         tok = load_tokenizer(model_dir / "tokenizer")
         image_tower = build_tower(tower_cfg)
         text_tower = build_text_tower(enc.text, tok)
         weights = load_file(str(model_dir / "heads.safetensors"))
-        heads = ContrastiveHeads(image_tower.output_size, text_tower.hidden_size, enc.embed_dim, 0.0,
-                                 0.0 if "logit_bias" in weights else None)
+        heads = ContrastiveHeads(
+            image_tower.output_size,
+            text_tower.hidden_size,
+            enc.embed_dim,
+            0.0,
+            0.0 if "logit_bias" in weights else None,
+        )
         heads.load_state_dict(weights)
         return cls(image_tower, text_tower, enc, heads).eval()
-
-
-# ---------------------------------------------------------------------------------------------- build
-
-
-def caption_corpus(paths: Sequence[Path]) -> list[str]:
-    """Every caption string in the given files: GeoWorld captions.jsonl (short, long, negatives) or
-    LLaVA JSON (every turn), so the tokenizer covers whatever the stages will feed the text tower."""
-    from mllm.data.conversations import read_records
-    from mllm.training.runner import corpus_from_records
-
-    texts: list[str] = []
-    for p in paths:
-        p = Path(p)
-        if p.suffix == ".jsonl" and p.is_file():
-            for rec in read_records(p):
-                if not isinstance(rec, dict):
-                    continue
-                texts += [rec[k] for k in ("short", "long") if isinstance(rec.get(k), str)]
-                negs = rec.get("negatives")
-                if isinstance(negs, dict):
-                    texts += [v for v in negs.values() if isinstance(v, str)]
-        if p.suffix == ".json" and p.is_file():
-            texts += corpus_from_records([p])
-    return texts
-
-
-def build_contrastive_model(cfg: Any, run_dir: Path, corpus_files: Sequence[Path], seed: int) -> ContrastiveModel:
-    """A fresh ContrastiveModel from a recipe's `ModelConfig` (kind "contrastive").
-
-    `cfg.tower` is the image tower, `cfg.encoder` the rest (EncoderConfig). The tokenizer is
-    `cfg.tokenizer.path`, else a tokenizer saved beside `text.path`, else one trained here on the
-    recipe's captions (saved to RUN/tokenizer, so every stage and rank uses the same one).
-    """
-    from mllm.tokenizer import load_tokenizer, train_tokenizer
-    from mllm.training import distributed as D
-    from mllm.training.engine import seed_everything
-
-    if cfg.init_from:
-        return ContrastiveModel.from_pretrained(cfg.init_from)
-    enc = encoder_config(cfg.encoder)
-    seed_everything(seed)
-    tok_dir = Path(run_dir) / "tokenizer"
-    if cfg.tokenizer.path:
-        tok = load_tokenizer(cfg.tokenizer.path)
-    elif enc.text.path and (Path(enc.text.path) / "tokenizer_config.json").is_file():
-        tok = load_tokenizer(enc.text.path)
-    elif tok_dir.is_dir():
-        tok = load_tokenizer(tok_dir)
-    else:
-        texts = caption_corpus(list(corpus_files))
-        if not texts:
-            raise ValueError(f"no caption text in {[str(p) for p in corpus_files]} to train a tokenizer on; "
-                             "set model.tokenizer.path")
-        tok = train_tokenizer(texts, cfg.tokenizer.vocab_size)
-        if D.is_main():
-            tok.save_pretrained(str(tok_dir))
-    image_tower = build_tower(cfg.tower)
-    text_tower = build_text_tower(enc.text, tok)
-    return ContrastiveModel(image_tower, text_tower, enc)

@@ -21,7 +21,14 @@ from torch import nn
 
 from encoders.towers import VisionFeatures
 
-__all__ = ["MOF_MODES", "RESAMPLE_MODES", "MixtureOfFeatures", "StreamProjectors", "interleave", "resample_tokens"]
+__all__ = [
+    "MOF_MODES",
+    "RESAMPLE_MODES",
+    "MixtureOfFeatures",
+    "StreamProjectors",
+    "interleave",
+    "resample_tokens",
+]
 
 MOF_MODES = ("additive", "interleaved")
 RESAMPLE_MODES = ("none", "bilinear")
@@ -33,7 +40,9 @@ def resample_tokens(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[i
         return tokens
     b, n, d = tokens.shape
     if n != grid[0] * grid[1]:
-        raise ValueError(f"{n} tokens do not form a {grid[0]}x{grid[1]} grid (CLS kept? use select_feature=patch)")
+        raise ValueError(
+            f"{n} tokens do not form a {grid[0]}x{grid[1]} grid (CLS kept? use select_feature=patch)"
+        )
     maps = tokens.transpose(1, 2).reshape(b, d, grid[0], grid[1])
     maps = F.interpolate(maps, size=tuple(target), mode="bilinear", align_corners=False)
     return maps.flatten(2).transpose(1, 2)
@@ -42,7 +51,9 @@ def resample_tokens(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[i
 def interleave(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """[B, N, d] and [B, N, d] -> [B, 2N, d] ordered first[0], second[0], first[1], second[1], …"""
     if first.shape != second.shape:
-        raise ValueError(f"interleaving needs equal shapes, got {tuple(first.shape)} and {tuple(second.shape)}")
+        raise ValueError(
+            f"interleaving needs equal shapes, got {tuple(first.shape)} and {tuple(second.shape)}"
+        )
     b, n, d = first.shape
     return torch.stack([first, second], dim=2).reshape(b, 2 * n, d)
 
@@ -96,7 +107,9 @@ class MixtureOfFeatures(nn.Module):
         """The second stream's tokens on the first stream's grid (a no-op when the grids match)."""
         if tuple(first.grid) != tuple(second.grid):
             if self.resample == "none":
-                raise ValueError(f"MoF grids differ ({first.grid} vs {second.grid}) and no resampling is declared")
+                raise ValueError(
+                    f"MoF grids differ ({first.grid} vs {second.grid}) and no resampling is declared"
+                )
             return resample_tokens(second.tokens, second.grid, first.grid)
         return second.tokens
 
@@ -105,7 +118,9 @@ class MixtureOfFeatures(nn.Module):
         other = self.align(first, second).to(first.tokens.dtype)
         return self.alpha * first.tokens + (1.0 - self.alpha) * other
 
-    def forward(self, first: VisionFeatures, second: VisionFeatures, projectors: Sequence[nn.Module]) -> torch.Tensor:
+    def forward(
+        self, first: VisionFeatures, second: VisionFeatures, projectors: Sequence[nn.Module]
+    ) -> torch.Tensor:
         """Projected image embeddings [B, N or 2N, d_llm]; `projectors` has `num_streams` modules."""
         if len(projectors) != self.num_streams:
             raise ValueError(f"{self.mode} MoF needs {self.num_streams} projector(s), got {len(projectors)}")

@@ -35,8 +35,10 @@ def _check_equal_rows(x: torch.Tensor, world: int, what: str) -> None:
     dist.all_gather(sizes, n)
     rows = [int(s.item()) for s in sizes]
     if len(set(rows)) != 1:
-        raise ValueError(f"gather of {what}: ranks hold different batch sizes {rows}; contrastive objectives "
-                         "need equal per-rank batches (drop the last incomplete batch)")
+        raise ValueError(
+            f"gather of {what}: ranks hold different batch sizes {rows}; contrastive objectives "
+            "need equal per-rank batches (drop the last incomplete batch)"
+        )
 
 
 def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ normalise. `crop_params` exposes the same geometry so targets can follow the pix
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from encoders.common import meta_body, read_meta, write_meta
 
 __all__ = [
     "GEO_CLASSES",
@@ -54,10 +55,20 @@ __all__ = [
 
 # Box classes: GeoWorld's primitives, the triangle of a math figure, and a vertex label ("A").
 GEO_CLASSES: tuple[str, ...] = (
-    "circle", "square", "triangle", "rectangle", "star", "arrow", "pentagon", "hexagon", "figure", "label",
+    "circle",
+    "square",
+    "triangle",
+    "rectangle",
+    "star",
+    "arrow",
+    "pentagon",
+    "hexagon",
+    "figure",
+    "label",
 )
-CONFIG_NAME = "geo_config.json"
+CONFIG_NAME = "geo_config.json"  # the folder's meta file: kind `geo`, format_version, the GeoConfig fields
 WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -100,8 +111,13 @@ def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 class _ResBlock(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), _norm(c), nn.GELU(),
-                                  nn.Conv2d(c, c, 3, 1, 1, bias=False), _norm(c))
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, 1, 1, bias=False),
+            _norm(c),
+            nn.GELU(),
+            nn.Conv2d(c, c, 3, 1, 1, bias=False),
+            _norm(c),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x + self.body(x))
@@ -160,8 +176,10 @@ class _Enhance(nn.Module):
         q = self.norm_q(query_map.flatten(2).transpose(1, 2))
         kv = self.norm_kv(kv_map.flatten(2).transpose(1, 2))
         ctx, _ = self.attn(q, kv, kv, need_weights=False)
-        ctx = (query_map + ctx.transpose(1, 2).reshape(b, d, h, w))
-        return self.fuse(fine + F.interpolate(ctx, size=fine.shape[-2:], mode="bilinear", align_corners=False))
+        ctx = query_map + ctx.transpose(1, 2).reshape(b, d, h, w)
+        return self.fuse(
+            fine + F.interpolate(ctx, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        )
 
 
 def _head(dim: int, out: int, bias: float = 0.0) -> nn.Sequential:
@@ -180,8 +198,10 @@ class GeoEncoder(nn.Module):
         if config.fpn_dim % config.attn_heads:
             raise ValueError(f"fpn_dim {config.fpn_dim} is not divisible by attn_heads {config.attn_heads}")
         if config.image_size % config.strides[-1]:
-            raise ValueError(f"image_size {config.image_size} is not a multiple of the coarsest stride "
-                             f"{config.strides[-1]}")
+            raise ValueError(
+                f"image_size {config.image_size} is not a multiple of the coarsest stride "
+                f"{config.strides[-1]}"
+            )
         self.config = config
         d = config.fpn_dim
         self.backbone = _Backbone(config.channels)
@@ -219,16 +239,23 @@ class GeoEncoder(nn.Module):
             return GeoOutput(levels)
         fine = levels[0]
         up = self.point_up(fine)
-        return GeoOutput(levels, self.box_heat(fine), self.box_size(fine), self.box_offset(fine),
-                         self.junction(up), self.boundary(up))
+        return GeoOutput(
+            levels,
+            self.box_heat(fine),
+            self.box_size(fine),
+            self.box_offset(fine),
+            self.junction(up),
+            self.boundary(up),
+        )
 
     # -- preprocessing --------------------------------------------------------------------------------
     def normalise(self, pixels01: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> this encoder's input (resized to image_size if needed, normalised)."""
         size = self.config.image_size
         if pixels01.shape[-2:] != (size, size):
-            pixels01 = F.interpolate(pixels01, size=(size, size), mode="bicubic", align_corners=False,
-                                     antialias=True).clamp(0, 1)
+            pixels01 = F.interpolate(
+                pixels01, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+            ).clamp(0, 1)
         mean = torch.tensor(self.config.image_mean, dtype=pixels01.dtype, device=pixels01.device)
         std = torch.tensor(self.config.image_std, dtype=pixels01.dtype, device=pixels01.device)
         return (pixels01 - mean[:, None, None]) / std[:, None, None]
@@ -240,16 +267,23 @@ class GeoEncoder(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS_NAME))
+        write_meta(out / CONFIG_NAME, "geo", FORMAT_VERSION, asdict(self.config))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS_NAME)
+        )
+
+    @staticmethod
+    def read_config(directory: str | os.PathLike[str]) -> GeoConfig:
+        """The architecture of a saved encoder, from its checked meta file (no weights read)."""
+        path = Path(directory)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path}: not a geometric-encoder folder (no {CONFIG_NAME})")
+        return GeoConfig(**meta_body(read_meta(path / CONFIG_NAME, "geo", FORMAT_VERSION)))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> GeoEncoder:
         path = Path(directory)
-        cfg_path = path / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{path}: not a geometric-encoder folder (no {CONFIG_NAME})")
-        model = cls(GeoConfig(**json.loads(cfg_path.read_text())))
+        model = cls(cls.read_config(path))
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
         return model
 
@@ -277,7 +311,9 @@ def to_canonical(image: Image.Image, size: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- losses
-def focal_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
+def focal_heatmap_loss(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0
+) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss, normalised by the number of peaks (1 at a centre)."""
     p = torch.sigmoid(logits.float()).clamp(1e-4, 1 - 1e-4)
     pos = target.eq(1).float()
@@ -299,14 +335,19 @@ def geo_losses(out: GeoOutput, targets: dict[str, torch.Tensor]) -> dict[str, to
     pos = edge_t.sum().clamp(min=1.0)
     pos_weight = ((edge_t.numel() - pos) / pos).clamp(max=50.0)
     boundary = F.binary_cross_entropy_with_logits(out.boundary.float(), edge_t, pos_weight=pos_weight)
-    return {"box_heat": heat, "box_size": 0.1 * size, "box_offset": offset, "junction": junction,
-            "boundary": boundary}
+    return {
+        "box_heat": heat,
+        "box_size": 0.1 * size,
+        "box_offset": offset,
+        "junction": junction,
+        "boundary": boundary,
+    }
 
 
 @dataclass
 class GeoDetectorOutput:
     loss: torch.Tensor
-    parts: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]  # each part of the loss, detached; logged by the training engine
 
 
 class GeoDetector(nn.Module):
@@ -338,8 +379,9 @@ def _peaks(heat: torch.Tensor, threshold: float, k: int) -> list[tuple[float, in
     return out
 
 
-def decode_boxes(out: GeoOutput, index: int, stride: int = 4, threshold: float = 0.05,
-                 k: int = 50) -> list[tuple[list[float], int, float]]:
+def decode_boxes(
+    out: GeoOutput, index: int, stride: int = 4, threshold: float = 0.05, k: int = 50
+) -> list[tuple[list[float], int, float]]:
     """([x1, y1, x2, y2] in input pixels, class, score) for image `index` of a batch."""
     heat = torch.sigmoid(out.box_heat[index].float())
     size = out.box_size[index].float().exp()
@@ -352,8 +394,9 @@ def decode_boxes(out: GeoOutput, index: int, stride: int = 4, threshold: float =
     return boxes
 
 
-def decode_points(out: GeoOutput, index: int, stride: int = 2, threshold: float = 0.3,
-                  k: int = 100) -> list[tuple[float, float, float]]:
+def decode_points(
+    out: GeoOutput, index: int, stride: int = 2, threshold: float = 0.3, k: int = 100
+) -> list[tuple[float, float, float]]:
     """(x, y, score) of junction peaks in input pixels (cell centres)."""
     heat = torch.sigmoid(out.junction[index].float())
     return [((x + 0.5) * stride, (y + 0.5) * stride, s) for s, _, y, x in _peaks(heat, threshold, k)]
@@ -368,8 +411,12 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def box_ap(preds: list[list[tuple[list[float], int, float]]], gts: list[tuple[list[list[float]], list[int]]],
-           num_classes: int, iou: float = 0.5) -> dict[str, float]:
+def box_ap(
+    preds: list[list[tuple[list[float], int, float]]],
+    gts: list[tuple[list[list[float]], list[int]]],
+    num_classes: int,
+    iou: float = 0.5,
+) -> dict[str, float]:
     """VOC-style all-point AP per class at `iou` over a set of images, and their mean over classes with
     ground truth. preds[i]: (box, class, score) of image i; gts[i]: (boxes, classes) of image i."""
     aps: dict[str, float] = {}
@@ -377,7 +424,9 @@ def box_ap(preds: list[list[tuple[list[float], int, float]]], gts: list[tuple[li
         n_gt = sum(sum(1 for k in cls if k == c) for _, cls in gts)
         if n_gt == 0:
             continue
-        dets = sorted(((s, i, b) for i, p in enumerate(preds) for b, k, s in p if k == c), key=lambda t: -t[0])
+        dets = sorted(
+            ((s, i, b) for i, p in enumerate(preds) for b, k, s in p if k == c), key=lambda t: -t[0]
+        )
         used: dict[int, set[int]] = {}
         tp = []
         for _, i, b in dets:
@@ -398,11 +447,15 @@ def box_ap(preds: list[list[tuple[list[float], int, float]]], gts: list[tuple[li
             mpre[k] = max(mpre[k], mpre[k + 1])
         idx = np.where(mrec[1:] != mrec[:-1])[0]
         aps[str(c)] = float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
-    return {"mAP": float(np.mean(list(aps.values()))) if aps else 0.0, **{f"AP_{k}": v for k, v in aps.items()}}
+    return {
+        "mAP": float(np.mean(list(aps.values()))) if aps else 0.0,
+        **{f"AP_{k}": v for k, v in aps.items()},
+    }
 
 
-def point_recall(preds: list[list[tuple[float, float, float]]], gts: list[list[tuple[float, float]]],
-                 tolerance: float) -> dict[str, float]:
+def point_recall(
+    preds: list[list[tuple[float, float, float]]], gts: list[list[tuple[float, float]]], tolerance: float
+) -> dict[str, float]:
     """Junction recall (share of true vertices with a predicted peak within `tolerance` px) and precision
     (share of predicted peaks within `tolerance` of some true vertex), over a set of images."""
     hit_gt = n_gt = hit_pred = n_pred = 0

@@ -9,7 +9,11 @@ Interface (the contrastive training task codes against it):
 - scale: the already-exponentiated logit scale (1/T), a 1-element tensor, usually learnable.
 - bias: a 1-element tensor for objectives with `uses_bias` (SigLIP), else None.
 - extra: per-objective tensors named in `needs` (required) and `optional`; e.g. FILIP's token features.
-- loss: 0-dim float32 tensor (float64 for float64 inputs); stats: dict[str, float] for logging (retrieval accuracies, parts of the loss).
+- loss: 0-dim float32 tensor (float64 for float64 inputs); stats: name -> detached 0-dim tensor, for
+  logging: the logit scale (1/temperature) and SigLIP's bias, the in-batch retrieval accuracies
+  (`acc_i2t`, `acc_t2i`: the share of rows whose arg-max is their positive) and parts of the loss. They
+  stay on the device (no host sync per statistic); the training engine brings a step's statistics to
+  the host once, with its loss, and writes them to metrics.jsonl under `stats`.
 
 Distributed (torch.distributed initialised, world > 1): every objective gathers the other ranks' features
 *with gradient* (`encoders.gather`) and evaluates the "local loss": this rank's rows against the global
@@ -35,9 +39,11 @@ import torch
 
 from encoders.chunked import acc_dtype, pair_lse, siglip_sum
 from encoders.gather import all_reduce_sum, dist_info, gather_no_grad, gather_with_grad
+from encoders.registry import Registry
 
 __all__ = [
     "OBJECTIVES",
+    "Stats",
     "ClipObjective",
     "ContrastiveObjective",
     "DclObjective",
@@ -51,17 +57,18 @@ __all__ = [
     "register_objective",
 ]
 
-OBJECTIVES: dict[str, type[ContrastiveObjective]] = {}
+OBJECTIVES: Registry[type[ContrastiveObjective]] = Registry("contrastive objective")
+
+#: What an objective reports besides its loss: statistic name -> detached 0-dim tensor.
+Stats = dict[str, torch.Tensor]
 
 
 def register_objective(name: str) -> Callable[[type[ContrastiveObjective]], type[ContrastiveObjective]]:
     """Class decorator: add an objective to `OBJECTIVES` under `name` (one new objective = one entry)."""
 
     def deco(cls: type[ContrastiveObjective]) -> type[ContrastiveObjective]:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is already registered ({OBJECTIVES[name].__name__})")
+        OBJECTIVES.register(name, cls, stacklevel=2)
         cls.name = name
-        OBJECTIVES[name] = cls
         return cls
 
     return deco
@@ -69,8 +76,6 @@ def register_objective(name: str) -> Callable[[type[ContrastiveObjective]], type
 
 def get_objective(name: str, **cfg: Any) -> ContrastiveObjective:
     """Build a registered objective from its config values (a YAML mapping's keys = the class's fields)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown contrastive objective {name!r}; known: {sorted(OBJECTIVES)}")
     cls = OBJECTIVES[name]
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(cfg) - allowed)
@@ -99,8 +104,6 @@ SIGLIP_LOGITS = LogitInit(log_scale=math.log(10.0), bias=-10.0, max_scale=None)
 
 def init_logit_params(objective: str) -> LogitInit:
     """Initial (log_scale, bias, max_scale) for a registered objective name."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown contrastive objective {objective!r}; known: {sorted(OBJECTIVES)}")
     return OBJECTIVES[objective].logit_init
 
 
@@ -122,16 +125,29 @@ class ContrastiveObjective:
     def __post_init__(self) -> None:
         chunk = getattr(self, "chunk", 1)
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise ValueError(f"objective {self.name!r}: chunk must be a positive integer (rows per block), "
-                             f"got {chunk!r}")
+            raise ValueError(
+                f"objective {self.name!r}: chunk must be a positive integer (rows per block), got {chunk!r}"
+            )
 
-    def __call__(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor | float,
-                 bias: torch.Tensor | None = None, **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        scale: torch.Tensor | float,
+        bias: torch.Tensor | None = None,
+        **extra: torch.Tensor,
+    ) -> tuple[torch.Tensor, Stats]:
         scale = self._check(img, txt, scale, bias, extra)
         return self.compute(img, txt, scale, bias, **extra)
 
-    def compute(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                **extra: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        **extra: torch.Tensor,
+    ) -> tuple[torch.Tensor, Stats]:
         raise NotImplementedError
 
     # ---- input checks: a wrong shape or a missing extra is a ValueError naming the objective and tensor
@@ -141,10 +157,14 @@ class ContrastiveObjective:
     def _check(self, img: Any, txt: Any, scale: Any, bias: Any, extra: dict[str, Any]) -> torch.Tensor:
         for what, t in (("img", img), ("txt", txt)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-                raise self._err(f"{what} must be a float tensor [B, D], got "
-                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                raise self._err(
+                    f"{what} must be a float tensor [B, D], got "
+                    f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                )
         if img.shape != txt.shape:
-            raise self._err(f"img {tuple(img.shape)} and txt {tuple(txt.shape)} must have the same shape [B, D]")
+            raise self._err(
+                f"img {tuple(img.shape)} and txt {tuple(txt.shape)} must have the same shape [B, D]"
+            )
         if img.shape[0] == 0:
             raise self._err("empty batch")
         if not isinstance(scale, torch.Tensor):
@@ -175,8 +195,9 @@ class ContrastiveObjective:
             raise self._err(f"{key} must be a tensor of img's shape {tuple(img.shape)}, got {got}")
 
     # ---- shared pieces
-    def _infonce(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, *, chunk: int,
-                 exclude_positive: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    def _infonce(
+        self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, *, chunk: int, exclude_positive: bool
+    ) -> tuple[torch.Tensor, Stats]:
         """Symmetric InfoNCE (CLIP) or its decoupled form (DCL: positive left out of the denominator).
 
         Single process: one pass over the [B, B] logits gives both directions (row and column
@@ -188,7 +209,9 @@ class ContrastiveObjective:
         off = rank * b
         pos = _positive_logits(img, txt, scale)
         if world == 1:
-            r = pair_lse(img, txt, scale, chunk=chunk, exclude_offset=0 if exclude_positive else None, cols=True)
+            r = pair_lse(
+                img, txt, scale, chunk=chunk, exclude_offset=0 if exclude_positive else None, cols=True
+            )
             lse_i2t, lse_t2i, arg_i2t, arg_t2i = r.row, r.col, r.row_arg, r.col_arg
         else:
             txt_all, img_all = gather_with_grad(txt, "txt"), gather_with_grad(img, "img")
@@ -200,10 +223,25 @@ class ContrastiveObjective:
         l_i2t = (lse_i2t - pos).mean()
         l_t2i = (lse_t2i - pos).mean()
         loss = (l_i2t + l_t2i) / 2
-        stats = {"loss_i2t": l_i2t.item(), "loss_t2i": l_t2i.item(), "scale": float(scale.item()),
-                 "acc_i2t": (arg_i2t == labels).float().mean().item(),
-                 "acc_t2i": (arg_t2i == labels).float().mean().item()}
+        stats = {
+            "loss_i2t": l_i2t.detach(),
+            "loss_t2i": l_t2i.detach(),
+            "scale": _stat(scale),
+            "acc_i2t": _accuracy(arg_i2t, labels),
+            "acc_t2i": _accuracy(arg_t2i, labels),
+        }
         return loss, stats
+
+
+def _stat(t: torch.Tensor) -> torch.Tensor:
+    """A logged statistic: detached, 0-dim, left where it is (no host sync); a copy, as the logit scale or
+    bias may be a parameter that the optimiser step changes in place before the statistic is read."""
+    return t.detach().reshape(()).clone()
+
+
+def _accuracy(arg: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """In-batch retrieval accuracy: the share of rows whose best column is their positive."""
+    return (arg.detach() == labels).float().mean()
 
 
 def _positive_logits(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -272,12 +310,12 @@ class SiglipObjective(ContrastiveObjective):
         total, arg = siglip_sum(img, txt_all, scale, bias, chunk=self.chunk, pos_offset=rank * b)
         loss = total / b
         labels = torch.arange(rank * b, rank * b + b, device=img.device)
-        return loss, {"scale": float(scale.item()), "bias": float(bias.item()),
-                      "acc_i2t": (arg == labels).float().mean().item()}
+        return loss, {"scale": _stat(scale), "bias": _stat(bias), "acc_i2t": _accuracy(arg, labels)}
 
 
-def late_interaction(q: torch.Tensor, q_mask: torch.Tensor | None, k: torch.Tensor, k_mask: torch.Tensor | None,
-                     chunk: int) -> torch.Tensor:
+def late_interaction(
+    q: torch.Tensor, q_mask: torch.Tensor | None, k: torch.Tensor, k_mask: torch.Tensor | None, chunk: int
+) -> torch.Tensor:
     """FILIP similarity [R, C]: for query r and key c, the mean over r's valid tokens of the max over c's
     valid tokens of the token dot product. q [R, N, D], k [C, L, D], masks True = real token.
 
@@ -323,8 +361,10 @@ class FilipObjective(ContrastiveObjective):
         if not isinstance(tt, torch.Tensor) or tt.dim() != 3 or tt.shape[0] != b or tt.shape[2] != d:
             raise self._err(f"txt_tokens must be [B={b}, L, D={d}], got {tuple(getattr(tt, 'shape', ()))}")
         if not isinstance(tm, torch.Tensor) or tm.dtype != torch.bool or tm.shape != tt.shape[:2]:
-            raise self._err(f"txt_mask must be a bool tensor [B, L]={tuple(tt.shape[:2])}, got "
-                            f"{getattr(tm, 'dtype', type(tm).__name__)} {tuple(getattr(tm, 'shape', ()))}")
+            raise self._err(
+                f"txt_mask must be a bool tensor [B, L]={tuple(tt.shape[:2])}, got "
+                f"{getattr(tm, 'dtype', type(tm).__name__)} {tuple(getattr(tm, 'shape', ()))}"
+            )
         empty = (~tm.any(1)).nonzero().flatten().tolist()
         if empty:
             raise self._err(f"txt_mask has no real token in rows {empty[:10]} (every caption needs one)")
@@ -343,9 +383,13 @@ class FilipObjective(ContrastiveObjective):
         ce = torch.nn.functional.cross_entropy
         l_i2t, l_t2i = ce(logits_i2t, labels), ce(logits_t2i, labels)
         loss = (l_i2t + l_t2i) / 2
-        return loss, {"loss_i2t": l_i2t.item(), "loss_t2i": l_t2i.item(), "scale": float(scale.item()),
-                      "acc_i2t": (logits_i2t.detach().argmax(1) == labels).float().mean().item(),
-                      "acc_t2i": (logits_t2i.detach().argmax(1) == labels).float().mean().item()}
+        return loss, {
+            "loss_i2t": l_i2t.detach(),
+            "loss_t2i": l_t2i.detach(),
+            "scale": _stat(scale),
+            "acc_i2t": _accuracy(logits_i2t.argmax(1), labels),
+            "acc_t2i": _accuracy(logits_t2i.argmax(1), labels),
+        }
 
 
 @register_objective("negclip")
@@ -393,12 +437,18 @@ class NegClipObjective(ContrastiveObjective):
         l_i2t = (r1.row - pos).mean()
         l_t2i = (r2.row - pos).mean()
         loss = (l_i2t + l_t2i) / 2
-        return loss, {"loss_i2t": l_i2t.item(), "loss_t2i": l_t2i.item(), "scale": float(scale.item()),
-                      "acc_i2t": (r1.row_arg == labels).float().mean().item(),
-                      "acc_t2i": (r2.row_arg == labels).float().mean().item()}
+        return loss, {
+            "loss_i2t": l_i2t.detach(),
+            "loss_t2i": l_t2i.detach(),
+            "scale": _stat(scale),
+            "acc_i2t": _accuracy(r1.row_arg, labels),
+            "acc_t2i": _accuracy(r2.row_arg, labels),
+        }
 
 
-def _log_mean_exp_pairs(u: torch.Tensor, v_all: torch.Tensor, offset: int, t: float) -> tuple[torch.Tensor, int]:
+def _log_mean_exp_pairs(
+    u: torch.Tensor, v_all: torch.Tensor, offset: int, t: float
+) -> tuple[torch.Tensor, int]:
     """Local part of the uniformity sum: sum over local rows i and global columns j != i + offset of
     exp(-t * ||u_i - v_j||^2), and the global number of such ordered pairs."""
     acc = acc_dtype(u)
@@ -461,5 +511,5 @@ class UnifAlignObjective(ContrastiveObjective):
             terms.append(self._uniformity(img, txt_all, off, world))
         unif = torch.stack(terms).mean()
         loss = clip_loss + self.w_align * align + self.w_unif * unif
-        stats.update(loss_clip=clip_loss.item(), align=align.item(), unif=unif.item())
+        stats.update(loss_clip=clip_loss.detach(), align=align.detach(), unif=unif.detach())
         return loss, stats

@@ -47,8 +47,9 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 class FeatureRouter(nn.Module):
     """Route `num_levels` feature maps of width `level_dim` onto a CLIP grid of width `clip_dim`."""
 
-    def __init__(self, clip_dim: int, level_dim: int, num_levels: int, mode: str = "soft",
-                 constant_weight: float = 0.5) -> None:
+    def __init__(
+        self, clip_dim: int, level_dim: int, num_levels: int, mode: str = "soft", constant_weight: float = 0.5
+    ) -> None:
         super().__init__()
         if mode not in ROUTER_MODES:
             raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {mode!r}")
@@ -82,14 +83,18 @@ class FeatureRouter(nn.Module):
         b, n, d = tokens.shape
         gh, gw = clip.grid
         if n != gh * gw:
-            raise ValueError(f"router needs patch tokens only ({gh}x{gw}={gh * gw}), got {n}; use select_feature=patch")
+            raise ValueError(
+                f"router needs patch tokens only ({gh}x{gw}={gh * gw}), got {n}; use select_feature=patch"
+            )
         dtype = self.post_norm.weight.dtype
         tokens = tokens.to(dtype)
         pooled_clip = self.norm_clip(tokens.mean(dim=1)) if self.mode == "soft" else None  # [B, D]
         routed, weights = [], []
         for i, fmap in enumerate(levels):
             if fmap.shape[1] != self.level_dim:
-                raise ValueError(f"level {i} has {fmap.shape[1]} channels, the router expects {self.level_dim}")
+                raise ValueError(
+                    f"level {i} has {fmap.shape[1]} channels, the router expects {self.level_dim}"
+                )
             grid_map = F.interpolate(fmap.to(dtype), size=(gh, gw), mode="bilinear", align_corners=False)
             feats = self.level_mlps[i](grid_map.flatten(2).transpose(1, 2))  # [B, N, D]
             if self.mode == "soft":

@@ -41,8 +41,12 @@ class PatchTargets:
         `centre` marks the patch holding an object's centre: one patch per object, so counting objects is
         counting marked patches, where counting covered patches would count an object's area.
         """
-        words = {"colour": (None, *self.colours), "shape": (None, *self.shapes), "size": (None, *self.sizes),
-                 "orientation": (None, *self.orientations)}
+        words = {
+            "colour": (None, *self.colours),
+            "shape": (None, *self.shapes),
+            "size": (None, *self.sizes),
+            "orientation": (None, *self.orientations),
+        }
         return {**words, "centre": (None, "object")} if self.centre else words
 
 
@@ -67,7 +71,9 @@ class PatchSupervision(nn.Module):
             self.rows = None
         else:
             if readout.in_features != d or readout.out_features < sum(sizes.values()):
-                raise ValueError(f"readout {readout} cannot hold {sum(sizes.values())} head rows over {d}-wide tokens")
+                raise ValueError(
+                    f"readout {readout} cannot hold {sum(sizes.values())} head rows over {d}-wide tokens"
+                )
             self.heads = readout  # trained under the prefix "heads", shared with the projector
             starts = torch.cumsum(torch.tensor([0, *sizes.values()]), 0).tolist()
             self.rows = {k: (starts[i], starts[i + 1]) for i, k in enumerate(sizes)}
@@ -79,22 +85,29 @@ class PatchSupervision(nn.Module):
         a, b = self.rows[name]
         return F.linear(tokens, self.heads.weight[a:b], self.heads.bias[a:b])
 
-    def forward(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None = None,
-                count: torch.Tensor | None = None, **_) -> SupervisionOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: dict[str, torch.Tensor] | None = None,
+        count: torch.Tensor | None = None,
+        **_,
+    ) -> SupervisionOutput:
         feats = self.tower(pixel_values.to(next(self.tower.parameters()).dtype))
         tokens = feats.tokens  # [B, N, D]
         losses = {}
         for name in self.targets.heads():
             logits = self._logits(name, tokens).float()
             if labels is not None:
-                losses[name] = F.cross_entropy(logits.flatten(0, 1), labels[name].flatten(), ignore_index=IGNORE)
+                losses[name] = F.cross_entropy(
+                    logits.flatten(0, 1), labels[name].flatten(), ignore_index=IGNORE
+                )
         if count is not None:
             losses["count"] = F.cross_entropy(self.count(tokens.mean(1)).float(), count, ignore_index=IGNORE)
         loss = sum(losses.values()) if losses else None
-        return SupervisionOutput(loss, {k: float(v.detach()) for k, v in losses.items()})
+        return SupervisionOutput(loss, {k: v.detach() for k, v in losses.items()})
 
 
 @dataclass
 class SupervisionOutput:
     loss: torch.Tensor | None
-    parts: dict[str, float]
+    stats: dict[str, torch.Tensor]  # each head's loss, detached; logged by the training engine

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from encoders.registry import Registry
+
 # A tiny CLIP text transformer: 128 wide, 3 layers, 4 heads, 64 positions (GeoWorld captions are short).
 TINY_TEXT_CONFIG: dict[str, Any] = {
     "hidden_size": 128,
@@ -54,7 +56,9 @@ class TextTower(nn.Module):
             raise ValueError(f"text max_length {config.max_length} exceeds the model's {limit} positions")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tokenizer, name) is None:
-                raise ValueError(f"the text tokenizer has no {name[:-3]}; the text tower needs BOS, EOS and pad")
+                raise ValueError(
+                    f"the text tokenizer has no {name[:-3]}; the text tower needs BOS, EOS and pad"
+                )
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), each [B, T]: BOS + tokens + EOS, right-padded to the longest."""
@@ -70,7 +74,9 @@ class TextTower(nn.Module):
             mask[i, : len(r)] = 1
         return ids, mask
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled [B, D] at the EOS, tokens [B, T, D]) from the final layer (after the final norm)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state
@@ -83,17 +89,12 @@ class TextTower(nn.Module):
         self.model.save_pretrained(directory, safe_serialization=True)
 
 
-TEXT_TOWERS: dict[str, type[TextTower]] = {}
+TEXT_TOWERS: Registry[type[TextTower]] = Registry("text tower type")
 
 
 def register_text_tower(name: str) -> Callable[[type[TextTower]], type[TextTower]]:
-    def deco(cls: type[TextTower]) -> type[TextTower]:
-        if name in TEXT_TOWERS:
-            raise ValueError(f"text tower type {name!r} is already registered")
-        TEXT_TOWERS[name] = cls
-        return cls
-
-    return deco
+    """Class decorator: add a text tower class to `TEXT_TOWERS` under `name` (`TextTowerConfig.type`)."""
+    return TEXT_TOWERS.register(name)
 
 
 @register_text_tower("clip")
@@ -105,24 +106,29 @@ class ClipTextTower(TextTower):
     @staticmethod
     def build_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> CLIPTextConfig:
         kwargs = dict(config.get("text_config", config))
-        kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        kwargs.update(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         return CLIPTextConfig(**kwargs)
 
 
 def build_text_tower(cfg: TextTowerConfig, tokenizer: PreTrainedTokenizerBase) -> TextTower:
     """The text tower `cfg` describes, fed by `tokenizer` (whose vocabulary must fit the embeddings)."""
-    if cfg.type not in TEXT_TOWERS:
-        raise ValueError(f"unknown text tower type {cfg.type!r}; registered: {sorted(TEXT_TOWERS)}")
     cls = TEXT_TOWERS[cfg.type]
     if cfg.path is not None:
         if not os.path.isdir(cfg.path):
             raise FileNotFoundError(f"text tower path {cfg.path!r} is not a local directory")
-        model = cls.model_cls.from_pretrained(cfg.path, local_files_only=True, use_safetensors=True,
-                                             dtype=torch.float32)
+        model = cls.model_cls.from_pretrained(
+            cfg.path, local_files_only=True, use_safetensors=True, dtype=torch.float32
+        )
     else:
         model = cls.model_cls._from_config(cls.build_config(cfg.config, tokenizer), dtype=torch.float32)
     vocab = model.get_input_embeddings().num_embeddings
     if vocab < len(tokenizer):
-        raise ValueError(f"text tower has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens")
+        raise ValueError(
+            f"text tower has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens"
+        )
     return cls(cfg, model, tokenizer)

@@ -17,13 +17,15 @@ Defaults (`TipsConfig`, all recipe values): short_weight = long_weight = 1, dist
 distill.ibot_weight = 1, mask_prob 0.5 with mask ratio U(0.1, 0.5), EMA momentum 0.996 -> 1 (cosine).
 The paper does not fix the weights or the mask ratio (../shared/reference/methods.md, "TIPS"); these
 are iBOT's and DINO's.
+
+This module is the model only: its data is `mllm.data.views`, its builder and stage task
+`mllm.families.tips`, its evidence the dense probe `mllm.evaluation.dense_probe`
+(`mllm probe dense`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +33,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
 
-from encoders.contrastive import ContrastiveHeads, ContrastiveModel, EncoderConfig
-from encoders.ssl import (
-    AugmentConfig,
-    DistillConfig,
-    ImageViewsDataset,
-    SelfDistillation,
-    augmenter_for,
-    stage_optimizer_steps,
-)
+from encoders.common import from_dict, meta_kind, read_meta
+from encoders.contrastive import FORMAT_VERSION, META_FILE, ContrastiveHeads, ContrastiveModel, EncoderConfig
+from encoders.ssl.config import AugmentConfig, DistillConfig
+from encoders.ssl.distill import SelfDistillation
 from encoders.text_tower import TextTower
 from encoders.towers import Tower
 
-TIPS_FILE = "tips.json"
 TIPS_WEIGHTS = "tips.safetensors"
+# Folders saved before the one-meta-file convention kept the TIPS section in a second file; they still load.
+LEGACY_TIPS_FILE = "tips.json"
 
 
 @dataclass
@@ -60,15 +57,20 @@ class TipsConfig:
 
 
 def tips_config(raw: dict[str, Any] | None) -> TipsConfig:
-    from mllm.config import from_dict
-
     return from_dict(TipsConfig, raw or {}, "model.encoder.tips")
+
+
+@dataclass
+class TipsEncoderConfig(EncoderConfig):
+    """`model.encoder` of model kind `tips`: the contrastive pair's settings plus `tips:`."""
+
+    tips: TipsConfig = field(default_factory=TipsConfig)
 
 
 @dataclass
 class TipsOutput:
     loss: torch.Tensor
-    stats: dict[str, float]
+    stats: dict[str, torch.Tensor | float]  # logged by the training engine (metrics.jsonl `stats`)
 
 
 class TipsModel(ContrastiveModel):
@@ -148,13 +150,19 @@ class TipsModel(ContrastiveModel):
         l_long, _ = self.objective(img2, long, scale, bias)
         l_ssl, parts, _ = self.distill(global_views, local_views, masks)
         loss = cfg.short_weight * l_short + cfg.long_weight * l_long + l_ssl
-        stats = {"short": float(l_short.detach()), "long": float(l_long.detach()), **parts}
+        stats = {"short": l_short.detach(), "long": l_long.detach(), **parts}
         return TipsOutput(loss, stats)
 
     # -- persistence ----------------------------------------------------------------------------------------
 
+    KIND = "tips"
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "tips": asdict(self.tips_cfg)}
+
     def write_parts(self, folder: Path) -> None:
-        """The ContrastiveModel files + `tips.safetensors` (cls2_proj, distill) + `tips.json`."""
+        """The ContrastiveModel files (contrastive.json of kind `tips`, with the `tips` section) +
+        `tips.safetensors` (cls2_proj, distill)."""
         super().write_parts(folder)
         state = {
             k: v.detach().contiguous().cpu()
@@ -162,17 +170,13 @@ class TipsModel(ContrastiveModel):
             if k.startswith(("cls2_proj.", "distill."))
         }
         save_file(state, str(folder / TIPS_WEIGHTS))
-        (folder / TIPS_FILE).write_text(json.dumps({"format_version": 1, "tips": asdict(self.tips_cfg)}, indent=2))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> TipsModel:
         model_dir = Path(model_dir)
-        if not (model_dir / TIPS_FILE).is_file():
-            raise FileNotFoundError(f"{model_dir}: not a TIPS model folder (no {TIPS_FILE})")
+        section = _tips_section(model_dir)
         base = ContrastiveModel.from_pretrained(model_dir)
-        model = cls.from_contrastive(
-            base, tips_config(json.loads((model_dir / TIPS_FILE).read_text())["tips"])
-        )
+        model = cls.from_contrastive(base, tips_config(section))
         state = load_file(str(model_dir / TIPS_WEIGHTS))
         own = {k for k in model.state_dict() if k.startswith(("cls2_proj.", "distill."))}
         if own != set(state):
@@ -184,210 +188,21 @@ class TipsModel(ContrastiveModel):
         return model.eval()
 
 
+def _tips_section(model_dir: Path) -> dict[str, Any]:
+    """The `tips` section of a TIPS folder's meta (checked), or of its legacy `tips.json`."""
+    meta = read_meta(model_dir / META_FILE, "tips", FORMAT_VERSION)
+    if "tips" in meta:
+        return meta["tips"]
+    legacy = model_dir / LEGACY_TIPS_FILE
+    if not legacy.is_file():  # a contrastive folder saved before kinds were written
+        raise FileNotFoundError(
+            f"{model_dir}: not a TIPS model folder (no tips section in {META_FILE}, no {LEGACY_TIPS_FILE})"
+        )
+    return read_meta(legacy, "tips", 1)["tips"]
+
+
 def is_tips_dir(path: str | Path) -> bool:
-    return (Path(path) / TIPS_FILE).is_file() and (Path(path) / "image_tower").is_dir()
-
-
-def build_tips_model(cfg: Any, run_dir: Path, corpus_files: Sequence[Path], seed: int) -> TipsModel:
-    """Model kind `tips`: `model.tower` (dinov2_registers) + `model.encoder` = EncoderConfig + `tips:`."""
-    from encoders.contrastive import build_contrastive_model
-
-    enc = dict(cfg.encoder or {})
-    tips = tips_config(enc.pop("tips", None))
-    if cfg.init_from and is_tips_dir(cfg.init_from):
-        return TipsModel.from_pretrained(cfg.init_from)
-    base = build_contrastive_model(replace(cfg, encoder=enc), run_dir, corpus_files, seed)
-    return TipsModel.from_contrastive(base, tips).train()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Data: both captions of an image, its clean pixels, and its augmented, masked views
-# --------------------------------------------------------------------------------------------------------
-
-
-class TipsDataset(Dataset):
-    """GeoWorld captions.jsonl -> clean pixels + short + long caption + DINO views and iBOT masks."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        image_root: str | Path | None,
-        tower: Tower,
-        tips: TipsConfig,
-        skip_bad_samples: bool = False,
-    ):
-        self.views = ImageViewsDataset(
-            path, image_root, augmenter_for(tower, tips.augment), tower.grid, tips.distill, skip_bad_samples
-        )
-        self.preprocess = tower.preprocess
-        for i, row in enumerate(self.views.rows):
-            for key in ("short", "long"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(
-                        f"{self.views.path} line {i + 1} (id {row.get('id')!r}): no {key!r} caption; "
-                        "TIPS needs both GeoWorld captions"
-                    )
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from encoders.ssl import image_to_tensor
-        from mllm.data.conversations import Skip
-
-        ident, image = self.views.load(i)
-        if isinstance(image, Skip):
-            return {"skip": image}
-        row = self.views.rows[i]
-        return {
-            "id": ident,
-            "pixel_values": self.preprocess([image])[0],
-            "short": row["short"],
-            "long": row["long"],
-            **self.views.views(image_to_tensor(image)),
-        }
-
-
-class TipsCollator:
-    def __init__(self, tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]):
-        self.tokenize = tokenize
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        from encoders.ssl import collate_views
-
-        batch = collate_views([{k: v for k, v in it.items() if k not in ("short", "long")} for it in items])
-        kept = [it for it in items if "skip" not in it]
-        if kept:
-            batch["input_ids"], batch["attention_mask"] = self.tokenize([it["short"] for it in kept])
-            batch["long_input_ids"], batch["long_attention_mask"] = self.tokenize([it["long"] for it in kept])
-        return batch
-
-
-def tips_task(model: TipsModel, stage: Any, template: str):
-    """Stage kind `tips`: data.json = a GeoWorld captions.jsonl (both captions per image)."""
-    if not stage.data.json:
-        raise ValueError(f"stage {stage.name!r}: data.json (a GeoWorld captions.jsonl) is not set")
-    if not isinstance(model, TipsModel):
-        raise ValueError(
-            f"stage {stage.name!r} is a TIPS stage but the model is a {type(model).__name__}; "
-            "set model.kind: tips"
-        )
-    ds = TipsDataset(
-        stage.data.json, stage.data.images, model.image_tower, model.tips_cfg, stage.data.skip_bad_samples
-    )
-    model.configure_schedule(stage.grad_accum, stage_optimizer_steps(stage, len(ds)))
-    return model, ds, TipsCollator(model.text_tower.tokenize)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Evidence: a dense linear probe on frozen patch tokens (per-patch colour and shape from scene graphs)
-# --------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def patch_features(
-    tower: Tower, scenes_jsonl: str | Path, image_root: str | Path, limit: int | None = None, batch: int = 64
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Frozen patch tokens [P, D] of every primitive scene (math figures have no per-patch labels) and
-    their labels {"colour", "shape"} [P] (0 = background), from `mllm.data.scene_labels.patch_labels`."""
-    from encoders.supervised import PatchTargets
-    from mllm.data.geoworld.vocab import COLOR_NAMES, SHAPES
-    from mllm.data.images import load_image, resolve_image
-    from mllm.data.scene_labels import patch_labels
-
-    targets = PatchTargets(colours=COLOR_NAMES, shapes=SHAPES)
-    rows = [json.loads(ln) for ln in Path(scenes_jsonl).read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if r["scene"].get("figure") is None][:limit]
-    feats, labels = [], {"colour": [], "shape": []}
-    tower.eval()
-    for s in range(0, len(rows), batch):
-        chunk = rows[s : s + batch]
-        images = [load_image(resolve_image(Path(image_root), r["image"])) for r in chunk]
-        out = tower(tower.preprocess(images))
-        feats.append(out.tokens.float().reshape(-1, out.tokens.shape[-1]).cpu())
-        for r in chunk:
-            lab = patch_labels(r["scene"], out.grid, targets)
-            for k in labels:
-                labels[k].append(lab[k])
-    return torch.cat(feats), {k: torch.cat(v) for k, v in labels.items()}
-
-
-def fit_linear_probe(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    classes: int,
-    steps: int = 300,
-    lr: float = 0.05,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-) -> nn.Linear:
-    """Multinomial logistic regression on standardised features (full batch, Adam); features frozen."""
-    torch.manual_seed(seed)
-    probe = nn.Linear(x.shape[1], classes)
-    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(probe(x), y).backward()
-        opt.step()
-    return probe
-
-
-def dense_probe(
-    tower: Tower, world: str | Path, train_limit: int = 1000, steps: int = 300
-) -> dict[str, float]:
-    """Per-patch colour and shape accuracy of a linear probe trained on `world`'s training scenes and
-    tested on its held-out `eval/scenes.jsonl` (all patches, and foreground patches only)."""
-    from encoders.supervised import PatchTargets
-    from mllm.data.geoworld.vocab import COLOR_NAMES, SHAPES
-
-    world = Path(world)
-    heads = PatchTargets(colours=COLOR_NAMES, shapes=SHAPES).heads()
-    xtr, ytr = patch_features(tower, world / "scenes.jsonl", world, train_limit)
-    xte, yte = patch_features(tower, world / "eval" / "scenes.jsonl", world)
-    mean, std = xtr.mean(0), xtr.std(0).clamp(min=1e-6)
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    out: dict[str, float] = {"train_patches": len(xtr), "test_patches": len(xte)}
-    for name in ("colour", "shape"):
-        probe = fit_linear_probe(xtr, ytr[name], heads[name], steps)
-        with torch.no_grad():
-            pred = probe(xte).argmax(1)
-        fg = yte[name] != 0
-        out[f"{name}_acc"] = float((pred == yte[name]).float().mean())
-        out[f"{name}_fg_acc"] = float((pred[fg] == yte[name][fg]).float().mean())
-    out["foreground_share"] = float((yte["shape"] != 0).float().mean())
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m encoders.tips --tower DIR/image_tower --type dinov2_registers --world WORLD [--out FILE]`:
-    the dense linear probe of a saved tower (or, with --random CONFIG_JSON, of an untrained one)."""
-    import argparse
-
-    from encoders.towers import TowerConfig, build_tower
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--tower", help="a saved tower folder (HF), e.g. RUN/tips/final/image_tower")
-    ap.add_argument("--type", required=True, help="tower type: clip | dinov2 | dinov2_registers | ...")
-    ap.add_argument("--random", default=None, help="JSON config of an untrained tower (a baseline) instead")
-    ap.add_argument("--world", required=True)
-    ap.add_argument("--train-limit", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
-    cfg = (
-        TowerConfig(type=args.type, config=json.loads(args.random), select_layer=-1)
-        if args.random
-        else TowerConfig(type=args.type, path=args.tower, select_layer=-1)
-    )
-    result = dense_probe(build_tower(cfg), args.world, args.train_limit, args.steps)
-    result.update(tower=args.tower or f"random {args.type}", type=args.type)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    path = Path(path)
+    if not (path / "image_tower").is_dir():
+        return False
+    return meta_kind(path / META_FILE) == "tips" or (path / LEGACY_TIPS_FILE).is_file()

@@ -45,6 +45,8 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from encoders.registry import Registry
+
 __all__ = [
     "IMAGE_PROCESSOR_BACKEND",
     "TINY_CONFIGS",
@@ -152,19 +154,12 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
-TOWERS: dict[str, type[Tower]] = {}
+TOWERS: Registry[type[Tower]] = Registry("tower type")
 
 
 def register_tower(name: str) -> Callable[[type[Tower]], type[Tower]]:
-    """Add a tower class to `TOWERS` under `name` (the value of `TowerConfig.type`)."""
-
-    def decorator(cls: type[Tower]) -> type[Tower]:
-        if name in TOWERS:
-            raise ValueError(f"tower type {name!r} is already registered ({TOWERS[name].__name__})")
-        TOWERS[name] = cls
-        return cls
-
-    return decorator
+    """Class decorator: add a tower class to `TOWERS` under `name` (the value of `TowerConfig.type`)."""
+    return TOWERS.register(name)
 
 
 def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -191,8 +186,11 @@ def _processor_output_size(processor: BaseImageProcessor) -> tuple[int, int]:
     crop = getattr(processor, "crop_size", None)
     if getattr(processor, "do_center_crop", False) and crop:
         height, width = _size_field(crop, "height"), _size_field(crop, "width")
-    elif (isinstance(processor, ConvNextImageProcessorPil) and getattr(processor, "do_resize", True)
-          and _size_field(processor.size, "shortest_edge")):
+    elif (
+        isinstance(processor, ConvNextImageProcessorPil)
+        and getattr(processor, "do_resize", True)
+        and _size_field(processor.size, "shortest_edge")
+    ):
         # ConvNeXt's own rule: below 384 px resize to shortest_edge / crop_pct and centre-crop shortest_edge,
         # from 384 px squash to shortest_edge; either way a shortest_edge square.
         height = width = _size_field(processor.size, "shortest_edge")
@@ -495,7 +493,9 @@ class ConvTower(Tower):
     def final_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.model(pixel_values=pixel_values.to(device=self.device, dtype=self.dtype))
         pooled = out.pooler_output  # ResNet: average pool [B, C, 1, 1]; ConvNeXt: LayerNorm(mean) [B, C]
-        return out.last_hidden_state.flatten(2).transpose(1, 2), (None if pooled is None else pooled.flatten(1))
+        return out.last_hidden_state.flatten(2).transpose(1, 2), (
+            None if pooled is None else pooled.flatten(1)
+        )
 
     def train(self, mode: bool = True) -> ConvTower:
         """Training mode, except that a tower with nothing to train keeps its model in eval mode.
@@ -546,8 +546,9 @@ class ConvNextTower(ConvTower):
         return geometry
 
 
-def sincos_2d(grid: tuple[int, int], dim: int, device: torch.device | None = None,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sincos_2d(
+    grid: tuple[int, int], dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """`[H*W, dim]` fixed sin-cos codes of each cell's (row, column), row-major (MAE's 2-D scheme).
 
     Half of the channels code the row and half the column, each as sines and cosines at geometrically
@@ -596,8 +597,6 @@ def build_tower(cfg: TowerConfig, load_weights: bool = True) -> Tower:
     - no `path`: the architecture from `cfg.config` over the HF class defaults (see TINY_CONFIGS).
     Models are float32; the training engine decides the working precision.
     """
-    if cfg.type not in TOWERS:
-        raise ValueError(f"unknown tower type {cfg.type!r}; registered: {', '.join(sorted(TOWERS))}")
     tower_cls = TOWERS[cfg.type]
     model_cls = tower_cls.model_cls
     common: dict[str, Any] = {**_attn_kwargs(model_cls), "dtype": torch.float32}

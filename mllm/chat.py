@@ -16,24 +16,30 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from encoders.registry import Registry
+
 IGNORE_INDEX = -100
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 # Where a question's `<image>` marker goes, by name. "before" is LLaVA's `<image>\n{q}`. "after" puts the
 # question first, so in a causal LM every image position can already read the question (as an
 # instruction-aware resampler would). Measured on GeoWorld (docs/results.md, "Second round"): neither
 # order learned faster, in the binding probe or in the pipeline; it is an option, not a default.
-IMAGE_PLACEMENTS: dict[str, Callable[[str, str], str]] = {
-    "before": lambda text, images: f"{images}\n{text}",
-    "after": lambda text, images: f"{text}\n{images}",
-}
+IMAGE_PLACEMENTS: Registry[Callable[[str, str], str]] = Registry("image placement")
+IMAGE_PLACEMENTS.register("before", lambda text, images: f"{images}\n{text}")
+IMAGE_PLACEMENTS.register("after", lambda text, images: f"{text}\n{images}")
 
 
 def check_image_placement(placement: str) -> str:
     """`placement` if it names an IMAGE_PLACEMENTS entry, else a ValueError listing the known ones."""
-    if placement not in IMAGE_PLACEMENTS:
-        raise ValueError(f"unknown image placement {placement!r}; known: {sorted(IMAGE_PLACEMENTS)}")
+    IMAGE_PLACEMENTS[placement]
     return placement
 
 
@@ -62,17 +68,15 @@ class Template:
     stop_tokens: Callable[[PreTrainedTokenizerBase], list[int]]
 
 
-TEMPLATES: dict[str, Template] = {}
+TEMPLATES: Registry[Template] = Registry("chat template")
 
 
 def register_template(t: Template) -> Template:
-    TEMPLATES[t.name] = t
-    return t
+    """Add a conversation template under its name."""
+    return TEMPLATES.register(t.name, t, stacklevel=2)
 
 
 def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {sorted(TEMPLATES)}")
     return TEMPLATES[name]
 
 
@@ -186,7 +190,9 @@ def normalise_turns(conversations: Sequence[dict], sample: str) -> list[tuple[st
         role = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
         if role not in ROLE_ALIASES:
-            raise SampleError(f"{sample}: turn {i} has unknown role {role!r} (expected human/gpt/user/assistant/system)")
+            raise SampleError(
+                f"{sample}: turn {i} has unknown role {role!r} (expected human/gpt/user/assistant/system)"
+            )
         if not isinstance(text, str):
             raise SampleError(f"{sample}: turn {i} has no text 'value'")
         turns.append((ROLE_ALIASES[role], text))
@@ -254,7 +260,12 @@ def encode_conversation(
             f"{sample}: expected {num_images * num_image_tokens} image positions, the template produced {found}"
         )
     if max_length is not None and len(ids) > max_length:
-        raise SampleError(f"{sample}: {len(ids)} tokens exceed max_length={max_length} (not truncated: fix the data or raise max_length)")
+        raise SampleError(
+            f"{sample}: {len(ids)} tokens exceed max_length={max_length} (not truncated: fix the data or raise max_length)"
+        )
     if not for_generation and all(v == IGNORE_INDEX for v in labels):
         raise SampleError(f"{sample}: every label is masked")
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }

@@ -1,4 +1,4 @@
-"""`mllm demo | synth | train | chat | eval | report | plot`: the command line, a thin layer over the library."""
+"""`mllm demo | synth | train | chat | eval | probe | report | plot`: the command line, a thin layer over the library."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-REPO = Path(__file__).resolve().parents[1]
+# Each command imports what it runs inside its function: `mllm --help`, `mllm report` and `mllm synth`
+# then start without torch, transformers and DeepSpeed (seconds of import). The CLI is the top layer
+# (tests/test_layering.py reads these imports too), so any module of the project may be imported here.
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -46,7 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             os._exit(3)
         raise
     if D.is_main():
-        print(f"model: {summary.get('final')}" + (f"\nchat:  mllm chat --model {out}" if recipe.model.kind == "mllm" else ""))
+        print(
+            f"model: {summary.get('final')}"
+            + (f"\nchat:  mllm chat --model {out}" if recipe.model.kind == "mllm" else "")
+        )
     import torch.distributed as dist
 
     if dist.is_initialized():  # gloo may abort in its own teardown after a finished run (exit 134)
@@ -56,8 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from mllm.inference import ChatSession
+    from mllm.loading import resolve_model_dir
     from mllm.model import MultimodalLM
-    from mllm.training.runner import resolve_model_dir
 
     model = MultimodalLM.from_pretrained(resolve_model_dir(args.model))
     session = ChatSession(model, max_new_tokens=args.max_new_tokens)
@@ -84,7 +89,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)")
             continue
         if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+            path = line[len("/image") :].strip()
             try:
                 session.set_image(path)
                 print(f"(image {path} attached; new conversation)")
@@ -107,12 +112,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mllm.evaluation.runner import parse_options, run_eval
 
     agla = AglaConfig(alpha=args.agla_alpha, beta=args.agla_beta, keep_ratio=args.agla_keep)
-    metrics = run_eval(args.bench, args.data, args.out, model_dir=args.model, predictions=args.predictions,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, decoding=args.decoding,
-                       agla=agla, device=args.device, dtype=args.dtype, options=parse_options(args.option),
-                       limit=args.limit)
+    metrics = run_eval(
+        args.bench,
+        args.data,
+        args.out,
+        model_dir=args.model,
+        predictions=args.predictions,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        decoding=args.decoding,
+        agla=agla,
+        device=args.device,
+        dtype=args.dtype,
+        options=parse_options(args.option),
+        limit=args.limit,
+    )
     print(json.dumps({k: v for k, v in metrics.items() if k != "meta"}, indent=1))
     print(f"metrics: {args.out}\nrecords: {Path(args.out).with_suffix('.jsonl')}")
+    return 0
+
+
+def _print_result(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+def cmd_probe_regions(args: argparse.Namespace) -> int:
+    from mllm.evaluation.regions import run_regions
+
+    _print_result(run_regions(args.model, args.scenes, args.images, args.limit, args.train_regions), args.out)
+    return 0
+
+
+def cmd_probe_dense(args: argparse.Namespace) -> int:
+    from mllm.evaluation.dense_probe import run_dense_probe
+
+    _print_result(
+        run_dense_probe(
+            args.type, args.tower, args.random, args.world, args.train_limit, args.steps, args.seed
+        ),
+        args.out,
+    )
     return 0
 
 
@@ -136,8 +178,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mllm.loading import resolve_model_dir
     from mllm.model import MultimodalLM
-    from mllm.training.runner import resolve_model_dir
 
     model = MultimodalLM.from_pretrained(resolve_model_dir(args.model))
     if args.format == "hf":
@@ -162,7 +204,9 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from mllm.data.check import run_check
 
-    return run_check(args.file, args.images, args.tokenizer, args.template, args.max_length, args.num_image_tokens)
+    return run_check(
+        args.file, args.images, args.tokenizer, args.template, args.max_length, args.num_image_tokens
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -180,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--n", type=int, default=None, help="training scenes (default: the recipe's)")
     d.add_argument("--quick", action="store_true", help="a reduced run for tests (minutes -> seconds)")
-    d.add_argument("--seed", type=int, default=0,
-                   help="seeds the world, the training streams and every stage (results differ per seed)")
+    d.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the world, the training streams and every stage (results differ per seed)",
+    )
     d.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     d.set_defaults(func=cmd_demo)
 
@@ -193,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="run a recipe's stages")
-    t.add_argument("--recipe", required=True)
+    t.add_argument(
+        "--recipe",
+        required=True,
+        help="a recipe YAML file, or a packaged recipe by name (e.g. clip-tiny; mllm/recipes/)",
+    )
     t.add_argument("--out", default=None)
     t.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -208,11 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("eval", help="evaluate a model (or score a predictions file) on a benchmark folder")
-    e.add_argument("bench", help="mmvp | pope | mathverse | refcoco | qa | mmvp_vlm | retrieval (the last two "
-                   "take a contrastive model)")
+    e.add_argument(
+        "bench",
+        help="mmvp | pope | mathverse | refcoco | qa | mmvp_vlm | retrieval (the last two "
+        "take a contrastive model)",
+    )
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model or run folder: generate the answers")
-    src.add_argument("--predictions", help="a JSONL of {<benchmark id>, response} produced elsewhere: score it")
+    src.add_argument(
+        "--predictions", help="a JSONL of {<benchmark id>, response} produced elsewhere: score it"
+    )
     e.add_argument("--data", required=True, help="the benchmark folder in its official layout")
     e.add_argument("--out", required=True, help="metrics JSON; per-item records go beside it as .jsonl")
     e.add_argument("--batch-size", type=int, default=16)
@@ -224,12 +281,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     e.add_argument("--limit", type=int, default=None, help="only the first N items (smoke tests)")
-    e.add_argument("--option", action="append", default=[],
-                   help="benchmark option key=value (e.g. letter_prompt=true, box_format=norm1000, "
-                        "answer_overrides=FILE.json, cot=true)")
+    e.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="benchmark option key=value (e.g. letter_prompt=true, box_format=norm1000, "
+        "answer_overrides=FILE.json, cot=true)",
+    )
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="write a model as a transformers LLaVA folder (hf) or a native copy (mllm)")
+    pr = sub.add_parser(
+        "probe",
+        help="vision-encoder evaluations outside the benchmark registry: "
+        "`mllm probe regions` (CLOC/CLIP), `mllm probe dense` (a tower's patch tokens)",
+    )
+    psub = pr.add_subparsers(dest="probe_command", required=True)
+    prr = psub.add_parser(
+        "regions", help="region retrieval R@1 and grounding on GeoWorld scenes (mllm.evaluation.regions)"
+    )
+    prr.add_argument("--model", required=True, help="a CLOC or contrastive model folder")
+    prr.add_argument(
+        "--scenes", required=True, help="a GeoWorld scenes.jsonl (held-out: WORLD/eval/scenes.jsonl)"
+    )
+    prr.add_argument("--images", default=None, help="image root (default: the world folder)")
+    prr.add_argument("--limit", type=int, default=None)
+    prr.add_argument(
+        "--train-regions",
+        default=None,
+        help="a training regions.jsonl: also report the mean-box reference for grounding",
+    )
+    prr.add_argument("--out", default=None, help="also write the result JSON here")
+    prr.set_defaults(func=cmd_probe_regions)
+    prd = psub.add_parser(
+        "dense", help="per-patch colour/shape linear probe of a frozen tower (mllm.evaluation.dense_probe)"
+    )
+    prd.add_argument("--tower", help="a saved tower folder (HF), e.g. RUN/tips/final/image_tower")
+    prd.add_argument("--type", required=True, help="tower type: clip | dinov2 | dinov2_registers | ...")
+    prd.add_argument("--random", default=None, help="JSON config of an untrained tower (a baseline) instead")
+    prd.add_argument("--world", required=True)
+    prd.add_argument("--train-limit", type=int, default=1000)
+    prd.add_argument("--steps", type=int, default=300)
+    prd.add_argument("--seed", type=int, default=0)
+    prd.add_argument("--out", default=None, help="also write the result JSON here")
+    prd.set_defaults(func=cmd_probe_dense)
+
+    x = sub.add_parser(
+        "export", help="write a model as a transformers LLaVA folder (hf) or a native copy (mllm)"
+    )
     x.add_argument("--model", required=True, help="a model or run folder")
     x.add_argument("--format", choices=["hf", "mllm"], default="hf")
     x.add_argument("--out", required=True)
@@ -243,12 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     dat = sub.add_parser("data", help="data tools: `mllm data check FILE --images DIR`")
     dsub = dat.add_subparsers(dest="data_command", required=True)
-    dc = dsub.add_parser("check", help="list every problem in a LLaVA-format file (exit 1 if any error, 0 if clean)")
+    dc = dsub.add_parser(
+        "check", help="list every problem in a LLaVA-format file (exit 1 if any error, 0 if clean)"
+    )
     dc.add_argument("file", help="a LLaVA JSON list or JSONL file")
     dc.add_argument("--images", default=None, help="the image root (data.images; default: the file's folder)")
-    dc.add_argument("--tokenizer", default=None, help="a tokenizer or model folder: also tokenise every sample")
-    dc.add_argument("--template", default="chatml", help="chat template for tokenising (plain for align data)")
-    dc.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this many tokens")
+    dc.add_argument(
+        "--tokenizer", default=None, help="a tokenizer or model folder: also tokenise every sample"
+    )
+    dc.add_argument(
+        "--template", default="chatml", help="chat template for tokenising (plain for align data)"
+    )
+    dc.add_argument(
+        "--max-length", type=int, default=None, help="refuse samples longer than this many tokens"
+    )
     dc.add_argument("--num-image-tokens", type=int, default=1, help="positions one <image> expands to")
     dc.set_defaults(func=cmd_data_check)
 
@@ -258,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-reference", action="store_true")
     r.set_defaults(func=cmd_report)
 
-    pl = sub.add_parser("plot", help="a run's learning curves (loss, learning rate, eval_every accuracy) as a PNG")
+    pl = sub.add_parser(
+        "plot", help="a run's learning curves (loss, learning rate, eval_every accuracy) as a PNG"
+    )
     pl.add_argument("run", help="a run folder (its stages' metrics.jsonl and evals.jsonl)")
     pl.add_argument("--out", default=None, help="the PNG to write (default: RUN/curves.png)")
     pl.set_defaults(func=cmd_plot)

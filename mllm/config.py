@@ -8,17 +8,22 @@ recipe an error naming the key instead of a silently ignored setting.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from encoders.cloc import ClocEncoderConfig
+from encoders.common import ConfigError as ConfigError
+from encoders.common import from_dict as from_dict
+from encoders.common import to_dict as to_dict
+from encoders.contrastive import EncoderConfig
 from encoders.geo import GeoConfig
+from encoders.registry import Registry
+from encoders.ssl.config import SSLConfig
+from encoders.tips import TipsEncoderConfig
 from encoders.towers import TowerConfig
 
 
@@ -30,6 +35,7 @@ class LMConfig:
     config: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    init: str = "default"  # how a from-config LM's weights start: mllm.lm_init.LM_INITS (default | mimetic)
 
 
 @dataclass
@@ -75,11 +81,49 @@ class ModelConfig:
     init_from: str | None = None
     # Tower/LM paths that are not local folders are hub names, downloaded only when this is true.
     allow_network: bool = False
-    # What the recipe trains: a registry key of mllm.training.models.MODEL_KINDS ("mllm" = MultimodalLM,
+    # What the recipe trains: a model family registered in mllm.families.FAMILIES ("mllm" = MultimodalLM,
     # "contrastive" = encoders.ContrastiveModel, ...). `tower` is the image tower of every kind.
     kind: str = "mllm"
-    # Kind-specific settings, validated by the kind (e.g. encoders.contrastive.EncoderConfig).
-    encoder: dict[str, Any] = field(default_factory=dict)
+    # The encoder family's settings, typed by `kind` (ENCODER_CONFIGS: contrastive -> EncoderConfig,
+    # tips -> TipsEncoderConfig, cloc -> ClocEncoderConfig, ssl -> SSLConfig) and checked when the recipe
+    # loads, unknown keys refused. Omitted: that class's defaults. A kind without an entry (mllm) takes none.
+    encoder: EncoderConfig | SSLConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.encoder = encoder_config_for(self.kind, self.encoder)
+
+
+# model.kind -> the dataclass of its `model.encoder` section (a tagged union keyed by the kind). Here, not
+# in the family registry (mllm.families), because a recipe is checked when it loads, below training; a new
+# family with an encoder section registers its class here too (`ENCODER_CONFIGS.register(kind, cls)`).
+ENCODER_CONFIGS: Registry[type] = Registry("encoder config")
+ENCODER_CONFIGS.register("contrastive", EncoderConfig)
+ENCODER_CONFIGS.register("tips", TipsEncoderConfig)
+ENCODER_CONFIGS.register("cloc", ClocEncoderConfig)
+ENCODER_CONFIGS.register("ssl", SSLConfig)
+
+
+def encoder_config_for(kind: str, raw: Any) -> Any:
+    """`model.encoder` as the dataclass of model kind `kind` (from plain data or an instance), or None for a
+    kind that takes no encoder section (a non-empty one there is an error, not silently ignored)."""
+    cls = ENCODER_CONFIGS.get(kind)
+    if cls is None:
+        if raw:
+            hint = "; did you mean model.kind: contrastive?" if kind == "mllm" else ""
+            keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise ConfigError(
+                f"model.encoder {keys} is set but model.kind {kind!r} takes no encoder section{hint}"
+            )
+        return None
+    if raw is None:
+        return cls()
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"model.encoder: model.kind {kind!r} takes a {cls.__name__} (a mapping), got {type(raw).__name__}"
+        )
+    return from_dict(cls, raw, "model.encoder")
 
 
 @dataclass
@@ -142,7 +186,9 @@ class LoraConfig:
     r: int = 128
     alpha: float = 256.0
     dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or every Linear but the head
+    targets: list[str] = field(
+        default_factory=lambda: ["all-linear"]
+    )  # module names, or every Linear but the head
     quantize: str | None = None  # "4bit": QLoRA; refused clearly where bitsandbytes or a CUDA GPU is missing
 
 
@@ -166,12 +212,49 @@ class EvalConfig:
             raise ConfigError(f"eval.batch_size={self.batch_size} must be positive")
 
 
+STAGE_REF = "stage:"  # PriorConfig.ref "stage:NAME": the LM of stage NAME's final model in this run
+
+
+@dataclass
+class PriorConfig:
+    """A `prior` stage's PRIOR settings (mllm.prior), given as the stage's `prior:` section.
+
+    ref: the reference causal-LM folder; "stage:NAME" is this run's `NAME/final/lm` (e.g. the
+    `prior_ref` stage's); None: a frozen copy of the model's own LM at the start of the stage.
+    alpha, floor, cap: w = clamp((1 - P_ref) ** alpha, floor, cap), renormalised per caption.
+    cache: the weight-cache folder (None: `<data dir>/prior_cache/<data stem>-<digest>`).
+    batch_size: captions per reference-LM forward when the weights are computed.
+    """
+
+    ref: str | None = None
+    alpha: float = 1.0
+    floor: float = 0.0
+    cap: float = 1.0e9
+    cache: str | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        # Floats whatever the caller passed: the values enter the cache fingerprint, where 1 != 1.0.
+        self.alpha, self.floor, self.cap = float(self.alpha), float(self.floor), float(self.cap)
+        if self.alpha < 0 or self.floor < 0 or self.cap < self.floor or self.batch_size < 1:
+            raise ConfigError(
+                f"prior: need alpha >= 0, 0 <= floor <= cap, batch_size >= 1; got alpha={self.alpha}, "
+                f"floor={self.floor}, cap={self.cap}, batch_size={self.batch_size}"
+            )
+        if self.ref is not None and self.ref.startswith(STAGE_REF) and not self.ref[len(STAGE_REF) :]:
+            raise ConfigError(f"prior.ref {self.ref!r} names no stage (write stage:NAME)")
+
+    def ref_stage(self) -> str | None:
+        """NAME when `ref` is "stage:NAME", else None."""
+        return self.ref[len(STAGE_REF) :] if self.ref and self.ref.startswith(STAGE_REF) else None
+
+
 @dataclass
 class StageConfig:
     """A training stage as data: what trains, at which learning rate, on which data, for how long."""
 
     name: str = "align"
-    kind: str = "align"  # registry key in mllm.training.stages
+    kind: str = "align"  # a stage kind registered by a model family (mllm.families.STAGE_KINDS)
     data: DataConfig = field(default_factory=DataConfig)
     # module prefix -> learning rate; None means "use the stage kind's default declaration".
     trainable: dict[str, float] | None = None
@@ -205,6 +288,9 @@ class StageConfig:
     # drawn by `mllm plot`); None: no evaluation during training.
     eval_every: int | None = None
     eval: EvalConfig | None = None
+    # PRIOR's settings, for a stage whose kind trains with PRIOR token weights (kind `prior`); None there
+    # means the defaults. Refused (when the run starts) on any other kind of stage.
+    prior: PriorConfig | None = None
 
     def __post_init__(self) -> None:
         """Refused when the recipe loads, not hundreds of steps into a run. A stage sized by `epochs` is
@@ -217,8 +303,10 @@ class StageConfig:
         if self.max_steps is not None and self.eval_every > self.max_steps:
             raise ConfigError(f"{where} is larger than the stage (max_steps={self.max_steps})")
         if self.eval is None or not self.eval.data:
-            raise ConfigError(f"{where} needs `eval.data` (what to evaluate, e.g. "
-                              "eval: {benchmark: qa, data: <world folder>})")
+            raise ConfigError(
+                f"{where} needs `eval.data` (what to evaluate, e.g. "
+                "eval: {benchmark: qa, data: <world folder>})"
+            )
 
 
 @dataclass
@@ -234,6 +322,9 @@ class NonfiniteConfig:
 @dataclass
 class EngineConfig:
     backend: str = "deepspeed"  # deepspeed | torch
+    # A ZeRO JSON: a path, or a packaged one by name (zero2, zero3, zero3_offload; mllm/ds/). The
+    # spelling `train/ds/<name>.json` (every recipe's, and this default) names the packaged file too,
+    # wherever the run starts: `resolve_zero_config`.
     zero_config: str | None = "train/ds/zero2.json"
     precision: str = "bf16"  # bf16 | fp32
     seed: int = 0
@@ -254,91 +345,31 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=list)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    # Free-form section for commands that wrap training (the demo's synth and eval settings).
+    # Free-form section for commands that wrap training (the demo's synth and eval settings) and the
+    # `${name}` variables of the recipe's strings; it configures nothing in training itself.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.extra, dict) and "prior" in self.extra:
+            raise ConfigError(
+                "extra.prior is no longer read: PRIOR settings are the `prior` stage's own typed "
+                "section; move them there (stages: - {name: prior, kind: prior, prior: {alpha: ...}}, "
+                "override: stages.<stage>.prior.alpha=...)"
+            )
+        names = [s.name for s in self.stages]
+        for s in self.stages:
+            ref = s.prior.ref_stage() if s.prior is not None else None
+            if ref is not None and ref not in names[: names.index(s.name)]:
+                raise ConfigError(
+                    f"stage {s.name!r}: prior.ref {s.prior.ref!r} is not an earlier stage of the "
+                    f"recipe ({names[: names.index(s.name)]})"
+                )
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
             if s.name == name:
                 return s
         raise KeyError(f"recipe {self.name!r} has no stage {name!r}; it has {[s.name for s in self.stages]}")
-
-
-class ConfigError(ValueError):
-    """A recipe that does not match the schema, with the dotted key that is wrong."""
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _strip_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from plain data, refusing unknown keys (a typo must not pass silently)."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    tp = _strip_optional(tp)
-    if value is None:
-        return None
-    if _is_dataclass_type(tp):
-        return from_dict(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list")
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        return tuple(value)
-    if tp in (int, float, str, bool):
-        return _scalar(tp, value, where)
-    return value
-
-
-def _scalar(tp: type, value: Any, where: str) -> Any:
-    """Scalars with the conversions YAML needs (`2e-5` is a string in YAML 1.1), and no others."""
-    if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, str):
-        try:
-            return tp(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-
-
-def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -370,8 +401,64 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+# Recipes and ZeRO configs ship inside the package (package data), so an installed wheel finds them
+# without a checkout; a checkout's train/recipes and train/ds are links to these folders.
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+ZERO_DIR = Path(__file__).resolve().parent / "ds"
+_LEGACY_RECIPES = ("train", "recipes")  # how docs and scripts spell the folders (relative to a checkout)
+_LEGACY_ZERO = ("train", "ds")
+
+
+def recipe_names() -> list[str]:
+    """The packaged recipes, by the name `--recipe` takes."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file from a path, or a packaged recipe from its name (`clip-tiny`, `clip-tiny.yaml`).
+
+    An existing file always wins. `train/recipes/<name>.yaml` that does not exist where the run starts
+    (outside a checkout) is the packaged recipe of that name. An unknown bare name is a one-line error
+    listing the known names; any other missing path is left for `load_recipe` to report.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    parts = path.parts
+    if len(parts) == 1 or (not path.is_absolute() and parts[:-1] == _LEGACY_RECIPES):
+        name = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+        packaged = RECIPES_DIR / f"{name}.yaml"
+        if packaged.is_file():
+            return packaged
+        if len(parts) == 1 and not path.suffix:
+            raise ConfigError(
+                f"unknown recipe {str(name_or_path)!r}: not a file and not a packaged recipe "
+                f"(known: {', '.join(recipe_names())})"
+            )
+    return path
+
+
+def resolve_zero_config(path: str | None) -> str | None:
+    """The ZeRO JSON a recipe's `zero_config` names, independent of the working directory for the packaged
+    ones: `zero2`, `zero2.json` (when no such file is where the run starts) and `train/ds/zero2.json` (always)
+    are mllm/ds/zero2.json; anything else is a path, returned as given."""
+    if not path:
+        return path
+    p = Path(path)
+    name = p.name if p.suffix == ".json" else f"{p.name}.json"
+    packaged = ZERO_DIR / name
+    if not packaged.is_file():
+        return path
+    if not p.is_absolute() and p.parts[:-1] == _LEGACY_ZERO:
+        return str(packaged)
+    if len(p.parts) == 1 and not p.is_file():
+        return str(packaged)
+    return path
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
+    """A recipe from a YAML file or a packaged recipe's name (`find_recipe`), with `key=value` overrides."""
+    path = find_recipe(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -402,10 +489,12 @@ def substitute(tree: Any, variables: dict[str, Any]) -> Any:
     if isinstance(tree, list):
         return [substitute(v, variables) for v in tree]
     if isinstance(tree, str):
+
         def repl(m: re.Match) -> str:
             if m.group(1) not in variables:
                 raise ConfigError(f"${{{m.group(1)}}} is used but extra.{m.group(1)} is not set")
             return str(variables[m.group(1)])
+
         return _VAR.sub(repl, tree)
     return tree
 

@@ -1,9 +1,9 @@
 """`mllm demo`: the whole pipeline on a CPU in minutes, with nothing downloaded.
 
 synth (GeoWorld) -> a tiny CLIP with a convolutional image tower trained contrastively on GeoWorld's
-captions (train/recipes/clip-resnet-tiny.yaml) -> tokenizer + tiny LM pretrained on GeoWorld's text ->
+captions (recipe clip-resnet-tiny) -> tokenizer + tiny LM pretrained on GeoWorld's text ->
 the tower's per-patch warm-up (fine-grained, from scene graphs) -> align -> instruct on fresh scenes
-every step (tower, projector and LM; train/recipes/tiny-geoworld.yaml) -> held-out QA, MMVP-style pairs,
+every step (tower, projector and LM; recipe tiny-geoworld) -> held-out QA, MMVP-style pairs,
 POPE and the encoder's zero-shot retrieval -> a table, `results.json` and `curves.png`.
 """
 
@@ -14,25 +14,47 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mllm.config import load_recipe
-from mllm.data.conversations import read_records
-from mllm.data.geoworld.pope import SPLITS as POPE_SPLITS
+from rich.console import Console
+from rich.table import Table
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "train" / "recipes" / "tiny-geoworld.yaml"
-ENCODER_RECIPE = REPO / "train" / "recipes" / "clip-resnet-tiny.yaml"
+from mllm.config import RECIPES_DIR, load_recipe
+from mllm.data.conversations import read_records
+from mllm.data.geoworld import write_world
+from mllm.data.geoworld.pope import SPLITS as POPE_SPLITS
+from mllm.evaluation.benchmarks import get_benchmark
+from mllm.evaluation.periodic import make_evaluator
+from mllm.evaluation.runner import evaluate
+from mllm.loading import get_loader
+from mllm.model import MultimodalLM
+from mllm.plotting import plot_run
+from mllm.training.runner import train_recipe
+
+# The packaged recipes (mllm/recipes/), so the demo runs from an installed wheel as from a checkout.
+RECIPE = RECIPES_DIR / "tiny-geoworld.yaml"
+ENCODER_RECIPE = RECIPES_DIR / "clip-resnet-tiny.yaml"
 # CLIP and DCL tie on GeoWorld retrieval at equal compute (docs/results.md); the conv tower reaches mean
 # R@1 83.8 in 300 steps (the ViT: 58.2). 150 steps leave the 10-minute budget room for instruct; the
 # per-patch warm-up after it is what teaches shape (docs/results.md, "Models that see").
 ENCODER_STEPS = 150
 DEMO_N = 3000
 QUICK = [
-    "stages.lm_pretrain.max_steps=6", "stages.tower_warmup.max_steps=4", "stages.align.max_steps=3",
-    "stages.instruct.max_steps=8", "stages.lm_pretrain.batch_size=8", "stages.tower_warmup.batch_size=8",
-    "stages.align.batch_size=8", "stages.instruct.batch_size=8", "stages.instruct.eval_every=4",
-    "stages.instruct.eval.limit=16", "engine.checkpoint_every=4",
+    "stages.lm_pretrain.max_steps=6",
+    "stages.tower_warmup.max_steps=4",
+    "stages.align.max_steps=3",
+    "stages.instruct.max_steps=8",
+    "stages.lm_pretrain.batch_size=8",
+    "stages.tower_warmup.batch_size=8",
+    "stages.align.batch_size=8",
+    "stages.instruct.batch_size=8",
+    "stages.instruct.eval_every=4",
+    "stages.instruct.eval.limit=16",
+    "engine.checkpoint_every=4",
 ]
-QUICK_ENCODER = ["stages.contrastive.max_steps=4", "stages.contrastive.batch_size=8", "engine.checkpoint_every=4"]
+QUICK_ENCODER = [
+    "stages.contrastive.max_steps=4",
+    "stages.contrastive.batch_size=8",
+    "engine.checkpoint_every=4",
+]
 
 
 def write_text_corpus(world: Path) -> Path:
@@ -44,23 +66,33 @@ def write_text_corpus(world: Path) -> Path:
     for line in (world / "captions.jsonl").read_text().splitlines():
         c = json.loads(line)
         for kind in ("long", "short"):
-            records.append({"id": f"{c['id']}-{kind}", "conversations": [
-                {"from": "human", "value": "Describe a scene."}, {"from": "gpt", "value": c[kind]}]})
+            records.append(
+                {
+                    "id": f"{c['id']}-{kind}",
+                    "conversations": [
+                        {"from": "human", "value": "Describe a scene."},
+                        {"from": "gpt", "value": c[kind]},
+                    ],
+                }
+            )
     for rec in read_records(world / "instruct.json"):
-        conv = [dict(t, value=t["value"].replace("<image>\n", "").replace("<image>", "")) for t in rec["conversations"]]
+        conv = [
+            dict(t, value=t["value"].replace("<image>\n", "").replace("<image>", ""))
+            for t in rec["conversations"]
+        ]
         records.append({"id": f"{rec['id']}-qa", "conversations": conv})
     out.write_text(json.dumps(records))
     return out
 
 
-def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None = None, quick: bool = False,
-             seed: int = 0, log=print) -> dict[str, Any]:
-    from mllm.data.geoworld import write_world
-    from mllm.evaluation.periodic import make_evaluator
-    from mllm.evaluation.runner import evaluate
-    from mllm.model import MultimodalLM
-    from mllm.plotting import plot_run  # matplotlib: imported only when a demo runs
-    from mllm.training.runner import train_recipe
+def run_demo(
+    out: str | Path,
+    overrides: list[str] | None = None,
+    n: int | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    log=print,
+) -> dict[str, Any]:
 
     out = Path(out)
     world = out / "world"
@@ -69,19 +101,39 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
     if not (world / "manifest.json").is_file():
         n_scenes = n or (200 if quick else DEMO_N)
         log(f"[synth] GeoWorld: {n_scenes} training scenes -> {world}")
-        kw = dict(n_eval=64, mmvp_pairs=8, pope_questions=24, mathverse_problems=4, refcoco_n=16) if quick else {}
+        kw = (
+            dict(n_eval=64, mmvp_pairs=8, pope_questions=24, mathverse_problems=4, refcoco_n=16)
+            if quick
+            else {}
+        )
         write_world(world, seed=seed, n=n_scenes, size=64, **kw)
     write_text_corpus(world)
     timings["synth"] = round(time.time() - t0, 2)
 
-    encoder = load_recipe(ENCODER_RECIPE, [f"extra.world={world}", f"stages.contrastive.max_steps={ENCODER_STEPS}",
-                                           f"engine.seed={seed}", *(QUICK_ENCODER if quick else [])])
+    encoder = load_recipe(
+        ENCODER_RECIPE,
+        [
+            f"extra.world={world}",
+            f"stages.contrastive.max_steps={ENCODER_STEPS}",
+            f"engine.seed={seed}",
+            *(QUICK_ENCODER if quick else []),
+        ],
+    )
     enc_summary = train_recipe(encoder, out / "encoder", log=log)
     timings["encoder"] = enc_summary["stages"]["contrastive"]["wall_s"]
     tower = Path(enc_summary["final"]) / "image_tower"
 
-    recipe = load_recipe(RECIPE, [f"extra.world={world}", f"extra.tower={tower}", f"engine.seed={seed}",
-                                  f"extra.live_seed={seed + 1}", *(QUICK if quick else []), *(overrides or [])])
+    recipe = load_recipe(
+        RECIPE,
+        [
+            f"extra.world={world}",
+            f"extra.tower={tower}",
+            f"engine.seed={seed}",
+            f"extra.live_seed={seed + 1}",
+            *(QUICK if quick else []),
+            *(overrides or []),
+        ],
+    )
     summary = train_recipe(recipe, out / "run", log=log, evaluator=make_evaluator(recipe))
     for name, st in summary["stages"].items():
         timings[name] = st["wall_s"]
@@ -130,19 +182,15 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, n: int | None 
 
 def _encoder_retrieval(encoder_dir: str | Path, world: Path) -> dict[str, float]:
     """Zero-shot image<->text R@1/R@5 of the demo's contrastive encoder on held-out GeoWorld."""
-    from mllm.evaluation.benchmarks import get_benchmark
-    from mllm.training.models import get_model_kind
 
     b = get_benchmark("retrieval")
-    model = get_model_kind(b.model_kind).load(Path(encoder_dir)).eval()
+    model = get_loader(b.model_kind).load(Path(encoder_dir)).eval()
     items = b.load(world)
     metrics, _ = b.score(items, b.respond(model, items, batch_size=64))
     return {k: metrics[k] for k in ("mean_R@1", "mean_R@5")}
 
 
 def show_results(results: dict[str, Any], log=print) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title="mllm demo: tiny-geoworld (held-out GeoWorld)")
     table.add_column("metric")
@@ -155,8 +203,10 @@ def show_results(results: dict[str, Any], log=print) -> None:
     table.add_row("MMVP-style pair accuracy (chance 25%)", f"{results['mmvp_pair_accuracy']:.1f}%")
     table.add_row("MMVP-style question accuracy (chance 50%)", f"{results['mmvp_question_accuracy']:.1f}%")
     for split, acc in results.get("pope_accuracy", {}).items():
-        table.add_row(f"POPE {split}: accuracy / F1 / yes-ratio",
-                      f"{acc:.1f}% / {results['pope_f1'][split]:.1f} / {results['pope_yes_ratio'][split]:.1f}%")
+        table.add_row(
+            f"POPE {split}: accuracy / F1 / yes-ratio",
+            f"{acc:.1f}% / {results['pope_f1'][split]:.1f} / {results['pope_yes_ratio'][split]:.1f}%",
+        )
     for key, value in results.get("encoder_retrieval", {}).items():
         table.add_row(f"encoder retrieval {key}", f"{value:.1f}")
     for stage, s in results["wall_s"].items():

@@ -38,16 +38,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from encoders.common import barrier, device, is_main, read_meta, write_meta
 from mllm.chat import SampleError
+from mllm.data.conversations import image_paths
 from mllm.data.images import ImageError, load_image, resolve_image
 from mllm.prior import StaleCacheError, digest, model_fingerprint
 
+CACHE_KIND = "feature_cache"
 CACHE_VERSION = 1
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "manifest.json"  # the cache folder's meta file (kind, format_version, fingerprint, index)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
-__all__ = ["FeatureCache", "StaleCacheError", "attach", "build_cache", "check_frozen", "default_cache_dir",
-           "file_hash", "tower_fingerprint"]
+__all__ = [
+    "FeatureCache",
+    "StaleCacheError",
+    "attach",
+    "build_cache",
+    "check_frozen",
+    "default_cache_dir",
+    "file_hash",
+    "tower_fingerprint",
+]
 
 
 def file_hash(path: str | Path) -> str:
@@ -85,8 +96,10 @@ def tower_fingerprint(model: Any, dtype: str = "float16") -> dict[str, Any]:
         "tower weights": model_fingerprint(tower),
         "tower class": type(tower).__name__,
         "tower config": hf_cfg,
-        "preprocessing": {"processor": _plain(processor) if processor is not None else None,
-                          "pad_to_square": cfg.get("pad_to_square")},
+        "preprocessing": {
+            "processor": _plain(processor) if processor is not None else None,
+            "pad_to_square": cfg.get("pad_to_square"),
+        },
         "select_layer": cfg.get("select_layer"),
         "select_feature": cfg.get("select_feature"),
         "dtype": dtype,
@@ -94,8 +107,9 @@ def tower_fingerprint(model: Any, dtype: str = "float16") -> dict[str, Any]:
 
 
 def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
+    """The cache's manifest (its meta file: kind `feature_cache`, format_version), checked; None if absent."""
     path = cache_dir / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_meta(path, CACHE_KIND, CACHE_VERSION) if path.is_file() else None
 
 
 def check_fingerprint(cache_dir: Path, manifest: dict[str, Any], fp: dict[str, Any]) -> None:
@@ -110,15 +124,24 @@ def check_fingerprint(cache_dir: Path, manifest: dict[str, Any], fp: dict[str, A
         else:
             changed.append(f"{key} changed (cache {old.get(key)!r}, now {fp[key]!r})")
     if changed:
-        raise StaleCacheError(f"stale feature cache {cache_dir}: {'; '.join(changed)}. Delete it or point "
-                              "data.feature_cache_dir elsewhere; it is never reused for another tower")
+        raise StaleCacheError(
+            f"stale feature cache {cache_dir}: {'; '.join(changed)}. Delete it or point "
+            "data.feature_cache_dir elsewhere; it is never reused for another tower"
+        )
 
 
-def _write_manifest(cache_dir: Path, fp: dict[str, Any], index: dict[str, str], shape: list[int] | None) -> None:
-    manifest = {"fingerprint": fp, "digest": digest(fp), "images": len(index), "feature_shape": shape,
-                "index": index}
+def _write_manifest(
+    cache_dir: Path, fp: dict[str, Any], index: dict[str, str], shape: list[int] | None
+) -> None:
+    manifest = {
+        "fingerprint": fp,
+        "digest": digest(fp),
+        "images": len(index),
+        "feature_shape": shape,
+        "index": index,
+    }
     tmp = cache_dir / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest))
+    write_meta(tmp, CACHE_KIND, CACHE_VERSION, manifest, indent=None)  # the index can be large
     os.replace(tmp, cache_dir / MANIFEST_FILE)
 
 
@@ -127,9 +150,17 @@ def default_cache_dir(data_json: str | Path, fp: dict[str, Any]) -> Path:
 
 
 @torch.no_grad()
-def build_cache(model: Any, images: list[Path], cache_dir: str | Path, dtype: str = "float16",
-                batch_size: int = 32, shard_images: int = 2048, fp: dict[str, Any] | None = None,
-                skip_bad: bool = False, log=print) -> FeatureCache:
+def build_cache(
+    model: Any,
+    images: list[Path],
+    cache_dir: str | Path,
+    dtype: str = "float16",
+    batch_size: int = 32,
+    shard_images: int = 2048,
+    fp: dict[str, Any] | None = None,
+    skip_bad: bool = False,
+    log=print,
+) -> FeatureCache:
     """Compute the features of every image in `images` missing from the cache at `cache_dir`.
 
     The tower runs in eval mode on its current device and dtype; results are stored in `dtype`, and
@@ -177,8 +208,10 @@ def build_cache(model: Any, images: list[Path], cache_dir: str | Path, dtype: st
                 stored = feats.to(DTYPES[dtype])
                 for k, f, g in zip(part, feats, stored):
                     if not torch.isfinite(g).all():
-                        raise ValueError(f"{todo[k]}: tower features (max |x| {float(f.abs().max()):.3g}) "
-                                         f"overflow {dtype}; use data.feature_dtype=bfloat16")
+                        raise ValueError(
+                            f"{todo[k]}: tower features (max |x| {float(f.abs().max()):.3g}) "
+                            f"overflow {dtype}; use data.feature_dtype=bfloat16"
+                        )
                     shard[k] = g.contiguous()
                 shape = list(stored.shape[1:])
             if not shard:
@@ -188,7 +221,9 @@ def build_cache(model: Any, images: list[Path], cache_dir: str | Path, dtype: st
             save_file(shard, str(tmp))
             os.replace(tmp, cache_dir / name)
             index.update(dict.fromkeys(shard, name))
-            _write_manifest(cache_dir, fp, index, shape)  # after the shard: the manifest never names a missing file
+            _write_manifest(
+                cache_dir, fp, index, shape
+            )  # after the shard: the manifest never names a missing file
             shard_no += 1
     finally:
         tower.train(was_training)
@@ -236,8 +271,10 @@ class FeatureCache:
             raise SampleError(f"{sample}: cannot read image {path}: {e}") from e
         shard = self.index.get(key)
         if shard is None:
-            raise SampleError(f"{sample}: image {path} is not in the feature cache {self.dir} (changed since "
-                              "the cache was built, or the cache was built for other data)")
+            raise SampleError(
+                f"{sample}: image {path} is not in the feature cache {self.dir} (changed since "
+                "the cache was built, or the cache was built for other data)"
+            )
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
         return self._handles[shard].get_tensor(key)
@@ -250,14 +287,14 @@ def check_frozen(trainable: dict[str, float], stage_name: str) -> None:
     """Refuse the cache for a stage that trains the tower: its features change every step."""
     hot = [p for p in trainable if p == "tower" or p.startswith("tower.")]
     if hot:
-        raise ValueError(f"stage {stage_name!r}: data.feature_cache needs a frozen tower, but the stage trains "
-                         f"{hot}; turn the cache off or freeze the tower")
+        raise ValueError(
+            f"stage {stage_name!r}: data.feature_cache needs a frozen tower, but the stage trains "
+            f"{hot}; turn the cache off or freeze the tower"
+        )
 
 
 def dataset_images(ds: Any) -> list[Path]:
     """Every image file a ConversationDataset refers to (resolved under its root), bad samples skipped."""
-    from mllm.data.conversations import image_paths
-
     out: list[Path] = []
     for i, rec in enumerate(ds.records):
         if i in ds.load_errors:
@@ -279,23 +316,31 @@ def attach(ds: Any, cache: FeatureCache) -> Any:
 
 def cache_for_stage(model: Any, ds: Any, stage: Any, trainable: dict[str, float], log=print) -> FeatureCache:
     """The stage's cache, built on rank 0 where images are missing (the others wait), attached to `ds`."""
-    from mllm.training import distributed as D
-
     check_frozen(trainable, stage.name)
     if getattr(model, "fusion", None) is not None:
-        raise ValueError(f"stage {stage.name!r}: data.feature_cache supports single-tower models; this model "
-                         "fuses several vision streams")
+        raise ValueError(
+            f"stage {stage.name!r}: data.feature_cache supports single-tower models; this model "
+            "fuses several vision streams"
+        )
     fp = tower_fingerprint(model, stage.data.feature_dtype)
-    cache_dir = Path(stage.data.feature_cache_dir) if stage.data.feature_cache_dir else default_cache_dir(
-        ds.path, fp)
+    cache_dir = (
+        Path(stage.data.feature_cache_dir) if stage.data.feature_cache_dir else default_cache_dir(ds.path, fp)
+    )
     manifest = _read_manifest(cache_dir)
     if manifest is not None:
         check_fingerprint(cache_dir, manifest, fp)  # every rank refuses a stale cache by itself
-    if D.is_main():
-        model.tower.to(D.device())
-        build_cache(model, dataset_images(ds), cache_dir, stage.data.feature_dtype, fp=fp,
-                    skip_bad=ds.skip_bad_samples, log=lambda m: log(f"[{stage.name}] {m}"))
-    D.barrier()
+    if is_main():
+        model.tower.to(device())
+        build_cache(
+            model,
+            dataset_images(ds),
+            cache_dir,
+            stage.data.feature_dtype,
+            fp=fp,
+            skip_bad=ds.skip_bad_samples,
+            log=lambda m: log(f"[{stage.name}] {m}"),
+        )
+    barrier()
     cache = FeatureCache(cache_dir, fp)
     attach(ds, cache)
     return cache

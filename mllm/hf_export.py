@@ -17,7 +17,6 @@ transformers' `AutoModel` would not rebuild. Such models stay in the native form
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,16 +28,26 @@ from transformers import AutoModel, LlavaConfig, LlavaForConditionalGeneration, 
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from encoders.common import write_meta
+from encoders.registry import Registry
 from encoders.towers import Tower
+from mllm.hf_import import EXPORT_KIND, EXPORT_META, EXPORT_VERSION
 from mllm.model import MultimodalLM
 
-__all__ = ["EXPORT_META", "PROJECTOR_EXPORTS", "ExportError", "export_hf", "llava_feature_selection",
-           "processor_chat_template"]
+__all__ = [
+    "EXPORT_META",
+    "PROJECTOR_EXPORTS",
+    "ExportError",
+    "export_hf",
+    "llava_feature_selection",
+    "processor_chat_template",
+]
 
 # Written beside the transformers files: what transformers has no field for (the conversation
 # template, max_length, box format, the projector's name), so `MultimodalLM.from_pretrained` on the
 # export restores the model exactly rather than guessing.
-EXPORT_META = "mllm_export.json"
+# The export's own meta file, `mllm_export.json` (kind `llava_export`, format_version): EXPORT_META,
+# EXPORT_KIND and EXPORT_VERSION live in mllm.hf_import, which reads it back.
 
 
 class ExportError(ValueError):
@@ -48,31 +57,31 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------------------- projector
 ProjectorExport = Callable[[dict[str, torch.Tensor], int], tuple[dict[str, torch.Tensor], str]]
 # projector name -> f(projector state_dict, d_llm) -> (LlavaMultiModalProjector state_dict, projector_hidden_act)
-PROJECTOR_EXPORTS: dict[str, ProjectorExport] = {}
+PROJECTOR_EXPORTS: Registry[ProjectorExport] = Registry("exportable projector")
 
 
-def _register_projector_export(name: str) -> Callable[[ProjectorExport], ProjectorExport]:
-    def deco(fn: ProjectorExport) -> ProjectorExport:
-        PROJECTOR_EXPORTS[name] = fn
-        return fn
-
-    return deco
-
-
-@_register_projector_export("mlp2x_gelu")
+@PROJECTOR_EXPORTS.register("mlp2x_gelu")
 def _mlp2x_gelu(sd: dict[str, torch.Tensor], d_llm: int) -> tuple[dict[str, torch.Tensor], str]:
     """LLaVA-1.5's projector: the same two Linear layers, renamed (`0.` -> `linear_1.`, `2.` -> `linear_2.`)."""
-    return {"linear_1.weight": sd["0.weight"], "linear_1.bias": sd["0.bias"],
-            "linear_2.weight": sd["2.weight"], "linear_2.bias": sd["2.bias"]}, "gelu"
+    return {
+        "linear_1.weight": sd["0.weight"],
+        "linear_1.bias": sd["0.bias"],
+        "linear_2.weight": sd["2.weight"],
+        "linear_2.bias": sd["2.bias"],
+    }, "gelu"
 
 
-@_register_projector_export("linear")
+@PROJECTOR_EXPORTS.register("linear")
 def _linear(sd: dict[str, torch.Tensor], d_llm: int) -> tuple[dict[str, torch.Tensor], str]:
     """LLaVA-1's single Linear: `linear_1` = it, activation `linear` (identity), `linear_2` = identity."""
     w = sd["weight"]
     eye = torch.eye(d_llm, dtype=w.dtype)
-    return {"linear_1.weight": w, "linear_1.bias": sd["bias"],
-            "linear_2.weight": eye, "linear_2.bias": torch.zeros(d_llm, dtype=w.dtype)}, "linear"
+    return {
+        "linear_1.weight": w,
+        "linear_1.bias": sd["bias"],
+        "linear_2.weight": eye,
+        "linear_2.bias": torch.zeros(d_llm, dtype=w.dtype),
+    }, "linear"
 
 
 # ----------------------------------------------------------------------------------------- vision side
@@ -104,7 +113,8 @@ def _check_exportable(model: MultimodalLM) -> Tower:
     live_fusion = getattr(model, "fusion", None)
     if meta_fusion or live_fusion is not None or not isinstance(tower, Tower):
         kind = (meta_fusion.get("type") if isinstance(meta_fusion, dict) else meta_fusion) or type(
-            live_fusion if live_fusion is not None else tower).__name__
+            live_fusion if live_fusion is not None else tower
+        ).__name__
         raise ExportError(
             f"this model's vision side is fused ({kind}): LlavaForConditionalGeneration has exactly one vision "
             "tower read at one layer and one two-layer projector, so it cannot express several towers mixed or "
@@ -142,8 +152,17 @@ def _image_processor(tower: Tower) -> BaseImageProcessor:
     proc = tower.processor
     if not tower.config.pad_to_square:
         return proc
-    keys = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-            "image_std", "do_convert_rgb")
+    keys = (
+        "do_resize",
+        "size",
+        "resample",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    )
     settings = {k: v for k, v in proc.to_dict().items() if k in keys and v is not None}
     crop = getattr(proc, "crop_size", None)
     settings["do_center_crop"] = bool(getattr(proc, "do_center_crop", False))
@@ -158,16 +177,29 @@ def _image_processor(tower: Tower) -> BaseImageProcessor:
 NL = "{{ '\\n' }}"  # an explicit newline: whitespace control (`-%}`) would eat a literal one
 _CONTENT = (
     "{%- macro content(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
-    "{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}<image>{%- if not loop.last -%}" + NL
+    "{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}<image>{%- if not loop.last -%}"
+    + NL
     + "{%- endif -%}{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
 )
-CHAT_TEMPLATES: dict[str, str] = {
-    "chatml": _CONTENT + (
-        "{%- for m in messages -%}<|im_start|>{{ m['role'] }}" + NL + "{{ content(m) }}<|im_end|>" + NL
-        + "{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant" + NL + "{%- endif -%}"
+CHAT_TEMPLATES: Registry[str] = Registry("exportable chat template")
+CHAT_TEMPLATES.register(
+    "chatml",
+    _CONTENT
+    + (
+        "{%- for m in messages -%}<|im_start|>{{ m['role'] }}"
+        + NL
+        + "{{ content(m) }}<|im_end|>"
+        + NL
+        + "{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant"
+        + NL
+        + "{%- endif -%}"
     ),
-    "vicuna_v1": _CONTENT + (
+)
+CHAT_TEMPLATES.register(
+    "vicuna_v1",
+    _CONTENT
+    + (
         "{%- set sys = namespace(text='A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human\\'s questions.') -%}"
         "{%- for m in messages if m['role'] == 'system' -%}{%- set sys.text = content(m) -%}{%- endfor -%}"
@@ -175,13 +207,18 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ 'USER: ' ~ content(m) ~ ' ASSISTANT:' }}"
         "{%- elif m['role'] == 'assistant' -%}{{ ' ' ~ content(m) ~ eos_token }}{%- endif -%}{%- endfor -%}"
     ),
-    "plain": _CONTENT + (
+)
+CHAT_TEMPLATES.register(
+    "plain",
+    _CONTENT
+    + (
         "{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
         "{%- if m['content'] is string -%}{{ '<image>' * (m['content'].count('<image>')) }}{%- else -%}"
-        "{%- for c in m['content'] if c['type'] == 'image' -%}<image>{%- endfor -%}{%- endif -%}" + NL
+        "{%- for c in m['content'] if c['type'] == 'image' -%}<image>{%- endfor -%}{%- endif -%}"
+        + NL
         + "{%- elif m['role'] == 'assistant' -%}{{ content(m) ~ eos_token }}{%- endif -%}{%- endfor -%}"
     ),
-}
+)
 
 
 def processor_chat_template(model: MultimodalLM) -> str | None:
@@ -200,7 +237,7 @@ def _lm_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
     prefix = model.lm.base_model_prefix + "."
     out = {}
     for k, v in model.lm.state_dict().items():
-        out[("model.language_model." + k[len(prefix):]) if k.startswith(prefix) else k] = v
+        out[("model.language_model." + k[len(prefix) :]) if k.startswith(prefix) else k] = v
     return out
 
 
@@ -252,8 +289,10 @@ def export_hf(model: MultimodalLM, out_dir: str | Path) -> Path:
     missing, unexpected = llava.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise ExportError(f"key mapping mismatch: missing {sorted(set(missing) - tied)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}")
+        raise ExportError(
+            f"key mapping mismatch: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     if tied:
         llava.tie_weights()
 
@@ -267,16 +306,23 @@ def export_hf(model: MultimodalLM, out_dir: str | Path) -> Path:
         if template is not None:  # the tokenizer alone (AutoTokenizer) formats chats the same way
             tokenizer.chat_template = template
         processor = LlavaProcessor(
-            image_processor=_image_processor(tower), tokenizer=tokenizer, patch_size=tower.patch_size,
-            vision_feature_select_strategy=strategy, chat_template=template, image_token=model.meta.image_token,
+            image_processor=_image_processor(tower),
+            tokenizer=tokenizer,
+            patch_size=tower.patch_size,
+            vision_feature_select_strategy=strategy,
+            chat_template=template,
+            image_token=model.meta.image_token,
             num_additional_image_tokens=n_extra,
         )
         processor.save_pretrained(str(tmp))
         meta = asdict(model.meta)
         meta.pop("tower", None)
-        (tmp / EXPORT_META).write_text(json.dumps(
+        write_meta(
+            tmp / EXPORT_META,
+            EXPORT_KIND,
+            EXPORT_VERSION,
             {"meta": meta, "tower": {"type": tower.config.type, "pad_to_square": tower.config.pad_to_square}},
-            indent=2))
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -1,4 +1,7 @@
-"""Load a transformers LLaVA directory (`LlavaForConditionalGeneration`) as a `MultimodalLM`.
+"""Read a transformers LLaVA directory (`LlavaForConditionalGeneration`) as the parts of a `MultimodalLM`.
+
+`read_llava` returns the parts; `mllm.model.load_llava` (and `MultimodalLM.from_pretrained`, which
+dispatches on `is_llava_dir`) assembles them, so this module sits below mllm.model and imports it not.
 
 A user with an `llava-hf/*` checkpoint (or one exported by `mllm export --format hf`) should be able to
 fine-tune, chat and evaluate it here without converting anything by hand. transformers itself reads
@@ -18,20 +21,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
+from encoders.common import read_meta
 from encoders.towers import IMAGE_PROCESSOR_BACKEND, TOWERS, Tower, TowerConfig
-from mllm.model import MultimodalLM, MultimodalMeta
 from mllm.projectors import build_projector
 from mllm.tokenizer import load_tokenizer
 
-__all__ = ["ImportError_", "is_llava_dir", "load_llava", "resolve_model_path"]
+__all__ = ["ImportError_", "LlavaParts", "is_llava_dir", "read_llava", "resolve_model_path"]
 
-EXPORT_META = "mllm_export.json"  # written by mllm.hf_export; see there
+EXPORT_META = "mllm_export.json"  # written by mllm.hf_export: the export's meta file (kind, format_version)
+EXPORT_KIND = "llava_export"
+EXPORT_VERSION = 1
 # LLaVA-1.5's conversation format, which the llava-hf processors' chat templates reproduce.
 DEFAULT_TEMPLATE = "vicuna_v1"
 
@@ -63,7 +68,7 @@ def resolve_model_path(path: str, allow_network: bool, what: str) -> str:
             f"{what} {path!r} is not a local directory; hub names are used only when the recipe allows the "
             "network (model.allow_network: true, and HF_HUB_OFFLINE=0 in the environment)"
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: the network path, taken only when allowed
 
     return snapshot_download(path)
 
@@ -78,30 +83,48 @@ def _tower_type(model_type: str) -> str:
 
 def _select_feature(strategy: str, has_cls: bool, prefix: int, where: str) -> str:
     if prefix > 1:
-        raise ImportError_(f"{where}: the vision tower has {prefix} prefix tokens (registers); LLaVA's "
-                           f"{strategy!r} strategy keeps some of them, which no tower selection here reproduces")
+        raise ImportError_(
+            f"{where}: the vision tower has {prefix} prefix tokens (registers); LLaVA's "
+            f"{strategy!r} strategy keeps some of them, which no tower selection here reproduces"
+        )
     if strategy == "full":
         return "cls_patch" if has_cls else "patch"
     if strategy == "default" and has_cls:
         return "patch"
-    raise ImportError_(f"{where}: vision_feature_select_strategy={strategy!r} on a tower without a CLS token "
-                       "drops the first patch, which no tower selection here reproduces")
+    raise ImportError_(
+        f"{where}: vision_feature_select_strategy={strategy!r} on a tower without a CLS token "
+        "drops the first patch, which no tower selection here reproduces"
+    )
 
 
 def _processor_settings(model_dir: Path, tower_cls: type[Tower], where: str) -> tuple[Any, bool]:
     """The tower family's processor with the checkpoint's settings, and whether LLaVA pads to square."""
-    proc = AutoImageProcessor.from_pretrained(str(model_dir), backend=IMAGE_PROCESSOR_BACKEND, local_files_only=True)
+    proc = AutoImageProcessor.from_pretrained(
+        str(model_dir), backend=IMAGE_PROCESSOR_BACKEND, local_files_only=True
+    )
     settings = proc.to_dict()
     pad = bool(settings.pop("do_pad", False))
     if isinstance(proc, tower_cls.processor_cls):
         return proc, pad
-    keys = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-            "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    keys = (
+        "do_resize",
+        "size",
+        "resample",
+        "do_center_crop",
+        "crop_size",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    )
     return tower_cls.processor_cls(**{k: v for k, v in settings.items() if k in keys and v is not None}), pad
 
 
-def _projector(config: LlavaConfig, llava: LlavaForConditionalGeneration, d_in: int, d_llm: int,
-               where: str) -> tuple[str, nn.Module]:
+def _projector(
+    config: LlavaConfig, llava: LlavaForConditionalGeneration, d_in: int, d_llm: int, where: str
+) -> tuple[str, nn.Module]:
     src = llava.model.multi_modal_projector
     sd = {k: v.detach() for k, v in src.state_dict().items()}
     if not config.multimodal_projector_bias:  # no bias is a zero bias
@@ -110,8 +133,14 @@ def _projector(config: LlavaConfig, llava: LlavaForConditionalGeneration, d_in: 
     act = config.projector_hidden_act
     if act == "gelu":
         proj = build_projector("mlp2x_gelu", d_in, d_llm)
-        proj.load_state_dict({"0.weight": sd["linear_1.weight"], "0.bias": sd["linear_1.bias"],
-                              "2.weight": sd["linear_2.weight"], "2.bias": sd["linear_2.bias"]})
+        proj.load_state_dict(
+            {
+                "0.weight": sd["linear_1.weight"],
+                "0.bias": sd["linear_1.bias"],
+                "2.weight": sd["linear_2.weight"],
+                "2.bias": sd["linear_2.bias"],
+            }
+        )
         return "mlp2x_gelu", proj
     if act == "linear":  # Linear(Linear(x)) is one Linear: W = W2 W1, b = W2 b1 + b2
         w1, b1 = sd["linear_1.weight"].double(), sd["linear_1.bias"].double()
@@ -120,8 +149,10 @@ def _projector(config: LlavaConfig, llava: LlavaForConditionalGeneration, d_in: 
         dtype = sd["linear_1.weight"].dtype
         proj.load_state_dict({"weight": (w2 @ w1).to(dtype), "bias": (w2 @ b1 + b2).to(dtype)})
         return "linear", proj
-    raise ImportError_(f"{where}: projector_hidden_act={act!r}; only 'gelu' (mlp2x_gelu) and 'linear' map onto "
-                       "this project's projectors")
+    raise ImportError_(
+        f"{where}: projector_hidden_act={act!r}; only 'gelu' (mlp2x_gelu) and 'linear' map onto "
+        "this project's projectors"
+    )
 
 
 def _causal_lm(llava: LlavaForConditionalGeneration, attn: str) -> nn.Module:
@@ -141,12 +172,27 @@ def _causal_lm(llava: LlavaForConditionalGeneration, attn: str) -> nn.Module:
 
 def _stored_meta(model_dir: Path) -> dict[str, Any]:
     path = model_dir / EXPORT_META
-    return json.loads(path.read_text()).get("meta", {}) if path.is_file() else {}
+    return read_meta(path, EXPORT_KIND, EXPORT_VERSION).get("meta", {}) if path.is_file() else {}
 
 
-def load_llava(model_dir: str | Path, torch_dtype: torch.dtype | None = None, attn_implementation: str = "sdpa",
-               template: str | None = None) -> MultimodalLM:
-    """A `MultimodalLM` holding the weights of the transformers LLaVA directory `model_dir`.
+class LlavaParts(NamedTuple):
+    """What `MultimodalLM(tower, projector, lm, MultimodalMeta(**meta), tokenizer)` is built from."""
+
+    tower: Tower
+    projector: nn.Module
+    lm: nn.Module
+    meta: dict[str, Any]  # MultimodalMeta's fields
+    tokenizer: Any
+
+
+def read_llava(
+    model_dir: str | Path,
+    torch_dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    template: str | None = None,
+) -> LlavaParts:
+    """The parts of a `MultimodalLM` holding the weights of the transformers LLaVA directory `model_dir`
+    (`mllm.model.load_llava` assembles them).
 
     The conversation template comes from `template`, else from the export's `mllm_export.json`, else
     LLaVA-1.5's `vicuna_v1`.
@@ -156,20 +202,29 @@ def load_llava(model_dir: str | Path, torch_dtype: torch.dtype | None = None, at
     config = LlavaConfig.from_pretrained(str(model_dir), local_files_only=True)
     layer = config.vision_feature_layer
     if not isinstance(layer, int):
-        raise ImportError_(f"{where}: vision_feature_layer={layer!r} concatenates several layers; a tower here "
-                           "reads one (select_layer)")
+        raise ImportError_(
+            f"{where}: vision_feature_layer={layer!r} concatenates several layers; a tower here "
+            "reads one (select_layer)"
+        )
     tower_type = _tower_type(config.vision_config.model_type)
     tower_cls = TOWERS[tower_type]
     if tower_cls.hidden_states_are_maps:
-        raise ImportError_(f"{where}: vision tower {tower_type!r} is convolutional; transformers' LLaVA reads its "
-                           "hidden states as token sequences, so this folder cannot be a working LLaVA model")
+        raise ImportError_(
+            f"{where}: vision tower {tower_type!r} is convolutional; transformers' LLaVA reads its "
+            "hidden states as token sequences, so this folder cannot be a working LLaVA model"
+        )
     llava = LlavaForConditionalGeneration.from_pretrained(
-        str(model_dir), local_files_only=True, use_safetensors=True, attn_implementation=attn_implementation,
+        str(model_dir),
+        local_files_only=True,
+        use_safetensors=True,
+        attn_implementation=attn_implementation,
         dtype=torch_dtype or torch.float32,
     )
     vision = llava.model.vision_tower
     if type(vision) is not tower_cls.model_cls:
-        raise ImportError_(f"{where}: vision tower {type(vision).__name__}, expected {tower_cls.model_cls.__name__}")
+        raise ImportError_(
+            f"{where}: vision tower {type(vision).__name__}, expected {tower_cls.model_cls.__name__}"
+        )
     prefix = int(tower_cls.has_cls) + int(getattr(vision.config, "num_register_tokens", 0) or 0)
     feature = _select_feature(config.vision_feature_select_strategy, tower_cls.has_cls, prefix, where)
     processor, pad = _processor_settings(model_dir, tower_cls, where)
@@ -185,11 +240,13 @@ def load_llava(model_dir: str | Path, torch_dtype: torch.dtype | None = None, at
     stored = _stored_meta(model_dir)
     image_token = tokenizer.convert_ids_to_tokens(int(config.image_token_index))
     max_len = tokenizer.model_max_length if tokenizer.model_max_length < 10**7 else 2048
-    meta = MultimodalMeta(
-        tower=dict(vars(tower_cfg)), projector=proj_name, image_token=image_token,
+    meta = dict(
+        tower=dict(vars(tower_cfg)),
+        projector=proj_name,
+        image_token=image_token,
         image_token_id=int(config.image_token_index),
         template=template or stored.get("template", DEFAULT_TEMPLATE),
-        max_length=int(stored.get("max_length", max_len)), box_format=stored.get("box_format", "norm1"),
+        max_length=int(stored.get("max_length", max_len)),
+        box_format=stored.get("box_format", "norm1"),
     )
-    model = MultimodalLM(tower, projector, lm, meta, tokenizer)
-    return model.eval()
+    return LlavaParts(tower, projector, lm, meta, tokenizer)

@@ -10,7 +10,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -19,16 +18,22 @@ from transformers import TextIteratorStreamer
 from mllm.chat import encode_conversation, get_template, with_image
 from mllm.data.conversations import left_pad
 from mllm.data.images import load_image
+from mllm.evaluation.agla import AglaConfig, agla_generate
 from mllm.model import MultimodalLM
-
-if TYPE_CHECKING:
-    from mllm.evaluation.agla import AglaConfig
 
 
 def prompt_ids(model: MultimodalLM, turns: list[tuple[str, str]], num_images: int) -> torch.Tensor:
-    enc = encode_conversation(turns, model.tokenizer, model.meta.template, model.image_token_id,
-                              model.num_image_tokens, num_images, max_length=None, sample="prompt",
-                              for_generation=True)
+    enc = encode_conversation(
+        turns,
+        model.tokenizer,
+        model.meta.template,
+        model.image_token_id,
+        model.num_image_tokens,
+        num_images,
+        max_length=None,
+        sample="prompt",
+        for_generation=True,
+    )
     return enc["input_ids"]
 
 
@@ -37,9 +42,15 @@ def stop_ids(model: MultimodalLM) -> list[int]:
 
 
 @torch.no_grad()
-def answer_batch(model: MultimodalLM, questions: Sequence[str], images: Sequence[Image.Image | None],
-                 max_new_tokens: int = 32, batch_size: int = 16, decoding: str = "greedy",
-                 agla: AglaConfig | None = None) -> list[str]:
+def answer_batch(
+    model: MultimodalLM,
+    questions: Sequence[str],
+    images: Sequence[Image.Image | None],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    decoding: str = "greedy",
+    agla: AglaConfig | None = None,
+) -> list[str]:
     """Deterministic single-turn answers; a `None` image asks the question without one.
 
     A question that mentions no `<image>` gets one where the model was trained to see it
@@ -65,13 +76,13 @@ def answer_batch(model: MultimodalLM, questions: Sequence[str], images: Sequence
         ids, mask = ids.to(dev), mask.to(dev)
         pixel_values = torch.cat(pix).to(dev) if pix else None
         if decoding == "agla":
-            from mllm.evaluation.agla import AglaConfig, agla_generate
-
-            new = agla_generate(model, ids, pixel_values, mask, agla or AglaConfig(), max_new_tokens,
-                                stop_ids(model))
+            new = agla_generate(
+                model, ids, pixel_values, mask, agla or AglaConfig(), max_new_tokens, stop_ids(model)
+            )
         else:
-            new = model.generate(ids, pixel_values, mask, max_new_tokens=max_new_tokens,
-                                 stop_token_ids=stop_ids(model))
+            new = model.generate(
+                ids, pixel_values, mask, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(model)
+            )
         out.extend(model.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True))
     return [o.strip() for o in out]
 
@@ -97,7 +108,9 @@ class ChatSession:
         if "<image>" in text:
             raise ValueError("type your question without '<image>': the image is attached for you")
         first = not self.turns
-        user = with_image(text, self.model.meta.image_placement) if (first and self.image is not None) else text
+        user = (
+            with_image(text, self.model.meta.image_placement) if (first and self.image is not None) else text
+        )
         turns = [*self.turns, ("user", user)]
         n_img = 1 if self.image is not None else 0
         ids = prompt_ids(self.model, turns, n_img).unsqueeze(0)
@@ -107,8 +120,14 @@ class ChatSession:
 
         def work() -> None:
             try:
-                self.model.generate(ids, pix, None, max_new_tokens=self.max_new_tokens,
-                                    stop_token_ids=stop_ids(self.model), streamer=streamer)
+                self.model.generate(
+                    ids,
+                    pix,
+                    None,
+                    max_new_tokens=self.max_new_tokens,
+                    stop_token_ids=stop_ids(self.model),
+                    streamer=streamer,
+                )
             except BaseException as e:  # noqa: BLE001 - surfaced to the caller below
                 err.append(e)
                 streamer.end()

@@ -22,6 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from encoders.registry import Registry
+
 __all__ = ["LOGGERS", "Loggers", "environment_info", "flatten_metrics", "git_revision", "open_loggers"]
 
 
@@ -47,11 +51,13 @@ class _Sink:
 
 class _TensorBoard(_Sink):
     def __init__(self, out_dir: Path, stage: str, resume_step: int):
-        try:
+        try:  # optional (the `logging` extra): imported when a recipe names the sink
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ValueError("engine.loggers names 'tensorboard' but the tensorboard package is not installed "
-                             "(pip install tensorboard, or the 'logging' extra: pip install 'mllm[logging]')") from e
+            raise ValueError(
+                "engine.loggers names 'tensorboard' but the tensorboard package is not installed "
+                "(pip install tensorboard, or the 'logging' extra: pip install 'mllm[logging]')"
+            ) from e
         # purge_step drops events past the checkpoint a resumed run restarts from, as metrics.jsonl does.
         self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
 
@@ -65,16 +71,24 @@ class _TensorBoard(_Sink):
 
 class _Wandb(_Sink):
     def __init__(self, out_dir: Path, stage: str, resume_step: int):
-        try:
+        try:  # optional (the `logging` extra): imported when a recipe names the sink
             import wandb
         except ImportError as e:
-            raise ValueError("engine.loggers names 'wandb' but the wandb package is not installed (pip install "
-                             "wandb, or 'mllm[logging]'); WANDB_MODE=offline logs without a network") from e
+            raise ValueError(
+                "engine.loggers names 'wandb' but the wandb package is not installed (pip install "
+                "wandb, or 'mllm[logging]'); WANDB_MODE=offline logs without a network"
+            ) from e
         self.wandb = wandb
         run_dir = out_dir.parent
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mllm"), name=f"{run_dir.name}/{stage}",
-                              dir=str(out_dir), group=run_dir.name, job_type=stage, reinit="finish_previous",
-                              config={"stage": stage, "resumed_from": resume_step})
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "mllm"),
+            name=f"{run_dir.name}/{stage}",
+            dir=str(out_dir),
+            group=run_dir.name,
+            job_type=stage,
+            reinit="finish_previous",
+            config={"stage": stage, "resumed_from": resume_step},
+        )
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -84,11 +98,10 @@ class _Wandb(_Sink):
 
 
 SinkFactory = Callable[[Path, str, int], _Sink | None]
-LOGGERS: dict[str, SinkFactory] = {
-    "jsonl": lambda out_dir, stage, step: None,  # written by the engine itself, always
-    "tensorboard": _TensorBoard,
-    "wandb": _Wandb,
-}
+LOGGERS: Registry[SinkFactory] = Registry("logger")
+LOGGERS.register("jsonl", lambda out_dir, stage, step: None)  # written by the engine itself, always
+LOGGERS.register("tensorboard", _TensorBoard)
+LOGGERS.register("wandb", _Wandb)
 
 
 class Loggers:
@@ -113,8 +126,10 @@ def open_loggers(names: list[str], out_dir: str | Path, stage: str, resume_step:
     """Open every sink in `names` for a stage writing to `out_dir`; unknown or uninstalled ones are errors."""
     unknown = [n for n in names if n not in LOGGERS]
     if unknown:
-        raise ValueError(f"engine.loggers: unknown {unknown}; known: {sorted(LOGGERS)}")
-    sinks = [s for n in dict.fromkeys(names) if (s := LOGGERS[n](Path(out_dir), stage, resume_step)) is not None]
+        raise ValueError(f"engine.loggers: unknown {unknown}; known: {LOGGERS.known()}")
+    sinks = [
+        s for n in dict.fromkeys(names) if (s := LOGGERS[n](Path(out_dir), stage, resume_step)) is not None
+    ]
     return Loggers(sinks)
 
 
@@ -122,10 +137,20 @@ def open_loggers(names: list[str], out_dir: str | Path, stage: str, resume_step:
 def git_revision(repo: str | Path) -> dict[str, Any] | None:
     """{"commit", "dirty"} of the checkout at `repo`, or None outside a git checkout (an installed wheel)."""
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=30, check=True).stdout
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(status.strip())}
@@ -150,16 +175,29 @@ def _cpu_name() -> str:
 
 def environment_info(world_size: int = 1) -> dict[str, Any]:
     """Where this process runs: code revision, package versions, hardware, world size."""
-    import torch
-
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,
         "git": git_revision(Path(__file__).resolve().parents[1]),
         "python": platform.python_version(),
-        "packages": {p: _version(p) for p in ("mllm", "torch", "transformers", "deepspeed", "peft", "accelerate",
-                                              "tokenizers", "safetensors")},
+        "packages": {
+            p: _version(p)
+            for p in (
+                "mllm",
+                "torch",
+                "transformers",
+                "deepspeed",
+                "peft",
+                "accelerate",
+                "tokenizers",
+                "safetensors",
+            )
+        },
         "platform": platform.platform(),
         "cpu": {"name": _cpu_name(), "count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "gpus": gpus,

@@ -15,7 +15,6 @@ non-LoRA trainables, which `mllm merge-lora` folds into a base model.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -24,14 +23,27 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from encoders.common import read_meta, write_meta
 from mllm.config import LoraConfig
+from mllm.model import MultimodalLM
 
-__all__ = ["ADAPTER_DIR", "NON_LORA_FILE", "apply_lora", "check_quantize", "has_lora", "merge_lora",
-           "merge_lora_dir", "restrict_to_adapters", "save_lora_final"]
+__all__ = [
+    "ADAPTER_DIR",
+    "NON_LORA_FILE",
+    "apply_lora",
+    "check_quantize",
+    "has_lora",
+    "merge_lora",
+    "merge_lora_dir",
+    "restrict_to_adapters",
+    "save_lora_final",
+]
 
 ADAPTER_DIR = "adapter"
 NON_LORA_FILE = "non_lora_trainables.safetensors"  # LLaVA's name for the same idea (it used a .bin)
-ADAPTER_META = "mllm_adapter.json"
+ADAPTER_META = "mllm_adapter.json"  # the adapter folder's meta file (kind `lora_adapter`, format_version)
+ADAPTER_KIND = "lora_adapter"
+ADAPTER_VERSION = 1
 LORA_MARK = ".lora_"  # peft's LoRA parameters are named `...lora_A.<adapter>.weight`, `lora_B`, ...
 
 
@@ -47,31 +59,34 @@ def check_quantize(cfg: LoraConfig) -> None:
         raise ValueError(f"lora.quantize must be '4bit' or unset, got {cfg.quantize!r}")
     problems = []
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  - optional (QLoRA only): probed, not required
     except ImportError:
         problems.append("bitsandbytes is not installed (pip install bitsandbytes)")
     if not torch.cuda.is_available():
         problems.append("no CUDA GPU is visible (4-bit kernels run only on CUDA)")
     if problems:
         raise ValueError("lora.quantize: 4bit (QLoRA) cannot run here: " + "; ".join(problems))
-    raise ValueError("lora.quantize: 4bit: loading the LM in 4 bits is not implemented yet in this version; "
-                     "train LoRA on the bf16 model (remove `quantize`)")
+    raise ValueError(
+        "lora.quantize: 4bit: loading the LM in 4 bits is not implemented yet in this version; "
+        "train LoRA on the bf16 model (remove `quantize`)"
+    )
 
 
 def _peft_config(cfg: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig
+    from peft import LoraConfig as PeftLoraConfig  # peft: lazy, ~3 s to import and only LoRA stages use it
 
     targets: str | list[str] = cfg.targets
     if list(targets) == ["all-linear"]:
         targets = "all-linear"  # peft: every Linear except the output head, as LLaVA's find_all_linear_names
-    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          bias="none")
+    return PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none"
+    )
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap `model.lm` in peft LoRA layers (in place); returns the model."""
     check_quantize(cfg)
-    from peft import get_peft_model
+    from peft import get_peft_model  # lazy: see _peft_config
 
     if has_lora(model):
         raise ValueError("the model already carries LoRA adapters; merge them first (mllm merge-lora)")
@@ -84,7 +99,7 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def _peft_roots(model: nn.Module) -> list[str]:
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: see _peft_config
 
     return [name for name, m in model.named_modules() if isinstance(m, PeftModel)]
 
@@ -121,11 +136,16 @@ def save_lora_final(model: nn.Module, cfg: LoraConfig, final: Path, base: str | 
     side = final.with_name(f".adapter-{final.name}-{os.getpid()}")
     shutil.rmtree(side, ignore_errors=True)
     roots = [r + "." for r in _peft_roots(model)]
-    non_lora = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
-                if p.requires_grad and not any(n.startswith(r) for r in roots)}
+    non_lora = {
+        n: p.detach().contiguous().cpu()
+        for n, p in model.named_parameters()
+        if p.requires_grad and not any(n.startswith(r) for r in roots)
+    }
     model.lm.save_pretrained(str(side), safe_serialization=True)
     save_file(non_lora, str(side / NON_LORA_FILE))
-    (side / ADAPTER_META).write_text(json.dumps({"base": base, "lora": vars(cfg), "target": "lm"}, indent=1))
+    write_meta(
+        side / ADAPTER_META, ADAPTER_KIND, ADAPTER_VERSION, {"base": base, "lora": vars(cfg), "target": "lm"}
+    )
     merge_lora(model)
     model.save_pretrained(final)
     shutil.rmtree(final / ADAPTER_DIR, ignore_errors=True)
@@ -135,13 +155,13 @@ def save_lora_final(model: nn.Module, cfg: LoraConfig, final: Path, base: str | 
 
 def merge_lora_dir(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """`mllm merge-lora`: base model folder + adapter folder -> a merged model folder."""
-    from peft import PeftModel
-
-    from mllm.model import MultimodalLM
+    from peft import PeftModel  # lazy: see _peft_config
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: not a peft adapter folder (no adapter_config.json)")
+    if (adapter_dir / ADAPTER_META).is_file():  # absent from an adapter peft wrote without this project
+        read_meta(adapter_dir / ADAPTER_META, ADAPTER_KIND, ADAPTER_VERSION)
     model = MultimodalLM.from_pretrained(base_dir)
     model.lm = PeftModel.from_pretrained(model.lm, str(adapter_dir))
     extra = adapter_dir / NON_LORA_FILE
@@ -150,12 +170,16 @@ def merge_lora_dir(base_dir: str | Path, adapter_dir: str | Path, out_dir: str |
         names = dict(model.named_parameters())
         unknown = sorted(set(weights) - set(names))
         if unknown:
-            raise ValueError(f"{extra}: weights {unknown[:5]} do not exist in the base model {base_dir}; "
-                             "is this the base the adapter was trained on?")
+            raise ValueError(
+                f"{extra}: weights {unknown[:5]} do not exist in the base model {base_dir}; "
+                "is this the base the adapter was trained on?"
+            )
         with torch.no_grad():
             for n, w in weights.items():
                 if names[n].shape != w.shape:
-                    raise ValueError(f"{extra}: {n} has shape {tuple(w.shape)}, the base {tuple(names[n].shape)}")
+                    raise ValueError(
+                        f"{extra}: {n} has shape {tuple(w.shape)}, the base {tuple(names[n].shape)}"
+                    )
                 names[n].copy_(w)
     merge_lora(model)
     return model.save_pretrained(out_dir)

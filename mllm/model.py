@@ -6,17 +6,12 @@ loop and a single-tower model maps onto `LlavaForConditionalGeneration` by renam
 
 A saved model is a folder of parts in their native formats: `lm/` and `tower/` are ordinary Hugging
 Face directories (usable alone), `projector.safetensors` holds the projector, `tokenizer/` the
-tokenizer, and `mllm.json` how they fit together.
+tokenizer, and `mllm.json` (the folder's one meta file: kind `mllm`, format_version) how they fit together.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +24,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from encoders.common import KIND_KEY, atomic_dir, read_meta, write_meta
 from encoders.towers import Tower, TowerConfig, build_tower
 from mllm.chat import IGNORE_INDEX, check_image_placement
 from mllm.config import FusionConfig
 from mllm.data.packing import check_packing_support
+from mllm.hf_import import is_llava_dir, read_llava
+from mllm.lm_init import apply_lm_init
 from mllm.projectors import build_projector
+from mllm.tokenizer import load_tokenizer
 from mllm.vision import Fusion, build_fusion, fusion_from_meta
 
 FORMAT_VERSION = 1
@@ -69,12 +68,27 @@ class MultimodalOutput:
     num_loss_tokens: int = 0
 
 
-def build_lm(path: str | None, config: dict[str, Any], vocab_size: int, attn: str = "sdpa",
-             trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM from a local directory, or from config kwargs (`model_type` picks the class)."""
+def build_lm(
+    path: str | None,
+    config: dict[str, Any],
+    vocab_size: int,
+    attn: str = "sdpa",
+    trust_remote_code: bool = False,
+    init: str = "default",
+) -> PreTrainedModel:
+    """A causal LM from a local directory, or from config kwargs (`model_type` picks the class) with its
+    weights started by `init` (`mllm.lm_init.LM_INITS`)."""
+    if path and init != "default":
+        raise ValueError(
+            f"model.lm.init {init!r} applies to an LM built from model.lm.config; "
+            f"a pretrained LM ({path}) keeps its weights"
+        )
     if path:
         lm = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation=attn, trust_remote_code=trust_remote_code,
+            path,
+            local_files_only=True,
+            attn_implementation=attn,
+            trust_remote_code=trust_remote_code,
             use_safetensors=True,  # weights never from pickle files
         )
     else:
@@ -82,16 +96,26 @@ def build_lm(path: str | None, config: dict[str, Any], vocab_size: int, attn: st
         model_type = cfg.pop("model_type", "llama")
         cfg["vocab_size"] = vocab_size
         hf_cfg = AutoConfig.for_model(model_type, **cfg)
-        lm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_config(
+            hf_cfg, attn_implementation=attn, trust_remote_code=trust_remote_code
+        )
+        apply_lm_init(lm, init)
     if lm.get_input_embeddings().num_embeddings < vocab_size:
         lm.resize_token_embeddings(vocab_size)
     return lm
 
 
 class MultimodalLM(nn.Module):
-    def __init__(self, tower: Tower, projector: nn.Module, lm: PreTrainedModel, meta: MultimodalMeta,
-                 tokenizer: PreTrainedTokenizerBase | None = None, fusion: Fusion | None = None,
-                 parts: dict[str, nn.Module] | None = None):
+    def __init__(
+        self,
+        tower: Tower,
+        projector: nn.Module,
+        lm: PreTrainedModel,
+        meta: MultimodalMeta,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        fusion: Fusion | None = None,
+        parts: dict[str, nn.Module] | None = None,
+    ):
         super().__init__()
         self.tower = tower
         self.projector = projector
@@ -105,10 +129,20 @@ class MultimodalLM(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, tower_cfg: TowerConfig, projector: str, lm: PreTrainedModel,
-              tokenizer: PreTrainedTokenizerBase, image_token: str = "<image>", template: str = "chatml",
-              max_length: int = 512, load_tower_weights: bool = True, box_format: str = "norm1",
-              fusion: FusionConfig | None = None, image_placement: str = "before") -> MultimodalLM:
+    def build(
+        cls,
+        tower_cfg: TowerConfig,
+        projector: str,
+        lm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        image_token: str = "<image>",
+        template: str = "chatml",
+        max_length: int = 512,
+        load_tower_weights: bool = True,
+        box_format: str = "norm1",
+        fusion: FusionConfig | None = None,
+        image_placement: str = "before",
+    ) -> MultimodalLM:
         tower = build_tower(tower_cfg, load_weights=load_tower_weights)
         d_llm = lm.get_input_embeddings().embedding_dim
         fuse, parts = None, {}
@@ -120,8 +154,13 @@ class MultimodalLM(nn.Module):
             proj = build_projector(projector, tower.hidden_size, d_llm)
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         meta = MultimodalMeta(
-            tower=asdict(tower_cfg), projector=projector, image_token=image_token,
-            image_token_id=int(image_token_id), template=template, max_length=max_length, box_format=box_format,
+            tower=asdict(tower_cfg),
+            projector=projector,
+            image_token=image_token,
+            image_token_id=int(image_token_id),
+            template=template,
+            max_length=max_length,
+            box_format=box_format,
             image_placement=check_image_placement(image_placement),
             fusion=asdict(fusion) if fusion is not None else None,
         )
@@ -134,7 +173,9 @@ class MultimodalLM(nn.Module):
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> the `pixel_values` this model's `encode_images` takes (one tensor per batch)."""
-        return self.fusion.preprocess(self, images) if self.fusion is not None else self.tower.preprocess(images)
+        return (
+            self.fusion.preprocess(self, images) if self.fusion is not None else self.tower.preprocess(images)
+        )
 
     @property
     def image_token_id(self) -> int:
@@ -154,8 +195,10 @@ class MultimodalLM(nn.Module):
         for a stage that freezes the tower, everything after it (`project_features`) still trains.
         """
         if self.fusion is not None:
-            raise NotImplementedError(f"{self.meta.fusion['type']} fusion has no single pre-projector feature "
-                                      "tensor to cache; train fused models without the feature cache")
+            raise NotImplementedError(
+                f"{self.meta.fusion['type']} fusion has no single pre-projector feature "
+                "tensor to cache; train fused models without the feature cache"
+            )
         return self.tower(pixel_values.to(self._param_dtype(self.tower))).tokens
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -191,8 +234,12 @@ class MultimodalLM(nn.Module):
             return p.dtype
         return torch.float32
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with image embeddings scattered into the placeholder positions.
 
         `image_features` (pre-projector tokens from the feature cache) replace `pixel_values`.
@@ -218,11 +265,18 @@ class MultimodalLM(nn.Module):
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), img.to(embeds.dtype))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                token_weights: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_logits: bool = False, image_features: torch.Tensor | None = None,
-                **_: Any) -> MultimodalOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_logits: bool = False,
+        image_features: torch.Tensor | None = None,
+        **_: Any,
+    ) -> MultimodalOutput:
         """Next-token loss, optionally weighted per token (PRIOR), over labelled positions only.
 
         The LM head is applied only where a label exists: with a 150k vocabulary, full-sequence
@@ -236,7 +290,9 @@ class MultimodalLM(nn.Module):
             check_packing_support(self.lm)
         embeds = self.embed(input_ids, pixel_values, image_features)
         base = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
-        out = base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = base(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         head = self.lm.get_output_embeddings()
         if labels is None:
@@ -254,10 +310,18 @@ class MultimodalLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 stop_token_ids: list[int] | None = None, streamer: Any = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop_token_ids: list[int] | None = None,
+        streamer: Any = None,
+    ) -> torch.Tensor:
         """New token ids [B, T] (prompt excluded), using the LM's own KV-cached `generate`.
 
         Prompts must be left-padded so every row's last position is its last prompt token.
@@ -272,7 +336,9 @@ class MultimodalLM(nn.Module):
             kwargs.update(temperature=temperature, top_p=top_p)
         if stop_token_ids:
             kwargs["eos_token_id"] = stop_token_ids
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer, **kwargs)
+        return self.lm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer, **kwargs
+        )
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, out_dir: str | Path) -> Path:
@@ -283,8 +349,10 @@ class MultimodalLM(nn.Module):
         with atomic_dir(out_dir) as tmp:
             self.tower.save_pretrained(tmp / "tower")
             self.lm.save_pretrained(tmp / "lm", safe_serialization=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
-                      str(tmp / "projector.safetensors"))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
+                str(tmp / "projector.safetensors"),
+            )
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             meta = asdict(self.meta)
@@ -292,34 +360,34 @@ class MultimodalLM(nn.Module):
             if self.fusion is not None:
                 meta["fusion"] = self.fusion.save_parts(self, tmp)
             else:
-                del meta["fusion"]  # single-tower mllm.json keeps exactly its original fields
+                del meta["fusion"]  # single-tower mllm.json keeps its original fields (plus its kind)
             if meta["image_placement"] == "before":
                 del meta["image_placement"]  # LLaVA's placement, the default when the field is absent
-            (tmp / "mllm.json").write_text(json.dumps(meta, indent=2))
+            write_meta(tmp / "mllm.json", "mllm", FORMAT_VERSION, meta)
         return Path(out_dir)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, torch_dtype: torch.dtype | None = None,
-                        attn_implementation: str = "sdpa") -> MultimodalLM:
-        from mllm.tokenizer import load_tokenizer
-
+    def from_pretrained(
+        cls, model_dir: str | Path, torch_dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"
+    ) -> MultimodalLM:
         model_dir = Path(model_dir)
         meta_path = model_dir / "mllm.json"
         if not meta_path.is_file() and (model_dir / "config.json").is_file():  # a transformers LLaVA folder
-            from mllm.hf_import import is_llava_dir, load_llava
-
             if is_llava_dir(model_dir):
                 return load_llava(model_dir, torch_dtype, attn_implementation)
         if not meta_path.is_file():
             raise FileNotFoundError(f"{model_dir}: not an mllm model folder (no mllm.json)")
-        raw = json.loads(meta_path.read_text())
-        if raw.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {raw['format_version']} is newer than this mllm")
+        raw = read_meta(meta_path, "mllm", FORMAT_VERSION)
+        raw.pop(KIND_KEY)
         meta = MultimodalMeta(**raw)
         tower_cfg = TowerConfig(**dict(meta.tower, path=str(model_dir / meta.tower["path"])))
         tower = build_tower(tower_cfg, load_weights=True)
-        lm = AutoModelForCausalLM.from_pretrained(str(model_dir / "lm"), local_files_only=True, use_safetensors=True,
-                                                  attn_implementation=attn_implementation)
+        lm = AutoModelForCausalLM.from_pretrained(
+            str(model_dir / "lm"),
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation=attn_implementation,
+        )
         d_llm = lm.get_input_embeddings().embedding_dim
         fuse, parts = None, {}
         if meta.fusion is not None:
@@ -336,30 +404,17 @@ class MultimodalLM(nn.Module):
         return model.eval()
 
 
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """A temporary folder beside `out_dir` to write a model into, renamed over `out_dir` on success.
-
-    A crash while saving leaves either the old folder or none, never a half-written model; every
-    model kind's `save_pretrained` writes through this.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move `tmp` to `dest`, replacing an existing folder with at most a moment without either."""
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+def load_llava(
+    model_dir: str | Path,
+    torch_dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    template: str | None = None,
+) -> MultimodalLM:
+    """A `MultimodalLM` holding the weights of the transformers LLaVA directory `model_dir` (mllm.hf_import
+    reads it). The conversation template comes from `template`, else from the export's
+    `mllm_export.json`, else LLaVA-1.5's `vicuna_v1`."""
+    parts = read_llava(model_dir, torch_dtype, attn_implementation, template)
+    model = MultimodalLM(
+        parts.tower, parts.projector, parts.lm, MultimodalMeta(**parts.meta), parts.tokenizer
+    )
+    return model.eval()

@@ -16,12 +16,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
 
 
 @dataclass
@@ -109,9 +108,6 @@ def _accuracy_series(stages: list[StageCurves]) -> dict[str, list[tuple[float, f
 
 def draw(stages: list[StageCurves], title: str = "") -> Figure:
     """The four-panel figure (a matplotlib Figure; no pyplot, so no global state or GUI backend)."""
-    from matplotlib.figure import Figure
-    from matplotlib.transforms import blended_transform_factory
-
     fig = Figure(figsize=(13, 8.5), dpi=100, layout="constrained")
     ax_loss, ax_lr, ax_acc, ax_wall = fig.subplots(2, 2).ravel()
     step_bounds, sec_bounds = [], []
@@ -140,8 +136,11 @@ def draw(stages: list[StageCurves], title: str = "") -> Figure:
     series = _accuracy_series(stages)
     for k, (name, pts) in enumerate(sorted(series.items(), key=lambda kv: ("/" in kv[0], kv[0]))):
         overall = "/" not in name
-        style = dict(lw=2.2, color="black", marker="o", ms=4, zorder=5) if overall else dict(
-            lw=1.0, color=f"C{k % 10}", marker=".", ms=5, alpha=0.85)
+        style = (
+            dict(lw=2.2, color="black", marker="o", ms=4, zorder=5)
+            if overall
+            else dict(lw=1.0, color=f"C{k % 10}", marker=".", ms=5, alpha=0.85)
+        )
         label = f"{name} (all)" if overall else name.split("/", 1)[1]
         ax_acc.plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
         ax_wall.plot([p[1] for p in pts], [p[2] for p in pts], label=label, **style)
@@ -149,16 +148,32 @@ def draw(stages: list[StageCurves], title: str = "") -> Figure:
         ax_acc.legend(fontsize=7, ncol=2)
     else:
         for ax in (ax_acc, ax_wall):
-            ax.text(0.5, 0.5, "no evals.jsonl\n(set eval_every in a stage)", ha="center", va="center",
-                    transform=ax.transAxes, color="grey")
+            ax.text(
+                0.5,
+                0.5,
+                "no evals.jsonl\n(set eval_every in a stage)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="grey",
+            )
 
     for ax in (ax_loss, ax_lr, ax_acc):
         trans = blended_transform_factory(ax.transData, ax.transAxes)
         for x, name in step_bounds:
             if x > 0:
                 ax.axvline(x, color="grey", ls="--", lw=0.8)
-            ax.text(x, 1.0, f" {name}", transform=trans, fontsize=7, color="grey", va="bottom", ha="left",
-                    clip_on=False)
+            ax.text(
+                x,
+                1.0,
+                f" {name}",
+                transform=trans,
+                fontsize=7,
+                color="grey",
+                va="bottom",
+                ha="left",
+                clip_on=False,
+            )
     for x in sec_bounds[1:]:
         ax_wall.axvline(x, color="grey", ls="--", lw=0.8)
     ax_loss.set(xlabel="optimiser step (stages end to end)", ylabel="training loss")

@@ -16,23 +16,21 @@ has no BOS (Qwen-style tokenizers, whose documents are EOS-separated). It never 
 placeholders, the prompt, other captions of the sample or padding; those positions get weight 0.
 The `prior_ref` stage trains the reference on exactly these sequences, so training and scoring match.
 
-Stage kinds (mllm.training.stages): `prior_ref` trains the model's `lm` on `[S] + caption` sequences
+Stage kinds (registered by the `mllm` family, mllm.families.mllm): `prior_ref` trains the model's `lm` on `[S] + caption` sequences
 of the stage's data (images and prompts dropped); `prior` trains the projector (template `plain`)
 with the weighted loss, computing the weights once into a cache (on rank 0) and reusing them.
 
-Settings of a `prior` stage, first found wins:
-  1. `configure(settings, stage=None)`: a module-level registry, filled by the runner from the
-     recipe's free-form `extra.prior` mapping (see `configure_from_extra`).
-  2. a sidecar JSON beside the stage's data file: `<data stem>.prior.json` (e.g. `align.prior.json`);
-     relative paths in it are relative to that file.
-  3. defaults.
-Keys: `ref` (a causal-LM directory; default: the model's own `lm` at the start of the stage, i.e. the
-previous stage's `final/lm` -- the `prior_ref` stage's output in the recipes), `alpha` (1.0),
-`floor` (0.0), `cap` (1e9), `cache` (a folder; default `<data dir>/prior_cache/<data stem>-<digest>`),
-`batch_size` (32, for the reference pass).
+Settings of a `prior` stage: its typed `prior:` section in the recipe (mllm.config.PriorConfig, checked
+when the recipe loads, unknown keys refused), e.g. `stages.prior.prior.alpha=0.5` on the command line.
+Keys: `ref` (a causal-LM directory, or `stage:NAME` for this run's `NAME/final/lm`; default: the
+model's own `lm` at the start of the stage -- the `prior_ref` stage's output in the recipes), `alpha`
+(1.0), `floor` (0.0), `cap` (1e9), `cache` (a folder; default `<data dir>/prior_cache/<data stem>-<digest>`),
+`batch_size` (32, for the reference pass). Nothing else configures PRIOR: there is no module state, and
+a sidecar `<data stem>.prior.json` (read before this convention) is refused with where to move it.
 
 Cache: `weights.safetensors` (one 1-D float32 tensor per sample id: the weights of its labelled
-positions in order) + `manifest.json` with the fingerprint: tokenizer (vocabulary + special tokens),
+positions in order) + `manifest.json` (the folder's meta file: kind `prior_cache`, format_version) with
+the fingerprint: tokenizer (vocabulary + special tokens),
 reference LM (hash of its state dict), alpha, floor, cap, template. A cache whose fingerprint differs
 is refused with what changed ("stale cache: reference LM changed"), never reused; a sample missing
 from it is an error naming the sample.
@@ -45,7 +43,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,99 +52,50 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from encoders.common import read_meta, write_meta
 from mllm.chat import IGNORE_INDEX, SampleError, encode_conversation
-from mllm.data.conversations import ConversationDataset, Skip, image_paths, sample_name
+from mllm.config import ConfigError, PriorConfig
+from mllm.data.batch import Skip, is_skipped, skipped
+from mllm.data.conversations import ConversationDataset, image_paths, sample_name
 
+CACHE_KIND = "prior_cache"
 CACHE_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "manifest.json"  # the cache folder's meta file (kind, format_version, fingerprint)
 
 
 class StaleCacheError(ValueError):
     """A weight cache made under different settings (tokenizer, reference LM, alpha, floor, cap, template)."""
 
 
-@dataclass
-class PriorSettings:
-    ref: str | None = None
-    alpha: float = 1.0
-    floor: float = 0.0
-    cap: float = 1.0e9
-    cache: str | None = None
-    batch_size: int = 32
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, base_dir: Path | None = None, where: str = "prior") -> PriorSettings:
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"{where}: unknown PRIOR setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        s = cls(**d)
-        s.alpha, s.floor, s.cap, s.batch_size = float(s.alpha), float(s.floor), float(s.cap), int(s.batch_size)
-        if s.alpha < 0 or s.floor < 0 or s.cap < s.floor or s.batch_size < 1:
-            raise ValueError(f"{where}: need alpha >= 0, 0 <= floor <= cap, batch_size >= 1; got {asdict(s)}")
-        if base_dir is not None:
-            for key in ("ref", "cache"):
-                v = getattr(s, key)
-                if v and not Path(v).is_absolute():
-                    setattr(s, key, str(base_dir / v))
-        return s
+# The settings are the recipe's (mllm.config.PriorConfig); the old name stays for callers that build them.
+PriorSettings = PriorConfig
 
 
-# ---------------------------------------------------------------------------------------- settings
-_SETTINGS: dict[str | None, PriorSettings] = {}
-
-
-def configure(settings: PriorSettings | dict[str, Any] | None, stage: str | None = None) -> None:
-    """Register PRIOR settings for one stage name (or, with stage=None, every `prior` stage); None clears."""
-    if settings is None:
-        _SETTINGS.pop(stage, None)
-        return
-    _SETTINGS[stage] = settings if isinstance(settings, PriorSettings) else PriorSettings.from_dict(settings)
-
-
-def configure_from_extra(extra: dict[str, Any], run_dir: str | Path | None = None) -> None:
-    """What the runner calls with `recipe.extra`: `extra.prior` is a settings mapping, or a mapping
-    of stage name -> settings mapping when its keys are stage names.
-
-    `ref: "stage:NAME"` names the LM of stage NAME's final model in this run (`RUN/NAME/final/lm`),
-    so a recipe can train its reference (`prior_ref`) and start alignment from another stage."""
-    _SETTINGS.clear()  # one recipe's settings must never leak into the next run in this process
-    prior = (extra or {}).get("prior")
-    if prior is None:
-        return
-    known = {f.name for f in fields(PriorSettings)}
-    per_stage = bool(prior) and all(isinstance(v, dict) for v in prior.values()) and not set(prior) & known
-    for name, raw in (prior.items() if per_stage else [(None, prior)]):
-        s = PriorSettings.from_dict(raw, where=f"extra.prior{'.' + name if name else ''}")
-        if s.ref and s.ref.startswith(STAGE_REF):
-            if run_dir is None:
-                raise ValueError(f"PRIOR ref {s.ref!r} names a stage, which needs a run folder")
-            s.ref = str(Path(run_dir) / s.ref[len(STAGE_REF):] / "final" / "lm")
-        configure(s, name)
-
-
-STAGE_REF = "stage:"
+def resolve_ref(s: PriorConfig, run_dir: str | Path) -> PriorConfig:
+    """`s` with a `ref: "stage:NAME"` made the LM of stage NAME's final model in `run_dir`."""
+    name = s.ref_stage()
+    return s if name is None else replace(s, ref=str(Path(run_dir) / name / "final" / "lm"))
 
 
 def sidecar_path(data_json: str | Path) -> Path:
+    """Where settings were once read from beside the data (`align.json` -> `align.prior.json`)."""
     p = Path(data_json)
     return p.with_name(p.stem + ".prior.json")
 
 
-def resolve_settings(stage_name: str, data_json: str | Path) -> tuple[PriorSettings, str]:
-    """The stage's settings and where they came from (registry, sidecar file, defaults)."""
-    if stage_name in _SETTINGS:
-        return _SETTINGS[stage_name], f"configure(stage={stage_name!r})"
-    if None in _SETTINGS:
-        return _SETTINGS[None], "configure()"
+def refuse_sidecar(stage_name: str, data_json: str | Path) -> None:
+    """A sidecar settings file is no longer read; one beside the data would be silently ignored, so it is
+    refused with the recipe section to move it to."""
     side = sidecar_path(data_json)
     if side.is_file():
-        return PriorSettings.from_dict(json.loads(side.read_text()), side.parent, str(side)), str(side)
-    return PriorSettings(), "defaults"
+        raise ConfigError(
+            f"{side}: PRIOR settings are no longer read from a file beside the data; move them into "
+            f"the recipe as stage {stage_name!r}'s `prior:` section (e.g. prior: {side.read_text().strip()}; "
+            "paths there are relative to where the run starts) and delete the file"
+        )
 
 
 # ---------------------------------------------------------------------------------------- weights
@@ -215,19 +164,34 @@ def weights_from_probs(p: torch.Tensor, alpha: float, floor: float, cap: float) 
 
 
 @torch.no_grad()
-def token_weights(ref_lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
-                  floor: float = 0.0, cap: float = 1.0e9, start_id: int | None = None) -> torch.Tensor:
+def token_weights(
+    ref_lm: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 1.0,
+    floor: float = 0.0,
+    cap: float = 1.0e9,
+    start_id: int | None = None,
+) -> torch.Tensor:
     """PRIOR weights [B, T] aligned to `labels`: 0 off-target, each caption's weights summing to its length.
 
     The targets are read from `labels` (the unshifted target ids); `input_ids` only fixes the shape.
     `start_id` defaults to the reference LM's `config.bos_token_id`, else its `eos_token_id`.
     """
     if labels.shape != input_ids.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
+        raise ValueError(
+            f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape"
+        )
     if start_id is None:
         cfg = getattr(ref_lm, "config", None)
-        start_id = next((t for t in (getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None))
-                         if isinstance(t, int)), None)
+        start_id = next(
+            (
+                t
+                for t in (getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None))
+                if isinstance(t, int)
+            ),
+            None,
+        )
         if start_id is None:
             raise ValueError("pass start_id: the reference LM's config has no bos/eos token id")
     spans = [(r, s, e) for r in range(labels.shape[0]) for s, e in caption_spans(labels[r])]
@@ -259,11 +223,18 @@ def model_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def fingerprint(tokenizer: PreTrainedTokenizerBase, ref_lm: nn.Module, s: PriorSettings,
-                template: str) -> dict[str, Any]:
-    return {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "reference LM": model_fingerprint(ref_lm), "alpha": s.alpha, "floor": s.floor, "cap": s.cap,
-            "template": template}
+def fingerprint(
+    tokenizer: PreTrainedTokenizerBase, ref_lm: nn.Module, s: PriorConfig, template: str
+) -> dict[str, Any]:
+    return {
+        "version": CACHE_VERSION,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "reference LM": model_fingerprint(ref_lm),
+        "alpha": s.alpha,
+        "floor": s.floor,
+        "cap": s.cap,
+        "template": template,
+    }
 
 
 def digest(fp: dict[str, Any]) -> str:
@@ -278,9 +249,16 @@ def _targets(ds: ConversationDataset, i: int) -> tuple[str, torch.Tensor] | None
     if i in ds.load_errors:
         return None
     try:
-        enc = encode_conversation(rec["conversations"], ds.tokenizer, ds.template, ds.image_token_id,
-                                  ds.num_image_tokens, num_images=len(image_paths(rec)),
-                                  max_length=ds.max_length, sample=name)
+        enc = encode_conversation(
+            rec["conversations"],
+            ds.tokenizer,
+            ds.template,
+            ds.image_token_id,
+            ds.num_image_tokens,
+            num_images=len(image_paths(rec)),
+            max_length=ds.max_length,
+            sample=name,
+        )
     except SampleError:
         if ds.skip_bad_samples:
             return None
@@ -293,8 +271,9 @@ def _batched(xs: list, n: int) -> Iterable[list]:
         yield xs[i : i + n]
 
 
-def compute_weights(ref_lm: nn.Module, ds: ConversationDataset, s: PriorSettings,
-                    log=print) -> dict[str, torch.Tensor]:
+def compute_weights(
+    ref_lm: nn.Module, ds: ConversationDataset, s: PriorConfig, log=print
+) -> dict[str, torch.Tensor]:
     """Sample id -> float32 weights of its labelled positions, in order (one batched pass)."""
     start_id = start_token_id(ds.tokenizer)
     items: list[tuple[str, torch.Tensor]] = []
@@ -304,8 +283,10 @@ def compute_weights(ref_lm: nn.Module, ds: ConversationDataset, s: PriorSettings
         if t is None:
             continue
         if t[0] in seen:
-            raise ValueError(f"{ds.path}: sample id {t[0]!r} is used by samples #{seen[t[0]]} and #{i}; "
-                             "the PRIOR cache is keyed by id")
+            raise ValueError(
+                f"{ds.path}: sample id {t[0]!r} is used by samples #{seen[t[0]]} and #{i}; "
+                "the PRIOR cache is keyed by id"
+            )
         seen[t[0]] = i
         items.append(t)
     # Sorting by caption length keeps padding low; the result is keyed by id, so order does not matter.
@@ -335,7 +316,7 @@ def save_cache(cache_dir: str | Path, weights: dict[str, torch.Tensor], fp: dict
     os.replace(tmp, cache_dir / WEIGHTS_FILE)
     manifest = {"fingerprint": fp, "digest": digest(fp), "samples": len(weights)}
     tmpm = cache_dir / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-    tmpm.write_text(json.dumps(manifest, indent=1))
+    write_meta(tmpm, CACHE_KIND, CACHE_VERSION, manifest, indent=1)
     os.replace(tmpm, cache_dir / MANIFEST_FILE)  # the manifest last: its presence means a complete cache
     return cache_dir
 
@@ -346,7 +327,7 @@ def cache_exists(cache_dir: str | Path) -> bool:
 
 def check_fingerprint(cache_dir: str | Path, fp: dict[str, Any]) -> None:
     """Raise StaleCacheError naming every setting that differs from the cache's."""
-    manifest = json.loads((Path(cache_dir) / MANIFEST_FILE).read_text())
+    manifest = read_meta(Path(cache_dir) / MANIFEST_FILE, CACHE_KIND, CACHE_VERSION)
     old = manifest.get("fingerprint", {})
     changed = []
     for key in fp:
@@ -356,8 +337,10 @@ def check_fingerprint(cache_dir: str | Path, fp: dict[str, Any]) -> None:
             else:
                 changed.append(f"{key} changed (cache {old.get(key)!r}, now {fp[key]!r})")
     if changed:
-        raise StaleCacheError(f"stale cache {cache_dir}: {'; '.join(changed)}. Delete it or point "
-                              "`cache` elsewhere; it is never reused under different settings")
+        raise StaleCacheError(
+            f"stale cache {cache_dir}: {'; '.join(changed)}. Delete it or point "
+            "`cache` elsewhere; it is never reused under different settings"
+        )
 
 
 class WeightCache:
@@ -373,16 +356,24 @@ class WeightCache:
 
     def __getitem__(self, sample_id: str) -> torch.Tensor:
         if sample_id not in self.weights:
-            raise KeyError(f"sample {sample_id!r} is missing from the PRIOR cache {self.dir} "
-                           "(the data changed since it was computed?)")
+            raise KeyError(
+                f"sample {sample_id!r} is missing from the PRIOR cache {self.dir} "
+                "(the data changed since it was computed?)"
+            )
         return self.weights[sample_id]
 
     def __len__(self) -> int:
         return len(self.weights)
 
 
-def load_or_compute(ref_lm: nn.Module, ds: ConversationDataset, s: PriorSettings, cache_dir: str | Path,
-                    fp: dict[str, Any] | None = None, log=print) -> WeightCache:
+def load_or_compute(
+    ref_lm: nn.Module,
+    ds: ConversationDataset,
+    s: PriorConfig,
+    cache_dir: str | Path,
+    fp: dict[str, Any] | None = None,
+    log=print,
+) -> WeightCache:
     """The cache at `cache_dir` (checked), computed and saved first when absent (single process)."""
     fp = fp if fp is not None else fingerprint(ds.tokenizer, ref_lm, s, ds.template)
     if cache_exists(cache_dir):
@@ -404,17 +395,24 @@ class PriorDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.base[i]
-        if "skip" in item:
+        if is_skipped(item):
             return item
         on = item["labels"] != IGNORE_INDEX
         w = self.cache[str(item["id"])]
         if w.numel() != int(on.sum()):
             name = sample_name(self.base.path, i, self.base.records[i])
             if self.base.skip_bad_samples:
-                return {"skip": Skip(name, f"{name}: PRIOR cache has {w.numel()} weights, sample has "
-                                           f"{int(on.sum())} target tokens")}
-            raise SampleError(f"{name}: the PRIOR cache {self.cache.dir} has {w.numel()} weights but the sample "
-                              f"has {int(on.sum())} target tokens (stale cache for changed data?)")
+                return skipped(
+                    Skip(
+                        name,
+                        f"{name}: PRIOR cache has {w.numel()} weights, sample has "
+                        f"{int(on.sum())} target tokens",
+                    )
+                )
+            raise SampleError(
+                f"{name}: the PRIOR cache {self.cache.dir} has {w.numel()} weights but the sample "
+                f"has {int(on.sum())} target tokens (stale cache for changed data?)"
+            )
         full = torch.zeros(on.shape, dtype=torch.float32)
         full[on] = w
         item["token_weights"] = full
@@ -440,10 +438,10 @@ class CaptionTextDataset(Dataset):
         rec = self.base.records[i]
         name = sample_name(self.base.path, i, rec)
         if i in self.base.load_errors:
-            return {"skip": Skip(name, self.base.load_errors[i])}
+            return skipped(Skip(name, self.base.load_errors[i]))
         t = _targets(self.base, i)  # a bad sample raises (naming it) unless skip_bad_samples
         if t is None:
-            return {"skip": Skip(name, f"{name}: unusable sample")}
+            return skipped(Skip(name, f"{name}: unusable sample"))
         sid, lab = t
         pieces = [lab[a:b] for a, b in caption_spans(lab)]
         # Several captions in one sample become one text, each behind its own start token.
@@ -452,16 +450,16 @@ class CaptionTextDataset(Dataset):
         return {"index": i, "id": sid, "input_ids": ids, "labels": labels, "pixel_values": None}
 
 
-def reference_from(model_lm: nn.Module, s: PriorSettings, vocab_size: int) -> nn.Module:
+def reference_from(model_lm: nn.Module, s: PriorConfig, vocab_size: int) -> nn.Module:
     """The reference LM: `s.ref` loaded from disk, else a frozen copy of `model_lm`."""
     if s.ref:
-        from transformers import AutoModelForCausalLM
-
         ref = AutoModelForCausalLM.from_pretrained(s.ref, local_files_only=True, use_safetensors=True)
     else:
         ref = copy.deepcopy(model_lm)
     emb = ref.get_input_embeddings().num_embeddings
     if emb < vocab_size:
-        raise ValueError(f"reference LM {s.ref or '(the model lm)'} has {emb} embeddings but the tokenizer "
-                         f"has {vocab_size} tokens: it must share the MLLM's tokenizer")
+        raise ValueError(
+            f"reference LM {s.ref or '(the model lm)'} has {emb} embeddings but the tokenizer "
+            f"has {vocab_size} tokens: it must share the MLLM's tokenizer"
+        )
     return ref.eval().requires_grad_(False)

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
+from encoders.registry import Registry
 from encoders.supervised import PatchTargets
 from mllm.data.geoworld.vocab import COLOR_NAMES, SHAPES
 
 __all__ = [
     "AnchoredProjector",
     "PROJECTORS",
-    "PROJECTOR_PATTERNS",
     "build_projector",
     "known_projectors",
     "register_projector",
@@ -29,32 +30,21 @@ __all__ = [
 ProjectorFactory = Callable[[int, int], nn.Module]
 PatternFactory = Callable[[re.Match[str], int, int], nn.Module]
 
-# Fixed names -> factory(in_dim, out_dim).
-PROJECTORS: dict[str, ProjectorFactory] = {}
-# Families of names (e.g. mlp{N}x_gelu) -> (compiled regex, factory(match, in_dim, out_dim)), keyed by a
-# human-readable form used in error messages. A family is one entry, so build_projector needs no if-chain.
-PROJECTOR_PATTERNS: dict[str, tuple[re.Pattern[str], PatternFactory]] = {}
+# name -> factory(in_dim, out_dim); a family of names (mlp{N}x_gelu) is one pattern entry, whose
+# factory(match, in_dim, out_dim) gets the name's regex match, so build_projector needs no if-chain.
+PROJECTORS: Registry[ProjectorFactory] = Registry("projector")
 
 
 def register_projector(name: str) -> Callable[[ProjectorFactory], ProjectorFactory]:
     """Register a projector under a fixed `name`."""
-
-    def decorator(factory: ProjectorFactory) -> ProjectorFactory:
-        if name in PROJECTORS:
-            raise ValueError(f"projector {name!r} is already registered")
-        PROJECTORS[name] = factory
-        return factory
-
-    return decorator
+    return PROJECTORS.register(name)
 
 
 def register_projector_pattern(pattern: str, display: str) -> Callable[[PatternFactory], PatternFactory]:
     """Register a family of projectors whose names fully match the regex `pattern` (shown as `display`)."""
 
     def decorator(factory: PatternFactory) -> PatternFactory:
-        if display in PROJECTOR_PATTERNS:
-            raise ValueError(f"projector family {display!r} is already registered")
-        PROJECTOR_PATTERNS[display] = (re.compile(pattern), factory)
+        PROJECTORS.register_pattern(pattern, display, lambda match: partial(factory, match), stacklevel=2)
         return factory
 
     return decorator
@@ -62,20 +52,14 @@ def register_projector_pattern(pattern: str, display: str) -> Callable[[PatternF
 
 def known_projectors() -> list[str]:
     """Every name or family `build_projector` accepts, for error messages and CLI help."""
-    return sorted(PROJECTORS) + sorted(PROJECTOR_PATTERNS)
+    return PROJECTORS.known()
 
 
 def build_projector(name: str, in_dim: int, out_dim: int) -> nn.Module:
     """Build the projector `name` mapping `in_dim`-wide vision tokens to `out_dim`-wide LLM embeddings."""
     if in_dim <= 0 or out_dim <= 0:
         raise ValueError(f"projector dims must be positive, got in_dim={in_dim}, out_dim={out_dim}")
-    if name in PROJECTORS:
-        return PROJECTORS[name](in_dim, out_dim)
-    for regex, factory in PROJECTOR_PATTERNS.values():
-        match = regex.fullmatch(name)
-        if match:
-            return factory(match, in_dim, out_dim)
-    raise ValueError(f"unknown projector {name!r}; known: {', '.join(known_projectors())}")
+    return PROJECTORS[name](in_dim, out_dim)
 
 
 @register_projector("identity")
@@ -180,7 +164,9 @@ class AnchoredProjector(nn.Module):
         # Per row, the token ids of the word alone and after a space (-1: none; background rows have none).
         self.register_buffer("word_ids", torch.full((rows, 2), -1, dtype=torch.long))
         # Background rows (word None) stay zero: see the class docstring.
-        named = torch.tensor([w is not None for group in self.words.values() for w in group], dtype=torch.float32)
+        named = torch.tensor(
+            [w is not None for group in self.words.values() for w in group], dtype=torch.float32
+        )
         self.register_buffer("named", named[:, None], persistent=False)
 
     def table(self, embedding: nn.Embedding | None) -> torch.Tensor:
@@ -225,7 +211,9 @@ class AnchoredProjector(nn.Module):
                 if not ids:
                     raise ValueError(f"the tokenizer gives no tokens for the anchor word {form!r}")
                 if ids[0] >= embedding.num_embeddings:
-                    raise ValueError(f"anchor word {form!r}: token id {ids[0]} is outside the LM's embeddings")
+                    raise ValueError(
+                        f"anchor word {form!r}: token id {ids[0]} is outside the LM's embeddings"
+                    )
                 self.word_ids[i, j] = ids[0]
             n += 1
         self.anchored.fill_(True)
@@ -235,4 +223,6 @@ class AnchoredProjector(nn.Module):
 @register_projector_pattern(r"anchored_mlp(\d+)x_gelu", display="anchored_mlp{N}x_gelu")
 def _anchored(match: re.Match[str], in_dim: int, out_dim: int) -> nn.Module:
     """AnchoredProjector over GeoWorld's per-patch label words (the tower warm-up's targets)."""
-    return AnchoredProjector(in_dim, out_dim, int(match.group(1)), PatchTargets(COLOR_NAMES, SHAPES, centre=True).words())
+    return AnchoredProjector(
+        in_dim, out_dim, int(match.group(1)), PatchTargets(COLOR_NAMES, SHAPES, centre=True).words()
+    )

@@ -19,7 +19,6 @@ rather than its PIL processor's, a difference of interpolation kernels only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from encoders.fusion import MixtureOfFeatures, StreamProjectors
-from encoders.geo import GeoConfig, GeoEncoder, to_canonical
+from encoders.geo import GeoEncoder, to_canonical
+from encoders.registry import Registry
 from encoders.router import FeatureRouter
 from encoders.towers import Tower, TowerConfig, build_tower, expand2square
 from mllm.config import FusionConfig, from_dict
@@ -41,17 +41,27 @@ from mllm.projectors import build_projector
 if TYPE_CHECKING:
     from mllm.model import MultimodalLM
 
-__all__ = ["FUSIONS", "Fusion", "MofFusion", "RouterFusion", "build_fusion", "fusion_from_meta", "tower_input"]
+__all__ = [
+    "FUSIONS",
+    "Fusion",
+    "MofFusion",
+    "RouterFusion",
+    "build_fusion",
+    "fusion_from_meta",
+    "tower_input",
+]
 
-FUSIONS: dict[str, type[Fusion]] = {}
+FUSIONS: Registry[type[Fusion]] = Registry("fusion type")
 
 
 def register_fusion(*names: str) -> Callable[[type[Fusion]], type[Fusion]]:
+    """Class decorator: add a fusion under each of `names` (`model.fusion.type`)."""
+
     def deco(cls: type[Fusion]) -> type[Fusion]:
         for name in names:
-            if name in FUSIONS:
-                raise ValueError(f"fusion type {name!r} is already registered")
-            FUSIONS[name] = cls
+            FUSIONS.check_free(name, stacklevel=2)
+        for name in names:
+            FUSIONS.register(name, cls, stacklevel=2)
         return cls
 
     return deco
@@ -62,7 +72,9 @@ def tower_input(tower: Tower, pixels01: torch.Tensor) -> torch.Tensor:
     size = tower.image_size
     x = pixels01
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(
+            0, 1
+        )
     proc = tower.processor
     if getattr(proc, "do_normalize", True):
         mean = torch.tensor(proc.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
@@ -86,8 +98,14 @@ class Fusion:
         self.cfg = cfg
 
     # -- building -------------------------------------------------------------------------------------
-    def build_parts(self, tower: Tower, projector: str, d_llm: int, model_dir: Path | None = None,
-                    load_weights: bool = True) -> dict[str, nn.Module]:
+    def build_parts(
+        self,
+        tower: Tower,
+        projector: str,
+        d_llm: int,
+        model_dir: Path | None = None,
+        load_weights: bool = True,
+    ) -> dict[str, nn.Module]:
         """The extra modules and the projector, by attribute name. `model_dir`: reload a saved model."""
         raise NotImplementedError
 
@@ -133,22 +151,34 @@ class MofFusion(Fusion):
             raise ValueError(f"fusion {cfg.type}: tower2 (the second tower's TowerConfig) is required")
         self.mof = MixtureOfFeatures(cfg.type.removeprefix("mof_"), cfg.alpha, cfg.resample)
 
-    def build_parts(self, tower: Tower, projector: str, d_llm: int, model_dir: Path | None = None,
-                    load_weights: bool = True) -> dict[str, nn.Module]:
+    def build_parts(
+        self,
+        tower: Tower,
+        projector: str,
+        d_llm: int,
+        model_dir: Path | None = None,
+        load_weights: bool = True,
+    ) -> dict[str, nn.Module]:
         t2_cfg = self.cfg.tower2
         if model_dir is not None:
             t2_cfg = TowerConfig(**dict(asdict(t2_cfg), path=str(model_dir / "tower2")))
         tower2 = build_tower(t2_cfg, load_weights=load_weights)
         for t in (tower, tower2):
             if t.config.select_feature != "patch":
-                raise ValueError(f"MoF mixes patch grids; {t.config.type} tower has select_feature="
-                                 f"{t.config.select_feature!r} (use 'patch')")
+                raise ValueError(
+                    f"MoF mixes patch grids; {t.config.type} tower has select_feature="
+                    f"{t.config.select_feature!r} (use 'patch')"
+                )
         self.mof.check((tower.hidden_size, tower.grid), (tower2.hidden_size, tower2.grid))
         if self.mof.mode == "additive":
             proj: nn.Module = build_projector(projector, tower.hidden_size, d_llm)
         else:
-            proj = StreamProjectors([build_projector(projector, tower.hidden_size, d_llm),
-                                     build_projector(projector, tower2.hidden_size, d_llm)])
+            proj = StreamProjectors(
+                [
+                    build_projector(projector, tower.hidden_size, d_llm),
+                    build_projector(projector, tower2.hidden_size, d_llm),
+                ]
+            )
         return {"tower2": tower2, "projector": proj}
 
     def input_sizes(self, model: MultimodalLM) -> list[int]:
@@ -161,7 +191,9 @@ class MofFusion(Fusion):
         px = pixel_values.float()
         first = model.tower(tower_input(model.tower, px).to(_dtype(model.tower)))
         second = model.tower2(tower_input(model.tower2, px).to(_dtype(model.tower2)))
-        projectors = list(model.projector) if isinstance(model.projector, StreamProjectors) else [model.projector]
+        projectors = (
+            list(model.projector) if isinstance(model.projector, StreamProjectors) else [model.projector]
+        )
         return self.mof(first, second, projectors)
 
     def save_parts(self, model: MultimodalLM, out: Path) -> dict[str, Any]:
@@ -175,15 +207,24 @@ class MofFusion(Fusion):
 class RouterFusion(Fusion):
     """SVE-Math: CLIP tokens + the geometric encoder's routed pyramid, channel-concatenated."""
 
-    def build_parts(self, tower: Tower, projector: str, d_llm: int, model_dir: Path | None = None,
-                    load_weights: bool = True) -> dict[str, nn.Module]:
+    def build_parts(
+        self,
+        tower: Tower,
+        projector: str,
+        d_llm: int,
+        model_dir: Path | None = None,
+        load_weights: bool = True,
+    ) -> dict[str, nn.Module]:
         if tower.config.select_feature != "patch":
             raise ValueError("the router resizes levels to the CLIP patch grid; use select_feature='patch'")
         if model_dir is not None:
             geo = GeoEncoder.from_pretrained(model_dir / "geo")
         elif self.cfg.geo_path:
-            geo = GeoEncoder.from_pretrained(self.cfg.geo_path) if load_weights else GeoEncoder(
-                GeoConfig(**json.loads((Path(self.cfg.geo_path) / "geo_config.json").read_text())))
+            geo = (
+                GeoEncoder.from_pretrained(self.cfg.geo_path)
+                if load_weights
+                else GeoEncoder(GeoEncoder.read_config(self.cfg.geo_path))
+            )
         elif self.cfg.geo is not None:
             geo = GeoEncoder(self.cfg.geo)
         else:
@@ -213,8 +254,10 @@ class RouterFusion(Fusion):
 
     def save_parts(self, model: MultimodalLM, out: Path) -> dict[str, Any]:
         model.geo.save_pretrained(out / "geo")
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.router.state_dict().items()},
-                  str(out / "router.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model.router.state_dict().items()},
+            str(out / "router.safetensors"),
+        )
         meta = self.meta()
         meta.update(geo=asdict(model.geo.config), geo_path="geo")
         return meta

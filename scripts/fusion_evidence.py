@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MOF = "train/recipes/mof-additive-tiny.yaml"
-SVE = "train/recipes/svemath-tiny.yaml"
+MOF = "mof-additive-tiny"  # packaged recipes, by name
+SVE = "svemath-tiny"
 # name -> (recipe, overrides); all share the align/instruct budget of the two tiny recipes (equal).
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "clip": (MOF, ["model.fusion=null"]),
@@ -38,15 +38,18 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 }
 # Which benchmark each configuration is compared on (CLIP-only is the baseline of both).
 BENCHES: dict[str, tuple[str, ...]] = {
-    name: ("mmvp", "mathverse") if name == "clip" else ("mathverse",) if name.startswith("router") else ("mmvp",)
+    name: ("mmvp", "mathverse")
+    if name == "clip"
+    else ("mathverse",)
+    if name.startswith("router")
+    else ("mmvp",)
     for name in CONFIGS
 }
 
 
 def run(cmd: list[str], log: Path) -> float:
     t0 = time.time()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=str(REPO))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
@@ -65,12 +68,44 @@ def one(name: str, seed: int, a: argparse.Namespace) -> dict:
     else:
         extra = [e for e in extra if not e.startswith("extra.geo")]
     budget = [f"stages.align.max_steps={a.align_steps}", f"stages.instruct.max_steps={a.instruct_steps}"]
-    walls = {"train": run([sys.executable, "-m", "mllm.cli", "train", "--recipe", recipe, "--out", str(out / "run"),
-                           *extra, *overrides, *budget, f"engine.seed={seed}", "engine.threads=1"], log)}
+    walls = {
+        "train": run(
+            [
+                sys.executable,
+                "-m",
+                "mllm.cli",
+                "train",
+                "--recipe",
+                recipe,
+                "--out",
+                str(out / "run"),
+                *extra,
+                *overrides,
+                *budget,
+                f"engine.seed={seed}",
+                "engine.threads=1",
+            ],
+            log,
+        )
+    }
     res: dict = {"config": name, "seed": seed, "budget": budget}
     for bench in BENCHES[name]:
-        walls[bench] = run([sys.executable, "-m", "mllm.cli", "eval", bench, "--model", str(out / "run"),
-                            "--data", str(Path(a.world) / bench), "--out", str(out / f"{bench}.json")], log)
+        walls[bench] = run(
+            [
+                sys.executable,
+                "-m",
+                "mllm.cli",
+                "eval",
+                bench,
+                "--model",
+                str(out / "run"),
+                "--data",
+                str(Path(a.world) / bench),
+                "--out",
+                str(out / f"{bench}.json"),
+            ],
+            log,
+        )
         res[bench] = json.loads((out / f"{bench}.json").read_text())
     res["wall_s"] = {k: round(v, 1) for k, v in walls.items()}
     (out / "result.json").write_text(json.dumps(res, indent=1))
@@ -86,7 +121,9 @@ def _metrics(res: dict) -> dict[str, float]:
         if isinstance(x, (int, float)):
             flat[f"mathverse.{k}"] = float(x)
         elif isinstance(x, dict):
-            flat.update({f"mathverse.{k}.{kk}": float(xx) for kk, xx in x.items() if isinstance(xx, (int, float))})
+            flat.update(
+                {f"mathverse.{k}.{kk}": float(xx) for kk, xx in x.items() if isinstance(xx, (int, float))}
+            )
     return flat
 
 
@@ -98,15 +135,23 @@ def summarise(out: Path) -> dict:
     table = {}
     for name, runs in rows.items():
         keys = sorted(set.intersection(*(set(r) for r in runs)))
-        table[name] = {"n": len(runs), **{
-            k: [round(statistics.mean(r[k] for r in runs), 2),
-                round(statistics.stdev(r[k] for r in runs), 2) if len(runs) > 1 else 0.0] for k in keys}}
+        table[name] = {
+            "n": len(runs),
+            **{
+                k: [
+                    round(statistics.mean(r[k] for r in runs), 2),
+                    round(statistics.stdev(r[k] for r in runs), 2) if len(runs) > 1 else 0.0,
+                ]
+                for k in keys
+            },
+        }
     (out / "summary.json").write_text(json.dumps(table, indent=1))
     return table
 
 
 def markdown(table: dict) -> str:
     """The two comparison tables of docs/results.md (mean ± sample std over seeds, percent)."""
+
     def cell(row: dict, key: str) -> str:
         return f"{row[key][0]:.1f} ± {row[key][1]:.1f}" if key in row else "–"
 
@@ -114,16 +159,24 @@ def markdown(table: dict) -> str:
     for name in ("clip", "add75", "add50", "add25", "inter"):
         if name in table and "mmvp.pair_accuracy" in table[name]:
             r = table[name]
-            lines.append(f"| {name} | {r['n']} | {cell(r, 'mmvp.pair_accuracy')} | {cell(r, 'mmvp.question_accuracy')} |")
+            lines.append(
+                f"| {name} | {r['n']} | {cell(r, 'mmvp.pair_accuracy')} | {cell(r, 'mmvp.question_accuracy')} |"
+            )
     versions = ("Text Dominant", "Text Lite", "Vision Intensive", "Vision Dominant", "Vision Only")
-    lines += ["", "| config | seeds | all | " + " | ".join(versions) + " | Text Only |",
-              "|---|---|---|" + "---|" * (len(versions) + 1)]
+    lines += [
+        "",
+        "| config | seeds | all | " + " | ".join(versions) + " | Text Only |",
+        "|---|---|---|" + "---|" * (len(versions) + 1),
+    ]
     for name in ("clip", "router", "router_const"):
         if name in table and "mathverse.all" in table[name]:
             r = table[name]
             cells = [cell(r, f"mathverse.versions.{v}") for v in versions]
-            lines.append(f"| {name} | {r['n']} | {cell(r, 'mathverse.all')} | " + " | ".join(cells)
-                         + f" | {cell(r, 'mathverse.text_only')} |")
+            lines.append(
+                f"| {name} | {r['n']} | {cell(r, 'mathverse.all')} | "
+                + " | ".join(cells)
+                + f" | {cell(r, 'mathverse.text_only')} |"
+            )
     return "\n".join(lines)
 
 

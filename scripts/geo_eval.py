@@ -34,8 +34,9 @@ def load_geo(path: str | Path) -> GeoEncoder:
 
 
 @torch.no_grad()
-def evaluate(geo: GeoEncoder, jsonl: str | Path, root: str | Path, batch: int = 32,
-             tolerance: float = 2.0) -> dict[str, float]:
+def evaluate(
+    geo: GeoEncoder, jsonl: str | Path, root: str | Path, batch: int = 32, tolerance: float = 2.0
+) -> dict[str, float]:
     geo.eval()
     ds = GeoFigureDataset(jsonl, root, geo.config.image_size, geo.preprocess, geo.config.classes)
     preds, gts, jpred, jgt = [], [], [], []
@@ -59,8 +60,13 @@ def evaluate(geo: GeoEncoder, jsonl: str | Path, root: str | Path, batch: int = 
     ap = box_ap(preds, gts, len(geo.config.classes))
     jr = point_recall(jpred, jgt, tolerance)
     f1 = 2 * tp / max(2 * tp + fp + fn, 1.0)
-    return {"images": float(len(ds)), "box_mAP50": ap["mAP"], "junction_recall": jr["recall"],
-            "junction_precision": jr["precision"], "boundary_f1": f1}
+    return {
+        "images": float(len(ds)),
+        "box_mAP50": ap["mAP"],
+        "junction_recall": jr["recall"],
+        "junction_precision": jr["precision"],
+        "boundary_f1": f1,
+    }
 
 
 def main(argv: list[str]) -> None:

@@ -13,14 +13,20 @@ category ≥ the 0.9 bar that tests/test_handdrawn.py holds a model to), plus "w
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from handdrawn import evaluate, handdrawn_cases  # noqa: E402
+# The cases live with the tests (tests/handdrawn.py, not part of the package): load that one file by path,
+# without putting tests/ on sys.path.
+_spec = importlib.util.spec_from_file_location(
+    "handdrawn", Path(__file__).resolve().parents[1] / "tests" / "handdrawn.py"
+)
+handdrawn = importlib.util.module_from_spec(_spec)
+sys.modules["handdrawn"] = handdrawn  # its dataclasses look their module up while being defined
+_spec.loader.exec_module(handdrawn)
+evaluate, handdrawn_cases = handdrawn.evaluate, handdrawn.handdrawn_cases
 
 BAR = 0.9
 
@@ -43,8 +49,12 @@ def main(argv: list[str]) -> dict:
             for i, c in enumerate(cases):
                 name = f"{i:03d}_{c.category}.png"
                 c.image.save(args.save_images / name)
-                f.write(json.dumps({"image": name, "question": c.question, "answer": c.answer,
-                                    "category": c.category}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"image": name, "question": c.question, "answer": c.answer, "category": c.category}
+                    )
+                    + "\n"
+                )
 
     import torch
 
@@ -56,10 +66,16 @@ def main(argv: list[str]) -> dict:
     model = MultimodalLM.from_pretrained(path, torch_dtype=torch.bfloat16 if args.bf16 else None)
     model.to(pick_device(args.device))
     result = evaluate(model, cases, batch_size=args.batch_size)
-    out = {"model": str(path), "seed": args.seed, "cases": len(cases),
-           "accuracy": round(result["accuracy"], 4),
-           "per_category": {c: round(a, 4) for c, a in result["per_category"].items()},
-           "n": result["n"], "bar": BAR, "passes": all(a >= BAR for a in result["per_category"].values())}
+    out = {
+        "model": str(path),
+        "seed": args.seed,
+        "cases": len(cases),
+        "accuracy": round(result["accuracy"], 4),
+        "per_category": {c: round(a, 4) for c, a in result["per_category"].items()},
+        "n": result["n"],
+        "bar": BAR,
+        "passes": all(a >= BAR for a in result["per_category"].values()),
+    }
     if args.wrong:
         out["wrong"] = result["wrong"]
     print(json.dumps(out))

@@ -3,7 +3,7 @@
     python scripts/prior_experiment.py --out runs/prior_exp --seeds 0 1 2
 
 One world and one shared base (`lm_pretrain`, `tower_warmup`, `prior_ref` of
-`train/recipes/prior-tiny.yaml`, seed 0) feed both arms, so the arms differ only in the alignment
+recipe `prior-tiny`, seed 0) feed both arms, so the arms differ only in the alignment
 loss: the `prior` stage with the recipe's alpha (PRIOR) or with alpha = 0, which is exactly the plain
 next-token loss (tests/test_prior.py proves the equality). Each arm then runs the same `instruct`
 stage; both stages use the arm's seed. Scored on the world's held-out QA and POPE sets.
@@ -18,13 +18,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 BASE_STAGES = ("lm_pretrain", "tower_warmup", "prior_ref")
 
@@ -33,12 +29,19 @@ def _recipe(world: Path, seed: int, alpha: float, args: argparse.Namespace):
     from mllm.config import load_recipe
 
     trainable = f"{{projector: {args.prior_lr:g}, lm: {args.prior_lm_lr:g}}}"
-    return load_recipe(REPO / "train" / "recipes" / "prior-tiny.yaml", [
-        f"extra.world={world}", f"engine.seed={seed}", f"extra.prior.alpha={alpha}",
-        f"stages.prior.max_steps={args.prior_steps}", f"stages.prior.trainable={trainable}",
-        f"stages.instruct.max_steps={args.instruct_steps}", "engine.checkpoint_every=0",
-        f"engine.threads={args.threads}",
-    ])
+    return load_recipe(
+        "prior-tiny",
+        [
+            f"extra.world={world}",
+            f"engine.seed={seed}",
+            f"stages.prior.prior.alpha={alpha}",
+            f"stages.prior.max_steps={args.prior_steps}",
+            f"stages.prior.trainable={trainable}",
+            f"stages.instruct.max_steps={args.instruct_steps}",
+            "engine.checkpoint_every=0",
+            f"engine.threads={args.threads}",
+        ],
+    )
 
 
 def _link_base(base: Path, run: Path) -> None:
@@ -59,9 +62,12 @@ def _evaluate(model_dir: str, world: Path, out: Path) -> dict:
     model = MultimodalLM.from_pretrained(model_dir)
     qa, _ = evaluate(model, "qa", world, batch_size=32)
     pope, _ = evaluate(model, "pope", world / "pope", batch_size=32)
-    m = {"qa_accuracy": qa["accuracy"], "qa_per_category": qa["per_category"],
-         "pope_mean_f1": pope["mean_f1"],
-         "pope": {s: {k: pope[s][k] for k in ("f1", "accuracy", "yes_ratio")} for s in pope if s != "mean_f1"}}
+    m = {
+        "qa_accuracy": qa["accuracy"],
+        "qa_per_category": qa["per_category"],
+        "pope_mean_f1": pope["mean_f1"],
+        "pope": {s: {k: pope[s][k] for k in ("f1", "accuracy", "yes_ratio")} for s in pope if s != "mean_f1"},
+    }
     done.write_text(json.dumps(m, indent=1))
     return m
 
@@ -81,8 +87,16 @@ def weight_report(cache_dir: Path, world: Path, tokenizer_dir: Path, top: int = 
     example = None
     for rec in read_records(world / "align.json")[:600]:
         w = weights[str(rec["id"])]
-        enc = encode_conversation(rec["conversations"], tok, "plain", tok.convert_tokens_to_ids("<image>"), 1,
-                                  num_images=1, max_length=512, sample=str(rec["id"]))
+        enc = encode_conversation(
+            rec["conversations"],
+            tok,
+            "plain",
+            tok.convert_tokens_to_ids("<image>"),
+            1,
+            num_images=1,
+            max_length=512,
+            sample=str(rec["id"]),
+        )
         ids = enc["input_ids"][enc["labels"] != IGNORE_INDEX]
         pieces = [tok.decode([int(t)]) for t in ids]
         for p, x in zip(pieces, w.tolist()):
@@ -94,9 +108,13 @@ def weight_report(cache_dir: Path, world: Path, tokenizer_dir: Path, top: int = 
     hist = {f"[{a}, {b})": int(((allw >= a) & (allw < b)).sum()) for a, b in zip(edges, edges[1:])}
     means = {p: sum(v) / len(v) for p, v in per_token.items() if len(v) >= 20}
     ranked = sorted(means.items(), key=lambda kv: kv[1])
-    return {"tokens": int(allw.numel()), "histogram": hist,
-            "lowest": [[p, round(m, 3)] for p, m in ranked[:top]],
-            "highest": [[p, round(m, 3)] for p, m in ranked[-top:][::-1]], "example": example}
+    return {
+        "tokens": int(allw.numel()),
+        "histogram": hist,
+        "lowest": [[p, round(m, 3)] for p, m in ranked[:top]],
+        "highest": [[p, round(m, 3)] for p, m in ranked[-top:][::-1]],
+        "example": example,
+    }
 
 
 def main() -> int:
@@ -137,20 +155,30 @@ def main() -> int:
             m = _evaluate(summary["final"], world, run)
             m["wall_s"] = {k: v["wall_s"] for k, v in summary["stages"].items()}
             runs[arm][seed] = m
-            print(f"[{arm} seed {seed}] QA {m['qa_accuracy']:.1f}  POPE mean F1 {m['pope_mean_f1']:.1f}  "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"[{arm} seed {seed}] QA {m['qa_accuracy']:.1f}  POPE mean F1 {m['pope_mean_f1']:.1f}  "
+                f"({time.time() - t0:.0f}s)",
+                flush=True,
+            )
 
     def agg(key) -> dict[str, dict[str, float]]:
         res = {}
         for arm, by_seed in runs.items():
             xs = [key(m) for m in by_seed.values()]
-            res[arm] = {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-                        "runs": xs}
+            res[arm] = {
+                "mean": statistics.mean(xs),
+                "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                "runs": xs,
+            }
         return res
 
     splits = sorted(next(iter(runs["ntp"].values()))["pope"])
-    summary = {"settings": vars(args), "runs": runs, "qa_accuracy": agg(lambda m: m["qa_accuracy"]),
-               "pope_mean_f1": agg(lambda m: m["pope_mean_f1"])}
+    summary = {
+        "settings": vars(args),
+        "runs": runs,
+        "qa_accuracy": agg(lambda m: m["qa_accuracy"]),
+        "pope_mean_f1": agg(lambda m: m["pope_mean_f1"]),
+    }
     for s in splits:
         summary[f"pope_{s}_f1"] = agg(lambda m, s=s: m["pope"][s]["f1"])
         summary[f"pope_{s}_yes_ratio"] = agg(lambda m, s=s: m["pope"][s]["yes_ratio"])
@@ -160,13 +188,17 @@ def main() -> int:
     for c in caches:
         fp = json.loads((c / "manifest.json").read_text())["fingerprint"]
         if abs(float(fp["alpha"]) - args.alpha) < 1e-9:
-            (out / "weights.json").write_text(json.dumps(weight_report(c, world, base / "tokenizer"), indent=1))
+            (out / "weights.json").write_text(
+                json.dumps(weight_report(c, world, base / "tokenizer"), indent=1)
+            )
 
     print("\n| metric | NTP (mean ± std) | PRIOR (mean ± std) |\n|---|---|---|")
     for k, v in summary.items():
         if k != "runs" and isinstance(v, dict) and "ntp" in v:
-            print(f"| {k} | {v['ntp']['mean']:.1f} ± {v['ntp']['std']:.1f} | "
-                  f"{v['prior']['mean']:.1f} ± {v['prior']['std']:.1f} |")
+            print(
+                f"| {k} | {v['ntp']['mean']:.1f} ± {v['ntp']['std']:.1f} | "
+                f"{v['prior']['mean']:.1f} ± {v['prior']['std']:.1f} |"
+            )
     return 0
 
 

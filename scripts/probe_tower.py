@@ -41,8 +41,10 @@ def main() -> None:
             opt.step()
         pred = head(x[n:]).argmax(-1)
         fg = y[n:] > 0
-        print(f"{name}: all patches {(pred == y[n:]).float().mean():.3f}, "
-              f"foreground patches {(pred[fg] == y[n:][fg]).float().mean():.3f}")
+        print(
+            f"{name}: all patches {(pred == y[n:]).float().mean():.3f}, "
+            f"foreground patches {(pred[fg] == y[n:][fg]).float().mean():.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -43,10 +43,18 @@ def global_batch(world: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
     mask = torch.rand(b, N_TXT_TOK, generator=g) > 0.4
     mask[:, 0] = True
-    return {"img": unit(b, D), "txt": unit(b, D), "img_tokens": unit(b, N_IMG_TOK, D),
-            "txt_tokens": unit(b, N_TXT_TOK, D), "txt_mask": mask, "hard_txt": unit(b, D),
-            "hard_img": unit(b, D), "hard_img_txt": unit(b, D),
-            "scale": torch.tensor(4.0, dtype=torch.float64), "bias": torch.tensor(-2.0, dtype=torch.float64)}
+    return {
+        "img": unit(b, D),
+        "txt": unit(b, D),
+        "img_tokens": unit(b, N_IMG_TOK, D),
+        "txt_tokens": unit(b, N_TXT_TOK, D),
+        "txt_mask": mask,
+        "hard_txt": unit(b, D),
+        "hard_img": unit(b, D),
+        "hard_img_txt": unit(b, D),
+        "scale": torch.tensor(4.0, dtype=torch.float64),
+        "bias": torch.tensor(-2.0, dtype=torch.float64),
+    }
 
 
 def main(out: Path) -> None:

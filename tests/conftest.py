@@ -14,15 +14,38 @@ import torch  # noqa: E402
 from encoders.towers import TowerConfig  # noqa: E402
 
 CORPUS = [
-    "What color is the circle?", "red", "blue", "green", "How many shapes are there?", "2", "3",
-    "A large red circle at the top left and a small blue triangle pointing up.", "Describe the image briefly.",
-    "What shape is the blue object?", "triangle", "square", "Is the triangle pointing up or down?",
+    "What color is the circle?",
+    "red",
+    "blue",
+    "green",
+    "How many shapes are there?",
+    "2",
+    "3",
+    "A large red circle at the top left and a small blue triangle pointing up.",
+    "Describe the image briefly.",
+    "What shape is the blue object?",
+    "triangle",
+    "square",
+    "Is the triangle pointing up or down?",
 ] * 5
 
-TINY_TOWER = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2)
-TINY_LM = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+TINY_TOWER = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+)
+TINY_LM = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 @pytest.fixture(scope="session")
@@ -38,5 +61,11 @@ def tiny_model(tokenizer):
 
     torch.manual_seed(0)
     lm = build_lm(None, TINY_LM, len(tokenizer))
-    return MultimodalLM.build(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1), "mlp2x_gelu", lm,
-                              tokenizer, template="chatml", max_length=128)
+    return MultimodalLM.build(
+        TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
+        "mlp2x_gelu",
+        lm,
+        tokenizer,
+        template="chatml",
+        max_length=128,
+    )

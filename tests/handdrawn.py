@@ -45,10 +45,24 @@ SHADES: dict[str, tuple[tuple[int, int, int], ...]] = {
     "cyan": ((10, 180, 200), (0, 200, 220), (20, 195, 205), (0, 175, 215)),
 }
 COLOUR_WORDS: tuple[str, ...] = tuple(SHADES)
-SHAPE_WORDS: tuple[str, ...] = ("circle", "square", "triangle", "rectangle", "star", "arrow", "pentagon", "hexagon")
+SHAPE_WORDS: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "rectangle",
+    "star",
+    "arrow",
+    "pentagon",
+    "hexagon",
+)
 #: Canonical pose of pointing shapes is "up"; these turn them to another direction (clockwise degrees).
 POINTING = ("triangle", "arrow")
-BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((255, 255, 255), (252, 251, 247), (249, 249, 251), (254, 253, 250))
+BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
+    (255, 255, 255),
+    (252, 251, 247),
+    (249, 249, 251),
+    (254, 253, 250),
+)
 
 Point = tuple[float, float]
 
@@ -90,8 +104,13 @@ class Drawing:
 
 
 def _ngon(n: int, first_deg: float, radius: float = 1.0) -> list[Point]:
-    return [(radius * math.cos(math.radians(first_deg + 360.0 * i / n)),
-             radius * math.sin(math.radians(first_deg + 360.0 * i / n))) for i in range(n)]
+    return [
+        (
+            radius * math.cos(math.radians(first_deg + 360.0 * i / n)),
+            radius * math.sin(math.radians(first_deg + 360.0 * i / n)),
+        )
+        for i in range(n)
+    ]
 
 
 def _unit_outline(kind: str, rng: random.Random) -> list[Point]:
@@ -123,22 +142,41 @@ def _unit_outline(kind: str, rng: random.Random) -> list[Point]:
         return _ngon(6, 0.0)
     if kind == "star":
         inner = rng.uniform(0.4, 0.5)
-        return [((1.0 if i % 2 == 0 else inner) * math.cos(math.radians(-90.0 + 36.0 * i)),
-                 (1.0 if i % 2 == 0 else inner) * math.sin(math.radians(-90.0 + 36.0 * i))) for i in range(10)]
+        return [
+            (
+                (1.0 if i % 2 == 0 else inner) * math.cos(math.radians(-90.0 + 36.0 * i)),
+                (1.0 if i % 2 == 0 else inner) * math.sin(math.radians(-90.0 + 36.0 * i)),
+            )
+            for i in range(10)
+        ]
     if kind == "arrow":
         head_w, head_y, shaft_w = rng.uniform(0.62, 0.78), rng.uniform(-0.2, 0.0), rng.uniform(0.24, 0.32)
-        return [(0.0, -1.0), (head_w, head_y), (shaft_w, head_y), (shaft_w, 0.95), (-shaft_w, 0.95),
-                (-shaft_w, head_y), (-head_w, head_y)]
+        return [
+            (0.0, -1.0),
+            (head_w, head_y),
+            (shaft_w, head_y),
+            (shaft_w, 0.95),
+            (-shaft_w, 0.95),
+            (-shaft_w, head_y),
+            (-head_w, head_y),
+        ]
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def _hand_outline(kind: str, x: float, y: float, radius: float, angle: float, rng: random.Random) -> list[Point]:
+def _hand_outline(
+    kind: str, x: float, y: float, radius: float, angle: float, rng: random.Random
+) -> list[Point]:
     """Pixel outline: proportions, rotation and position as given, then vertices jittered by up to
     ~1.5 % of the radius and every straight edge bent slightly, as a drawn line is."""
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     jit = 0.0 if kind == "circle" else 0.015 * radius  # a circle's wobble is in its own outline
-    corners = [(x + radius * (px * c - py * s) + rng.uniform(-jit, jit),
-                y + radius * (px * s + py * c) + rng.uniform(-jit, jit)) for px, py in _unit_outline(kind, rng)]
+    corners = [
+        (
+            x + radius * (px * c - py * s) + rng.uniform(-jit, jit),
+            y + radius * (px * s + py * c) + rng.uniform(-jit, jit),
+        )
+        for px, py in _unit_outline(kind, rng)
+    ]
     if kind == "circle":
         return corners
     out: list[Point] = []
@@ -247,8 +285,12 @@ def handdrawn_drawings(seed: int = 0) -> tuple[Drawing, ...]:
     for i in range(8):
         kinds = _distinct(rng, SHAPE_WORDS, 2 + i % 2)
         colours = _distinct(rng, COLOUR_WORDS, len(kinds))
-        add([(k, c, _size(rng)) for k, c in zip(kinds, colours)], f"What color is the {kinds[0]}?", colours[0],
-            "colour")
+        add(
+            [(k, c, _size(rng)) for k, c in zip(kinds, colours)],
+            f"What color is the {kinds[0]}?",
+            colours[0],
+            "colour",
+        )
     # shape: single objects (each shape twice, colours cycling), then the one of a given colour
     for i, kind in enumerate(SHAPE_WORDS * 2):
         colour = COLOUR_WORDS[(i * 5) % len(COLOUR_WORDS)]
@@ -256,8 +298,12 @@ def handdrawn_drawings(seed: int = 0) -> tuple[Drawing, ...]:
     for i in range(8):
         colours = _distinct(rng, COLOUR_WORDS, 2 + i % 2)
         kinds = _distinct(rng, SHAPE_WORDS, len(colours))
-        add([(k, c, _size(rng)) for k, c in zip(kinds, colours)], f"What shape is the {colours[0]} object?",
-            kinds[0], "shape")
+        add(
+            [(k, c, _size(rng)) for k, c in zip(kinds, colours)],
+            f"What shape is the {colours[0]} object?",
+            kinds[0],
+            "shape",
+        )
     # count: 1-3 shapes of any kinds and colours (repeats allowed, as in GeoWorld's themed scenes)
     for n in (1, 2, 3) * 6:
         specs = [(rng.choice(SHAPE_WORDS), rng.choice(COLOUR_WORDS), _size(rng)) for _ in range(n)]
@@ -266,7 +312,10 @@ def handdrawn_drawings(seed: int = 0) -> tuple[Drawing, ...]:
         kind = rng.choice(SHAPE_WORDS)
         others = [k for k in SHAPE_WORDS if k != kind]
         specs = [(kind, c, _size(rng)) for c in _distinct(rng, COLOUR_WORDS, n_same)]
-        specs += [(rng.choice(others), rng.choice(COLOUR_WORDS), _size(rng)) for _ in range(3 - n_same - (n_same == 1))]
+        specs += [
+            (rng.choice(others), rng.choice(COLOUR_WORDS), _size(rng))
+            for _ in range(3 - n_same - (n_same == 1))
+        ]
         rng.shuffle(specs)
         add(specs, f"How many {_plural(kind)} are there?", str(n_same), "count")
     # existence: present objects, and near misses (right shape in another colour / right colour on another shape)
@@ -280,7 +329,9 @@ def handdrawn_drawings(seed: int = 0) -> tuple[Drawing, ...]:
             answer = "yes"
         elif i % 4 == 1:
             kind = kinds[0]
-            colour = rng.choice([c for c in COLOUR_WORDS if (kind, c) not in {(k, c2) for k, c2 in zip(kinds, colours)}])
+            colour = rng.choice(
+                [c for c in COLOUR_WORDS if (kind, c) not in {(k, c2) for k, c2 in zip(kinds, colours)}]
+            )
             answer = "no"
         else:
             colour = colours[0]
@@ -305,18 +356,28 @@ def evaluate(model: MultimodalLM, cases: Sequence[Case], batch_size: int = 16) -
     from mllm.evaluation.benchmarks.geoworld_qa import judge
     from mllm.inference import answer_batch
 
-    responses = answer_batch(model, [c.question for c in cases], [c.image for c in cases], max_new_tokens=16,
-                             batch_size=batch_size)
+    responses = answer_batch(
+        model, [c.question for c in cases], [c.image for c in cases], max_new_tokens=16, batch_size=batch_size
+    )
     right: dict[str, int] = {}
     total: dict[str, int] = {}
     wrong = []
     for i, (case, response) in enumerate(zip(cases, responses)):
-        _, ok = judge(Item(id=str(i), prompt=case.question, image=None, meta={"answer": case.answer}), response)
+        _, ok = judge(
+            Item(id=str(i), prompt=case.question, image=None, meta={"answer": case.answer}), response
+        )
         total[case.category] = total.get(case.category, 0) + 1
         right[case.category] = right.get(case.category, 0) + int(ok)
         if not ok:
-            wrong.append({"index": i, "category": case.category, "question": case.question, "answer": case.answer,
-                          "response": response})
+            wrong.append(
+                {
+                    "index": i,
+                    "category": case.category,
+                    "question": case.question,
+                    "answer": case.answer,
+                    "response": response,
+                }
+            )
     return {
         "accuracy": sum(right.values()) / max(1, len(cases)),
         "per_category": {c: right[c] / total[c] for c in sorted(total)},

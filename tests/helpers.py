@@ -26,41 +26,97 @@ def write_tiny_world(root: Path, n: int = 48, seed: int = 0, size: int = 32) -> 
         (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLOURS[colour])
         rel = f"images/{i:04d}.png"
         im.save(root / rel)
-        align.append({"id": f"a{i}", "image": rel, "conversations": [
-            {"from": "human", "value": "Describe the image briefly.\n<image>"},
-            {"from": "gpt", "value": f"a {colour} {shape}"}]})
+        align.append(
+            {
+                "id": f"a{i}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": "Describe the image briefly.\n<image>"},
+                    {"from": "gpt", "value": f"a {colour} {shape}"},
+                ],
+            }
+        )
         q = rng.choice(["What color is the shape?", "What shape is it?"])
         a = colour if "color" in q else shape
-        instruct.append({"id": f"q{i}", "image": rel, "conversations": [
-            {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+        instruct.append(
+            {
+                "id": f"q{i}",
+                "image": rel,
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+            }
+        )
     (root / "align.json").write_text(json.dumps(align))
     (root / "instruct.json").write_text(json.dumps(instruct))
     return {"align": root / "align.json", "instruct": root / "instruct.json", "images": root}
 
 
-def tiny_recipe(world: dict[str, Path], backend: str = "deepspeed", zero: str | None = "train/ds/zero2.json",
-                steps: tuple[int, int] = (6, 6), checkpoint_every: int = 0) -> dict:
+def tiny_recipe(
+    world: dict[str, Path],
+    backend: str = "deepspeed",
+    zero: str | None = "train/ds/zero2.json",
+    steps: tuple[int, int] = (6, 6),
+    checkpoint_every: int = 0,
+) -> dict:
     return {
         "name": "test",
         "model": {
-            "tower": {"type": "clip", "select_layer": -1,
-                      "config": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=2)},
+            "tower": {
+                "type": "clip",
+                "select_layer": -1,
+                "config": dict(
+                    image_size=32,
+                    patch_size=8,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                ),
+            },
             "projector": "mlp2x_gelu",
-            "lm": {"config": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)},
+            "lm": {
+                "config": dict(
+                    model_type="llama",
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    num_key_value_heads=2,
+                    max_position_embeddings=128,
+                )
+            },
             "tokenizer": {"vocab_size": 300},
             "max_length": 96,
         },
         "stages": [
-            {"name": "align", "kind": "align", "data": {"json": str(world["align"]), "images": str(world["images"])},
-             "lr": 3e-3, "batch_size": 8, "max_steps": steps[0], "warmup_ratio": 0.0},
-            {"name": "instruct", "kind": "instruct",
-             "data": {"json": str(world["instruct"]), "images": str(world["images"])},
-             "lr": 3e-3, "batch_size": 8, "max_steps": steps[1], "warmup_ratio": 0.0, "grad_accum": 2},
+            {
+                "name": "align",
+                "kind": "align",
+                "data": {"json": str(world["align"]), "images": str(world["images"])},
+                "lr": 3e-3,
+                "batch_size": 8,
+                "max_steps": steps[0],
+                "warmup_ratio": 0.0,
+            },
+            {
+                "name": "instruct",
+                "kind": "instruct",
+                "data": {"json": str(world["instruct"]), "images": str(world["images"])},
+                "lr": 3e-3,
+                "batch_size": 8,
+                "max_steps": steps[1],
+                "warmup_ratio": 0.0,
+                "grad_accum": 2,
+            },
         ],
-        "engine": {"backend": backend, "zero_config": zero, "precision": "fp32", "seed": 0,
-                   "checkpoint_every": checkpoint_every, "keep_last": 2, "progress": False},
+        "engine": {
+            "backend": backend,
+            "zero_config": zero,
+            "precision": "fp32",
+            "seed": 0,
+            "checkpoint_every": checkpoint_every,
+            "keep_last": 2,
+            "progress": False,
+        },
     }
 
 

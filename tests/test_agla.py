@@ -12,8 +12,18 @@ from mllm.inference import answer_batch, stop_ids
 
 
 def _prompts(m, tok, qs):
-    seqs = [encode_conversation([("user", f"<image>\n{q}")], tok, "chatml", m.image_token_id, m.num_image_tokens,
-                                1, for_generation=True)["input_ids"] for q in qs]
+    seqs = [
+        encode_conversation(
+            [("user", f"<image>\n{q}")],
+            tok,
+            "chatml",
+            m.image_token_id,
+            m.num_image_tokens,
+            1,
+            for_generation=True,
+        )["input_ids"]
+        for q in qs
+    ]
     return left_pad(seqs, tok.pad_token_id)
 
 
@@ -23,7 +33,9 @@ def test_alpha_zero_beta_zero_is_greedy(tiny_model, tokenizer):
     pix = torch.randn(2, 3, 32, 32)
     stops = stop_ids(m)
     greedy = m.generate(ids, pix, mask, max_new_tokens=6, stop_token_ids=stops)
-    ours = calibrated_generate(m, ids, pix, mask, torch.zeros_like(pix), AglaConfig(alpha=0.0, beta=0.0), 6, stops)
+    ours = calibrated_generate(
+        m, ids, pix, mask, torch.zeros_like(pix), AglaConfig(alpha=0.0, beta=0.0), 6, stops
+    )
     assert ours.tolist() == greedy.tolist()
 
 

@@ -24,8 +24,9 @@ from mllm.data.geoworld.mathfig import math_scene, sample_problem
 from mllm.data.geoworld.vocab import COLORS
 
 #: Every component off (shade 0, scale 1, no offsets, rotation, tint, blur or JPEG): must be `render`.
-ALL_OFF = AugmentConfig(p=1.0, shade=0, supersample=(1.0,), subpixel=0, rotate=0, background=0, blur_p=0,
-                        jpeg_p=0)
+ALL_OFF = AugmentConfig(
+    p=1.0, shade=0, supersample=(1.0,), subpixel=0, rotate=0, background=0, blur_p=0, jpeg_p=0
+)
 ALWAYS = AugmentConfig(p=1.0)
 #: The harshest defaults-derived setting: always blurred (at the maximum radius) and JPEG-coded at the floor.
 HARSH = AugmentConfig(p=1.0, blur_p=1.0, jpeg_p=1.0, jpeg_quality=(70, 70))
@@ -58,13 +59,16 @@ def test_disabled_equals_render_byte_for_byte(cfg: AugmentConfig) -> None:
 def test_unaugmented_share_and_figures_are_render() -> None:
     scenes = _scenes(200, seed=5)
     rng = random.Random(0)
-    same = sum(render_augmented(s, rng, AugmentConfig(p=0.5)).tobytes() == render(s).tobytes() for s in scenes)
+    same = sum(
+        render_augmented(s, rng, AugmentConfig(p=0.5)).tobytes() == render(s).tobytes() for s in scenes
+    )
     assert 60 < same < 140  # about half are left exactly as rendered
     prng = random.Random(1)
     for i in range(6):
         fig = sample_problem(prng)
-        scene = math_scene(fig, 96, drawn=[c.key for c in fig.conditions][: i % 3],
-                           question_text="Find x." if i % 2 else "")
+        scene = math_scene(
+            fig, 96, drawn=[c.key for c in fig.conditions][: i % 3], question_text="Find x." if i % 2 else ""
+        )
         assert render_augmented(scene, random.Random(i), HARSH).tobytes() == render(scene).tobytes()
 
 
@@ -100,8 +104,11 @@ def test_output_size_and_mode(size: int) -> None:
             assert img.mode == "RGB" and img.size == (s.width, s.height)
 
 
-@pytest.mark.parametrize("cfg", [ALWAYS, HARSH, AugmentConfig(p=1.0, supersample=(3.5,), resample=("bicubic",))],
-                         ids=["defaults", "harsh", "224px_bicubic"])
+@pytest.mark.parametrize(
+    "cfg",
+    [ALWAYS, HARSH, AugmentConfig(p=1.0, supersample=(3.5,), resample=("bicubic",))],
+    ids=["defaults", "harsh", "224px_bicubic"],
+)
 def test_objects_stay_where_the_scene_says(cfg: AugmentConfig) -> None:
     rng = random.Random(1)
     for s in _scenes(150, seed=9):
@@ -124,8 +131,13 @@ def test_augmented_pixels_actually_vary() -> None:
     """Anti-aliasing makes intermediate edge colours and shades move fills: the point of the module."""
     s = _scenes(1, seed=2)[0]
     base = np.asarray(render(s), dtype=np.int32)
-    aa = np.asarray(render_augmented(s, random.Random(0), AugmentConfig(p=1.0, supersample=(4.0,), shade=0,
-                                                                         jpeg_p=0, blur_p=0, background=0)))
+    aa = np.asarray(
+        render_augmented(
+            s,
+            random.Random(0),
+            AugmentConfig(p=1.0, supersample=(4.0,), shade=0, jpeg_p=0, blur_p=0, background=0),
+        )
+    )
     named = {tuple(c) for c in COLORS.values()} | {(255, 255, 255)}
     colours_base = {tuple(int(v) for v in p) for p in base.reshape(-1, 3)}
     colours_aa = {tuple(int(v) for v in p) for p in aa.reshape(-1, 3)}
@@ -133,9 +145,18 @@ def test_augmented_pixels_actually_vary() -> None:
     assert len(colours_aa - named) > 10
 
 
-@pytest.mark.parametrize("bad", [dict(p=1.5), dict(supersample=(0.5,)), dict(supersample=()),
-                                 dict(resample=("nearest",)), dict(jpeg_quality=(90, 80)), dict(background=100),
-                                 dict(shade=-1.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(p=1.5),
+        dict(supersample=(0.5,)),
+        dict(supersample=()),
+        dict(resample=("nearest",)),
+        dict(jpeg_quality=(90, 80)),
+        dict(background=100),
+        dict(shade=-1.0),
+    ],
+)
 def test_bad_config_is_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         AugmentConfig(**bad)

@@ -84,11 +84,23 @@ def test_data_check_reports_every_problem_with_its_location(corpus, capsys):
             assert len(hits) == 1 and c.expect in hits[0] and hits[0].startswith(c.kind), (c.name, hits)
     n_errors = sum(c.kind == "error" and not c.needs_tokenizer for c in _records_cases(cases))
     assert len(errors) == n_errors
-    assert out[-1].endswith(f"{n_errors} error(s), 1 warning(s) [structure, images (no --tokenizer: tokens not checked)]")
+    assert out[-1].endswith(
+        f"{n_errors} error(s), 1 warning(s) [structure, images (no --tokenizer: tokens not checked)]"
+    )
 
 
-@pytest.mark.parametrize("case", ["json_syntax_error", "json_truncated", "non_utf8_text", "top_level_object",
-                                  "empty_file", "trailing_comma", "jsonl_bad_line"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "json_syntax_error",
+        "json_truncated",
+        "non_utf8_text",
+        "top_level_object",
+        "empty_file",
+        "trailing_comma",
+        "jsonl_bad_line",
+    ],
+)
 def test_data_check_on_unreadable_files(corpus, capsys, case):
     root, cases, _ = corpus
     c = next(c for c in cases if c.name == case)
@@ -104,8 +116,13 @@ def test_data_check_clean_file_exits_zero(corpus, tmp_path, capsys):
     clean = [records[c.index] for c in _records_cases(cases, "valid")]
     (tmp_path / "clean.json").write_text(json.dumps(clean))
     assert cli_main(["data", "check", str(tmp_path / "clean.json"), "--images", str(root / "images")]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].endswith("7 samples, 0 error(s), 0 warning(s) "
-                                                             "[structure, images (no --tokenizer: tokens not checked)]")
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .endswith(
+            "7 samples, 0 error(s), 0 warning(s) [structure, images (no --tokenizer: tokens not checked)]"
+        )
+    )
 
 
 def test_check_and_training_dataset_give_the_same_message(corpus, tiny_model, tmp_path):
@@ -115,8 +132,19 @@ def test_check_and_training_dataset_give_the_same_message(corpus, tiny_model, tm
     for c in _records_cases(cases):
         path = tmp_path / f"{c.name}.json"
         path.write_text(json.dumps([records[c.index]]))
-        found = [p for p in check_file(path, root / "images", tok, "chatml", 128, n_img) if p.level == "error"]
-        args = (path, root / "images", tok, "chatml", tiny_model.image_token_id, n_img, tiny_model.tower.preprocess, 128)
+        found = [
+            p for p in check_file(path, root / "images", tok, "chatml", 128, n_img) if p.level == "error"
+        ]
+        args = (
+            path,
+            root / "images",
+            tok,
+            "chatml",
+            tiny_model.image_token_id,
+            n_img,
+            tiny_model.tower.preprocess,
+            128,
+        )
         if c.kind != "error":
             assert not found, (c.name, found)
             item = ConversationDataset(*args)[0]
@@ -142,15 +170,27 @@ def test_bomb_is_refused_before_decoding(corpus):
 
 def _corpus_run(root: Path, records: list, tmp_path: Path, skip: bool) -> tuple[dict, Path]:
     """The corpus plus 40 good samples (so no micro-batch is all bad), as one instruct stage."""
-    good = [{"id": f"good{i}", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColor?"},
-                                                                    {"from": "gpt", "value": "red"}]}
-            for i in range(40)]
+    good = [
+        {
+            "id": f"good{i}",
+            "image": "ok.png",
+            "conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}],
+        }
+        for i in range(40)
+    ]
     data = tmp_path / "train.json"
     data.write_text(json.dumps(records + good))
     world = {"align": data, "instruct": data, "images": root / "images"}
     rec = tiny_recipe(world, "torch", None, steps=(1, 1))
-    rec["stages"] = [dict(rec["stages"][1], max_steps=None, epochs=1, grad_accum=1,
-                          data={"json": str(data), "images": str(root / "images"), "skip_bad_samples": skip})]
+    rec["stages"] = [
+        dict(
+            rec["stages"][1],
+            max_steps=None,
+            epochs=1,
+            grad_accum=1,
+            data={"json": str(data), "images": str(root / "images"), "skip_bad_samples": skip},
+        )
+    ]
     return rec, data
 
 
@@ -158,11 +198,18 @@ def test_training_skips_lists_and_stops_with_the_check_messages(corpus, tmp_path
     root, cases, records = corpus
     rec, data = _corpus_run(root, records, tmp_path, skip=True)
     lines: list[str] = []
-    summary = train_recipe(recipe_from_dict(rec), tmp_path / "run", log=lambda *a: lines.append(" ".join(map(str, a))))
+    summary = train_recipe(
+        recipe_from_dict(rec), tmp_path / "run", log=lambda *a: lines.append(" ".join(map(str, a)))
+    )
     skipped = [s["reason"] for s in summary["stages"]["instruct"]["skipped"]]
     model = MultimodalLM.from_pretrained(summary["final"])
-    want = [p.message for p in check_file(data, root / "images", model.tokenizer, "chatml", model.meta.max_length,
-                                          model.num_image_tokens) if p.level == "error"]
+    want = [
+        p.message
+        for p in check_file(
+            data, root / "images", model.tokenizer, "chatml", model.meta.max_length, model.num_image_tokens
+        )
+        if p.level == "error"
+    ]
     n_bad = sum(c.kind == "error" for c in _records_cases(cases))
     assert len(want) == n_bad
     assert sorted(skipped) == sorted(want)

@@ -17,8 +17,14 @@ def _ids(tok, text):
 
 def test_chatml_labels_match_hand_built(tokenizer):
     img = tokenizer.convert_tokens_to_ids("<image>")
-    enc = encode_conversation(_conv(("<image>\nWhat color is the circle?", "red"), ("How many shapes are there?", "2")),
-                              tokenizer, "chatml", img, num_image_tokens=3, num_images=1)
+    enc = encode_conversation(
+        _conv(("<image>\nWhat color is the circle?", "red"), ("How many shapes are there?", "2")),
+        tokenizer,
+        "chatml",
+        img,
+        num_image_tokens=3,
+        num_images=1,
+    )
     ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
     # Hand-built: bos, user turn (image expanded to 3), assistant header, reply + <|im_end|> (target), "\n", ...
     user1 = _ids(tokenizer, "<|im_start|>user\n<image>\nWhat color is the circle?<|im_end|>\n")
@@ -32,16 +38,27 @@ def test_chatml_labels_match_hand_built(tokenizer):
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     want = bos + user1 + head + r1 + nl + user2 + head + r2 + nl
     assert ids == want
-    want_labels = [IGNORE_INDEX] * (len(bos) + len(user1) + len(head)) + r1 + [IGNORE_INDEX] * (
-        len(nl) + len(user2) + len(head)) + r2 + [IGNORE_INDEX] * len(nl)
+    want_labels = (
+        [IGNORE_INDEX] * (len(bos) + len(user1) + len(head))
+        + r1
+        + [IGNORE_INDEX] * (len(nl) + len(user2) + len(head))
+        + r2
+        + [IGNORE_INDEX] * len(nl)
+    )
     assert labels == want_labels
     assert ids.count(img) == 3
 
 
 def test_plain_template_keeps_only_caption(tokenizer):
     img = tokenizer.convert_tokens_to_ids("<image>")
-    enc = encode_conversation(_conv(("Describe the image briefly.\n<image>", "a red circle")), tokenizer, "plain",
-                              img, num_image_tokens=4, num_images=1)
+    enc = encode_conversation(
+        _conv(("Describe the image briefly.\n<image>", "a red circle")),
+        tokenizer,
+        "plain",
+        img,
+        num_image_tokens=4,
+        num_images=1,
+    )
     ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
     cap = _ids(tokenizer, "a red circle") + [tokenizer.eos_token_id]
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
@@ -52,18 +69,23 @@ def test_plain_template_keeps_only_caption(tokenizer):
 def test_vicuna_and_tokenizer_templates_mask_user_turns(tokenizer):
     img = tokenizer.convert_tokens_to_ids("<image>")
     for name in ("vicuna_v1", "tokenizer"):
-        enc = encode_conversation(_conv(("<image>\nWhat color is the circle?", "blue")), tokenizer, name, img, 2, 1)
+        enc = encode_conversation(
+            _conv(("<image>\nWhat color is the circle?", "blue")), tokenizer, name, img, 2, 1
+        )
         kept = [t for t in enc["labels"].tolist() if t != IGNORE_INDEX]
         assert tokenizer.decode(kept, skip_special_tokens=True).strip() == "blue"
 
 
-@pytest.mark.parametrize("conv,n_images,msg", [
-    (_conv(("<image>\n<image> What?", "red")), 1, "2 <image> marker"),
-    (_conv(("What color?", "red")), 1, "0 <image> marker"),
-    ([{"from": "human", "value": "<image> hi"}], 1, "no assistant turn"),
-    ([{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}], 0, "unknown role"),
-    ([], 0, "non-empty"),
-])
+@pytest.mark.parametrize(
+    "conv,n_images,msg",
+    [
+        (_conv(("<image>\n<image> What?", "red")), 1, "2 <image> marker"),
+        (_conv(("What color?", "red")), 1, "0 <image> marker"),
+        ([{"from": "human", "value": "<image> hi"}], 1, "no assistant turn"),
+        ([{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}], 0, "unknown role"),
+        ([], 0, "non-empty"),
+    ],
+)
 def test_bad_conversations_name_the_sample(tokenizer, conv, n_images, msg):
     img = tokenizer.convert_tokens_to_ids("<image>")
     with pytest.raises(SampleError) as e:
@@ -74,15 +96,26 @@ def test_bad_conversations_name_the_sample(tokenizer, conv, n_images, msg):
 def test_too_long_is_an_error_not_a_truncation(tokenizer):
     img = tokenizer.convert_tokens_to_ids("<image>")
     with pytest.raises(SampleError, match="exceed max_length"):
-        encode_conversation(_conv(("<image>\nWhat color?", "red")), tokenizer, "chatml", img, 64, 1, max_length=32,
-                            sample="s1")
+        encode_conversation(
+            _conv(("<image>\nWhat color?", "red")),
+            tokenizer,
+            "chatml",
+            img,
+            64,
+            1,
+            max_length=32,
+            sample="s1",
+        )
 
 
 def test_generation_prompt_is_a_prefix_of_training_ids(tokenizer):
     img = tokenizer.convert_tokens_to_ids("<image>")
-    full = encode_conversation(_conv(("<image>\nWhat color?", "red")), tokenizer, "chatml", img, 2, 1)["input_ids"]
-    prompt = encode_conversation([("user", "<image>\nWhat color?")], tokenizer, "chatml", img, 2, 1,
-                                 for_generation=True)["input_ids"]
+    full = encode_conversation(_conv(("<image>\nWhat color?", "red")), tokenizer, "chatml", img, 2, 1)[
+        "input_ids"
+    ]
+    prompt = encode_conversation(
+        [("user", "<image>\nWhat color?")], tokenizer, "chatml", img, 2, 1, for_generation=True
+    )["input_ids"]
     assert torch.equal(full[: len(prompt)], prompt)
 
 

@@ -14,8 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def mllm(*args: str, stdin: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mllm.cli", *args], input=stdin, env=subprocess_env(REPO),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mllm.cli", *args],
+        input=stdin,
+        env=subprocess_env(REPO),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,15 @@ def test_demo_quick_writes_results(demo):
     res = json.loads((out / "results.json").read_text())
     for key in ("qa_accuracy", "mmvp_pair_accuracy", "mmvp_question_accuracy", "wall_s", "qa_per_category"):
         assert key in res
-    assert set(res["wall_s"]) >= {"synth", "encoder", "lm_pretrain", "tower_warmup", "align", "instruct", "eval"}
+    assert set(res["wall_s"]) >= {
+        "synth",
+        "encoder",
+        "lm_pretrain",
+        "tower_warmup",
+        "align",
+        "instruct",
+        "eval",
+    }
     assert set(res["pope_accuracy"]) == {"random", "popular", "adversarial"} and "pope_mean_f1" in res
     assert res["seed"] == 0 and (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "run" / "instruct" / "evals.jsonl").is_file()  # the learning curve's points
@@ -54,8 +68,17 @@ def test_demo_seed_must_be_an_integer(tmp_path):
 def test_chat_once_and_interactive(demo):
     out, _ = demo
     image = next((out / "world" / "eval" / "images").glob("*.png"))
-    once = mllm("chat", "--model", str(out / "run"), "--image", str(image), "--prompt", "What color is the circle?",
-                "--max-new-tokens", "8")
+    once = mllm(
+        "chat",
+        "--model",
+        str(out / "run"),
+        "--image",
+        str(image),
+        "--prompt",
+        "What color is the circle?",
+        "--max-new-tokens",
+        "8",
+    )
     assert once.returncode == 0, once.stderr[-3000:]
     assert once.stdout.strip() != "" or once.stdout == "\n"
     script = f"/image {image}\nWhat shape is it?\n/reset\n/image /no/such/file.png\n/bogus\n/quit\n"
@@ -67,8 +90,16 @@ def test_chat_once_and_interactive(demo):
 
 def test_eval_cli_and_bad_model_dir(demo, tmp_path):
     out, _ = demo
-    r = mllm("eval", "mmvp", "--model", str(out / "run"), "--data", str(out / "world" / "mmvp"), "--out",
-             str(tmp_path / "mmvp.json"))
+    r = mllm(
+        "eval",
+        "mmvp",
+        "--model",
+        str(out / "run"),
+        "--data",
+        str(out / "world" / "mmvp"),
+        "--out",
+        str(tmp_path / "mmvp.json"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "mmvp.json").read_text())
     assert {"pair_accuracy", "question_accuracy"} <= set(metrics)
@@ -84,18 +115,31 @@ def test_synth_cli(tmp_path):
     assert len(json.loads((tmp_path / "w" / "instruct.json").read_text())) == 20
 
 
-@pytest.mark.parametrize("bench,sub,n,keys", [
-    ("mmvp", "mmvp", 16, {"pair_accuracy", "question_accuracy"}),
-    ("pope", "pope", 72, {"random", "popular", "adversarial", "mean_f1"}),
-    ("mathverse", "mathverse", 24, {"all", "versions", "text_only"}),
-    ("refcoco", "refcoco", 16, {"acc@0.5", "acc@0.25", "acc@0.75", "miou", "unparsed"}),
-    ("qa", "", 64, {"accuracy", "per_category"}),
-])
+@pytest.mark.parametrize(
+    "bench,sub,n,keys",
+    [
+        ("mmvp", "mmvp", 16, {"pair_accuracy", "question_accuracy"}),
+        ("pope", "pope", 72, {"random", "popular", "adversarial", "mean_f1"}),
+        ("mathverse", "mathverse", 24, {"all", "versions", "text_only"}),
+        ("refcoco", "refcoco", 16, {"acc@0.5", "acc@0.25", "acc@0.75", "miou", "unparsed"}),
+        ("qa", "", 64, {"accuracy", "per_category"}),
+    ],
+)
 def test_every_evaluator_end_to_end(demo, tmp_path, bench, sub, n, keys):
     out, _ = demo
     data = out / "world" / sub if sub else out / "world"
-    r = mllm("eval", bench, "--model", str(out / "run"), "--data", str(data), "--out", str(tmp_path / "m.json"),
-             "--max-new-tokens", "12")
+    r = mllm(
+        "eval",
+        bench,
+        "--model",
+        str(out / "run"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "m.json"),
+        "--max-new-tokens",
+        "12",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert keys <= set(metrics) and metrics["meta"]["benchmark"] == bench
@@ -104,21 +148,44 @@ def test_every_evaluator_end_to_end(demo, tmp_path, bench, sub, n, keys):
     # The same responses, scored from a predictions file, give the same metrics.
     id_key = {"mmvp": "Index", "pope": "question_id", "mathverse": "sample_index"}.get(bench, "id")
     preds = tmp_path / "preds.jsonl"
-    preds.write_text("".join(json.dumps({id_key: rec["id"], "response": rec["response"]}) + "\n" for rec in records))
-    r2 = mllm("eval", bench, "--predictions", str(preds), "--data", str(data), "--out", str(tmp_path / "p.json"))
+    preds.write_text(
+        "".join(json.dumps({id_key: rec["id"], "response": rec["response"]}) + "\n" for rec in records)
+    )
+    r2 = mllm(
+        "eval", bench, "--predictions", str(preds), "--data", str(data), "--out", str(tmp_path / "p.json")
+    )
     assert r2.returncode == 0, r2.stderr[-3000:]
     again = json.loads((tmp_path / "p.json").read_text())
-    assert {k: v for k, v in again.items() if k != "meta"} == {k: v for k, v in metrics.items() if k != "meta"}
+    assert {k: v for k, v in again.items() if k != "meta"} == {
+        k: v for k, v in metrics.items() if k != "meta"
+    }
 
 
 def test_agla_on_pope_and_report(demo, tmp_path):
     out, _ = demo
     for dec in ("greedy", "agla"):
-        r = mllm("eval", "pope", "--model", str(out / "run"), "--data", str(out / "world" / "pope"), "--out",
-                 str(tmp_path / f"pope-{dec}.json"), "--decoding", dec, "--max-new-tokens", "4")
+        r = mllm(
+            "eval",
+            "pope",
+            "--model",
+            str(out / "run"),
+            "--data",
+            str(out / "world" / "pope"),
+            "--out",
+            str(tmp_path / f"pope-{dec}.json"),
+            "--decoding",
+            dec,
+            "--max-new-tokens",
+            "4",
+        )
         assert r.returncode == 0, r.stderr[-3000:]
-    rep = mllm("report", str(tmp_path / "pope-greedy.json"), str(tmp_path / "pope-agla.json"), "--out",
-               str(tmp_path / "r.md"))
+    rep = mllm(
+        "report",
+        str(tmp_path / "pope-greedy.json"),
+        str(tmp_path / "pope-agla.json"),
+        "--out",
+        str(tmp_path / "r.md"),
+    )
     assert rep.returncode == 0, rep.stderr[-2000:]
     text = (tmp_path / "r.md").read_text()
     assert "POPE mean F1" in text and "[agla: alpha=2.0, beta=0.5, keep_ratio=0.5]" in text
@@ -129,6 +196,14 @@ def test_eval_refuses_unknown_prediction_ids(demo, tmp_path):
     out, _ = demo
     preds = tmp_path / "p.jsonl"
     preds.write_text(json.dumps({"Index": "9999", "response": "(a)"}) + "\n")
-    r = mllm("eval", "mmvp", "--predictions", str(preds), "--data", str(out / "world" / "mmvp"), "--out",
-             str(tmp_path / "x.json"))
+    r = mllm(
+        "eval",
+        "mmvp",
+        "--predictions",
+        str(preds),
+        "--data",
+        str(out / "world" / "mmvp"),
+        "--out",
+        str(tmp_path / "x.json"),
+    )
     assert r.returncode == 2 and "9999" in r.stderr

@@ -1,5 +1,6 @@
 """encoders.cloc: box code, Prompter, the negative filter, region InfoNCE against a naive computation,
-grounding overfit, the s-weighted total (s = 0 is CLIP), the data join, and the saved tower in an MLLM."""
+grounding overfit, the s-weighted total (s = 0 is CLIP), the data join (mllm.data.regions), the region
+evaluation (mllm.evaluation.regions, `mllm probe regions`), and the saved tower in an MLLM."""
 
 from __future__ import annotations
 
@@ -15,23 +16,18 @@ from encoders.cloc import (
     ClocConfig,
     ClocModel,
     Prompter,
-    RegionCaptionCollator,
-    RegionCaptionDataset,
     box_encoding,
     box_iou,
     combined_loss,
-    evaluate_regions,
-    heldout_regions,
-    mean_box_accuracy,
     negative_filter,
-    read_regions,
     region_info_nce,
-    sample_regions,
 )
 from encoders.contrastive import ContrastiveModel, EncoderConfig
 from encoders.text_tower import TextTowerConfig, build_text_tower
 from encoders.towers import TowerConfig, build_tower
 from mllm.data.conversations import DataError
+from mllm.data.regions import RegionCaptionCollator, RegionCaptionDataset, read_regions, sample_regions
+from mllm.evaluation.regions import evaluate_regions, heldout_regions, mean_box_accuracy
 
 TINY_VIT = dict(
     image_size=32,
@@ -214,7 +210,9 @@ def test_region_share_scales_the_localisation_losses(tokenizer):
     out = model(**batch)
     s = out.stats
     assert s["region_share"] == 0.5 and s["regions"] == 4
-    assert out.loss.item() == pytest.approx(s["clip"] + 2.0 * 0.5 * (s["cloc"] + s["ground"]), rel=1e-5)
+    assert out.loss.item() == pytest.approx(
+        float(s["clip"] + 2.0 * 0.5 * (s["cloc"] + s["ground"])), rel=1e-5
+    )
     out.loss.backward()
     assert (
         model.prompter.box_prompt.weight.grad is not None
@@ -325,6 +323,32 @@ def test_cloc_saves_loads_and_its_tower_goes_into_multimodal_lm(tokenizer, world
     metrics = evaluate_regions(back, rows)
     assert set(metrics) >= {"region_r1", "ground_acc50"} and 0 <= metrics["region_r1"] <= 1
     assert "ground_acc50" not in evaluate_regions(plain, rows)
+    # the same evaluation from the command line (`mllm probe regions`), result JSON printed and written
+    from mllm.cli import main
+
+    out = tmp_path / "regions.json"
+    assert (
+        main(
+            [
+                "probe",
+                "regions",
+                "--model",
+                str(tmp_path / "cloc"),
+                "--scenes",
+                str(world / "eval" / "scenes.jsonl"),
+                "--limit",
+                "4",
+                "--train-regions",
+                str(world / "regions.jsonl"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    cli = json.loads(out.read_text())
+    assert cli["model"] == str(tmp_path / "cloc") and {"mean_box_acc50", "ground_acc50"} <= set(cli)
+    assert cli["region_r1"] == pytest.approx(metrics["region_r1"], abs=1e-6)
     reader = build_tower(
         TowerConfig(type="clip", path=str(tmp_path / "cloc" / "image_tower"), select_layer=-1)
     )
@@ -332,13 +356,14 @@ def test_cloc_saves_loads_and_its_tower_goes_into_multimodal_lm(tokenizer, world
 
 
 def test_cloc_recipes(recipe_world, tmp_path):  # noqa: F811
-    from encoders.cloc import cloc_config
-    from encoders.contrastive import encoder_config
+    from encoders.cloc import ClocEncoderConfig
 
     check_recipe("cloc-tiny", True, recipe_world, tmp_path)
     big = check_recipe("cloc-b16", False)
-    enc = dict(big.model.encoder)
-    assert cloc_config(enc.pop("cloc")).regions_per_image == 4 and encoder_config(enc).embed_dim == 512
+    enc = big.model.encoder  # typed when the recipe loaded
+    assert (
+        isinstance(enc, ClocEncoderConfig) and enc.cloc.regions_per_image == 4 and enc.pair().embed_dim == 512
+    )
 
 
 def test_mean_box_reference(tmp_path):
@@ -362,3 +387,32 @@ def test_mean_box_reference(tmp_path):
     ]
     got = mean_box_accuracy(held, path)
     assert got["mean_box_acc50"] == 0.5 and got["mean_box_miou"] == pytest.approx(0.5)
+
+
+def test_cloc_folder_has_one_meta_and_old_folders_still_load(tokenizer, tmp_path):
+    """contrastive.json is the folder's one meta file (kind `cloc`, with the CLOC section); a folder saved
+    before that (contrastive.json without kind + cloc.json) still loads; a newer version is refused."""
+    import shutil
+
+    from encoders.cloc import is_cloc_dir
+    from encoders.common import FormatError
+
+    model = _cloc(tokenizer).eval()
+    model.save_pretrained(tmp_path / "new")
+    meta = json.loads((tmp_path / "new" / "contrastive.json").read_text())
+    assert (meta["kind"], meta["format_version"]) == ("cloc", 1) and "cloc" in meta
+    assert not (tmp_path / "new" / "cloc.json").exists() and is_cloc_dir(tmp_path / "new")
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    del meta["kind"]
+    (old / "cloc.json").write_text(json.dumps({"format_version": 1, "cloc": meta.pop("cloc")}))
+    (old / "contrastive.json").write_text(json.dumps(meta))
+    assert is_cloc_dir(old)
+    back = ClocModel.from_pretrained(old)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    (old / "contrastive.json").write_text(json.dumps(dict(meta, format_version=3)))
+    with pytest.raises(FormatError, match="'cloc' format_version 3 is newer"):
+        ClocModel.from_pretrained(old)
+    (old / "contrastive.json").write_text(json.dumps(dict(meta, kind="tips")))
+    with pytest.raises(FormatError, match="holds a saved 'tips', not 'cloc'"):
+        ClocModel.from_pretrained(old)

@@ -24,44 +24,90 @@ from mllm.data.geoworld.negatives import hard_negatives
 from mllm.data.geoworld.sampling import stream
 from mllm.data.geoworld.scene import sample_scene
 from mllm.data.geoworld.vocab import COLOR_NAMES, SHAPES
+from mllm.families import FAMILIES, get_family, register_family, saved_family
 from mllm.model import MultimodalLM
-from mllm.training.models import MODEL_KINDS, get_model_kind, saved_kind
 from mllm.training.runner import resolve_model_dir, train_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=96)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=96,
+)
 
 
 def _model(tokenizer, objective: str = "clip") -> ContrastiveModel:
     torch.manual_seed(0)
-    cfg = EncoderConfig(objective=objective, embed_dim=16, text=TextTowerConfig(config=TINY_TEXT, max_length=96))
-    return ContrastiveModel(build_tower(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1)),
-                            build_text_tower(cfg.text, tokenizer), cfg)
+    cfg = EncoderConfig(
+        objective=objective, embed_dim=16, text=TextTowerConfig(config=TINY_TEXT, max_length=96)
+    )
+    return ContrastiveModel(
+        build_tower(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1)),
+        build_text_tower(cfg.text, tokenizer),
+        cfg,
+    )
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("geoworld")
-    write_world(out, seed=3, n=48, size=48, n_eval=16, mmvp_pairs=8, pope_questions=6, refcoco_n=4,
-                mathverse_problems=1, mmvp_vlm_pairs=2)
+    write_world(
+        out,
+        seed=3,
+        n=48,
+        size=48,
+        n_eval=16,
+        mmvp_pairs=8,
+        pope_questions=6,
+        refcoco_n=4,
+        mathverse_problems=1,
+        mmvp_vlm_pairs=2,
+    )
     return out
 
 
-def _recipe(world: Path, objective: str = "clip", backend: str = "torch", zero: str | None = None,
-            steps: int = 4, checkpoint_every: int = 0) -> dict:
+def _recipe(
+    world: Path,
+    objective: str = "clip",
+    backend: str = "torch",
+    zero: str | None = None,
+    steps: int = 4,
+    checkpoint_every: int = 0,
+) -> dict:
     return {
         "name": "ctest",
-        "model": {"kind": "contrastive",
-                  "tower": {"type": "clip", "config": TINY_TOWER, "select_layer": -1},
-                  "tokenizer": {"vocab_size": 400},
-                  "encoder": {"objective": objective, "embed_dim": 16,
-                              "text": {"config": TINY_TEXT, "max_length": 96}}},
-        "stages": [{"name": "contrastive", "kind": "contrastive",
-                    "data": {"json": str(world / "captions.jsonl"), "images": str(world)},
-                    "lr": 2e-3, "batch_size": 8, "max_steps": steps, "warmup_ratio": 0.0}],
-        "engine": {"backend": backend, "zero_config": zero, "precision": "fp32", "seed": 0,
-                   "checkpoint_every": checkpoint_every, "keep_last": 2, "progress": False},
+        "model": {
+            "kind": "contrastive",
+            "tower": {"type": "clip", "config": TINY_TOWER, "select_layer": -1},
+            "tokenizer": {"vocab_size": 400},
+            "encoder": {
+                "objective": objective,
+                "embed_dim": 16,
+                "text": {"config": TINY_TEXT, "max_length": 96},
+            },
+        },
+        "stages": [
+            {
+                "name": "contrastive",
+                "kind": "contrastive",
+                "data": {"json": str(world / "captions.jsonl"), "images": str(world)},
+                "lr": 2e-3,
+                "batch_size": 8,
+                "max_steps": steps,
+                "warmup_ratio": 0.0,
+            }
+        ],
+        "engine": {
+            "backend": backend,
+            "zero_config": zero,
+            "precision": "fp32",
+            "seed": 0,
+            "checkpoint_every": checkpoint_every,
+            "keep_last": 2,
+            "progress": False,
+        },
     }
 
 
@@ -99,8 +145,11 @@ def test_truncation_keeps_the_eos(tokenizer):
 def test_forward_loss_for_each_objective_and_its_extras(tokenizer):
     batch = {"pixel_values": torch.randn(4, 3, 32, 32)}
     batch["input_ids"], batch["attention_mask"] = _model(tokenizer).text_tower.tokenize(
-        ["red", "blue circle", "green", "What shape is the blue object?"])
-    hard = _model(tokenizer).text_tower.tokenize(["blue", "red circle", "yellow", "What shape is the red object?"])
+        ["red", "blue circle", "green", "What shape is the blue object?"]
+    )
+    hard = _model(tokenizer).text_tower.tokenize(
+        ["blue", "red circle", "yellow", "What shape is the red object?"]
+    )
     for objective in ("clip", "siglip", "filip", "dcl", "negclip"):
         model = _model(tokenizer, objective)
         assert (model.heads.logit_bias is not None) == (objective == "siglip")
@@ -112,7 +161,10 @@ def test_forward_loss_for_each_objective_and_its_extras(tokenizer):
             out = model(**batch)
         assert out.loss.dim() == 0 and torch.isfinite(out.loss), objective
         out.loss.backward()
-        assert model.heads.logit_scale.grad is not None and model.image_tower.model.embeddings.patch_embedding.weight.grad is not None
+        assert (
+            model.heads.logit_scale.grad is not None
+            and model.image_tower.model.embeddings.patch_embedding.weight.grad is not None
+        )
 
 
 def test_save_load_round_trip_and_the_tower_is_an_mllm_tower(tokenizer, tmp_path):
@@ -133,10 +185,24 @@ def test_save_load_round_trip_and_the_tower_is_an_mllm_tower(tokenizer, tmp_path
         assert torch.equal(v, tower.model.state_dict()[k]), k
     from mllm.model import build_lm
 
-    lm = build_lm(None, dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2), len(tokenizer))
-    mllm = MultimodalLM.build(TowerConfig(type="clip", path=str(tmp_path / "enc" / "image_tower"), select_layer=-1),
-                              "mlp2x_gelu", lm, tokenizer)
+    lm = build_lm(
+        None,
+        dict(
+            model_type="llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+        len(tokenizer),
+    )
+    mllm = MultimodalLM.build(
+        TowerConfig(type="clip", path=str(tmp_path / "enc" / "image_tower"), select_layer=-1),
+        "mlp2x_gelu",
+        lm,
+        tokenizer,
+    )
     assert torch.equal(mllm.tower(pv).tokens, model.image_tower(pv).tokens)
 
 
@@ -145,8 +211,11 @@ def test_conv_image_tower_trains_and_becomes_an_mllm_tower(type_, tokenizer, tmp
     """A ResNet / ConvNeXt image tower under the default pooling ("pooler": the HF model's pooler_output)."""
     torch.manual_seed(0)
     cfg = EncoderConfig(objective="clip", embed_dim=16, text=TextTowerConfig(config=TINY_TEXT, max_length=96))
-    model = ContrastiveModel(build_tower(TowerConfig(type=type_, config=TINY_CONFIGS[type_])),
-                             build_text_tower(cfg.text, tokenizer), cfg)
+    model = ContrastiveModel(
+        build_tower(TowerConfig(type=type_, config=TINY_CONFIGS[type_])),
+        build_text_tower(cfg.text, tokenizer),
+        cfg,
+    )
     pv = torch.randn(4, 3, 64, 64)
     ids, mask = model.text_tower.tokenize(["red", "blue circle", "green", "a small blue triangle"])
     out = model.train()(pixel_values=pv, input_ids=ids, attention_mask=mask)
@@ -158,16 +227,29 @@ def test_conv_image_tower_trains_and_becomes_an_mllm_tower(type_, tokenizer, tmp
     img, tok = model.encode_image(pv, tokens=True)
     assert img.shape == (4, 16) and tok.shape == (4, 64, 16)  # the final 8x8 map, no prefix tokens
     model.save_pretrained(tmp_path / "enc")
-    assert json.loads((tmp_path / "enc" / "contrastive.json").read_text())["image_tower"]["select_layer"] == -1
+    assert (
+        json.loads((tmp_path / "enc" / "contrastive.json").read_text())["image_tower"]["select_layer"] == -1
+    )
     back = ContrastiveModel.from_pretrained(tmp_path / "enc")
     assert torch.equal(back.encode_image(pv), model.encode_image(pv))
     # image_tower/ is the `model.tower: {type: TYPE, path: .../image_tower}` of a MultimodalLM recipe
     from mllm.model import build_lm
 
-    lm = build_lm(None, dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2), len(tokenizer))
-    mllm = MultimodalLM.build(TowerConfig(type=type_, path=str(tmp_path / "enc" / "image_tower")), "mlp2x_gelu",
-                              lm, tokenizer)
+    lm = build_lm(
+        None,
+        dict(
+            model_type="llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+        len(tokenizer),
+    )
+    mllm = MultimodalLM.build(
+        TowerConfig(type=type_, path=str(tmp_path / "enc" / "image_tower")), "mlp2x_gelu", lm, tokenizer
+    )
     assert mllm.num_image_tokens == 64
     with torch.no_grad():
         assert torch.equal(mllm.eval().tower(pv).tokens, model.image_tower(pv).tokens)
@@ -194,18 +276,66 @@ def test_encoder_config_errors_name_the_key(tokenizer):
         _model(tokenizer, "nope")
 
 
+def test_encoder_config_is_typed_by_kind_and_checked_at_load():
+    """`model.encoder` is the family's dataclass (a tagged union on model.kind), checked when the recipe
+    loads: an unknown key is refused there, naming it, not when the model is built."""
+    from encoders.cloc import ClocEncoderConfig
+    from encoders.ssl.config import SSLConfig
+    from encoders.tips import TipsEncoderConfig
+    from mllm.config import load_recipe
+
+    assert type(load_recipe("clip-tiny").model.encoder) is EncoderConfig
+    assert type(load_recipe("tips-tiny").model.encoder) is TipsEncoderConfig
+    assert type(load_recipe("cloc-tiny").model.encoder) is ClocEncoderConfig
+    assert type(load_recipe("dino-tiny").model.encoder) is SSLConfig
+    assert load_recipe("tiny-geoworld").model.encoder is None
+    for name, key, known in [
+        ("clip-tiny", "model.encoder.objectiv", "'objective'"),
+        ("tips-tiny", "model.encoder.tips.short_wieght", "'short_weight'"),
+        ("cloc-tiny", "model.encoder.cloc.regions", "'regions_per_image'"),
+        ("dino-tiny", "model.encoder.distill.ema", "'ema_momentum'"),
+        ("clip-tiny", "model.encoder.tips", "'objective'"),
+    ]:  # a TIPS key on a CLIP recipe
+        section, bad = key.rsplit(".", 1)
+        with pytest.raises(ConfigError, match=rf"{section}: unknown key\(s\) \['{bad}'\]; known: .*{known}"):
+            load_recipe(name, [f"{key}=1"])
+    with pytest.raises(ConfigError, match="box_dim must be a multiple of 8"):
+        load_recipe("cloc-tiny", ["model.encoder.cloc.box_dim=12"])
+    with pytest.raises(ConfigError, match="image_pool must be one of"):
+        load_recipe("clip-tiny", ["model.encoder.image_pool=max"])
+    with pytest.raises(ConfigError, match="takes no encoder section"):
+        load_recipe("tiny-geoworld", ["model.encoder.objective=clip"])
+
+
+def test_contrastive_meta_has_kind_and_old_folders_still_load(tokenizer, tmp_path):
+    from encoders.common import FormatError
+
+    model = _model(tokenizer, "clip")
+    model.save_pretrained(tmp_path / "enc")
+    meta = json.loads((tmp_path / "enc" / "contrastive.json").read_text())
+    assert (meta["kind"], meta["format_version"]) == ("contrastive", 1)
+    del meta["kind"], meta["format_version"]  # the oldest layout
+    (tmp_path / "enc" / "contrastive.json").write_text(json.dumps(meta))
+    back = ContrastiveModel.from_pretrained(tmp_path / "enc")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    (tmp_path / "enc" / "contrastive.json").write_text(json.dumps(dict(meta, format_version=2)))
+    with pytest.raises(FormatError, match="'contrastive' format_version 2 is newer"):
+        ContrastiveModel.from_pretrained(tmp_path / "enc")
+    (tmp_path / "enc" / "contrastive.json").write_text(json.dumps(dict(meta, kind="banana")))
+    with pytest.raises(FormatError, match="holds a saved 'banana', not 'contrastive' or 'tips' or 'cloc'"):
+        ContrastiveModel.from_pretrained(tmp_path / "enc")
+
+
 def test_model_kind_registry(tmp_path):
     from mllm.config import ModelConfig
 
-    assert {"mllm", "contrastive"} <= set(MODEL_KINDS)
-    with pytest.raises(ConfigError, match="model.kind is 'mllm'"):
-        get_model_kind("mllm").build(ModelConfig(encoder={"objective": "clip"}), tmp_path, [], 0)
+    assert {"mllm", "contrastive", "ssl", "tips", "cloc"} <= set(FAMILIES)
+    with pytest.raises(ConfigError, match="model.kind 'mllm' takes no encoder section"):  # refused at load
+        ModelConfig(encoder={"objective": "clip"})
     with pytest.raises(ValueError, match="unknown model kind"):
-        get_model_kind("nope")
-    with pytest.raises(ValueError, match="already registered"):
-        from mllm.training.models import register_model_kind
-
-        register_model_kind(MODEL_KINDS["mllm"])
+        get_family("nope")
+    with pytest.raises(ValueError, match="already registered at .*mllm/families/mllm.py"):
+        register_family(FAMILIES["mllm"])
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -226,9 +356,18 @@ def test_caption_dataset_modes_and_bad_samples(world, tmp_path):
         CaptionDataset(world / "captions.jsonl", world, pre, "both")
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join(json.dumps(r) for r in [
-        rows[0], {"id": "nocap", "image": rows[1]["image"]}, {"id": "noimg", "image": "images/missing.png", "long": "x"},
-        {"id": "escape", "image": "../../etc/passwd", "long": "x"}]) + "\n")
+    bad.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                rows[0],
+                {"id": "nocap", "image": rows[1]["image"]},
+                {"id": "noimg", "image": "images/missing.png", "long": "x"},
+                {"id": "escape", "image": "../../etc/passwd", "long": "x"},
+            ]
+        )
+        + "\n"
+    )
     strict = CaptionDataset(bad, world, pre)
     with pytest.raises(DataError, match=r"bad.jsonl line 2 \(id 'nocap'\).*'long'"):
         strict[1]
@@ -239,14 +378,19 @@ def test_caption_dataset_modes_and_bad_samples(world, tmp_path):
     lenient = CaptionDataset(bad, world, pre, skip_bad_samples=True)
     batch = CaptionCollator(_model_tok(world).tokenize)([lenient[i] for i in range(4)])
     assert batch["ids"] == [rows[0]["id"]] and [s.sample.split()[-1] for s in batch["skips"]] == [
-        "'nocap')", "'noimg')", "'escape')"]
+        "'nocap')",
+        "'noimg')",
+        "'escape')",
+    ]
     assert batch["input_ids"].shape[0] == 1
 
 
 def _model_tok(world: Path):
     from mllm.tokenizer import train_tokenizer
 
-    tok = train_tokenizer([json.loads(ln)["long"] for ln in (world / "captions.jsonl").read_text().splitlines()], 300)
+    tok = train_tokenizer(
+        [json.loads(ln)["long"] for ln in (world / "captions.jsonl").read_text().splitlines()], 300
+    )
     return build_text_tower(TextTowerConfig(config=TINY_TEXT), tok)
 
 
@@ -269,15 +413,23 @@ def test_hard_negatives_are_false_rearrangements_and_deterministic():
             counted[kind] += 1
             assert text != orig
             if kind == "order":  # same colours and shapes, bound differently
-                assert sorted(w for w in words.findall(text) if w in vocab) == \
-                    sorted(w for w in words.findall(orig) if w in vocab)
+                assert sorted(w for w in words.findall(text) if w in vocab) == sorted(
+                    w for w in words.findall(orig) if w in vocab
+                )
             a, b = Counter(words.findall(orig.lower())), Counter(words.findall(text.lower()))
             changed = set((a - b) + (b - a))  # words whose count differs
             if kind == "relation":  # only left/right/top/bottom words move
                 assert changed and changed <= {"left", "right", "top", "bottom"}
             if kind == "attribute":  # one colour or shape (with the orientation words a shape brings)
-                assert changed and changed <= vocab | {"pointing", "up", "down", "left", "right", "horizontal",
-                                                       "vertical"}
+                assert changed and changed <= vocab | {
+                    "pointing",
+                    "up",
+                    "down",
+                    "left",
+                    "right",
+                    "horizontal",
+                    "vertical",
+                }
     assert min(counted.values()) > 20, counted
 
 
@@ -290,11 +442,14 @@ def test_contrastive_stage_trains_and_resumes_under_zero2(world, tmp_path):
     want = _losses(tmp_path / "ref" / "contrastive")
     assert len(want) == 4 and all(torch.isfinite(torch.tensor(want)))
     final = Path(ref["final"])
-    assert saved_kind(final).name == "contrastive" and resolve_model_dir(tmp_path / "ref", "contrastive") == final
+    assert (
+        saved_family(final).name == "contrastive"
+        and resolve_model_dir(tmp_path / "ref", "contrastive") == final
+    )
     with pytest.raises(FileNotFoundError):
         resolve_model_dir(tmp_path / "ref")  # not an mllm model
     trained = ContrastiveModel.from_pretrained(final)
-    init = get_model_kind("contrastive").build(recipe_from_dict(rec).model, tmp_path / "ref", [], 0)
+    init = get_family("contrastive").build(recipe_from_dict(rec).model, tmp_path / "ref", [], 0)
     for prefix in ("image_tower", "text_tower", "heads"):
         a, b = dict(init.named_parameters()), dict(trained.named_parameters())
         assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix)), prefix
@@ -326,8 +481,36 @@ def test_trained_tower_feeds_a_multimodal_lm(world, tmp_path):
         assert torch.equal(v, want[k]), k
 
 
+@pytest.mark.parametrize("objective", ["siglip", "clip"])
+def test_metrics_jsonl_logs_the_objectives_statistics(world, tmp_path, objective):
+    """The objective's statistics reach metrics.jsonl under `stats`, one set per step: the logit scale
+    (1/temperature), SigLIP's bias, the in-batch retrieval accuracy and (CLIP) the two directions' losses."""
+    train_recipe(recipe_from_dict(_recipe(world, objective, steps=2)), tmp_path / "r", log=lambda *a: None)
+    recs = [
+        json.loads(ln) for ln in (tmp_path / "r" / "contrastive" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in recs] == [1, 2]
+    want = (
+        {"scale", "bias", "acc_i2t"}
+        if objective == "siglip"
+        else {"scale", "acc_i2t", "acc_t2i", "loss_i2t", "loss_t2i"}
+    )
+    for r in recs:
+        assert set(r["stats"]) == want and all(isinstance(v, float) for v in r["stats"].values()), r
+        assert all(0.0 <= r["stats"][k] <= 1.0 for k in want if k.startswith("acc_"))
+    first = recs[0]["stats"]  # step 1's forward ran on the initial parameters
+    if objective == "siglip":
+        assert first["scale"] == pytest.approx(10.0) and first["bias"] == pytest.approx(-10.0)
+    else:
+        assert first["scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+        for r in recs:  # one micro-batch per step: the loss is the mean of the two directions
+            assert r["loss"] == pytest.approx((r["stats"]["loss_i2t"] + r["stats"]["loss_t2i"]) / 2, rel=1e-5)
+
+
 def test_negclip_stage_uses_the_worlds_negatives(world, tmp_path):
-    summary = train_recipe(recipe_from_dict(_recipe(world, "negclip", steps=2)), tmp_path / "n", log=lambda *a: None)
+    summary = train_recipe(
+        recipe_from_dict(_recipe(world, "negclip", steps=2)), tmp_path / "n", log=lambda *a: None
+    )
     assert summary["stages"]["contrastive"]["steps"] == 2
 
 

@@ -33,8 +33,15 @@ def _write_qa(world: Path, n: int = 16) -> None:
         for r in rows[: n // 2]:
             colour, shape = r["conversations"][1]["value"].split()[1:]
             q = "What color is the shape?" if cat == "colour" else "What shape is it?"
-            out.append({"id": f"{cat}-{r['id']}", "image": r["image"], "question": q,
-                        "answer": colour if cat == "colour" else shape, "category": cat})
+            out.append(
+                {
+                    "id": f"{cat}-{r['id']}",
+                    "image": r["image"],
+                    "question": q,
+                    "answer": colour if cat == "colour" else shape,
+                    "category": cat,
+                }
+            )
     (world / "eval").mkdir(exist_ok=True)
     (world / "eval" / "qa.jsonl").write_text("".join(json.dumps(o) + "\n" for o in out))
 
@@ -52,8 +59,16 @@ def _tree(world, steps: int = 5, eval_every: int | None = 2, dropout: float = 0.
     tree["stages"] = tree["stages"][:1]
     tree["model"]["lm"]["config"]["attention_dropout"] = dropout
     if eval_every is not None:
-        tree["stages"][0].update(eval_every=eval_every, eval={
-            "benchmark": "qa", "data": str(world["images"]), "limit": 6, "batch_size": 6, "max_new_tokens": 4})
+        tree["stages"][0].update(
+            eval_every=eval_every,
+            eval={
+                "benchmark": "qa",
+                "data": str(world["images"]),
+                "limit": 6,
+                "batch_size": 6,
+                "max_new_tokens": 4,
+            },
+        )
     tree["stages"][0].update(stage)
     return tree
 
@@ -116,7 +131,9 @@ def test_training_is_identical_with_and_without_eval_every(world, tmp_path, zero
 
     evaluated = recipe_from_dict(tree(2))
     train_recipe(evaluated, tmp_path / "evaluated", evaluator=greedy_rng_eater, **QUIET)
-    losses = [[m["loss"] for m in _lines(tmp_path / r / "align" / "metrics.jsonl")] for r in ("plain", "evaluated")]
+    losses = [
+        [m["loss"] for m in _lines(tmp_path / r / "align" / "metrics.jsonl")] for r in ("plain", "evaluated")
+    ]
     assert len(losses[0]) == 5 and losses[0] == losses[1]
     assert seen_training == [False, False, False]
 
@@ -174,7 +191,10 @@ def test_eval_every_larger_than_the_stage_is_refused(world, tmp_path, capsys):
     # From the command line: one line naming the value, exit 2, no run folder.
     (tmp_path / "r.yaml").write_text(json.dumps(_tree(world)))
     out = tmp_path / "out"
-    assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out), "stages.align.eval_every=9"]) == 2
+    assert (
+        main(["train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out), "stages.align.eval_every=9"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "eval_every=9" in err and not out.exists()
 
@@ -209,6 +229,11 @@ def test_training_never_imports_evaluation():
     """The layering rule: mllm.training takes an evaluator but imports nothing from mllm.evaluation."""
     for path in (REPO / "mllm" / "training").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n.startswith("mllm.evaluation") for n in names), path

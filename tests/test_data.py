@@ -16,8 +16,17 @@ from mllm.training.runner import train_recipe
 
 
 def _ds(tiny_model, path, root, skip=False, max_length=128):
-    return ConversationDataset(path, root, tiny_model.tokenizer, "chatml", tiny_model.image_token_id,
-                               tiny_model.num_image_tokens, tiny_model.tower.preprocess, max_length, skip)
+    return ConversationDataset(
+        path,
+        root,
+        tiny_model.tokenizer,
+        "chatml",
+        tiny_model.image_token_id,
+        tiny_model.num_image_tokens,
+        tiny_model.tower.preprocess,
+        max_length,
+        skip,
+    )
 
 
 def _sample(i, image="img.png", q="<image>\nWhat color?", a="red"):

@@ -35,15 +35,25 @@ def setup(tmp_path_factory):
     text = root / "text.json"
     text.write_text(json.dumps(_text_records()))
     base = root / "base"
-    build_model(recipe_from_dict(tiny_recipe(world)).model, root / "tok", [text], seed=0).save_pretrained(base)
+    build_model(recipe_from_dict(tiny_recipe(world)).model, root / "tok", [text], seed=0).save_pretrained(
+        base
+    )
     return root, world, text, base
 
 
 def _recipe(setup, backend: str, zero: str | None, steps: int = 40) -> Path:
     root, world, text, base = setup
     rec = tiny_recipe(world, backend, str(REPO / zero) if zero else None, steps=(1, steps))
-    rec["stages"] = [dict(rec["stages"][1], name="s", kind="lm_pretrain", data={"json": str(text)}, grad_accum=1,
-                          batch_size=2)]
+    rec["stages"] = [
+        dict(
+            rec["stages"][1],
+            name="s",
+            kind="lm_pretrain",
+            data={"json": str(text)},
+            grad_accum=1,
+            batch_size=2,
+        )
+    ]
     rec["model"]["init_from"] = str(base)
     rec["engine"].update(dist_timeout_s=TIMEOUT_S, threads=1, checkpoint_every=0)
     path = root / f"recipe-{backend}-{Path(zero or 'none').stem}.yaml"
@@ -55,12 +65,25 @@ def _launch(recipe: Path, out: Path, faults: dict[int, str]) -> list[subprocess.
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        env = subprocess_env(REPO, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                             MASTER_PORT=port, OMP_NUM_THREADS="1", **({"MLLM_FAULT": faults[rank]}
-                                                                      if rank in faults else {}))
-        procs.append(subprocess.Popen([sys.executable, "-m", "mllm.cli", "train", "--recipe", str(recipe), "--out",
-                                       str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = subprocess_env(
+            REPO,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+            **({"MLLM_FAULT": faults[rank]} if rank in faults else {}),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mllm.cli", "train", "--recipe", str(recipe), "--out", str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -78,8 +101,10 @@ def _wait(procs: list[subprocess.Popen]) -> list[tuple[int, str, float]]:
     return out
 
 
-@pytest.mark.parametrize("backend,zero", [("torch", None),
-                                          pytest.param("deepspeed", "train/ds/zero3.json", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "backend,zero",
+    [("torch", None), pytest.param("deepspeed", "train/ds/zero3.json", marks=pytest.mark.slow)],
+)
 def test_survivor_exits_with_a_clear_error(setup, tmp_path, backend, zero):
     recipe = _recipe(setup, backend, zero)
     (r0, text0, _), (r1, text1, _) = _wait(_launch(recipe, tmp_path / "run", {1: "after_step:2"}))
@@ -104,7 +129,9 @@ def test_silent_peer_is_bounded_by_the_recipe_timeout(setup, tmp_path):
         procs[1].kill()
         procs[1].communicate(timeout=60)
     assert procs[0].returncode == 3, text0[-3000:]
-    assert "lost contact with the other processes" in text0 and f"dist_timeout_s={TIMEOUT_S}" in text0, text0[-3000:]
+    assert "lost contact with the other processes" in text0 and f"dist_timeout_s={TIMEOUT_S}" in text0, text0[
+        -3000:
+    ]
     assert "Timed out" in text0 or "timed out" in text0, text0[-3000:]
 
 

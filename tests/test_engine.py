@@ -29,7 +29,9 @@ def world(tmp_path_factory):
     return write_tiny_world(tmp_path_factory.mktemp("world"))
 
 
-@pytest.mark.parametrize("zero", ["train/ds/zero2.json", "train/ds/zero3.json", "train/ds/zero3_offload.json"])
+@pytest.mark.parametrize(
+    "zero", ["train/ds/zero2.json", "train/ds/zero3.json", "train/ds/zero3_offload.json"]
+)
 def test_align_then_instruct_under_deepspeed(world, tmp_path, zero):
     recipe = recipe_from_dict(tiny_recipe(world, "deepspeed", str(REPO / zero), steps=(6, 12)))
     summary = train_recipe(recipe, tmp_path / "run", log=lambda *a: None)
@@ -55,9 +57,25 @@ def test_stage_trains_only_what_it_declares(world, tmp_path, backend, zero):
 
 def _run_cli(recipe_path: Path, out: Path, fault: str | None) -> subprocess.CompletedProcess:
     env = subprocess_env(REPO, **({"MLLM_FAULT": fault} if fault else {}))
-    return subprocess.run([sys.executable, "-m", "mllm.cli", "train", "--recipe", str(recipe_path), "--out", str(out),
-                           "--stage", "instruct", "model.init_from=" + str(out.parent / "base")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mllm.cli",
+            "train",
+            "--recipe",
+            str(recipe_path),
+            "--out",
+            str(out),
+            "--stage",
+            "instruct",
+            "model.init_from=" + str(out.parent / "base"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("backend,zero", [("torch", None), ("deepspeed", "train/ds/zero2.json")])

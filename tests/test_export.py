@@ -22,18 +22,30 @@ from mllm import cli
 from mllm.chat import encode_conversation
 from mllm.config import FusionConfig
 from mllm.hf_export import ExportError, export_hf
-from mllm.hf_import import ImportError_, load_llava, resolve_model_path
-from mllm.model import MultimodalLM, build_lm
+from mllm.hf_import import ImportError_, resolve_model_path
+from mllm.model import MultimodalLM, build_lm, load_llava
 
 QUESTION = "What color is the circle?"
 
 
-def _model(tokenizer, tower: str = "clip", projector: str = "mlp2x_gelu", select_layer: int = -2,
-           select_feature: str = "patch", pad: bool = False, extra: dict | None = None) -> MultimodalLM:
+def _model(
+    tokenizer,
+    tower: str = "clip",
+    projector: str = "mlp2x_gelu",
+    select_layer: int = -2,
+    select_feature: str = "patch",
+    pad: bool = False,
+    extra: dict | None = None,
+) -> MultimodalLM:
     torch.manual_seed(0)
     lm = build_lm(None, TINY_LM, len(tokenizer))
-    cfg = TowerConfig(type=tower, config={**TINY_TOWER, **(extra or {})}, select_layer=select_layer,
-                      select_feature=select_feature, pad_to_square=pad)
+    cfg = TowerConfig(
+        type=tower,
+        config={**TINY_TOWER, **(extra or {})},
+        select_layer=select_layer,
+        select_feature=select_feature,
+        pad_to_square=pad,
+    )
     model = MultimodalLM.build(cfg, projector, lm, tokenizer, template="chatml", max_length=200)
     with torch.no_grad():  # non-zero biases everywhere, so a dropped or swapped bias shows in the logits
         for p in model.projector.parameters():
@@ -54,8 +66,15 @@ def _hf_inputs(out: Path, tokenizer, model: MultimodalLM) -> dict:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text = proc.apply_chat_template(messages, add_generation_prompt=True)
     enc = proc(text=text, images=_image(), return_tensors="pt")
-    ours = encode_conversation([("user", f"<image>\n{QUESTION}")], tokenizer, "chatml", model.image_token_id,
-                               model.num_image_tokens, 1, for_generation=True)
+    ours = encode_conversation(
+        [("user", f"<image>\n{QUESTION}")],
+        tokenizer,
+        "chatml",
+        model.image_token_id,
+        model.num_image_tokens,
+        1,
+        for_generation=True,
+    )
     assert enc["input_ids"][0].tolist() == ours["input_ids"].tolist()  # same template, same expansion
     assert int((enc["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens
     assert torch.equal(enc["pixel_values"], model.tower.preprocess([_image()]))
@@ -114,6 +133,22 @@ def test_round_trip_export_then_import_gives_identical_logits(tokenizer, tmp_pat
     torch.testing.assert_close(_our_logits(again, enc), _our_logits(model, enc), atol=1e-5, rtol=1e-5)
 
 
+def test_export_meta_has_kind_and_version_and_old_exports_still_load(tokenizer, tmp_path):
+    import json
+
+    from encoders.common import FormatError
+
+    out = export_hf(_model(tokenizer), tmp_path / "hf")
+    meta = json.loads((out / "mllm_export.json").read_text())
+    assert (meta["kind"], meta["format_version"]) == ("llava_export", 1)
+    del meta["kind"], meta["format_version"]  # an export written before the convention
+    (out / "mllm_export.json").write_text(json.dumps(meta))
+    assert load_llava(out).meta.template == "chatml"
+    (out / "mllm_export.json").write_text(json.dumps(dict(meta, format_version=2)))
+    with pytest.raises(FormatError, match="'llava_export' format_version 2 is newer"):
+        load_llava(out)
+
+
 def test_import_of_a_plain_transformers_llava_without_mllm_metadata(tokenizer, tmp_path):
     """A LLaVA folder that mllm did not write (no mllm_export.json): LLaVA-1.5 defaults apply."""
     out = export_hf(_model(tokenizer), tmp_path / "hf")
@@ -124,10 +159,13 @@ def test_import_of_a_plain_transformers_llava_without_mllm_metadata(tokenizer, t
     assert load_llava(out, template="chatml").meta.template == "chatml"
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("vision_feature_layer", [-2, -1], "concatenates several layers"),
-    ("projector_hidden_act", "relu", "projector_hidden_act='relu'"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("vision_feature_layer", [-2, -1], "concatenates several layers"),
+        ("projector_hidden_act", "relu", "projector_hidden_act='relu'"),
+    ],
+)
 def test_import_refuses_what_it_cannot_represent(tokenizer, tmp_path, field, value, message):
     out = export_hf(_model(tokenizer), tmp_path / "hf")
     cfg = json.loads((out / "config.json").read_text())
@@ -155,8 +193,12 @@ def test_export_refuses_register_tokens_unknown_projectors_and_fused_models(toke
         export_hf(fused, tmp_path / "c")
     torch.manual_seed(0)
     mof = MultimodalLM.build(  # a real Mixture-of-Features model: CLIP + DINOv2 streams interleaved
-        TowerConfig(type="clip", config=TINY_TOWER), "mlp2x_gelu", build_lm(None, TINY_LM, len(tokenizer)),
-        tokenizer, fusion=FusionConfig(type="mof_interleaved", tower2=TowerConfig(type="dinov2", config=TINY_TOWER)))
+        TowerConfig(type="clip", config=TINY_TOWER),
+        "mlp2x_gelu",
+        build_lm(None, TINY_LM, len(tokenizer)),
+        tokenizer,
+        fusion=FusionConfig(type="mof_interleaved", tower2=TowerConfig(type="dinov2", config=TINY_TOWER)),
+    )
     with pytest.raises(ExportError, match=r"fused \(mof_interleaved\).*--format mllm"):
         export_hf(mof, tmp_path / "d")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".tmp-*"))
@@ -164,14 +206,24 @@ def test_export_refuses_register_tokens_unknown_projectors_and_fused_models(toke
 
 def test_cli_export_hf_and_native(tokenizer, tmp_path, capsys):
     _model(tokenizer).save_pretrained(tmp_path / "m")
-    assert cli.main(["export", "--model", str(tmp_path / "m"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert (
+        cli.main(["export", "--model", str(tmp_path / "m"), "--format", "hf", "--out", str(tmp_path / "hf")])
+        == 0
+    )
     assert LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").config.model_type == "llava"
-    assert cli.main(["export", "--model", str(tmp_path / "m"), "--format", "mllm",
-                     "--out", str(tmp_path / "native")]) == 0
+    assert (
+        cli.main(
+            ["export", "--model", str(tmp_path / "m"), "--format", "mllm", "--out", str(tmp_path / "native")]
+        )
+        == 0
+    )
     assert (tmp_path / "native" / "mllm.json").is_file()
     registers = _model(tokenizer, "dinov2_registers", extra={"num_register_tokens": 4})
     registers.save_pretrained(tmp_path / "r")
-    assert cli.main(["export", "--model", str(tmp_path / "r"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(["export", "--model", str(tmp_path / "r"), "--format", "hf", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "--format mllm" in capsys.readouterr().err
 
 
@@ -182,8 +234,14 @@ def test_parts_from_local_hf_checkpoints_and_hub_names_only_with_network(tokeniz
     donor.tower.save_pretrained(tmp_path / "clip")
     donor.lm.save_pretrained(tmp_path / "lm")
     lm = build_lm(str(tmp_path / "lm"), {}, len(tokenizer))
-    model = MultimodalLM.build(TowerConfig(type="clip", path=str(tmp_path / "clip"), select_layer=-2),
-                               "mlp2x_gelu", lm, tokenizer, template="chatml", max_length=200)
+    model = MultimodalLM.build(
+        TowerConfig(type="clip", path=str(tmp_path / "clip"), select_layer=-2),
+        "mlp2x_gelu",
+        lm,
+        tokenizer,
+        template="chatml",
+        max_length=200,
+    )
     model.projector.load_state_dict(donor.projector.state_dict())
     enc = _hf_inputs(export_hf(model.eval(), tmp_path / "hf"), tokenizer, model)
     torch.testing.assert_close(_our_logits(model, enc), _our_logits(donor, enc))

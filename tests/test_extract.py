@@ -46,9 +46,24 @@ def test_parse_options_and_choices():
 
 @pytest.mark.parametrize(
     "response",
-    ["(b)", "B.", "b)", "**B**", "The answer is b", "Answer: B", "B", "Option B", "\\boxed{B}",
-     "There is a dog on the left, so B", "Closed", "The eyes are closed.", "B because the door is shut",
-     "The door is not open", "  (B) Closed  ", "I'd go with option b."],
+    [
+        "(b)",
+        "B.",
+        "b)",
+        "**B**",
+        "The answer is b",
+        "Answer: B",
+        "B",
+        "Option B",
+        "\\boxed{B}",
+        "There is a dog on the left, so B",
+        "Closed",
+        "The eyes are closed.",
+        "B because the door is shut",
+        "The door is not open",
+        "  (B) Closed  ",
+        "I'd go with option b.",
+    ],
 )
 def test_option_b_in_any_dress(response):
     assert extract_option(response, OPEN_CLOSED) == "b"
@@ -56,8 +71,17 @@ def test_option_b_in_any_dress(response):
 
 @pytest.mark.parametrize(
     "response",
-    ["a red circle", "There is a dog.", "The answer is a red circle", "", "   ", "(a) and (b)",
-     "A and B.", "The answer is A. No wait, the answer is B.", "open or closed, hard to say"],
+    [
+        "a red circle",
+        "There is a dog.",
+        "The answer is a red circle",
+        "",
+        "   ",
+        "(a) and (b)",
+        "A and B.",
+        "The answer is A. No wait, the answer is B.",
+        "open or closed, hard to say",
+    ],
 )
 def test_option_none_when_not_told(response):
     assert extract_option(response, OPEN_CLOSED) is None
@@ -121,13 +145,32 @@ def test_yes_no(text, official, strict):
 @pytest.mark.parametrize(
     "text,value",
     [
-        ("30 degrees", 30), ("12 cm", 12), ("30°", 30), ("45^\\circ", 45), ("3/4", 0.75),
-        ("\\frac{3}{4}", 0.75), ("2√3", 2 * math.sqrt(3)), ("\\sqrt{3}", math.sqrt(3)),
-        ("$2\\sqrt{3}$", 2 * math.sqrt(3)), ("\\frac{\\sqrt{3}}{2}", math.sqrt(3) / 2), ("\\boxed{12}", 12),
-        ("Answer: 12", 12), ("The answer is 12 cm. Because 5 + 7 = 12.", 12), ("1,234", 1234),
-        ("-5", -5), ("−5", -5), ("x = -3", -3), ("3.14", 3.14), ("0.5", 0.5), ("50%", 50), ("2π", 2 * math.pi),
-        ("1e-07", 1e-07), ("angle A = 55°, B = 75°, so C = 50°", 50), ("the answer is 5 + 7 = 12.", 12),
-        ("\\boxed{\\frac{1}{2}} and then 7", 0.5), ("It is 1,000,000.5 m", 1000000.5),
+        ("30 degrees", 30),
+        ("12 cm", 12),
+        ("30°", 30),
+        ("45^\\circ", 45),
+        ("3/4", 0.75),
+        ("\\frac{3}{4}", 0.75),
+        ("2√3", 2 * math.sqrt(3)),
+        ("\\sqrt{3}", math.sqrt(3)),
+        ("$2\\sqrt{3}$", 2 * math.sqrt(3)),
+        ("\\frac{\\sqrt{3}}{2}", math.sqrt(3) / 2),
+        ("\\boxed{12}", 12),
+        ("Answer: 12", 12),
+        ("The answer is 12 cm. Because 5 + 7 = 12.", 12),
+        ("1,234", 1234),
+        ("-5", -5),
+        ("−5", -5),
+        ("x = -3", -3),
+        ("3.14", 3.14),
+        ("0.5", 0.5),
+        ("50%", 50),
+        ("2π", 2 * math.pi),
+        ("1e-07", 1e-07),
+        ("angle A = 55°, B = 75°, so C = 50°", 50),
+        ("the answer is 5 + 7 = 12.", 12),
+        ("\\boxed{\\frac{1}{2}} and then 7", 0.5),
+        ("It is 1,000,000.5 m", 1000000.5),
     ],
 )
 def test_extract_number(text, value):
@@ -159,12 +202,16 @@ def test_extract_box_formats_and_padding():
     assert extract_box("[0.1, 0.2, 0.5, 0.6]", "norm1", 200, 100) == pytest.approx([20, 20, 100, 60])
     assert extract_box("[100, 200, 500, 600]", "norm1000", 200, 100) == pytest.approx([20, 20, 100, 60])
     assert extract_box("The box is (20, 20, 100, 60).", "pixel", 200, 100) == pytest.approx([20, 20, 100, 60])
-    assert extract_box("<box>(100,200),(500,600)</box>", "norm1000", 200, 100) == pytest.approx([20, 20, 100, 60])
+    assert extract_box("<box>(100,200),(500,600)</box>", "norm1000", 200, 100) == pytest.approx(
+        [20, 20, 100, 60]
+    )
     # padded: the 200x100 image sits 50 px down a 200x200 square
     assert extract_box("[0.1, 0.35, 0.5, 0.55]", "norm1", 200, 100, pad_to_square=True) == pytest.approx(
         [20, 20, 100, 60]
     )
-    assert extract_box("[0.5, 0.6, 0.1, 0.2]", "norm1", 200, 100) == pytest.approx([20, 20, 100, 60])  # sorted
+    assert extract_box("[0.5, 0.6, 0.1, 0.2]", "norm1", 200, 100) == pytest.approx(
+        [20, 20, 100, 60]
+    )  # sorted
     assert extract_box("no box", "norm1", 10, 10) is None
     assert extract_box("[1, 2, 3]", "pixel", 10, 10) is None
     with pytest.raises(ValueError, match="box format"):
@@ -180,10 +227,28 @@ def test_iou_by_hand():
 
 
 PATHOLOGICAL = [
-    " " * 50_000, "1" * 50_000, "1," * 25_000, "answer " + " " * 50_000 + "x", "(" * 50_000, "\\sqrt{" * 8_000,
-    "\\sqrt{" + " " * 50_000, "\\boxed{" * 7_000, "[1," * 16_000, "A. " * 16_000, "^" + " " * 50_000,
-    "1." * 25_000, "-" * 50_000, "√" * 50_000, "1/" * 25_000, "a " * 25_000, "**" * 25_000, "(1" * 25_000,
-    "The answer is a" + " " * 50_000 + "dog", "é漢字🙂" * 12_000, "open closed " * 8_000, "not open " * 8_000,
+    " " * 50_000,
+    "1" * 50_000,
+    "1," * 25_000,
+    "answer " + " " * 50_000 + "x",
+    "(" * 50_000,
+    "\\sqrt{" * 8_000,
+    "\\sqrt{" + " " * 50_000,
+    "\\boxed{" * 7_000,
+    "[1," * 16_000,
+    "A. " * 16_000,
+    "^" + " " * 50_000,
+    "1." * 25_000,
+    "-" * 50_000,
+    "√" * 50_000,
+    "1/" * 25_000,
+    "a " * 25_000,
+    "**" * 25_000,
+    "(1" * 25_000,
+    "The answer is a" + " " * 50_000 + "dog",
+    "é漢字🙂" * 12_000,
+    "open closed " * 8_000,
+    "not open " * 8_000,
 ]
 
 
@@ -205,11 +270,56 @@ def test_huge_pathological_inputs_are_linear(text):
 # --------------------------------------------------------------------------------------------------
 
 TOKENS = st.sampled_from(
-    ["a", "A", "b", "B", "C", "(", ")", "[", "]", "{", "}", ",", ".", ":", " ", "\n", "-", "/", "√", "π", "°",
-     "\\", "\\boxed{", "\\sqrt", "\\frac{", "answer", "Answer:", " is ", "option", "yes", "no", "not", "1", "2",
-     "0.5", "1e", "**", "$", "^\\circ", "angle", "so", "the", "open", "closed"]
+    [
+        "a",
+        "A",
+        "b",
+        "B",
+        "C",
+        "(",
+        ")",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        ".",
+        ":",
+        " ",
+        "\n",
+        "-",
+        "/",
+        "√",
+        "π",
+        "°",
+        "\\",
+        "\\boxed{",
+        "\\sqrt",
+        "\\frac{",
+        "answer",
+        "Answer:",
+        " is ",
+        "option",
+        "yes",
+        "no",
+        "not",
+        "1",
+        "2",
+        "0.5",
+        "1e",
+        "**",
+        "$",
+        "^\\circ",
+        "angle",
+        "so",
+        "the",
+        "open",
+        "closed",
+    ]
 )
-ANY_TEXT = st.one_of(st.text(), st.text(alphabet=st.characters(), max_size=2000), st.lists(TOKENS).map("".join))
+ANY_TEXT = st.one_of(
+    st.text(), st.text(alphabet=st.characters(), max_size=2000), st.lists(TOKENS).map("".join)
+)
 
 
 @FAST
@@ -266,9 +376,25 @@ def option_sets(draw):
 
 
 DRESSES = [
-    "{L}", "({L})", "{L}.", "{L})", "**{L}**", "**({L})**", "The answer is {L}", "The answer is {L}.", "Answer: {L}",
-    "answer: ({L})", "Option {L}", "The correct option is ({L}).", "\\boxed{{{L}}}", "{L}. {text}", "({L}) {text}",
-    "There is a dog on the left, so {L}", "I see a {text}, so the answer is {L}.", "  {L}  ", "{L}\n",
+    "{L}",
+    "({L})",
+    "{L}.",
+    "{L})",
+    "**{L}**",
+    "**({L})**",
+    "The answer is {L}",
+    "The answer is {L}.",
+    "Answer: {L}",
+    "answer: ({L})",
+    "Option {L}",
+    "The correct option is ({L}).",
+    "\\boxed{{{L}}}",
+    "{L}. {text}",
+    "({L}) {text}",
+    "There is a dog on the left, so {L}",
+    "I see a {text}, so the answer is {L}.",
+    "  {L}  ",
+    "{L}\n",
 ]
 
 
@@ -299,8 +425,15 @@ ARTICLE_NOUNS = ["dog", "cat", "tree", "house", "picture", "small thing", "perso
 @given(
     st.sampled_from(["a", "A"]),
     st.sampled_from(ARTICLE_NOUNS),
-    st.sampled_from(["There is {art} {noun} here", "{art} {noun}", "{art} {noun} is visible.",
-                     "I see {art} {noun}, maybe.", "It looks like {art} {noun}"]),
+    st.sampled_from(
+        [
+            "There is {art} {noun} here",
+            "{art} {noun}",
+            "{art} {noun} is visible.",
+            "I see {art} {noun}, maybe.",
+            "It looks like {art} {noun}",
+        ]
+    ),
 )
 def test_article_a_is_never_option_a(art, noun, template):
     options = {"a": "Open", "b": "Closed"}
@@ -314,7 +447,10 @@ def test_article_a_is_never_option_a(art, noun, template):
 @given(
     st.integers(min_value=8, max_value=2000),
     st.integers(min_value=8, max_value=2000),
-    st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.floats(0, 1),
     st.sampled_from(BOX_FORMATS),
     st.booleans(),
 )
@@ -339,7 +475,9 @@ def test_box_round_trip(w, h, fx1, fy1, fx2, fy2, fmt, pad):
 
 
 @FAST
-@given(st.lists(st.floats(0, 100), min_size=4, max_size=4), st.lists(st.floats(0, 100), min_size=4, max_size=4))
+@given(
+    st.lists(st.floats(0, 100), min_size=4, max_size=4), st.lists(st.floats(0, 100), min_size=4, max_size=4)
+)
 def test_iou_properties(a, b):
     a = [min(a[0], a[2]), min(a[1], a[3]), max(a[0], a[2]), max(a[1], a[3])]
     b = [min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])]

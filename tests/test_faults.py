@@ -48,8 +48,15 @@ def _text_records(n: int = 32, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         c, s = rng.choice(colours), rng.choice(shapes)
-        out.append({"id": f"t{i}", "conversations": [{"from": "human", "value": f"What color is the {s}?"},
-                                                     {"from": "gpt", "value": f"The {s} is {c}."}]})
+        out.append(
+            {
+                "id": f"t{i}",
+                "conversations": [
+                    {"from": "human", "value": f"What color is the {s}?"},
+                    {"from": "gpt", "value": f"The {s} is {c}."},
+                ],
+            }
+        )
     return out
 
 
@@ -63,7 +70,9 @@ class Setup:
 
 def _setups(world: dict[str, Path], text_json: Path, base: Path) -> dict[str, Setup]:
     def make(stage_kind: str, data: dict, backend: str, zero: str | None, ga: int) -> dict:
-        rec = tiny_recipe(world, backend, str(REPO / zero) if zero else None, steps=(1, STEPS), checkpoint_every=1)
+        rec = tiny_recipe(
+            world, backend, str(REPO / zero) if zero else None, steps=(1, STEPS), checkpoint_every=1
+        )
         st = rec["stages"][1]
         st.update(name="s", kind=stage_kind, data=data, grad_accum=ga, batch_size=4)
         rec["stages"] = [st]
@@ -113,8 +122,9 @@ def _child_main(fn: Callable[[], None], log: str, env: dict[str, str]) -> None:
         os._exit(code)
 
 
-def run_in_child(fn: Callable[[], None], log: Path, fault: str | None = None,
-                 timeout_s: float = CHILD_TIMEOUT_S) -> int:
+def run_in_child(
+    fn: Callable[[], None], log: Path, fault: str | None = None, timeout_s: float = CHILD_TIMEOUT_S
+) -> int:
     """Run `fn` (picklable) in a fresh child with `MLLM_FAULT=fault`; its exit code (-9 when SIGKILLed)."""
     env = _child_env()
     if fault:
@@ -175,12 +185,16 @@ def check_invariants(root: Path, fault: str, last_complete: int) -> list[str]:
     got = mgr.latest()
     got_step = int(got.name.split("-")[1]) if got else 0
     if got_step != last_complete:
-        errors.append(f"latest() resumes from step {got_step}, the last complete checkpoint is {last_complete}")
+        errors.append(
+            f"latest() resumes from step {got_step}, the last complete checkpoint is {last_complete}"
+        )
     point, _, step = fault.partition(":")
     if point == "mid_checkpoint":
         tmp = root / f".tmp-{mgr.name(int(step))}"
         if not tmp.is_dir():
-            errors.append(f"killed mid-checkpoint but {tmp.name} does not exist (the kill point was not reached?)")
+            errors.append(
+                f"killed mid-checkpoint but {tmp.name} does not exist (the kill point was not reached?)"
+            )
         if int(step) in mgr.steps():
             errors.append(f"the partial {tmp.name} is listed as a checkpoint")
     return errors
@@ -229,7 +243,9 @@ def bench(tmp_path_factory):
     text_json.write_text(json.dumps(_text_records()))
     base = root / "base"
 
-    make_base = functools.partial(_make_base, tiny_recipe(world), [world["align"], text_json], root / "tok", base)
+    make_base = functools.partial(
+        _make_base, tiny_recipe(world), [world["align"], text_json], root / "tok", base
+    )
     assert run_in_child(make_base, root / "base.log") == 0, (root / "base.log").read_text()[-3000:]
     setups = _setups(world, text_json, base)
     refs = {}
@@ -269,9 +285,13 @@ def run_trial(trial: Trial, root: Path, setups: dict[str, Setup], refs: dict) ->
         errors.append(f"metrics steps {[m['step'] for m in metrics]}")
     losses = [m["loss"] for m in metrics]
     if losses != want_losses:
-        errors.append(f"loss sequence differs from the uninterrupted run:\n  got  {losses}\n  want {want_losses}")
+        errors.append(
+            f"loss sequence differs from the uninterrupted run:\n  got  {losses}\n  want {want_losses}"
+        )
     weights = _final_weights(out)
-    if set(weights) != set(want_weights) or any(not torch.equal(weights[k], want_weights[k]) for k in weights):
+    if set(weights) != set(want_weights) or any(
+        not torch.equal(weights[k], want_weights[k]) for k in weights
+    ):
         errors.append("final weights differ from the uninterrupted run's")
     return errors
 

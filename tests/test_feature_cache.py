@@ -31,8 +31,16 @@ def world(tmp_path_factory):
 
 
 def _dataset(model, world, key="align"):
-    return ConversationDataset(world[key], world["images"], model.tokenizer, "chatml", model.image_token_id,
-                               model.num_image_tokens, model.preprocess, 128)
+    return ConversationDataset(
+        world[key],
+        world["images"],
+        model.tokenizer,
+        "chatml",
+        model.image_token_id,
+        model.num_image_tokens,
+        model.preprocess,
+        128,
+    )
 
 
 def _inputs(batch):
@@ -53,7 +61,10 @@ def test_cached_features_give_the_towers_loss(model, world, tmp_path):
     assert len(cache) == len({file_hash(p) for p in dataset_images(ds)}) < len(ds)
     assert any("to encode" in m for m in logs)
     shards = list((tmp_path / "fc").glob("shard-*.safetensors"))
-    assert shards and json.loads((tmp_path / "fc" / "manifest.json").read_text())["fingerprint"]["dtype"] == "float16"
+    assert (
+        shards
+        and json.loads((tmp_path / "fc" / "manifest.json").read_text())["fingerprint"]["dtype"] == "float16"
+    )
 
     plain = Collator(model.tokenizer.pad_token_id)([ds[i] for i in range(8)])
     ds.features = cache
@@ -136,7 +147,10 @@ def test_recipe_switch_trains_the_same_with_the_cache(tmp_path):
         tree["stages"][0]["data"]["packing"] = on  # and packing, which must not change the loss either
         summary = train_recipe(recipe_from_dict(tree), tmp_path / name, log=lambda *_: None)
         assert summary["stages"]["align"]["steps"] == 4
-        runs[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "align" / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [
+            json.loads(x)["loss"]
+            for x in (tmp_path / name / "align" / "metrics.jsonl").read_text().splitlines()
+        ]
     caches = list((tmp_path / "world" / "feature_cache").glob("*/manifest.json"))
     assert len(caches) == 1
     distinct = {file_hash(p) for p in (tmp_path / "world" / "images").glob("*.png")}

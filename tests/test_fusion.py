@@ -16,14 +16,21 @@ from encoders.fusion import MixtureOfFeatures, StreamProjectors, interleave
 from encoders.geo import GeoConfig
 from encoders.towers import TINY_CONFIGS, TowerConfig, VisionFeatures
 from mllm.config import FusionConfig, recipe_from_dict
+from mllm.families import resolve_trainable
 from mllm.model import MultimodalLM, build_lm
 from mllm.training.optim import set_trainable
 from mllm.training.runner import build_model, train_recipe
-from mllm.training.stages import resolve_trainable
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_LM = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=2, max_position_embeddings=512)
+TINY_LM = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 CLIP = TowerConfig(type="clip", config=TINY_CONFIGS["clip"])
 DINO = TowerConfig(type="dinov2", config=TINY_CONFIGS["dinov2"])
 TINY_GEO = GeoConfig(image_size=64, channels=[8, 16, 16, 24], fpn_dim=16, attn_heads=2)
@@ -94,11 +101,14 @@ def test_mismatches_are_refused_or_resampled_when_declared():
 
 
 # ------------------------------------------------------------------------------------------ fused models
-@pytest.mark.parametrize("fusion,tokens", [
-    (FusionConfig(type="mof_interleaved", tower2=DINO), 128),
-    (FusionConfig(type="mof_additive", tower2=DINO, alpha=0.25), 64),
-    (FusionConfig(type="router", geo=TINY_GEO), 64),
-])
+@pytest.mark.parametrize(
+    "fusion,tokens",
+    [
+        (FusionConfig(type="mof_interleaved", tower2=DINO), 128),
+        (FusionConfig(type="mof_additive", tower2=DINO, alpha=0.25), 64),
+        (FusionConfig(type="router", geo=TINY_GEO), 64),
+    ],
+)
 def test_fused_model_token_count_and_placeholder_expansion(tokenizer, fusion, tokens):
     from mllm.chat import encode_conversation
 
@@ -135,19 +145,36 @@ def test_single_tower_layout_is_unchanged(tokenizer, tmp_path):
     assert m.fusion is None and {k.split(".")[0] for k in m.state_dict()} == {"tower", "projector", "lm"}
     m.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "lm", "mllm.json", "projector.safetensors", "tokenizer", "tower"]
+        "lm",
+        "mllm.json",
+        "projector.safetensors",
+        "tokenizer",
+        "tower",
+    ]
     meta = json.loads((tmp_path / "m" / "mllm.json").read_text())
     assert "fusion" not in meta and set(meta) == {
-        "tower", "projector", "image_token", "image_token_id", "template", "max_length", "box_format",
-        "format_version"}
+        "tower",
+        "projector",
+        "image_token",
+        "image_token_id",
+        "template",
+        "max_length",
+        "box_format",
+        "format_version",
+        "kind",
+    }
+    assert meta["kind"] == "mllm"
 
 
-@pytest.mark.parametrize("fusion,files", [
-    (FusionConfig(type="mof_interleaved", tower2=DINO), {"tower2"}),
-    (FusionConfig(type="mof_additive", tower2=DINO, alpha=0.75), {"tower2"}),
-    (FusionConfig(type="router", geo=TINY_GEO), {"geo", "router.safetensors"}),
-    (FusionConfig(type="router", geo=TINY_GEO, router_mode="constant"), {"geo", "router.safetensors"}),
-])
+@pytest.mark.parametrize(
+    "fusion,files",
+    [
+        (FusionConfig(type="mof_interleaved", tower2=DINO), {"tower2"}),
+        (FusionConfig(type="mof_additive", tower2=DINO, alpha=0.75), {"tower2"}),
+        (FusionConfig(type="router", geo=TINY_GEO), {"geo", "router.safetensors"}),
+        (FusionConfig(type="router", geo=TINY_GEO, router_mode="constant"), {"geo", "router.safetensors"}),
+    ],
+)
 def test_fused_save_then_from_pretrained_gives_identical_logits(tokenizer, tmp_path, fusion, files):
     m = _model(tokenizer, fusion).eval()
     with torch.no_grad():  # make every part non-trivial (a fresh projector could hide a missing load)
@@ -168,10 +195,13 @@ def test_fused_save_then_from_pretrained_gives_identical_logits(tokenizer, tmp_p
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fusion,expect", [
-    (FusionConfig(type="mof_interleaved", tower2=DINO), {"projector"}),
-    (FusionConfig(type="router", geo=TINY_GEO), {"projector", "router"}),
-])
+@pytest.mark.parametrize(
+    "fusion,expect",
+    [
+        (FusionConfig(type="mof_interleaved", tower2=DINO), {"projector"}),
+        (FusionConfig(type="router", geo=TINY_GEO), {"projector", "router"}),
+    ],
+)
 def test_align_gradients_reach_exactly_projectors_and_router(tokenizer, fusion, expect):
     from mllm.config import StageConfig
 
@@ -204,16 +234,23 @@ def _fused_recipe(world, fusion: dict) -> dict:
     r["model"]["fusion"] = fusion
     r["model"]["max_length"] = 256
     r["model"]["lm"]["config"]["max_position_embeddings"] = 512
-    r["stages"][1]["trainable"] = {"projector": 3e-3, "lm": 3e-3, **({"router": 3e-4} if "geo" in fusion else {})}
+    r["stages"][1]["trainable"] = {
+        "projector": 3e-3,
+        "lm": 3e-3,
+        **({"router": 3e-4} if "geo" in fusion else {}),
+    }
     return r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fusion", [
-    {"type": "mof_interleaved", "tower2": asdict(DINO)},
-    {"type": "mof_additive", "alpha": 0.5, "tower2": asdict(DINO)},
-    {"type": "router", "geo": asdict(TINY_GEO)},
-])
+@pytest.mark.parametrize(
+    "fusion",
+    [
+        {"type": "mof_interleaved", "tower2": asdict(DINO)},
+        {"type": "mof_additive", "alpha": 0.5, "tower2": asdict(DINO)},
+        {"type": "router", "geo": asdict(TINY_GEO)},
+    ],
+)
 def test_fused_align_then_instruct_under_deepspeed(world, tmp_path, fusion):
     recipe = recipe_from_dict(_fused_recipe(world, fusion))
     start = build_model(recipe.model, tmp_path / "run", [world["align"]], seed=0).state_dict()
@@ -233,17 +270,26 @@ def test_fused_align_then_instruct_under_deepspeed(world, tmp_path, fusion):
     ids = torch.tensor([[1] + [final.image_token_id] * final.num_image_tokens + [5, 6]])
     pix = final.preprocess(_images(1))
     with torch.no_grad():
-        assert torch.equal(final(input_ids=ids, pixel_values=pix).logits, again(input_ids=ids, pixel_values=pix).logits)
+        assert torch.equal(
+            final(input_ids=ids, pixel_values=pix).logits, again(input_ids=ids, pixel_values=pix).logits
+        )
 
 
 # ------------------------------------------------------------------------------------------ recipes
-@pytest.mark.parametrize("name,kind", [
-    ("mof-tiny", "mof_interleaved"), ("mof-additive-tiny", "mof_additive"), ("geoglip-tiny", "router"),
-    ("svemath-tiny", "router"), ("mof-7b", "mof_interleaved"), ("svemath-qwen2.5-7b", "router"),
-])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("mof-tiny", "mof_interleaved"),
+        ("mof-additive-tiny", "mof_additive"),
+        ("geoglip-tiny", "router"),
+        ("svemath-tiny", "router"),
+        ("mof-7b", "mof_interleaved"),
+        ("svemath-qwen2.5-7b", "router"),
+    ],
+)
 def test_fusion_recipes_parse(name, kind):
     from mllm.config import load_recipe
-    from mllm.training.stages import get_stage_kind
+    from mllm.families import get_stage_kind
     from mllm.vision import build_fusion
 
     recipe = load_recipe(REPO / "train" / "recipes" / f"{name}.yaml")

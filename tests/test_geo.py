@@ -35,8 +35,19 @@ def world(tmp_path_factory):
     from mllm.data.geoworld import write_world
 
     out = tmp_path_factory.mktemp("geoworld")
-    write_world(out, seed=1, n=40, size=64, n_eval=16, mmvp_pairs=8, pope_questions=6, refcoco_n=4,
-                mathverse_problems=2, mmvp_vlm_pairs=1, math_frac=0.3)
+    write_world(
+        out,
+        seed=1,
+        n=40,
+        size=64,
+        n_eval=16,
+        mmvp_pairs=8,
+        pope_questions=6,
+        refcoco_n=4,
+        mathverse_problems=2,
+        mmvp_vlm_pairs=1,
+        math_frac=0.3,
+    )
     return out
 
 
@@ -68,7 +79,9 @@ def _perfect(d: dict[str, torch.Tensor]) -> GeoOutput:
     """Logits that reproduce the targets exactly (peaks where the targets are 1)."""
     heat = torch.where(d["box_heat"] == 1, 10.0, -10.0)[None]
     junction = torch.where(d["junction"] == 1, 10.0, -10.0)[None]
-    return GeoOutput([], heat, d["box_size"][None], d["box_offset"][None], junction, d["boundary"][None] * 20 - 10)
+    return GeoOutput(
+        [], heat, d["box_size"][None], d["box_offset"][None], junction, d["boundary"][None] * 20 - 10
+    )
 
 
 def test_perfect_predictions_decode_to_perfect_scores(world):
@@ -99,8 +112,13 @@ def test_losses_are_finite_and_fall_when_fitting_a_batch(world):
     losses = []
     for _ in range(25):
         out = det(**inputs)
-        assert math.isfinite(float(out.loss.detach())) and set(out.parts) == {
-            "box_heat", "box_size", "box_offset", "junction", "boundary"}
+        assert math.isfinite(float(out.loss.detach())) and set(out.stats) == {
+            "box_heat",
+            "box_size",
+            "box_offset",
+            "junction",
+            "boundary",
+        }
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -138,13 +156,25 @@ def test_geoglip_stage_trains_only_geo_then_eval_script_runs(world, tmp_path):
     from mllm.model import MultimodalLM
     from mllm.training.runner import build_model, run_stage
 
-    r = tiny_recipe({"align": world / "align.json", "instruct": world / "instruct.json", "images": world},
-                    "torch", None, steps=(1, 1))
+    r = tiny_recipe(
+        {"align": world / "align.json", "instruct": world / "instruct.json", "images": world},
+        "torch",
+        None,
+        steps=(1, 1),
+    )
     r["model"]["tower"]["config"].update(image_size=64)
     r["model"]["fusion"] = {"type": "router", "geo": asdict(TINY)}
-    r["stages"] = [{"name": "geoglip", "kind": "geoglip", "data": {"json": str(world / "scenes.jsonl"),
-                                                                    "images": str(world)},
-                    "lr": 3e-3, "batch_size": 8, "max_steps": 4, "warmup_ratio": 0.0}]
+    r["stages"] = [
+        {
+            "name": "geoglip",
+            "kind": "geoglip",
+            "data": {"json": str(world / "scenes.jsonl"), "images": str(world)},
+            "lr": 3e-3,
+            "batch_size": 8,
+            "max_steps": 4,
+            "warmup_ratio": 0.0,
+        }
+    ]
     recipe = recipe_from_dict(r)
     model = build_model(recipe.model, tmp_path, [world / "align.json"], seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -279,7 +279,9 @@ def test_align_caption_frames_the_exact_caption(world, train_scenes):
         scene = train_scenes[item["id"]]
         if scene["figure"] is None:
             n = len(scene["shapes"])
-            assert ("one shape" if n == 1 else f"{['two', 'three', 'four', 'five', 'six'][n - 2]} shapes") in caption
+            assert (
+                "one shape" if n == 1 else f"{['two', 'three', 'four', 'five', 'six'][n - 2]} shapes"
+            ) in caption
         framed += len(caption) > len(body) + 20
     assert framed == len(longs)
 

@@ -83,9 +83,14 @@ def _as_geoworld(d: Drawing) -> Scene:
     shapes = []
     for o in d.objects:
         quarter = round(o.angle / 90.0) * 90 % 360
-        angle = quarter if o.kind in ("triangle", "arrow") else (quarter % 180 if o.kind == "rectangle" else 0)
-        shapes.append(make_shape(o.kind, o.colour, o.size, round(o.x * 64 / CANVAS), round(o.y * 64 / CANVAS),
-                                 angle, 64, 64))
+        angle = (
+            quarter if o.kind in ("triangle", "arrow") else (quarter % 180 if o.kind == "rectangle" else 0)
+        )
+        shapes.append(
+            make_shape(
+                o.kind, o.colour, o.size, round(o.x * 64 / CANVAS), round(o.y * 64 / CANVAS), angle, 64, 64
+            )
+        )
     return Scene(width=64, height=64, shapes=shapes)
 
 
@@ -119,7 +124,9 @@ def test_pictures_are_224px_antialiased_and_off_grid() -> None:
         assert d.image.mode == "RGB" and d.image.size == (CANVAS, CANVAS)
         assert min(d.background) >= 245  # white or near-white paper
         packed = (img[..., 0].astype(np.int64) << 16) | (img[..., 1].astype(np.int64) << 8) | img[..., 2]
-        assert len(np.unique(packed)) > 4 * len(d.objects) + 20  # edge pixels blend fill and paper (anti-aliased)
+        assert (
+            len(np.unique(packed)) > 4 * len(d.objects) + 20
+        )  # edge pixels blend fill and paper (anti-aliased)
         for o in d.objects:
             xs += [o.x, o.y]
             assert RADIUS["small"] * 0.89 <= o.radius <= RADIUS["large"] * 1.11
@@ -150,7 +157,7 @@ def test_shades_are_near_but_never_the_named_rgb() -> None:
 
 def test_what_is_drawn_is_what_the_answer_says() -> None:
     for d in handdrawn_drawings():
-        (question, answer, _), = d.questions
+        ((question, answer, _),) = d.questions
         assert _resolve(question, d.objects) == answer, (question, answer, d.objects)
         img = np.asarray(d.image).astype(np.int32)
         for o in d.objects:  # each object's centre is solid fill of its shade
@@ -167,7 +174,7 @@ def test_what_is_drawn_is_what_the_answer_says() -> None:
 def test_questions_are_geoworlds_own() -> None:
     """Each question is one GeoWorld asks (same words, same answer) of the same scene at 64 px."""
     for d in handdrawn_drawings():
-        (question, answer, category), = d.questions
+        ((question, answer, category),) = d.questions
         if category == "existence":
             m = re.fullmatch(r"Is there an? (\w+ \w+) in the image\?", question)
             assert m and question == f"Is there {with_article(m.group(1))} in the image?", question
@@ -183,8 +190,12 @@ def test_questions_are_geoworlds_own() -> None:
         m = re.fullmatch(r"What (color|shape) is (the [\w ]+)\?", question)
         assert m, question
         asked = "color" if m.group(1) == "color" else "kind"
-        (i,) = [i for i, o in enumerate(d.objects) if getattr(o, "colour" if asked == "color" else "kind") == answer
-                and m.group(2) in refer_all(scene, i, frozenset({asked}))]
+        (i,) = [
+            i
+            for i, o in enumerate(d.objects)
+            if getattr(o, "colour" if asked == "color" else "kind") == answer
+            and m.group(2) in refer_all(scene, i, frozenset({asked}))
+        ]
         assert getattr(scene.shapes[i], asked) == answer
     assert PLURALS["circle"] == "circles"
 

@@ -28,8 +28,18 @@ from mllm.tokenizer import ensure_image_token, train_tokenizer
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("w")
-    write_world(out, seed=0, n=40, size=64, n_eval=16, mmvp_pairs=8, pope_questions=12, refcoco_n=8,
-                mathverse_problems=2, mmvp_vlm_pairs=1)
+    write_world(
+        out,
+        seed=0,
+        n=40,
+        size=64,
+        n_eval=16,
+        mmvp_pairs=8,
+        pope_questions=12,
+        refcoco_n=8,
+        mathverse_problems=2,
+        mmvp_vlm_pairs=1,
+    )
     return out
 
 
@@ -43,8 +53,15 @@ def tok():
 
 def _dataset(tok, world=None, **kw):
     cfg = LiveWorldConfig(heldout=str(world) if world else None, **kw)
-    return LiveWorldDataset(cfg, tok, "chatml", tok.convert_tokens_to_ids("<image>"), 4,
-                            lambda ims: torch.zeros(len(ims), 3, 8, 8), 4096)
+    return LiveWorldDataset(
+        cfg,
+        tok,
+        "chatml",
+        tok.convert_tokens_to_ids("<image>"),
+        4,
+        lambda ims: torch.zeros(len(ims), 3, 8, 8),
+        4096,
+    )
 
 
 def test_samples_are_a_pure_function_of_seed_and_index(tok):
@@ -75,11 +92,18 @@ def test_heldout_must_be_a_world(tmp_path, tok):
 
 
 def test_paraphrases_keep_the_answer():
-    assert paraphrase("Which way is the arrow pointing?", "up") == ("Which direction is the arrow pointing?", "up")
+    assert paraphrase("Which way is the arrow pointing?", "up") == (
+        "Which direction is the arrow pointing?",
+        "up",
+    )
     assert paraphrase("Is the red star on the left or the right?", "left") == (
-        "Is the red star on the left or the right side of the image?", "left")
+        "Is the red star on the left or the right side of the image?",
+        "left",
+    )
     assert paraphrase("Is the circle to the left of the square?", "yes") == (
-        "Is the circle to the left or to the right of the square?", "left")
+        "Is the circle to the left or to the right of the square?",
+        "left",
+    )
     assert paraphrase("Is the circle to the left of the square?", "no")[1] == "right"
     assert paraphrase("Is the circle above the square?", "no")[1] == "below"
     assert paraphrase("What color is the circle?", "red") is None
@@ -87,8 +111,12 @@ def test_paraphrases_keep_the_answer():
 
 def test_two_options_contain_the_answer_once():
     rng = random.Random(0)
-    for cat, q, a in [("position", "Is it on the left?", "left"), ("colour", "What color is it?", "red"),
-                      ("count", "How many?", "3"), ("existence", "Is there a star?", "no")]:
+    for cat, q, a in [
+        ("position", "Is it on the left?", "left"),
+        ("colour", "What color is it?", "red"),
+        ("count", "How many?", "3"),
+        ("existence", "Is there a star?", "no"),
+    ]:
         for _ in range(20):
             mq, ma = two_options(cat, q, a, rng)
             opts = re.findall(r"\((a|b)\) (\w+)", mq)
@@ -110,7 +138,9 @@ def test_existence_probes_are_true_and_balanced():
 def _find(scene, phrase):
     """The one object an attribute phrase ("small red circle") names, or None."""
     words = phrase.split()
-    hits = [s for s in scene.shapes if words[-1] == s.kind and all(w in (s.color, s.size) for w in words[:-1])]
+    hits = [
+        s for s in scene.shapes if words[-1] == s.kind and all(w in (s.color, s.size) for w in words[:-1])
+    ]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -145,10 +175,12 @@ def test_long_conversations_lose_whole_turns(tok):
 
 
 def test_recipe_refuses_json_and_live_together(tmp_path):
-    from mllm.training.tasks import conversation_task
+    from mllm.families.mllm import conversation_task
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: t\nstages:\n  - {name: instruct, kind: instruct, data: {json: a.json, live: {n: 4}}}\n")
+    recipe.write_text(
+        "name: t\nstages:\n  - {name: instruct, kind: instruct, data: {json: a.json, live: {n: 4}}}\n"
+    )
     stage = load_recipe(recipe).stages[0]
     assert stage.data.live.n == 4
 
@@ -169,7 +201,7 @@ def test_unknown_live_key_is_refused(tmp_path):
 
 
 def test_curriculum_grows_scenes_and_needs_a_sequential_order(tok, tmp_path):
-    from mllm.training.tasks import conversation_task
+    from mllm.families.mllm import conversation_task
 
     ds = _dataset(tok, curriculum=100, max_shapes=5, math_frac=0.0)
     assert [ds.max_shapes(i) for i in (0, 19, 20, 99, 100, 10**6)] == [1, 1, 2, 5, 5, 5]
@@ -196,12 +228,22 @@ def test_sequential_order_is_index_order():
 def test_image_placement_after_puts_the_first_question_before_the_image(tok):
     image_id = tok.convert_tokens_to_ids("<image>")
     before = _dataset(tok)[5]["input_ids"].tolist()
-    after = LiveWorldDataset(LiveWorldConfig(), tok, "chatml", image_id, 4, lambda ims: torch.zeros(len(ims), 3, 8, 8),
-                             4096, image_placement="after")[5]["input_ids"].tolist()
+    after = LiveWorldDataset(
+        LiveWorldConfig(),
+        tok,
+        "chatml",
+        image_id,
+        4,
+        lambda ims: torch.zeros(len(ims), 3, 8, 8),
+        4096,
+        image_placement="after",
+    )[5]["input_ids"].tolist()
     assert sorted(before) == sorted(after) and before != after  # the same tokens, the image moved
     first_q = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
-    start = next(i for i in range(len(after)) if after[i:i + len(first_q)] == first_q) + len(first_q)
+    start = next(i for i in range(len(after)) if after[i : i + len(first_q)] == first_q) + len(first_q)
     assert before[start] == image_id and after[start] != image_id  # LLaVA's order vs question first
     assert after.index(image_id) > start
     with pytest.raises(ValueError, match="unknown image placement"):
-        LiveWorldDataset(LiveWorldConfig(), tok, "chatml", image_id, 4, lambda ims: ims, 4096, image_placement="x")
+        LiveWorldDataset(
+            LiveWorldConfig(), tok, "chatml", image_id, 4, lambda ims: ims, 4096, image_placement="x"
+        )

@@ -44,8 +44,16 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 def _dataset(model, path: Path, root: Path, template: str) -> ConversationDataset:
-    return ConversationDataset(path, root, model.tokenizer, template, model.image_token_id, model.num_image_tokens,
-                               model.tower.preprocess, 1024)
+    return ConversationDataset(
+        path,
+        root,
+        model.tokenizer,
+        template,
+        model.image_token_id,
+        model.num_image_tokens,
+        model.tower.preprocess,
+        1024,
+    )
 
 
 def test_mix665k_layout_loads_unconverted(tiny_model, image_folder):
@@ -57,7 +65,10 @@ def test_mix665k_layout_loads_unconverted(tiny_model, image_folder):
         assert item["id"] == rec["id"]  # int ids stay ints, string ids strings
         n_images = len(image_paths(rec))
         assert (item["pixel_values"] is None) == (n_images == 0)
-        assert int((item["input_ids"] == tiny_model.image_token_id).sum()) == n_images * tiny_model.num_image_tokens
+        assert (
+            int((item["input_ids"] == tiny_model.image_token_id).sum())
+            == n_images * tiny_model.num_image_tokens
+        )
         # one labelled span per assistant turn, each ending in the turn's end marker
         labelled = (item["labels"] != IGNORE_INDEX).int()
         spans = int(((labelled[1:] - labelled[:-1]) == 1).sum()) + int(labelled[0])
@@ -73,9 +84,12 @@ def test_blip558k_alignment_layout_loads_with_the_plain_template(tiny_model, ima
     for i, rec in enumerate(json.loads(BLIP.read_text())):
         item = ds[i]
         n = tiny_model.num_image_tokens
-        assert item["input_ids"][:n].tolist() == [tiny_model.image_token_id] * n  # the image, then the caption
-        caption = tiny_model.tokenizer.decode(item["input_ids"][item["labels"] != IGNORE_INDEX],
-                                              skip_special_tokens=True)
+        assert (
+            item["input_ids"][:n].tolist() == [tiny_model.image_token_id] * n
+        )  # the image, then the caption
+        caption = tiny_model.tokenizer.decode(
+            item["input_ids"][item["labels"] != IGNORE_INDEX], skip_special_tokens=True
+        )
         assert caption == rec["conversations"][1]["value"]
 
 
@@ -95,11 +109,15 @@ def test_modality_length_order_groups_modalities_and_lengths():
         mixed = [b for b in batches if len({lengths[i] > 0 for i in b}) > 1]
         assert len(mixed) <= 2  # only the leftovers of the two modalities share a batch (LLaVA's rule)
     # length grouping: far less spread inside a micro-batch than in random micro-batches of the same size
-    spread = [max(abs(lengths[i]) for i in b) - min(abs(lengths[i]) for i in b)
-              for b in order.batches(0, order.per_epoch)]
+    spread = [
+        max(abs(lengths[i]) for i in b) - min(abs(lengths[i]) for i in b)
+        for b in order.batches(0, order.per_epoch)
+    ]
     rand = build_order("random", list(range(203)), 4, 3, 0, 2)
-    rand_spread = [max(abs(lengths[i]) for i in b) - min(abs(lengths[i]) for i in b)
-                   for b in rand.batches(0, rand.per_epoch)]
+    rand_spread = [
+        max(abs(lengths[i]) for i in b) - min(abs(lengths[i]) for i in b)
+        for b in rand.batches(0, rand.per_epoch)
+    ]
     assert sum(spread) / len(spread) < 0.5 * sum(rand_spread) / len(rand_spread)
     # the two ranks' micro-batches of one step carry similar token totals (split_to_even_chunks)
     for b in _global_batches(order, 0)[:10]:

@@ -66,9 +66,17 @@ def _shim_modules() -> dict[str, types.ModuleType]:
         simple_class_path: str | None = None
         chat_class_path: str | None = None
 
-    mods = {name: types.ModuleType(name) for name in
-            ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model", "lmms_eval.api.instance", "lmms_eval.models",
-             "lmms_eval.models.registry_v2")}
+    mods = {
+        name: types.ModuleType(name)
+        for name in (
+            "lmms_eval",
+            "lmms_eval.api",
+            "lmms_eval.api.model",
+            "lmms_eval.api.instance",
+            "lmms_eval.models",
+            "lmms_eval.models.registry_v2",
+        )
+    }
     mods["lmms_eval.api.model"].lmms = lmms
     mods["lmms_eval.api.instance"].Instance = Instance
     mods["lmms_eval.models.registry_v2"].ModelManifest = ModelManifest
@@ -78,7 +86,9 @@ def _shim_modules() -> dict[str, types.ModuleType]:
 @pytest.fixture(params=["lmms_eval", "shim"])
 def api(request, monkeypatch):
     if request.param == "lmms_eval" and not HAVE_LMMS:
-        pytest.skip("lmms-eval's base class does not import here (pip install lmms-eval --no-deps pytz loguru)")
+        pytest.skip(
+            "lmms-eval's base class does not import here (pip install lmms-eval --no-deps pytz loguru)"
+        )
     if request.param == "shim":
         for name, mod in _shim_modules().items():
             monkeypatch.setitem(sys.modules, name, mod)
@@ -96,8 +106,10 @@ def saved(tiny_model, tmp_path):
     return tmp_path / "m"
 
 
-DOCS = [{"image": Image.new("RGB", (40, 40), (200, 30, 30)), "q": "What color is the circle?"},
-        {"image": Image.new("RGB", (50, 30), (30, 30, 200)), "q": "How many shapes are there?"}]
+DOCS = [
+    {"image": Image.new("RGB", (40, 40), (200, 30, 30)), "q": "What color is the circle?"},
+    {"image": Image.new("RGB", (50, 30), (30, 30, 200)), "q": "How many shapes are there?"},
+]
 
 
 def _make(adapter, saved, **kw):
@@ -107,7 +119,9 @@ def _make(adapter, saved, **kw):
 
 
 def _inst(Instance, kind, args, i):
-    return Instance(request_type=kind, arguments=args, idx=i, metadata={"task": "geo", "doc_id": i, "repeats": 1})
+    return Instance(
+        request_type=kind, arguments=args, idx=i, metadata={"task": "geo", "doc_id": i, "repeats": 1}
+    )
 
 
 def test_is_an_lmms_model_and_registers_under_mllm(api, saved):
@@ -119,7 +133,9 @@ def test_is_an_lmms_model_and_registers_under_mllm(api, saved):
     if "registry_v2" in str(getattr(sys.modules["lmms_eval.models.registry_v2"], "__file__", "")):
         from importlib.metadata import entry_points
 
-        if any(ep.name == "mllm" for ep in entry_points(group="lmms_eval.models")):  # installed with its metadata
+        if any(
+            ep.name == "mllm" for ep in entry_points(group="lmms_eval.models")
+        ):  # installed with its metadata
             from lmms_eval.models import get_model
 
             assert get_model("mllm").__qualname__ == "MllmLMMS"  # `lmms-eval --model mllm` resolves to it
@@ -130,9 +146,15 @@ def test_is_an_lmms_model_and_registers_under_mllm(api, saved):
 def test_generate_until_matches_mllm_greedy_answers(api, saved):
     adapter, _, Instance = api
     model = _make(adapter, saved)
-    reqs = [_inst(Instance, "generate_until", (d["q"], {"until": ["\n\n"], "max_new_tokens": 8},
-                                               lambda doc: [doc["image"]], i, "geo", "test"), i)
-            for i, d in enumerate(DOCS)]
+    reqs = [
+        _inst(
+            Instance,
+            "generate_until",
+            (d["q"], {"until": ["\n\n"], "max_new_tokens": 8}, lambda doc: [doc["image"]], i, "geo", "test"),
+            i,
+        )
+        for i, d in enumerate(DOCS)
+    ]
     got = model.generate_until(reqs)
     want = answer_batch(model.model, [d["q"] for d in DOCS], [d["image"] for d in DOCS], max_new_tokens=8)
     assert got == want and all(isinstance(g, str) for g in got)
@@ -141,10 +163,20 @@ def test_generate_until_matches_mllm_greedy_answers(api, saved):
 def test_loglikelihood_is_the_continuation_log_probability(api, saved):
     adapter, _, Instance = api
     model = _make(adapter, saved)
-    greedy = model.generate_until([_inst(Instance, "generate_until", (DOCS[0]["q"], {"max_new_tokens": 3},
-                                                                      lambda d: [d["image"]], 0, "geo", "test"), 0)])[0]
-    reqs = [_inst(Instance, "loglikelihood", (DOCS[0]["q"], cont, lambda d: [d["image"]], 0, "geo", "test"), i)
-            for i, cont in enumerate([greedy, " zebra zebra"])]
+    greedy = model.generate_until(
+        [
+            _inst(
+                Instance,
+                "generate_until",
+                (DOCS[0]["q"], {"max_new_tokens": 3}, lambda d: [d["image"]], 0, "geo", "test"),
+                0,
+            )
+        ]
+    )[0]
+    reqs = [
+        _inst(Instance, "loglikelihood", (DOCS[0]["q"], cont, lambda d: [d["image"]], 0, "geo", "test"), i)
+        for i, cont in enumerate([greedy, " zebra zebra"])
+    ]
     (lp_greedy, is_greedy), (lp_other, other_greedy) = model.loglikelihood(reqs)
     assert is_greedy and not other_greedy and lp_greedy > lp_other and lp_greedy < 0
     # the same number by hand: full-sequence logits, log-softmax, the continuation's tokens
@@ -170,10 +202,25 @@ def test_generate_until_multi_round_follows_doc_to_text(api, saved):
         done = round_idx >= 2
         return None, "And the shape?", done, list(previous_output), {"round": round_idx}
 
-    req = _inst(Instance, "generate_until_multi_round",
-                (DOCS[0]["q"], {"max_new_tokens": 4}, lambda d: [d["image"]], doc_to_text, 0, "geo", "test"), 0)
+    req = _inst(
+        Instance,
+        "generate_until_multi_round",
+        (DOCS[0]["q"], {"max_new_tokens": 4}, lambda d: [d["image"]], doc_to_text, 0, "geo", "test"),
+        0,
+    )
     (rounds,) = model.generate_until_multi_round([req])
     assert [r for r, _, _ in seen] == [1, 2]
     assert len(rounds) == 2 and seen[1][1] == rounds and seen[1][2] == {"round": 1}
-    assert rounds[0] == model.generate_until([_inst(Instance, "generate_until", (
-        DOCS[0]["q"], {"max_new_tokens": 4}, lambda d: [d["image"]], 0, "geo", "test"), 0)])[0]
+    assert (
+        rounds[0]
+        == model.generate_until(
+            [
+                _inst(
+                    Instance,
+                    "generate_until",
+                    (DOCS[0]["q"], {"max_new_tokens": 4}, lambda d: [d["image"]], 0, "geo", "test"),
+                    0,
+                )
+            ]
+        )[0]
+    )

@@ -47,7 +47,9 @@ def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(world, tmp_path):
     assert "lr/projector/no_decay" in acc.Tags()["scalars"] or "lr/projector" in acc.Tags()["scalars"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (optional extra)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("wandb") is None, reason="wandb is not installed (optional extra)"
+)
 def test_wandb_offline_logs_without_network(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -81,7 +83,10 @@ def test_run_folder_records_recipe_git_revision_and_environment(world, tmp_path)
     env = json.loads((run / "env.json").read_text())["runs"]
     assert len(env) == 1
     info = env[0]
-    assert info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"] == torch.__version__
+    assert (
+        info["packages"]["torch"] == torch.__version__.split("+")[0]
+        or info["packages"]["torch"] == torch.__version__
+    )
     assert info["packages"]["transformers"] and info["python"].count(".") == 2
     assert info["world_size"] == 1 and info["cpu"]["count"] >= 1
     if (Path(__file__).resolve().parents[1] / ".git").exists():

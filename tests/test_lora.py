@@ -51,8 +51,16 @@ def _losses(stage_dir: Path) -> list[float]:
 def _logits(model: MultimodalLM, world) -> torch.Tensor:
     from mllm.data.conversations import Collator, ConversationDataset
 
-    ds = ConversationDataset(world["instruct"], world["images"], model.tokenizer, model.meta.template,
-                             model.image_token_id, model.num_image_tokens, model.tower.preprocess, 96)
+    ds = ConversationDataset(
+        world["instruct"],
+        world["images"],
+        model.tokenizer,
+        model.meta.template,
+        model.image_token_id,
+        model.num_image_tokens,
+        model.tower.preprocess,
+        96,
+    )
     batch = Collator(model.tokenizer.pad_token_id)([ds[0], ds[1]])
     with torch.no_grad():
         return model.eval()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
@@ -66,34 +74,39 @@ def test_lora_stage_trains_adapters_and_projector_saves_merged_and_adapter(world
 
     lrs = json.loads((tmp_path / "instruct" / "metrics.jsonl").read_text().splitlines()[0])["lr"]
     assert {k.split("/")[0] for k in lrs} == {"projector", "lm"}  # the projector keeps its own rate
-    assert max(v for k, v in lrs.items() if k.startswith("projector")) > max(v for k, v in lrs.items()
-                                                                             if k.startswith("lm"))
+    assert max(v for k, v in lrs.items() if k.startswith("projector")) > max(
+        v for k, v in lrs.items() if k.startswith("lm")
+    )
     final = tmp_path / "instruct" / "final"
     merged = MultimodalLM.from_pretrained(final)
     assert not any("lora_" in n for n, _ in merged.named_parameters())  # a plain model for the next stage
     before = MultimodalLM.from_pretrained(base).state_dict()
     for k, v in merged.state_dict().items():
         changed = not torch.equal(v, before[k])
-        expected = k.startswith("projector.") or (k.startswith("lm.") and ("q_proj" in k or "v_proj" in k)
-                                                  and k.endswith("weight"))
+        expected = k.startswith("projector.") or (
+            k.startswith("lm.") and ("q_proj" in k or "v_proj" in k) and k.endswith("weight")
+        )
         assert changed == expected, k
 
     adapter = final / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4  # peft's own format
     assert any("lora_A" in k for k in load_file(str(adapter / "adapter_model.safetensors")))
     assert set(load_file(str(adapter / "non_lora_trainables.safetensors"))) == {
-        n for n, _ in merged.projector.named_parameters(prefix="projector")}
+        n for n, _ in merged.projector.named_parameters(prefix="projector")
+    }
 
     out = tmp_path / "merged"
     assert cli.main(["merge-lora", "--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
-    torch.testing.assert_close(_logits(MultimodalLM.from_pretrained(out), world), _logits(merged, world),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _logits(MultimodalLM.from_pretrained(out), world), _logits(merged, world), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend,zero", [("torch", None), ("deepspeed", "train/ds/zero2.json")])
 def test_resume_from_a_lora_checkpoint_reproduces_the_loss_sequence(world, base, tmp_path, backend, zero):
-    recipe = recipe_from_dict(_recipe(world, backend, str(REPO / zero) if zero else None, steps=6, every=2,
-                                      keep=5))
+    recipe = recipe_from_dict(
+        _recipe(world, backend, str(REPO / zero) if zero else None, steps=6, every=2, keep=5)
+    )
     stage = recipe.stages[0]
     full = tmp_path / "full"
     run_stage(MultimodalLM.from_pretrained(base), recipe, stage, full)
@@ -113,8 +126,10 @@ def test_resume_from_a_lora_checkpoint_reproduces_the_loss_sequence(world, base,
     result = run_stage(MultimodalLM.from_pretrained(base), recipe, stage, cut)
     assert result.resumed_from == 4
     assert _losses(cut) == want
-    torch.testing.assert_close(_logits(MultimodalLM.from_pretrained(cut / "final"), world),
-                               _logits(MultimodalLM.from_pretrained(full / "final"), world))
+    torch.testing.assert_close(
+        _logits(MultimodalLM.from_pretrained(cut / "final"), world),
+        _logits(MultimodalLM.from_pretrained(full / "final"), world),
+    )
 
 
 def test_qlora_refused_clearly_without_bitsandbytes_or_gpu(base):
@@ -129,8 +144,9 @@ def test_qlora_refused_clearly_without_bitsandbytes_or_gpu(base):
 
 def test_lora_section_is_checked_by_the_recipe_schema(world):
     rec = _recipe(world, "torch", None)
-    assert recipe_from_dict(rec).stages[0].lora == LoraConfig(r=4, alpha=8.0, dropout=0.1,
-                                                               targets=["q_proj", "v_proj"])
+    assert recipe_from_dict(rec).stages[0].lora == LoraConfig(
+        r=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj"]
+    )
     rec["stages"][0]["lora"]["rank"] = 8
     with pytest.raises(ConfigError, match="rank"):
         recipe_from_dict(rec)

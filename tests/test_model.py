@@ -53,8 +53,11 @@ def test_loss_equals_reference_and_weights(tiny_model, tokenizer):
     out = m(**{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})
     embeds = m.embed(b["input_ids"], b["pixel_values"])
     logits = m.lm(inputs_embeds=embeds, attention_mask=b["attention_mask"]).logits
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), b["labels"][:, 1:].reshape(-1),
-                          ignore_index=IGNORE_INDEX)
+    ref = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        b["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
     assert torch.allclose(out.loss, ref, atol=1e-5)
     # all-ones weights: the plain loss; doubling one token's weight changes it by that token's CE / n.
     w = (b["labels"] != IGNORE_INDEX).float()
@@ -65,7 +68,9 @@ def test_loss_equals_reference_and_weights(tiny_model, tokenizer):
     w2[0, pos] = 2.0
     ce = F.cross_entropy(logits[0, pos - 1].float(), b["labels"][0, pos])
     n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-    heavier = m(**{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}, token_weights=w2)
+    heavier = m(
+        **{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}, token_weights=w2
+    )
     assert torch.allclose(heavier.loss, out.loss + ce / n, atol=1e-5)
 
 
@@ -79,8 +84,15 @@ def test_save_load_round_trip_and_generate(tiny_model, tokenizer, tmp_path):
     inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     assert torch.allclose(m(**inputs).logits, m2(**inputs).logits, atol=1e-6)
     # Greedy generation with KV cache equals step-by-step argmax without cache.
-    prompt = encode_conversation([("user", "<image>\nWhat color?")], tokenizer, "chatml", m.image_token_id,
-                                 m.num_image_tokens, 1, for_generation=True)["input_ids"]
+    prompt = encode_conversation(
+        [("user", "<image>\nWhat color?")],
+        tokenizer,
+        "chatml",
+        m.image_token_id,
+        m.num_image_tokens,
+        1,
+        for_generation=True,
+    )["input_ids"]
     ids, mask = left_pad([prompt], tokenizer.pad_token_id)
     pix = m2.tower.preprocess([Image.new("RGB", (40, 30), "red")])
     new = m2.generate(ids, pix, mask, max_new_tokens=5, stop_token_ids=[])
@@ -88,14 +100,17 @@ def test_save_load_round_trip_and_generate(tiny_model, tokenizer, tmp_path):
     for _ in range(5):
         logits = m2(input_ids=seq, pixel_values=pix).logits
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert new[0].tolist() == seq[0, ids.shape[1]:].tolist()
+    assert new[0].tolist() == seq[0, ids.shape[1] :].tolist()
 
 
 def test_batched_left_padded_generation_matches_single(tiny_model, tokenizer):
     m = tiny_model.eval()
-    prompts = [encode_conversation([("user", q)], tokenizer, "chatml", m.image_token_id, m.num_image_tokens, 1,
-                                   for_generation=True)["input_ids"]
-               for q in ("<image>\nWhat color?", "<image>\nHow many shapes are there in the picture?")]
+    prompts = [
+        encode_conversation(
+            [("user", q)], tokenizer, "chatml", m.image_token_id, m.num_image_tokens, 1, for_generation=True
+        )["input_ids"]
+        for q in ("<image>\nWhat color?", "<image>\nHow many shapes are there in the picture?")
+    ]
     pix = torch.randn(2, 3, 32, 32)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     both = m.generate(ids, pix, mask, max_new_tokens=4, stop_token_ids=[])
@@ -111,13 +126,19 @@ def test_anchored_projector_anchors_at_the_first_conversation_stage_and_round_tr
 
     from encoders.towers import TowerConfig
     from mllm.config import DataConfig, StageConfig
+    from mllm.families.mllm import conversation_task
     from mllm.model import build_lm
-    from mllm.training.tasks import conversation_task
 
     torch.manual_seed(0)
     lm = build_lm(None, TINY_LM, len(tokenizer))
-    model = MultimodalLM.build(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1), "anchored_mlp2x_gelu",
-                               lm, tokenizer, template="chatml", max_length=128)
+    model = MultimodalLM.build(
+        TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
+        "anchored_mlp2x_gelu",
+        lm,
+        tokenizer,
+        template="chatml",
+        max_length=128,
+    )
     assert not bool(model.projector.anchored)
     (tmp_path / "c.json").write_text("[]")
     data = DataConfig(json=str(tmp_path / "c.json"))
@@ -155,5 +176,10 @@ def test_unknown_image_placement_is_refused_at_build(tokenizer):
 
     lm = build_lm(None, TINY_LM, len(tokenizer))
     with pytest.raises(ValueError, match="unknown image placement 'middle'"):
-        MultimodalLM.build(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1), "mlp2x_gelu", lm,
-                           tokenizer, image_placement="middle")
+        MultimodalLM.build(
+            TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
+            "mlp2x_gelu",
+            lm,
+            tokenizer,
+            image_placement="middle",
+        )

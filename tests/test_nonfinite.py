@@ -33,7 +33,9 @@ def data(tmp_path_factory):
     text = root / "text.json"
     text.write_text(json.dumps(_text_records()))
     base = root / "base"
-    build_model(recipe_from_dict(tiny_recipe(world)).model, root / "tok", [text], seed=0).save_pretrained(base)
+    build_model(recipe_from_dict(tiny_recipe(world)).model, root / "tok", [text], seed=0).save_pretrained(
+        base
+    )
     return world, text, base
 
 
@@ -41,8 +43,16 @@ def _recipe(data, backend="torch", policy="skip", max_skips=10, every=1) -> dict
     world, text, base = data
     zero = str(REPO / "train/ds/zero2.json") if backend == "deepspeed" else None
     rec = tiny_recipe(world, backend, zero, steps=(1, STEPS), checkpoint_every=every)
-    rec["stages"] = [dict(rec["stages"][1], name="s", kind="lm_pretrain", data={"json": str(text)}, grad_accum=2,
-                          batch_size=4)]
+    rec["stages"] = [
+        dict(
+            rec["stages"][1],
+            name="s",
+            kind="lm_pretrain",
+            data={"json": str(text)},
+            grad_accum=2,
+            batch_size=4,
+        )
+    ]
     rec["model"]["init_from"] = str(base)
     rec["engine"].update(keep_last=STEPS + 1, threads=1, nonfinite={"policy": policy, "max_skips": max_skips})
     return rec
@@ -78,8 +88,12 @@ def test_skip_drops_exactly_the_bad_step(data, tmp_path, monkeypatch):
     assert _same_tensors(w[2], w[3]), "the skipped step changed the weights"
     assert not _same_tensors(w[3], w[4]), "the step after the skipped one did not train"
     opt = {s: torch.load(_ckpt(tmp_path / "run", s) / "optimizer.pt", weights_only=True) for s in (2, 3)}
-    assert all(torch.equal(opt[2]["state"][k]["exp_avg"], opt[3]["state"][k]["exp_avg"]) for k in opt[2]["state"])
-    sched = [json.loads((_ckpt(tmp_path / "run", s) / "scheduler.json").read_text())["last_epoch"] for s in (2, 3)]
+    assert all(
+        torch.equal(opt[2]["state"][k]["exp_avg"], opt[3]["state"][k]["exp_avg"]) for k in opt[2]["state"]
+    )
+    sched = [
+        json.loads((_ckpt(tmp_path / "run", s) / "scheduler.json").read_text())["last_epoch"] for s in (2, 3)
+    ]
     assert sched[0] == sched[1], "the schedule advanced on a skipped step"
 
 

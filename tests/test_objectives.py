@@ -70,13 +70,17 @@ def naive_negclip(img, txt, hard_txt, s, hard_img=None, hard_img_txt=None):
 
 
 def naive_uniformity(a, c, t=2.0):
-    vals = [torch.exp(-t * (a[i] - c[j]).pow(2).sum()) for i in range(len(a)) for j in range(len(c)) if i != j]
+    vals = [
+        torch.exp(-t * (a[i] - c[j]).pow(2).sum()) for i in range(len(a)) for j in range(len(c)) if i != j
+    ]
     return torch.log(torch.stack(vals).mean())
 
 
 def naive_unif_align(img, txt, s, w_align=1.0, w_unif=1.0, cross=True):
     align = torch.stack([(img[i] - txt[i]).pow(2).sum() for i in range(len(img))]).mean()
-    u = [naive_uniformity(img, img), naive_uniformity(txt, txt)] + ([naive_uniformity(img, txt)] if cross else [])
+    u = [naive_uniformity(img, img), naive_uniformity(txt, txt)] + (
+        [naive_uniformity(img, txt)] if cross else []
+    )
     return naive_infonce(img, txt, s) + w_align * align + w_unif * torch.stack(u).mean()
 
 
@@ -89,11 +93,18 @@ def make(b, d, seed=0, n_img=3, n_txt=5):
     g = torch.Generator().manual_seed(seed * 1000 + b * 31 + d)
     mask = torch.rand(b, n_txt, generator=g) > 0.5
     mask[torch.arange(b), torch.randint(0, n_txt, (b,), generator=g)] = True  # one real token, anywhere
-    return {"img": unit(b, d, g=g), "txt": unit(b, d, g=g), "img_tokens": unit(b, n_img, d, g=g),
-            "txt_tokens": unit(b, n_txt, d, g=g), "txt_mask": mask, "hard_txt": unit(b, d, g=g),
-            "hard_img": unit(b, d, g=g), "hard_img_txt": unit(b, d, g=g),
-            "scale": torch.tensor(3.5, dtype=torch.float64, requires_grad=True),
-            "bias": torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)}
+    return {
+        "img": unit(b, d, g=g),
+        "txt": unit(b, d, g=g),
+        "img_tokens": unit(b, n_img, d, g=g),
+        "txt_tokens": unit(b, n_txt, d, g=g),
+        "txt_mask": mask,
+        "hard_txt": unit(b, d, g=g),
+        "hard_img": unit(b, d, g=g),
+        "hard_img_txt": unit(b, d, g=g),
+        "scale": torch.tensor(3.5, dtype=torch.float64, requires_grad=True),
+        "bias": torch.tensor(-1.5, dtype=torch.float64, requires_grad=True),
+    }
 
 
 def compare(ours_fn, naive_fn, data, wrt):
@@ -115,8 +126,12 @@ def test_clip_and_dcl(b, d, chunk):
     x = make(b, d)
     for name, excl in (("clip", False), ("dcl", True)):
         obj = get_objective(name, chunk=chunk)
-        compare(lambda obj=obj: obj(x["img"], x["txt"], x["scale"], None)[0],
-                lambda excl=excl: naive_infonce(x["img"], x["txt"], x["scale"], excl), x, ("img", "txt", "scale"))
+        compare(
+            lambda obj=obj: obj(x["img"], x["txt"], x["scale"], None)[0],
+            lambda excl=excl: naive_infonce(x["img"], x["txt"], x["scale"], excl),
+            x,
+            ("img", "txt", "scale"),
+        )
 
 
 @pytest.mark.parametrize("b,d", SHAPES)
@@ -124,8 +139,12 @@ def test_clip_and_dcl(b, d, chunk):
 def test_siglip_chunked_equals_full(b, d, chunk):
     x = make(b, d)
     obj = get_objective("siglip", chunk=chunk)
-    compare(lambda: obj(x["img"], x["txt"], x["scale"], x["bias"])[0],
-            lambda: naive_siglip(x["img"], x["txt"], x["scale"], x["bias"]), x, ("img", "txt", "scale", "bias"))
+    compare(
+        lambda: obj(x["img"], x["txt"], x["scale"], x["bias"])[0],
+        lambda: naive_siglip(x["img"], x["txt"], x["scale"], x["bias"]),
+        x,
+        ("img", "txt", "scale", "bias"),
+    )
 
 
 @pytest.mark.parametrize("b,d", SHAPES)
@@ -133,10 +152,20 @@ def test_siglip_chunked_equals_full(b, d, chunk):
 def test_filip(b, d, chunk):
     x = make(b, d)
     obj = get_objective("filip", chunk=chunk)
-    compare(lambda: obj(x["img"], x["txt"], x["scale"], None, img_tokens=x["img_tokens"],
-                        txt_tokens=x["txt_tokens"], txt_mask=x["txt_mask"])[0],
-            lambda: naive_filip(x["img_tokens"], x["txt_tokens"], x["txt_mask"], x["scale"]),
-            x, ("img_tokens", "txt_tokens", "scale"))
+    compare(
+        lambda: obj(
+            x["img"],
+            x["txt"],
+            x["scale"],
+            None,
+            img_tokens=x["img_tokens"],
+            txt_tokens=x["txt_tokens"],
+            txt_mask=x["txt_mask"],
+        )[0],
+        lambda: naive_filip(x["img_tokens"], x["txt_tokens"], x["txt_mask"], x["scale"]),
+        x,
+        ("img_tokens", "txt_tokens", "scale"),
+    )
 
 
 def test_filip_ignores_padding_values():
@@ -162,9 +191,14 @@ def test_negclip(b, d, chunk, hard_images):
     if hard_images:
         extra.update(hard_img=x["hard_img"], hard_img_txt=x["hard_img_txt"])
         wrt += ["hard_img", "hard_img_txt"]
-    compare(lambda: obj(x["img"], x["txt"], x["scale"], None, **extra)[0],
-            lambda: naive_negclip(x["img"], x["txt"], x["hard_txt"], x["scale"], extra.get("hard_img"),
-                                  extra.get("hard_img_txt")), x, wrt)
+    compare(
+        lambda: obj(x["img"], x["txt"], x["scale"], None, **extra)[0],
+        lambda: naive_negclip(
+            x["img"], x["txt"], x["hard_txt"], x["scale"], extra.get("hard_img"), extra.get("hard_img_txt")
+        ),
+        x,
+        wrt,
+    )
 
 
 def test_negclip_hard_caption_raises_loss_over_clip():
@@ -181,8 +215,12 @@ def test_negclip_hard_caption_raises_loss_over_clip():
 def test_unif_align(b, d, cross):
     x = make(b, d)
     obj = get_objective("unif_align", chunk=3, w_align=0.7, w_unif=1.3, cross_uniformity=cross)
-    compare(lambda: obj(x["img"], x["txt"], x["scale"], None)[0],
-            lambda: naive_unif_align(x["img"], x["txt"], x["scale"], 0.7, 1.3, cross), x, ("img", "txt", "scale"))
+    compare(
+        lambda: obj(x["img"], x["txt"], x["scale"], None)[0],
+        lambda: naive_unif_align(x["img"], x["txt"], x["scale"], 0.7, 1.3, cross),
+        x,
+        ("img", "txt", "scale"),
+    )
 
 
 def test_stats_report_retrieval_accuracy():
@@ -214,7 +252,9 @@ def test_bf16_features_close_to_fp32(name):
         extra = {k: x[k].detach().to(dtype) for k in keys}
         if "txt_mask" in obj.needs:
             extra["txt_mask"] = x["txt_mask"]
-        return obj(x["img"].detach().to(dtype), x["txt"].detach().to(dtype), torch.tensor(10.0), bias, **extra)[0]
+        return obj(
+            x["img"].detach().to(dtype), x["txt"].detach().to(dtype), torch.tensor(10.0), bias, **extra
+        )[0]
 
     ref, got = run(torch.float32), run(torch.bfloat16)
     assert got.dtype == torch.float32
@@ -233,8 +273,10 @@ def test_chunked_kernels_gradcheck(exclude, cols):
         y = unit(7, 5, g=g)
     s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
-    w_row, w_col = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(y.shape[0], generator=g,
-                                                                                dtype=torch.float64)
+    w_row, w_col = (
+        torch.randn(7, generator=g, dtype=torch.float64),
+        torch.randn(y.shape[0], generator=g, dtype=torch.float64),
+    )
 
     def f(x, y, s):
         r = pair_lse(x, y, s, chunk=3, exclude_offset=exclude, cols=cols)
@@ -242,8 +284,9 @@ def test_chunked_kernels_gradcheck(exclude, cols):
 
     assert torch.autograd.gradcheck(f, (x, y, s))
     off = exclude or 0
-    assert torch.autograd.gradcheck(lambda x, y, s, b: siglip_sum(x, y, s, b, chunk=2, pos_offset=off)[0],
-                                    (x, y, s, b))
+    assert torch.autograd.gradcheck(
+        lambda x, y, s, b: siglip_sum(x, y, s, b, chunk=2, pos_offset=off)[0], (x, y, s, b)
+    )
 
 
 # ---------------------------------------------------------------- distributed: 2 gloo ranks vs one process
@@ -257,11 +300,23 @@ def test_distributed_equals_single_process(tmp_path):
     w = dist_worker
 
     world = 2
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_dist_objectives_worker.py"), str(tmp_path)],
-                              env=subprocess_env(REPO, RANK=str(r), LOCAL_RANK=str(r), **env), cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "_dist_objectives_worker.py"), str(tmp_path)],
+            env=subprocess_env(REPO, RANK=str(r), LOCAL_RANK=str(r), **env),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     for r, p in enumerate(procs):
         try:
             out, _ = p.communicate(timeout=240)
@@ -279,14 +334,17 @@ def test_distributed_equals_single_process(tmp_path):
         "dcl": lambda x: naive_infonce(x["img"], x["txt"], x["scale"], exclude_positive=True),
         "filip": lambda x: naive_filip(x["img_tokens"], x["txt_tokens"], x["txt_mask"], x["scale"]),
         "negclip": lambda x: naive_negclip(x["img"], x["txt"], x["hard_txt"], x["scale"]),
-        "negclip_hard_img": lambda x: naive_negclip(x["img"], x["txt"], x["hard_txt"], x["scale"],
-                                                    x["hard_img"], x["hard_img_txt"]),
+        "negclip_hard_img": lambda x: naive_negclip(
+            x["img"], x["txt"], x["hard_txt"], x["scale"], x["hard_img"], x["hard_img_txt"]
+        ),
         "unif_align": lambda x: naive_unif_align(x["img"], x["txt"], x["scale"], 0.7, 1.3),
     }
     assert set(refs) == set(w.CASES)
     b = w.LOCAL_B
     for case, (_, _, extras) in w.CASES.items():
-        names = [k for k in ("img", "txt", *extras) if k != "txt_mask" and not (case == "filip" and k in "img txt")]
+        names = [
+            k for k in ("img", "txt", *extras) if k != "txt_mask" and not (case == "filip" and k in "img txt")
+        ]
         assert all(f"{case}.grad.{k}" in ranks[0] for k in names), (case, sorted(ranks[0]))
         uses_bias = f"{case}.grad.bias" in ranks[0]
         ref = refs[case](leaf)
@@ -297,8 +355,13 @@ def test_distributed_equals_single_process(tmp_path):
         for r, rk in enumerate(ranks):
             for k in names:
                 where = f"{case} rank {r} grad {k}"
-                torch.testing.assert_close(rk[f"{case}.grad.{k}"] / world, grads[k][r * b : (r + 1) * b],
-                                           rtol=1e-9, atol=1e-12, msg=lambda m, where=where: f"{where}: {m}")
+                torch.testing.assert_close(
+                    rk[f"{case}.grad.{k}"] / world,
+                    grads[k][r * b : (r + 1) * b],
+                    rtol=1e-9,
+                    atol=1e-12,
+                    msg=lambda m, where=where: f"{where}: {m}",
+                )
         for k in params:
             mean_g = sum(rk[f"{case}.grad.{k}"] for rk in ranks) / world
             torch.testing.assert_close(mean_g[0], grads[k], rtol=1e-9, atol=1e-12, msg=f"{case} grad {k}")
@@ -350,9 +413,23 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"'filip': missing extra inputs \['txt_tokens', 'txt_mask'\]"):
         filip(img, txt, s, img_tokens=x["img_tokens"])
     with pytest.raises(ValueError, match=r"img_tokens must be \[B=4, N, D=8\], got \(4, 3, 7\)"):
-        filip(img, txt, s, img_tokens=x["img_tokens"][..., :7], txt_tokens=x["txt_tokens"], txt_mask=x["txt_mask"])
+        filip(
+            img,
+            txt,
+            s,
+            img_tokens=x["img_tokens"][..., :7],
+            txt_tokens=x["txt_tokens"],
+            txt_mask=x["txt_mask"],
+        )
     with pytest.raises(ValueError, match="txt_mask must be a bool tensor"):
-        filip(img, txt, s, img_tokens=x["img_tokens"], txt_tokens=x["txt_tokens"], txt_mask=x["txt_mask"].float())
+        filip(
+            img,
+            txt,
+            s,
+            img_tokens=x["img_tokens"],
+            txt_tokens=x["txt_tokens"],
+            txt_mask=x["txt_mask"].float(),
+        )
     empty = x["txt_mask"].clone()
     empty[2] = False
     with pytest.raises(ValueError, match=r"no real token in rows \[2\]"):

@@ -23,10 +23,25 @@ from mllm.model import MultimodalLM, build_lm
 CONVS = [
     ([{"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": "red"}], 1),
     ([{"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "3"}], 0),
-    ([{"from": "human", "value": "Describe the image briefly.\n<image>"},
-      {"from": "gpt", "value": "A large red circle at the top left and a small blue triangle pointing up."},
-      {"from": "human", "value": "What shape is the blue object?"}, {"from": "gpt", "value": "triangle"}], 1),
-    ([{"from": "human", "value": "<image>\nIs the triangle pointing up or down?"}, {"from": "gpt", "value": "up"}], 1),
+    (
+        [
+            {"from": "human", "value": "Describe the image briefly.\n<image>"},
+            {
+                "from": "gpt",
+                "value": "A large red circle at the top left and a small blue triangle pointing up.",
+            },
+            {"from": "human", "value": "What shape is the blue object?"},
+            {"from": "gpt", "value": "triangle"},
+        ],
+        1,
+    ),
+    (
+        [
+            {"from": "human", "value": "<image>\nIs the triangle pointing up or down?"},
+            {"from": "gpt", "value": "up"},
+        ],
+        1,
+    ),
     ([{"from": "human", "value": "What color is the circle?"}, {"from": "gpt", "value": "blue green"}], 0),
 ]
 
@@ -36,8 +51,14 @@ def _model(tokenizer, attn: str) -> MultimodalLM:
 
     torch.manual_seed(0)
     lm = build_lm(None, TINY_LM, len(tokenizer), attn=attn)
-    m = MultimodalLM.build(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1), "mlp2x_gelu", lm,
-                           tokenizer, template="chatml", max_length=128)
+    m = MultimodalLM.build(
+        TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
+        "mlp2x_gelu",
+        lm,
+        tokenizer,
+        template="chatml",
+        max_length=128,
+    )
     return m.eval()
 
 
@@ -46,18 +67,22 @@ def _items(model, tok, weighted: bool) -> list[dict]:
     items = []
     for i, (conv, n_img) in enumerate(CONVS):
         enc = encode_conversation(conv, tok, "chatml", model.image_token_id, model.num_image_tokens, n_img)
-        it = {"id": f"s{i}", **enc, "pixel_values": torch.randn(n_img, 3, 32, 32, generator=g) if n_img else None}
+        it = {
+            "id": f"s{i}",
+            **enc,
+            "pixel_values": torch.randn(n_img, 3, 32, 32, generator=g) if n_img else None,
+        }
         if weighted:  # PRIOR-like: positive weights on labelled positions, 0 elsewhere
             on = enc["labels"] != IGNORE_INDEX
-            it["token_weights"] = torch.where(on, torch.rand(on.shape, generator=g) * 2, torch.zeros(on.shape))
+            it["token_weights"] = torch.where(
+                on, torch.rand(on.shape, generator=g) * 2, torch.zeros(on.shape)
+            )
         items.append(it)
     return items
 
 
 def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("skips", "ids")}
-
-
 
 
 def _segments(batch: dict, pad_id: int) -> list[tuple[int, int, int]]:
@@ -94,7 +119,9 @@ def test_packed_batch_matches_unpacked(tokenizer, attn):
     model = _model(tokenizer, attn)
     items = _items(model, tokenizer, weighted=True)
     plain = Collator(tokenizer.pad_token_id)(items)
-    packed = Collator(tokenizer.pad_token_id, pack_length=max(len(it["input_ids"]) for it in items) + 20)(items)
+    packed = Collator(tokenizer.pad_token_id, pack_length=max(len(it["input_ids"]) for it in items) + 20)(
+        items
+    )
     assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]  # it did pack
     assert "attention_mask" not in packed and sorted(packed["ids"]) == sorted(plain["ids"])
     assert packed["pixel_values"].shape == plain["pixel_values"].shape
@@ -109,8 +136,13 @@ def test_packed_batch_matches_unpacked(tokenizer, attn):
         model.zero_grad()
         out = model(**_inputs(batch))
         out.loss.backward()
-        grads.append((out.loss.detach(), out.num_loss_tokens,
-                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads.append(
+            (
+                out.loss.detach(),
+                out.num_loss_tokens,
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        )
     (l0, n0, g0), (l1, n1, g1) = grads
     assert n0 == n1 and torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
     assert set(g0) == set(g1) and any(n.startswith("tower.") for n in g0)
@@ -122,8 +154,12 @@ def test_packing_never_predicts_across_samples(tokenizer):
     """LM-pretraining-style samples label every token, the first one too: packed, a sample's first
     token must not become a target of the previous sample's last token."""
     model = _model(tokenizer, "sdpa")
-    ids = [tokenizer(t, return_tensors="pt")["input_ids"][0] for t in ("red blue green", "How many shapes?", "3")]
-    items = [{"id": str(i), "input_ids": x, "labels": x.clone(), "pixel_values": None} for i, x in enumerate(ids)]
+    ids = [
+        tokenizer(t, return_tensors="pt")["input_ids"][0] for t in ("red blue green", "How many shapes?", "3")
+    ]
+    items = [
+        {"id": str(i), "input_ids": x, "labels": x.clone(), "pixel_values": None} for i, x in enumerate(ids)
+    ]
     plain = Collator(tokenizer.pad_token_id)(items)
     packed = Collator(tokenizer.pad_token_id, pack_length=64)(items)
     assert packed["input_ids"].shape[0] == 1
@@ -158,8 +194,16 @@ def test_dataset_collator_packs_real_files(tokenizer, tmp_path):
     world = write_tiny_world(tmp_path, n=6)
     ensure_image_token(tokenizer, "<image>")
     model = _model(tokenizer, "sdpa")
-    ds = ConversationDataset(world["instruct"], world["images"], tokenizer, "chatml", model.image_token_id,
-                             model.num_image_tokens, model.tower.preprocess, 128)
+    ds = ConversationDataset(
+        world["instruct"],
+        world["images"],
+        tokenizer,
+        "chatml",
+        model.image_token_id,
+        model.num_image_tokens,
+        model.tower.preprocess,
+        128,
+    )
     items = [ds[i] for i in range(len(ds))]
     plain = Collator(tokenizer.pad_token_id)(items)
     packed = Collator(tokenizer.pad_token_id, pack_length=128)(items)
@@ -171,7 +215,7 @@ def test_dataset_collator_packs_real_files(tokenizer, tmp_path):
 def test_gradient_checkpointing_switch_keeps_gradients(tokenizer):
     """The stage switch recomputes activations in LM and tower; gradients are unchanged."""
     from mllm.config import StageConfig
-    from mllm.training.tasks import _speed_switches
+    from mllm.families.mllm import _speed_switches
 
     model = _model(tokenizer, "sdpa").train()
     batch = Collator(tokenizer.pad_token_id, pack_length=256)(_items(model, tokenizer, weighted=False))

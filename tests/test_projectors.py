@@ -48,7 +48,10 @@ def test_linear_is_a_plain_linear() -> None:
 
 @pytest.mark.parametrize("name", ["mlp", "mlp2x_relu", "mlp2x_gelu_extra", "resampler"])
 def test_unknown_name_lists_known(name: str) -> None:
-    with pytest.raises(ValueError, match=r"known: identity, linear, anchored_mlp\{N\}x_gelu, bn_mlp\{N\}x_gelu, mlp\{N\}x_gelu"):
+    with pytest.raises(
+        ValueError,
+        match=r"known: identity, linear, anchored_mlp\{N\}x_gelu, bn_mlp\{N\}x_gelu, mlp\{N\}x_gelu",
+    ):
         build_projector(name, 8, 8)
 
 
@@ -80,7 +83,7 @@ def test_register_projector() -> None:
         with pytest.raises(ValueError, match="already registered"):
             register_projector("test_tanh_linear")(_tanh_linear)
     finally:
-        del PROJECTORS["test_tanh_linear"]
+        PROJECTORS.unregister("test_tanh_linear")
 
 
 def test_anchored_projector_mixes_word_embeddings() -> None:
@@ -100,7 +103,9 @@ def test_anchored_projector_mixes_word_embeddings() -> None:
     assert torch.count_nonzero(proj(x)) == 0  # zero offsets, silent body: nothing before the words
     with torch.no_grad():
         proj.body[-1].weight.normal_()
-    first = proj.heads(x)[..., :3].softmax(-1)  # gated by P(an object covers the patch), zero where background
+    first = proj.heads(x)[..., :3].softmax(
+        -1
+    )  # gated by P(an object covers the patch), zero where background
     gate = (1 - first[..., :1]) * (first.argmax(-1, keepdim=True) != 0)
     assert torch.allclose(proj(x), gate * proj.body(x)) and torch.count_nonzero(proj(x)) > 0
     with torch.no_grad():
@@ -112,7 +117,10 @@ def test_anchored_projector_mixes_word_embeddings() -> None:
         proj(x)
 
     def ids(w: str) -> list[int]:
-        return [tok(w, add_special_tokens=False)["input_ids"][0], tok(" " + w, add_special_tokens=False)["input_ids"][0]]
+        return [
+            tok(w, add_special_tokens=False)["input_ids"][0],
+            tok(" " + w, add_special_tokens=False)["input_ids"][0],
+        ]
 
     with torch.no_grad():  # heads certain: colour = red (row 1), shape = circle (row 4)
         proj.heads.weight.zero_()

@@ -14,7 +14,9 @@ from encoders.towers import VisionFeatures
 def _inputs(seed: int, b: int = 3, grid=(8, 8), d: int = 32, c: int = 16):
     g = torch.Generator().manual_seed(seed)
     clip = VisionFeatures(tokens=torch.randn(b, grid[0] * grid[1], d, generator=g), grid=grid)
-    levels = [torch.randn(b, c, s, s, generator=g) for s in (1, 2, 4, 16)]  # coarse ... fine (finer than CLIP)
+    levels = [
+        torch.randn(b, c, s, s, generator=g) for s in (1, 2, 4, 16)
+    ]  # coarse ... fine (finer than CLIP)
     return clip, levels
 
 
@@ -76,7 +78,12 @@ def test_bad_inputs_are_clear_errors():
 def test_router_reads_the_geometric_encoder_pyramid():
     geo = GeoEncoder(GeoConfig(image_size=64, channels=[8, 16, 16, 24], fpn_dim=16, attn_heads=2))
     levels = geo.router_levels(torch.randn(2, 3, 64, 64))
-    assert [tuple(x.shape[-2:]) for x in levels] == [(2, 2), (4, 4), (8, 8), (16, 16)]  # coarse -> enhanced fine
+    assert [tuple(x.shape[-2:]) for x in levels] == [
+        (2, 2),
+        (4, 4),
+        (8, 8),
+        (16, 16),
+    ]  # coarse -> enhanced fine
     clip = VisionFeatures(tokens=torch.randn(2, 64, 32), grid=(8, 8))
     out = FeatureRouter(32, geo.level_dim, geo.num_levels)(clip, levels)
     assert out.tokens.shape == (2, 64, 160)

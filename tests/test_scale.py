@@ -43,7 +43,9 @@ def test_lazy_index_does_not_grow_with_samples(files):
     small, big = measure("lazy", f[SMALL]), measure("lazy", f[BIG])
     assert (small["n"], big["n"]) == (SMALL, BIG)
     growth = big["peak_mb"] - small["peak_mb"]
-    print(f"lazy index: {small['peak_mb']} MB at {SMALL}, {big['peak_mb']} MB at {BIG} (growth {growth:.1f} MB)")
+    print(
+        f"lazy index: {small['peak_mb']} MB at {SMALL}, {big['peak_mb']} MB at {BIG} (growth {growth:.1f} MB)"
+    )
     assert growth < INDEX_BOUND_MB, (small, big)
 
 
@@ -79,10 +81,12 @@ def test_lazy_reader_agrees_with_json_on_random_corruptions(tmp_path, monkeypatc
     p = tmp_path / "a.json"
     for trial in range(300):
         rng = random.Random(trial)
-        recs = [{"id": i, "x": "é漢\n" * rng.randint(0, 5), "n": [1, 2.5e3]} for i in range(rng.randint(1, 40))]
+        recs = [
+            {"id": i, "x": "é漢\n" * rng.randint(0, 5), "n": [1, 2.5e3]} for i in range(rng.randint(1, 40))
+        ]
         text = json.dumps(recs, indent=rng.choice([None, 1]), ensure_ascii=False)
         k = rng.randrange(len(text))
-        text = text[:k] + rng.choice(["}", ",", "x", "", "]", '"', "[", "1"]) + text[k + 1:]
+        text = text[:k] + rng.choice(["}", ",", "x", "", "]", '"', "[", "1"]) + text[k + 1 :]
         p.write_text(text)
         try:
             want = json.loads(text)
@@ -107,7 +111,12 @@ def test_jsonl_and_forked_workers(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     recs = read_records(p)
     assert list(recs) == rows
-    loader = DataLoader(recs, batch_size=16, num_workers=2, collate_fn=lambda b: [r["id"] for r in b],
-                        multiprocessing_context="fork")
+    loader = DataLoader(
+        recs,
+        batch_size=16,
+        num_workers=2,
+        collate_fn=lambda b: [r["id"] for r in b],
+        multiprocessing_context="fork",
+    )
     assert [i for batch in loader for i in batch] == list(range(200))
     assert torch.get_num_threads() >= 1

@@ -23,24 +23,76 @@ from hypothesis import strategies as st
 from mllm.data.geoworld import write_world
 from mllm.evaluation.benchmarks import BENCHMARKS, BenchmarkError, score_predictions
 
-FRAGMENTS = ["A", "B", "(a)", "(b)", "C.", "D)", "img1", "img2", "yes", "No.", "not", "Answer:", "The answer is ",
-             "\\boxed{", "}", "\\frac{1}{2}", "\\sqrt{3}", "√2", "π", "45°", "1e309", "-0", "nan", "inf", "1/0",
-             "[0.1, 0.2, 0.5, 0.6]", "[10, 20, 30, 40]", "(1,2),(3,4)", "<box>", "</box>", "[", "]", ",", " ",
-             "\n", "0.999999999999", "123456789012345678901234567890", "\x00", "\ud7ff", "🙂", "ﬁ", "Ⅻ", "٣"]
+FRAGMENTS = [
+    "A",
+    "B",
+    "(a)",
+    "(b)",
+    "C.",
+    "D)",
+    "img1",
+    "img2",
+    "yes",
+    "No.",
+    "not",
+    "Answer:",
+    "The answer is ",
+    "\\boxed{",
+    "}",
+    "\\frac{1}{2}",
+    "\\sqrt{3}",
+    "√2",
+    "π",
+    "45°",
+    "1e309",
+    "-0",
+    "nan",
+    "inf",
+    "1/0",
+    "[0.1, 0.2, 0.5, 0.6]",
+    "[10, 20, 30, 40]",
+    "(1,2),(3,4)",
+    "<box>",
+    "</box>",
+    "[",
+    "]",
+    ",",
+    " ",
+    "\n",
+    "0.999999999999",
+    "123456789012345678901234567890",
+    "\x00",
+    "\ud7ff",
+    "🙂",
+    "ﬁ",
+    "Ⅻ",
+    "٣",
+]
 TEXT = st.one_of(
     st.text(max_size=300),
     st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join),
 )
 HUGE = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=2000, max_size=5000)
 EXAMPLES = int(os.environ.get("MLLM_FUZZ_EXAMPLES", "30"))  # more: MLLM_FUZZ_EXAMPLES=500
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+)
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("geoworld")
-    write_world(root, seed=0, n=20, size=64, n_eval=16, mmvp_pairs=4, pope_questions=12, refcoco_n=8,
-                mathverse_problems=3)
+    write_world(
+        root,
+        seed=0,
+        n=20,
+        size=64,
+        n_eval=16,
+        mmvp_pairs=4,
+        pope_questions=12,
+        refcoco_n=8,
+        mathverse_problems=3,
+    )
     out = {}
     for name, bench in sorted(BENCHMARKS.items()):
         for d in (root / name, root / "mmvp", root):
@@ -67,7 +119,9 @@ def _responses(data, items) -> dict[str, str]:
         elif kind == "huge" and not huge:  # one very long answer an example: linear-time extractors
             out[it.id] = huge = data.draw(HUGE)
         elif kind == "truth" and _truths(it):
-            out[it.id] = data.draw(st.sampled_from(_truths(it))) + data.draw(st.sampled_from(["", ".", " ", "\n?"]))
+            out[it.id] = data.draw(st.sampled_from(_truths(it))) + data.draw(
+                st.sampled_from(["", ".", " ", "\n?"])
+            )
     return out
 
 
@@ -105,11 +159,20 @@ def test_predictions_file_scored_or_refused_by_name(loaded, name, tmp_path_facto
     bench = BENCHMARKS[name]
     data_dir, items = loaded[name]
     tmp = tmp_path_factory.mktemp(f"pred-{name}")
-    values = st.one_of(TEXT, st.none(), st.integers(), st.floats(allow_nan=True), st.lists(st.integers(), max_size=3))
+    values = st.one_of(
+        TEXT, st.none(), st.integers(), st.floats(allow_nan=True), st.lists(st.integers(), max_size=3)
+    )
 
-    @settings(max_examples=max(15, EXAMPLES // 2), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(st.lists(st.tuples(st.sampled_from([it.id for it in items]), values), max_size=len(items)),
-           st.sampled_from(["", "garbage line\n", "{\"x\": 1}\n"]))
+    @settings(
+        max_examples=max(15, EXAMPLES // 2),
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+    )
+    @given(
+        st.lists(st.tuples(st.sampled_from([it.id for it in items]), values), max_size=len(items)),
+        st.sampled_from(["", "garbage line\n", '{"x": 1}\n']),
+    )
     def run(rows, extra):
         path = tmp / "pred.jsonl"
         path.write_text("".join(json.dumps({bench.id_key: i, "response": v}) + "\n" for i, v in rows) + extra)

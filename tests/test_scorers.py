@@ -29,8 +29,17 @@ from mllm.evaluation.benchmarks import (
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("geoworld")
-    write_world(root, seed=0, n=20, size=64, n_eval=16, mmvp_pairs=8, pope_questions=24, refcoco_n=16,
-                mathverse_problems=4)
+    write_world(
+        root,
+        seed=0,
+        n=20,
+        size=64,
+        n_eval=16,
+        mmvp_pairs=8,
+        pope_questions=24,
+        refcoco_n=16,
+        mathverse_problems=4,
+    )
     return root
 
 
@@ -85,14 +94,18 @@ def test_load_every_benchmark_on_geoworld(world):
     assert len(mv) == 4 * 5 + 4
     assert mv[0].prompt.startswith("Please directly answer") and mv[-1].id == "text_only/4"
     assert mv[-1].image is None and mv[0].image.is_file()
-    vo = next(it for it in mv if it.meta["version"] == "Vision Only" and it.meta["question_type"] == "multi-choice")
+    vo = next(
+        it for it in mv if it.meta["version"] == "Vision Only" and it.meta["question_type"] == "multi-choice"
+    )
     assert set(vo.meta["choices"]) == {"A", "B", "C", "D"}  # borrowed from the problem's other versions
     cot = get_benchmark("mathverse").load(world / "mathverse", cot=True, text_only=False)
     assert len(cot) == 20 and cot[0].prompt.startswith("Please first conduct reasoning")
 
     ref = get_benchmark("refcoco").load(world / "refcoco")
     assert len(ref) == 16 and ref[0].id == "refcoco-000000"
-    assert ref[0].prompt.startswith("Please provide the bounding box coordinate of the region this sentence describes: ")
+    assert ref[0].prompt.startswith(
+        "Please provide the bounding box coordinate of the region this sentence describes: "
+    )
 
     qa = get_benchmark("qa").load(world)
     assert len(qa) == 16 and qa[0].id == "eval-000000" and qa[0].image.is_file()
@@ -184,9 +197,15 @@ def test_pope_by_hand(tmp_path):
     assert [it.id for it in items][:5] == ["random/1", "random/2", "random/3", "random/4", "popular/1"]
     responses = {
         # random: predictions yes, yes, yes, no against labels yes, yes, no, no -> TP 2, FP 1, TN 1, FN 0
-        "random/1": "Yes, there is a dog.", "random/2": "Yes.", "random/3": "Yes", "random/4": "No, there is not.",
+        "random/1": "Yes, there is a dog.",
+        "random/2": "Yes.",
+        "random/3": "Yes",
+        "random/4": "No, there is not.",
         # popular: yes, (empty), no, no -> TP 1, FN 1 (unparsed), TN 2
-        "popular/1": "yes", "popular/2": "", "popular/3": "There is not a dog.", "popular/4": "No",
+        "popular/1": "yes",
+        "popular/2": "",
+        "popular/3": "There is not a dog.",
+        "popular/4": "No",
     }
     metrics, records = bench.score(items, responses)
     r = metrics["random"]
@@ -198,8 +217,14 @@ def test_pope_by_hand(tmp_path):
     assert r["unparsed"] == 0
     p = metrics["popular"]
     assert p == pytest.approx(
-        {"accuracy": 75.0, "precision": 100.0, "recall": 50.0, "f1": 2 * 100 * 50 / 150, "yes_ratio": 25.0,
-         "unparsed": 1}
+        {
+            "accuracy": 75.0,
+            "precision": 100.0,
+            "recall": 50.0,
+            "f1": 2 * 100 * 50 / 150,
+            "yes_ratio": 25.0,
+            "unparsed": 1,
+        }
     )
     assert metrics["mean_f1"] == pytest.approx((80.0 + 200 / 3) / 2)
     assert "adversarial" not in metrics
@@ -236,12 +261,23 @@ def _mathverse(root: Path) -> Path:
                 question = "According to the question shown in the image, please answer the question."
             image = f"{pid}_{version[:2]}.png"
             _image(root / "images" / image)
-            rows.append({"sample_index": str(len(rows) + 1), "problem_index": pid, "problem_version": version,
-                         "question": question, "image": image, "answer": answer, "question_type": qtype,
-                         "metadata": {}, "query_wo": f"Answer directly.\nQuestion: {question}",
-                         "query_cot": f"Reason first.\nQuestion: {question}"})
-        text_only.append({**rows[-5], "sample_index": str(len(text_only) + 1), "problem_version": "Text Only",
-                          "image": ""})
+            rows.append(
+                {
+                    "sample_index": str(len(rows) + 1),
+                    "problem_index": pid,
+                    "problem_version": version,
+                    "question": question,
+                    "image": image,
+                    "answer": answer,
+                    "question_type": qtype,
+                    "metadata": {},
+                    "query_wo": f"Answer directly.\nQuestion: {question}",
+                    "query_cot": f"Reason first.\nQuestion: {question}",
+                }
+            )
+        text_only.append(
+            {**rows[-5], "sample_index": str(len(text_only) + 1), "problem_version": "Text Only", "image": ""}
+        )
     (root / "testmini.json").write_text(json.dumps(rows))
     (root / "testmini_text_only.json").write_text(json.dumps(text_only))
     return root
@@ -253,17 +289,30 @@ def test_mathverse_five_version_mean_by_hand(tmp_path):
     assert [it.id for it in items][-2:] == ["text_only/1", "text_only/2"]
     # sample_index: problem 1 (MC, answer C) is 1-5, problem 2 (free-form, 12) is 6-10, both by version order
     responses = {
-        "1": "C", "6": "The answer is 12 cm.",  # Text Dominant 2/2 -> 100
-        "2": "(C) 50°", "7": "13",  # Text Lite 1/2 -> 50
-        "3": "50 degrees", "8": "",  # Vision Intensive 1/2 -> 50, one unparsed
-        "4": "B", "9": "\\boxed{11}",  # Vision Dominant 0/2 -> 0
-        "5": "So angle C = 50°.", "10": "AB = 12",  # Vision Only 2/2 -> 100 (choices borrowed from siblings)
-        "text_only/1": "C", "text_only/2": "12",  # Text Only 2/2 -> 100, excluded from "all"
+        "1": "C",
+        "6": "The answer is 12 cm.",  # Text Dominant 2/2 -> 100
+        "2": "(C) 50°",
+        "7": "13",  # Text Lite 1/2 -> 50
+        "3": "50 degrees",
+        "8": "",  # Vision Intensive 1/2 -> 50, one unparsed
+        "4": "B",
+        "9": "\\boxed{11}",  # Vision Dominant 0/2 -> 0
+        "5": "So angle C = 50°.",
+        "10": "AB = 12",  # Vision Only 2/2 -> 100 (choices borrowed from siblings)
+        "text_only/1": "C",
+        "text_only/2": "12",  # Text Only 2/2 -> 100, excluded from "all"
     }
     metrics, records = bench.score(items, responses)
-    assert metrics["versions"] == {"Text Dominant": 100.0, "Text Lite": 50.0, "Vision Intensive": 50.0,
-                                   "Vision Dominant": 0.0, "Vision Only": 100.0}
-    assert metrics["all"] == pytest.approx(60.0)  # mean of five versions; with Text Only items it would be 66.7
+    assert metrics["versions"] == {
+        "Text Dominant": 100.0,
+        "Text Lite": 50.0,
+        "Vision Intensive": 50.0,
+        "Vision Dominant": 0.0,
+        "Vision Only": 100.0,
+    }
+    assert metrics["all"] == pytest.approx(
+        60.0
+    )  # mean of five versions; with Text Only items it would be 66.7
     assert metrics["text_only"] == 100.0
     assert metrics["unparsed"] == 1
     assert records[0]["extracted"] == "C" and records[5]["extracted"] == 12.0
@@ -277,7 +326,14 @@ def test_mathverse_free_form_tolerance_and_strings(tmp_path):
     items = bench.load(_mathverse(tmp_path / "mv"), text_only=False)
     item = items[5]
     item.meta["answer"] = "2\\sqrt{3}"  # 3.4641...; a value rounded to its own decimals counts
-    for resp, ok in (("2√3", True), ("3.46", True), ("3.5", True), ("3.47", False), ("3.4", False), ("\\frac{\\sqrt{12}}{1}", True)):
+    for resp, ok in (
+        ("2√3", True),
+        ("3.46", True),
+        ("3.5", True),
+        ("3.47", False),
+        ("3.4", False),
+        ("\\frac{\\sqrt{12}}{1}", True),
+    ):
         _, records = bench.score([item], {item.id: resp})
         assert records[0]["correct"] is ok, resp
     item.meta["answer"] = "(1, 3]"
@@ -293,8 +349,14 @@ def test_mathverse_free_form_tolerance_and_strings(tmp_path):
 def _refcoco(root: Path) -> Path:
     _image(root / "images" / "wide.png", (100, 50))
     rows = [
-        {"id": f"r{i}", "image": "wide.png", "width": 100, "height": 50, "sentence": "the red circle",
-         "bbox": [10, 10, 30, 30]}
+        {
+            "id": f"r{i}",
+            "image": "wide.png",
+            "width": 100,
+            "height": 50,
+            "sentence": "the red circle",
+            "bbox": [10, 10, 30, 30],
+        }
         for i in range(4)
     ]
     return _jsonl(root / "refcoco_val.jsonl", rows).parent
@@ -353,12 +415,25 @@ def test_qa_by_hand(world):
 
 def test_qa_option_letters(tmp_path):
     _image(tmp_path / "eval" / "images" / "0.png")
-    _jsonl(tmp_path / "eval" / "qa.jsonl", [
-        {"id": "q0", "image": "eval/images/0.png", "question": "Is it up or down? (a) up (b) down", "answer": "(b)",
-         "category": "orientation"},
-        {"id": "q1", "image": "eval/images/0.png", "question": "What color? (a) red (b) blue", "answer": "red",
-         "category": "colour"},
-    ])
+    _jsonl(
+        tmp_path / "eval" / "qa.jsonl",
+        [
+            {
+                "id": "q0",
+                "image": "eval/images/0.png",
+                "question": "Is it up or down? (a) up (b) down",
+                "answer": "(b)",
+                "category": "orientation",
+            },
+            {
+                "id": "q1",
+                "image": "eval/images/0.png",
+                "question": "What color? (a) red (b) blue",
+                "answer": "red",
+                "category": "colour",
+            },
+        ],
+    )
     bench = get_benchmark("qa")
     metrics, _ = bench.score(bench.load(tmp_path), {"q0": "Down", "q1": "(a)"})
     assert metrics["accuracy"] == 100.0
@@ -371,9 +446,14 @@ def test_qa_option_letters(tmp_path):
 
 def test_score_predictions_writes_report(tmp_path):
     data = _mmvp(tmp_path / "mmvp", ["(a)", "(b)", "(b)", "(a)"])
-    preds = _jsonl(tmp_path / "preds.jsonl", [
-        {"Index": 1, "response": "(a)"}, {"Index": "2", "response": "b"}, {"Index": 3, "response": "B"},
-    ])
+    preds = _jsonl(
+        tmp_path / "preds.jsonl",
+        [
+            {"Index": 1, "response": "(a)"},
+            {"Index": "2", "response": "b"},
+            {"Index": 3, "response": "B"},
+        ],
+    )
     out = tmp_path / "out" / "mmvp.json"
     metrics = score_predictions("mmvp", data, preds, out)
     assert metrics == {"pair_accuracy": 50.0, "question_accuracy": 75.0, "unparsed": 1, "pairs": 2}
@@ -413,7 +493,9 @@ def test_duplicate_and_malformed_predictions(tmp_path):
     nokey = _jsonl(tmp_path / "nokey.jsonl", [{"id": 1, "response": "a"}])
     with pytest.raises(BenchmarkError, match=r"nokey\.jsonl:1.*Index"):
         read_predictions(nokey, "Index")
-    assert read_predictions(_jsonl(tmp_path / "ok.jsonl", [{"Index": 3, "response": "x"}]), "Index") == {"3": "x"}
+    assert read_predictions(_jsonl(tmp_path / "ok.jsonl", [{"Index": 3, "response": "x"}]), "Index") == {
+        "3": "x"
+    }
 
 
 def test_missing_images_and_files_are_named(tmp_path):
@@ -459,7 +541,9 @@ def test_pope_collision_free_ids_on_geoworld(world, tmp_path):
     items = bench.load(world / "pope")
     assert len({it.id for it in items}) == len(items)
     responses = {it.id: "No" for it in items}
-    metrics = score_predictions("pope", world / "pope", _preds(tmp_path / "p.jsonl", "question_id", responses), None)
+    metrics = score_predictions(
+        "pope", world / "pope", _preds(tmp_path / "p.jsonl", "question_id", responses), None
+    )
     for split in ("random", "popular", "adversarial"):
         assert metrics[split]["yes_ratio"] == 0.0 and metrics[split]["accuracy"] == 50.0
         assert metrics[split]["f1"] == 0.0

@@ -49,8 +49,13 @@ def test_source_audit():
         rel = path.relative_to(REPO)
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                if any(n and n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "marshal") for n in names):
+                names = [a.name for a in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) else []
+                )
+                if any(
+                    n and n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "marshal")
+                    for n in names
+                ):
                     problems.append(f"{rel}:{node.lineno}: imports a pickle module")
         for call, func in _calls(tree):
             where = f"{rel}:{call.lineno}: {func}"
@@ -74,8 +79,15 @@ def test_source_audit():
 
 def test_pickled_weights_are_refused(tmp_path):
     """An LM folder with only pytorch_model.bin (a pickle) is not loaded: safetensors or nothing."""
-    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     lm = AutoModelForCausalLM.from_config(cfg)
     cfg.save_pretrained(tmp_path)
     torch.save(lm.state_dict(), tmp_path / "pytorch_model.bin")
@@ -100,23 +112,52 @@ class _Recorder:
 
 
 @pytest.mark.parametrize("flag", [None, True])
-def test_trust_remote_code_reaches_from_pretrained_only_when_the_recipe_says(tokenizer, tmp_path, monkeypatch, flag):
+def test_trust_remote_code_reaches_from_pretrained_only_when_the_recipe_says(
+    tokenizer, tmp_path, monkeypatch, flag
+):
+    import encoders.common
     import mllm.model
-    import mllm.tokenizer
 
     lm_dir, tok_dir = tmp_path / "lm", tmp_path / "tok"
-    build_lm(None, dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2), len(tokenizer)).save_pretrained(lm_dir)
+    build_lm(
+        None,
+        dict(
+            model_type="llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+        len(tokenizer),
+    ).save_pretrained(lm_dir)
     tokenizer.save_pretrained(str(tok_dir))
     seen: list = []
     monkeypatch.setattr(mllm.model, "AutoModelForCausalLM", _Recorder(mllm.model.AutoModelForCausalLM, seen))
-    monkeypatch.setattr(mllm.tokenizer, "AutoTokenizer", _Recorder(mllm.tokenizer.AutoTokenizer, seen))
+    # load_tokenizer lives in encoders.common (mllm.tokenizer re-exports it): patch where it looks the class up
+    monkeypatch.setattr(encoders.common, "AutoTokenizer", _Recorder(encoders.common.AutoTokenizer, seen))
     lm = {"path": str(lm_dir)} | ({"trust_remote_code": flag} if flag is not None else {})
-    recipe = recipe_from_dict({"name": "t", "model": {
-        "tower": {"type": "clip", "select_layer": -1, "config": dict(image_size=32, patch_size=8, hidden_size=32,
-                                                                       intermediate_size=64, num_hidden_layers=1,
-                                                                       num_attention_heads=2)},
-        "lm": lm, "tokenizer": {"path": str(tok_dir)}}})
+    recipe = recipe_from_dict(
+        {
+            "name": "t",
+            "model": {
+                "tower": {
+                    "type": "clip",
+                    "select_layer": -1,
+                    "config": dict(
+                        image_size=32,
+                        patch_size=8,
+                        hidden_size=32,
+                        intermediate_size=64,
+                        num_hidden_layers=1,
+                        num_attention_heads=2,
+                    ),
+                },
+                "lm": lm,
+                "tokenizer": {"path": str(tok_dir)},
+            },
+        }
+    )
     build_model(recipe.model, tmp_path / "run", [], seed=0)
     assert {name for name, _ in seen} == {"AutoModelForCausalLM", "AutoTokenizer"}
     assert all(v is bool(flag) for _, v in seen), seen
@@ -130,8 +171,14 @@ def test_image_paths_confined_to_the_root(tmp_path):
     Image.new("RGB", (4, 4)).save(root / "sub" / "in.png")
     os.symlink(outside, root / "linkdir")  # a symlinked folder out of the root
     os.symlink(root / "sub" / "in.png", root / "inside_link.png")  # a symlink that stays inside
-    for bad in ("../outside/x.png", str(outside / "x.png"), "linkdir/x.png", "sub/../../outside/x.png", "/etc/passwd",
-                "../../../../../../etc/passwd"):
+    for bad in (
+        "../outside/x.png",
+        str(outside / "x.png"),
+        "linkdir/x.png",
+        "sub/../../outside/x.png",
+        "/etc/passwd",
+        "../../../../../../etc/passwd",
+    ):
         with pytest.raises(ImageError, match="escapes the image root"):
             resolve_image(root, bad)
     for good in ("sub/in.png", "sub/../sub/in.png", "inside_link.png", "./sub/in.png"):
@@ -161,7 +208,9 @@ def test_chat_cli_treats_input_as_text(tiny_model, tmp_path, monkeypatch, capsys
     marker = tmp_path / "PWNED"
     payloads = [p.format(marker=marker) for p in PAYLOADS]
     # For real, once each way: nothing is executed.
-    assert cli_main(["chat", "--model", str(model_dir), "--prompt", payloads[0], "--max-new-tokens", "4"]) == 0
+    assert (
+        cli_main(["chat", "--model", str(model_dir), "--prompt", payloads[0], "--max-new-tokens", "4"]) == 0
+    )
     lines = iter(payloads[1:] + ["/quit"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
     assert cli_main(["chat", "--model", str(model_dir), "--max-new-tokens", "4"]) == 0

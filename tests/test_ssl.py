@@ -24,7 +24,6 @@ from encoders.ssl import (
     SSLConfig,
     SSLModel,
     block_mask,
-    collate_views,
     color_jitter,
     cosine_ramp,
     dino_loss,
@@ -37,6 +36,7 @@ from encoders.ssl import (
     updated_center,
 )
 from encoders.towers import TowerConfig, build_tower
+from mllm.data.views import collate_views
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = dict(
@@ -271,7 +271,7 @@ def test_ssl_forward_uses_the_mask_token_and_trains():
     batch = _views(model)
     model.train()
     out = model(**batch)
-    assert set(out.parts) >= {"dino", "ibot", "teacher_temp"} and torch.isfinite(out.loss)
+    assert set(out.stats) >= {"dino", "ibot", "teacher_temp"} and torch.isfinite(out.loss)
     out.loss.backward()
     # the masked views went through Dinov2's own mask token
     assert model.image_tower.model.embeddings.mask_token.grad is not None
@@ -344,6 +344,25 @@ def test_ssl_tower_saves_and_loads_into_multimodal_lm(tokenizer, tmp_path, expor
     for k, v in reader.model.named_parameters():
         assert torch.allclose(v, want[k]), k
     assert_tower_loads_into_mllm(tmp_path / "ssl" / "image_tower", "dinov2", tokenizer, reader)
+
+
+def test_ssl_meta_is_versioned_and_old_folders_still_load(tmp_path):
+    from encoders.common import FormatError
+
+    model = _ssl_model().eval()
+    model.save_pretrained(tmp_path / "ssl")
+    meta = json.loads((tmp_path / "ssl" / "ssl.json").read_text())
+    assert (meta["kind"], meta["format_version"]) == ("ssl", 1)
+    del meta["format_version"]  # ssl.json before versions: kind only
+    (tmp_path / "ssl" / "ssl.json").write_text(json.dumps(meta))
+    back = SSLModel.from_pretrained(tmp_path / "ssl")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    (tmp_path / "ssl" / "ssl.json").write_text(json.dumps(dict(meta, format_version=2)))
+    with pytest.raises(FormatError, match="'ssl' format_version 2 is newer"):
+        SSLModel.from_pretrained(tmp_path / "ssl")
+    (tmp_path / "ssl" / "ssl.json").write_text(json.dumps(dict(meta, kind="tips")))
+    with pytest.raises(FormatError, match="holds a saved 'tips', not 'ssl'"):
+        SSLModel.from_pretrained(tmp_path / "ssl")
 
 
 # ------------------------------------------------------------------------------- DeepSpeed kill + resume
@@ -447,13 +466,11 @@ def check_recipe(name: str, build: bool, world: Path | None = None, tmp: Path | 
     builds the model (on a tiny world) and the stage's task builds its dataset."""
     from encoders.towers import TOWERS
     from mllm.config import load_recipe
-    from mllm.training.models import get_model_kind
-    from mllm.training.stages import get_stage_kind, resolve_trainable
-    from mllm.training.tasks import get_task
+    from mllm.families import get_family, get_stage_kind, get_task, resolve_trainable
 
     overrides = [f"extra.world={world}"] if world is not None else []
     recipe = load_recipe(REPO / "train" / "recipes" / f"{name}.yaml", overrides)
-    kind = get_model_kind(recipe.model.kind)
+    kind = get_family(recipe.model.kind)
     assert recipe.model.tower.type in TOWERS
     tower_cfg = TOWERS[recipe.model.tower.type].config_cls(**recipe.model.tower.config)
     assert tower_cfg.image_size % tower_cfg.patch_size == 0

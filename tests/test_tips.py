@@ -1,7 +1,9 @@
-"""encoders.tips: CLS1 <-> short and CLS2 <-> long captions, DINO + iBOT on top, the data, and the saved
-`dinov2_registers` tower in a MultimodalLM."""
+"""encoders.tips: CLS1 <-> short and CLS2 <-> long captions, DINO + iBOT on top, the data (mllm.data.views), the
+dense probe (`mllm probe dense`), and the saved `dinov2_registers` tower in a MultimodalLM."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -11,8 +13,9 @@ from test_ssl import TINY_DISTILL, assert_tower_loads_into_mllm, check_recipe, r
 from encoders.contrastive import ContrastiveModel, EncoderConfig
 from encoders.ssl import AugmentConfig, DistillConfig
 from encoders.text_tower import TextTowerConfig, build_text_tower
-from encoders.tips import TipsCollator, TipsConfig, TipsDataset, TipsModel
+from encoders.tips import TipsConfig, TipsModel
 from encoders.towers import TowerConfig, build_tower
+from mllm.data.views import TipsCollator, TipsDataset
 
 TINY_VIT = dict(
     image_size=32,
@@ -83,7 +86,7 @@ def test_cls1_pairs_with_the_short_caption_and_cls2_with_the_long_one(tokenizer)
     assert out.stats["long"] != pytest.approx(model.objective(cls1, long, scale, None)[0].item(), rel=1e-3)
     # CLS1 is what a plain ContrastiveModel reads from the same weights
     assert torch.allclose(model.encode_image(b["pixel_values"]), cls1, atol=1e-6)
-    total = out.stats["short"] + out.stats["long"] + out.stats["dino"] + out.stats["ibot"]
+    total = float(out.stats["short"] + out.stats["long"] + out.stats["dino"] + out.stats["ibot"])
     assert out.loss.item() == pytest.approx(total, rel=1e-5)
 
 
@@ -130,6 +133,35 @@ def test_tips_data_from_geoworld(tokenizer, tmp_path):
     assert not torch.equal(batch["input_ids"], batch["long_input_ids"][:, : batch["input_ids"].shape[1]])
     out = model(**{k: v for k, v in batch.items() if k not in ("skips", "ids")})
     assert torch.isfinite(out.loss)
+    # the dense probe of an untrained tower on the same world (`mllm probe dense`), printed and written
+    from mllm.cli import main
+
+    result = tmp_path / "probe.json"
+    tower = json.dumps({**TINY_VIT, "num_register_tokens": 1})
+    assert (
+        main(
+            [
+                "probe",
+                "dense",
+                "--type",
+                "dinov2_registers",
+                "--random",
+                tower,
+                "--world",
+                str(tmp_path / "w"),
+                "--train-limit",
+                "4",
+                "--steps",
+                "3",
+                "--out",
+                str(result),
+            ]
+        )
+        == 0
+    )
+    probe = json.loads(result.read_text())
+    assert probe["tower"] == "random dinov2_registers" and 0 <= probe["shape_fg_acc"] <= 1
+    assert probe["train_patches"] > 0 and probe["test_patches"] > 0
 
 
 def test_tips_saves_loads_and_its_tower_goes_into_multimodal_lm(tokenizer, tmp_path):
@@ -159,16 +191,47 @@ def test_tips_saves_loads_and_its_tower_goes_into_multimodal_lm(tokenizer, tmp_p
 
 
 def test_tips_recipes(recipe_world, tmp_path):  # noqa: F811
-    from encoders.contrastive import encoder_config
-    from encoders.tips import tips_config
+    from encoders.tips import TipsEncoderConfig
 
     check_recipe("tips-tiny", True, recipe_world, tmp_path)
     big = check_recipe("tips-b14", False)
-    enc = dict(big.model.encoder)
-    tips = tips_config(enc.pop("tips"))
+    enc = big.model.encoder  # typed when the recipe loaded
+    assert isinstance(enc, TipsEncoderConfig)
     assert (
-        tips.distill.out_dim == 65536
-        and tips.augment.local_crops == 6
-        and encoder_config(enc).embed_dim == 512
+        enc.tips.distill.out_dim == 65536
+        and enc.tips.augment.local_crops == 6
+        and enc.pair().embed_dim == 512
     )
     assert big.model.tower.config["num_register_tokens"] == 1 and big.model.tower.type == "dinov2_registers"
+
+
+def test_tips_folder_has_one_meta_and_old_folders_still_load(tokenizer, tmp_path):
+    """contrastive.json is the folder's one meta file (kind `tips`, with the TIPS section); a folder saved
+    before that (contrastive.json without kind + tips.json) still loads; a newer version is refused."""
+    import shutil
+
+    from encoders.common import FormatError
+    from encoders.tips import is_tips_dir
+
+    model = _tips(tokenizer).eval()
+    model.save_pretrained(tmp_path / "new")
+    meta = json.loads((tmp_path / "new" / "contrastive.json").read_text())
+    assert (meta["kind"], meta["format_version"]) == ("tips", 1) and "tips" in meta
+    assert not (tmp_path / "new" / "tips.json").exists() and is_tips_dir(tmp_path / "new")
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    del meta["kind"]
+    (old / "tips.json").write_text(json.dumps({"format_version": 1, "tips": meta.pop("tips")}))
+    (old / "contrastive.json").write_text(json.dumps(meta))
+    assert is_tips_dir(old)
+    back = TipsModel.from_pretrained(old)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    assert ContrastiveModel.from_pretrained(old).cfg.embed_dim == model.cfg.embed_dim
+    (old / "contrastive.json").write_text(json.dumps(dict(meta, format_version=2)))
+    with pytest.raises(FormatError, match="'tips' format_version 2 is newer"):
+        TipsModel.from_pretrained(old)
+    # a plain contrastive folder is not a TIPS one
+    ContrastiveModel.from_pretrained(tmp_path / "new").save_pretrained(tmp_path / "clip")
+    assert not is_tips_dir(tmp_path / "clip")
+    with pytest.raises(FormatError, match="holds a saved 'contrastive', not 'tips'"):
+        TipsModel.from_pretrained(tmp_path / "clip")

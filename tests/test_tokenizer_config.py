@@ -14,13 +14,16 @@ def test_tokenizer_round_trips_in_hf_format(tmp_path):
     assert again.decode(ids) == text  # byte-level: nothing is unknown
     assert ids[0] == again.convert_tokens_to_ids(IMAGE_TOKEN)  # never split
     assert again.chat_template and "<|im_start|>" in again.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False)
+        [{"role": "user", "content": "hi"}], tokenize=False
+    )
     assert ensure_image_token(again) == again.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
 def test_recipes_load_and_overrides_apply():
-    r = load_recipe("train/recipes/tiny-geoworld.yaml", ["extra.world=/w", "stages.instruct.lr=2e-5",
-                                                         "engine.backend=deepspeed"])
+    r = load_recipe(
+        "train/recipes/tiny-geoworld.yaml",
+        ["extra.world=/w", "stages.instruct.lr=2e-5", "engine.backend=deepspeed"],
+    )
     assert r.stage("align").data.json == "/w/align.json"
     assert r.stage("instruct").data.live.heldout == "/w" and r.stage("instruct").data.json is None
     assert r.stage("instruct").lr == 2e-5 and r.engine.backend == "deepspeed"

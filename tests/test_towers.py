@@ -183,7 +183,7 @@ def test_conv_select_layer_range(type_: str, states: int) -> None:
 
 
 def test_unknown_type_lists_registered() -> None:
-    with pytest.raises(ValueError, match="registered: .*clip.*dinov2.*siglip"):
+    with pytest.raises(ValueError, match="unknown tower type .*known: .*clip.*dinov2.*siglip"):
         build_tower(TowerConfig(type="eva"))
 
 
@@ -348,13 +348,16 @@ def test_tiny_conv_configs() -> None:
     assert isinstance(resnet, ConvTower) and isinstance(convnext, ConvTower)
     assert isinstance(resnet.model, ResNetModel) and isinstance(convnext.model, ConvNextModel)
     assert resnet.model.config.layer_type == "basic"
-    assert [h.shape[1:] for h in resnet.model(torch.zeros(1, 3, 64, 64), output_hidden_states=True)
-            .hidden_states] == [(32, 16, 16), (64, 16, 16), (128, 8, 8)]
+    assert [
+        h.shape[1:] for h in resnet.model(torch.zeros(1, 3, 64, 64), output_hidden_states=True).hidden_states
+    ] == [(32, 16, 16), (64, 16, 16), (128, 8, 8)]
     # layer_scale_init_value 0 leaves out HF's per-channel scale (1e-6 by default, every block ~identity).
     assert not [n for n, _ in convnext.named_parameters() if "layer_scale" in n]
     default = ConvNextModel(ConvNextConfig(**{**TINY_CONFIGS["convnext"], "layer_scale_init_value": 1e-6}))
     assert [n for n, _ in default.named_parameters() if "layer_scale" in n]
-    assert not any(isinstance(m, torch.nn.Dropout) or "DropPath" in type(m).__name__ for m in convnext.modules())
+    assert not any(
+        isinstance(m, torch.nn.Dropout) or "DropPath" in type(m).__name__ for m in convnext.modules()
+    )
     assert sum(p.numel() for p in resnet.parameters()) == 292_640
     assert sum(p.numel() for p in convnext.parameters()) == 365_248
 
@@ -390,10 +393,14 @@ def test_resnet_checkpoint_without_image_size_or_processor_gets_224(tmp_path: Pa
 
 
 @pytest.mark.parametrize("type_", CONV)
-def test_conv_real_format_checkpoint_with_its_processor(type_: str, pixels: torch.Tensor, tmp_path: Path) -> None:
+def test_conv_real_format_checkpoint_with_its_processor(
+    type_: str, pixels: torch.Tensor, tmp_path: Path
+) -> None:
     """An HF folder as published (model + ConvNextImageProcessor at HF's crop_pct) loads and reads as HF does."""
     torch.manual_seed(0)
-    model_cls, config_cls = (ResNetModel, ResNetConfig) if type_ == "resnet" else (ConvNextModel, ConvNextConfig)
+    model_cls, config_cls = (
+        (ResNetModel, ResNetConfig) if type_ == "resnet" else (ConvNextModel, ConvNextConfig)
+    )
     hf = model_cls(config_cls(**TINY_CONFIGS[type_])).eval()
     hf.save_pretrained(tmp_path)
     ConvNextImageProcessorPil(size={"shortest_edge": 64}, crop_pct=0.875).save_pretrained(tmp_path)
@@ -441,19 +448,37 @@ def conv_mllm(tokenizer, type_: str = "resnet"):
 
     torch.manual_seed(0)
     lm = build_lm(None, TINY_LM, len(tokenizer))
-    return MultimodalLM.build(TowerConfig(type=type_, config=TINY_CONFIGS[type_]), "mlp2x_gelu", lm, tokenizer,
-                              template="chatml", max_length=160)
+    return MultimodalLM.build(
+        TowerConfig(type=type_, config=TINY_CONFIGS[type_]),
+        "mlp2x_gelu",
+        lm,
+        tokenizer,
+        template="chatml",
+        max_length=160,
+    )
 
 
 def conv_batch(model, n: int = 2) -> dict[str, torch.Tensor]:
     from mllm.chat import encode_conversation
 
-    rows = [encode_conversation([("user", "<image>\nWhat color is the circle?"), ("assistant", "red")],
-                                model.tokenizer, "chatml", model.image_token_id, model.num_image_tokens, 1)
-            for _ in range(n)]
+    rows = [
+        encode_conversation(
+            [("user", "<image>\nWhat color is the circle?"), ("assistant", "red")],
+            model.tokenizer,
+            "chatml",
+            model.image_token_id,
+            model.num_image_tokens,
+            1,
+        )
+        for _ in range(n)
+    ]
     ids = torch.stack([r["input_ids"] for r in rows])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.stack([r["labels"] for r in rows]),
-            "pixel_values": model.preprocess(images(n))}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.stack([r["labels"] for r in rows]),
+        "pixel_values": model.preprocess(images(n)),
+    }
 
 
 @pytest.mark.parametrize("type_", CONV)
@@ -506,10 +531,13 @@ def test_llava_export_refuses_conv_towers(tokenizer, tmp_path: Path) -> None:
 def test_llava_import_refuses_conv_towers(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlavaConfig
 
-    from mllm.hf_import import ImportError_, load_llava
+    from mllm.hf_import import ImportError_
+    from mllm.model import load_llava
 
     text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    LlavaConfig(vision_config=ResNetConfig(**TINY_CONFIGS["resnet"]), text_config=text).save_pretrained(tmp_path)
+    LlavaConfig(vision_config=ResNetConfig(**TINY_CONFIGS["resnet"]), text_config=text).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ImportError_, match="'resnet' is convolutional"):
         load_llava(tmp_path)
 

@@ -11,12 +11,31 @@ T = PatchTargets(colours=("red", "blue"), shapes=("circle", "triangle"), centre=
 
 
 def test_patch_labels_by_hand():
-    scene = {"width": 32, "height": 32, "figure": None, "shapes": [
-        {"kind": "triangle", "color": "blue", "size": "large", "orientation": "down", "box": [0, 0, 16, 16],
-         "x": 8, "y": 8},
-        {"kind": "circle", "color": "red", "size": "small", "orientation": None, "box": [8, 8, 12, 12],
-         "x": 10, "y": 10},
-    ]}
+    scene = {
+        "width": 32,
+        "height": 32,
+        "figure": None,
+        "shapes": [
+            {
+                "kind": "triangle",
+                "color": "blue",
+                "size": "large",
+                "orientation": "down",
+                "box": [0, 0, 16, 16],
+                "x": 8,
+                "y": 8,
+            },
+            {
+                "kind": "circle",
+                "color": "red",
+                "size": "small",
+                "orientation": None,
+                "box": [8, 8, 12, 12],
+                "x": 10,
+                "y": 10,
+            },
+        ],
+    }
     lab = patch_labels(scene, (4, 4), T)  # 8-px cells, centres at 4, 12, 20, 28
     colour = lab["colour"].view(4, 4).tolist()
     # cells (0,0),(0,1),(1,0) -> triangle (blue=2); (1,1) centre (12,12) lies outside the circle's
@@ -48,7 +67,7 @@ def test_patch_supervision_learns_a_batch(tiny_model):
         opt.step()
         opt.zero_grad()
     assert float(out.loss) < 0.5 * first
-    assert set(out.parts) == {"colour", "shape", "size", "orientation", "centre", "count"}
+    assert set(out.stats) == {"colour", "shape", "size", "orientation", "centre", "count"}
 
 
 def test_readout_heads_are_the_projectors_first_rows(tiny_model):
@@ -85,6 +104,20 @@ def test_readout_too_narrow_is_refused(tiny_model):
 def test_centre_head_only_when_asked():
     plain = PatchTargets(colours=("red",), shapes=("circle",))
     assert "centre" not in plain.heads() and "centre" in T.heads()
-    scene = {"width": 8, "height": 8, "figure": None, "shapes": [
-        {"kind": "circle", "color": "red", "size": "small", "orientation": None, "box": [0, 0, 8, 8], "x": 4, "y": 4}]}
+    scene = {
+        "width": 8,
+        "height": 8,
+        "figure": None,
+        "shapes": [
+            {
+                "kind": "circle",
+                "color": "red",
+                "size": "small",
+                "orientation": None,
+                "box": [0, 0, 8, 8],
+                "x": 4,
+                "y": 4,
+            }
+        ],
+    }
     assert set(patch_labels(scene, (2, 2), plain)) == {"colour", "shape", "size", "orientation"}

@@ -22,17 +22,24 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mllm.data.conversations import DataError, Skip, read_records
+from mllm.data.batch import Batch, Skip, skipped, start_batch
 from mllm.data.images import ImageError, load_image, resolve_image
+from mllm.data.records import DataError, read_records
 
 CAPTION_MODES = ("long", "short", "random")
 NEGATIVE_KINDS = ("attribute", "relation", "order")
 
 
 class CaptionDataset(Dataset):
-    def __init__(self, path: str | Path, image_root: str | Path | None,
-                 preprocess: Callable[[Sequence[Image.Image]], torch.Tensor], caption: str = "long",
-                 hard_negatives: bool = False, skip_bad_samples: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        image_root: str | Path | None,
+        preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
+        caption: str = "long",
+        hard_negatives: bool = False,
+        skip_bad_samples: bool = False,
+    ):
         if caption not in CAPTION_MODES:
             raise ValueError(f"data.caption must be one of {CAPTION_MODES}, got {caption!r}")
         self.path = Path(path)
@@ -40,7 +47,12 @@ class CaptionDataset(Dataset):
         self.rows = read_records(self.path)
         if not self.rows:
             raise DataError(f"{self.path}: no samples")
-        self.preprocess, self.caption, self.hard, self.skip = preprocess, caption, hard_negatives, skip_bad_samples
+        self.preprocess, self.caption, self.hard, self.skip = (
+            preprocess,
+            caption,
+            hard_negatives,
+            skip_bad_samples,
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -61,8 +73,10 @@ class CaptionDataset(Dataset):
         negs = row.get("negatives")
         options = [negs[k] for k in NEGATIVE_KINDS if isinstance(negs, dict) and isinstance(negs.get(k), str)]
         if not options:
-            raise DataError(f"{name}: no hard negatives (`negatives` with {NEGATIVE_KINDS}); NegCLIP needs a "
-                            "world written by a GeoWorld writer that emits them")
+            raise DataError(
+                f"{name}: no hard negatives (`negatives` with {NEGATIVE_KINDS}); NegCLIP needs a "
+                "world written by a GeoWorld writer that emits them"
+            )
         return random.choice(options)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -77,7 +91,7 @@ class CaptionDataset(Dataset):
         except (DataError, ImageError) as e:
             msg = str(e) if str(e).startswith(str(self.path)) else f"{name}: {e}"
             if self.skip:
-                return {"skip": Skip(name, msg)}
+                return skipped(Skip(name, msg))
             raise DataError(msg) from e
         out = {"id": str(row.get("id", i)), "pixel_values": self.preprocess([image]), "text": text}
         if hard is not None:
@@ -91,14 +105,14 @@ class CaptionCollator:
     def __init__(self, tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]):
         self.tokenize = tokenize
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        skips = [it["skip"] for it in items if "skip" in it]
-        items = [it for it in items if "skip" not in it]
-        batch: dict[str, Any] = {"skips": skips, "ids": [it["id"] for it in items]}
+    def __call__(self, items: list[dict[str, Any]]) -> Batch:
+        items, batch = start_batch(items)
         if not items:
             return batch
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
         batch["input_ids"], batch["attention_mask"] = self.tokenize([it["text"] for it in items])
         if "hard" in items[0]:
-            batch["hard_input_ids"], batch["hard_attention_mask"] = self.tokenize([it["hard"] for it in items])
+            batch["hard_input_ids"], batch["hard_attention_mask"] = self.tokenize(
+                [it["hard"] for it in items]
+            )
         return batch

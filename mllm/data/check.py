@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from mllm.chat import SampleError, normalise_turns
+from mllm.data.batch import SKIP_KEY, is_skipped
 from mllm.data.conversations import ConversationDataset, image_paths, sample_name
 from mllm.data.images import ImageError, load_image, resolve_image
 from mllm.data.records import DataError, read_records
+from mllm.tokenizer import ensure_image_token, load_tokenizer
 
 _MARKER = re.compile(re.escape("<image>"))
 
@@ -49,7 +51,9 @@ def _duplicate_ids(path: Path, records: Sequence[Any]) -> list[Problem]:
         if sid is None or not isinstance(sid, (str, int)):
             continue
         if sid in first:
-            out.append(Problem("warning", f"{sample_name(path, i, rec)}: duplicate id (also sample #{first[sid]})"))
+            out.append(
+                Problem("warning", f"{sample_name(path, i, rec)}: duplicate id (also sample #{first[sid]})")
+            )
         else:
             first[sid] = i
     return out
@@ -74,7 +78,9 @@ def _check_without_tokenizer(path: Path, records: Sequence[Any], image_root: Pat
                 raise SampleError(f"{name}: no assistant turn, nothing to learn from")
             markers = sum(len(_MARKER.findall(t)) for _, t in turns)
             if markers != len(paths):
-                raise SampleError(f"{name}: {markers} <image> marker(s) in the text but {len(paths)} image(s)")
+                raise SampleError(
+                    f"{name}: {markers} <image> marker(s) in the text but {len(paths)} image(s)"
+                )
             for p in paths:
                 try:
                     load_image(resolve_image(image_root, p))
@@ -85,8 +91,15 @@ def _check_without_tokenizer(path: Path, records: Sequence[Any], image_root: Pat
     return out
 
 
-def check_file(path: str | Path, images: str | Path | None = None, tokenizer: Any = None, template: str = "chatml",
-               max_length: int | None = None, num_image_tokens: int = 1, image_token: str = "<image>") -> list[Problem]:
+def check_file(
+    path: str | Path,
+    images: str | Path | None = None,
+    tokenizer: Any = None,
+    template: str = "chatml",
+    max_length: int | None = None,
+    num_image_tokens: int = 1,
+    image_token: str = "<image>",
+) -> list[Problem]:
     """Every problem in `path` (a LLaVA JSON list or JSONL), errors and warnings, in file order.
 
     `images` is the image root (default: the file's folder), as `data.images` in a recipe.
@@ -100,27 +113,38 @@ def check_file(path: str | Path, images: str | Path | None = None, tokenizer: An
     if tokenizer is None:
         problems = _check_without_tokenizer(path, records, image_root)
     else:
-        from mllm.tokenizer import ensure_image_token
-
         image_token_id = ensure_image_token(tokenizer, image_token)
-        ds = ConversationDataset(path, image_root, tokenizer, template, image_token_id, num_image_tokens,
-                                 _no_preprocess, max_length, skip_bad_samples=True)
+        ds = ConversationDataset(
+            path,
+            image_root,
+            tokenizer,
+            template,
+            image_token_id,
+            num_image_tokens,
+            _no_preprocess,
+            max_length,
+            skip_bad_samples=True,
+        )
         problems = []
         for i in range(len(ds)):
             item = ds[i]
-            if "skip" in item:
-                problems.append(Problem("error", item["skip"].reason))
+            if is_skipped(item):
+                problems.append(Problem("error", item[SKIP_KEY].reason))
     return problems + _duplicate_ids(path, records)
 
 
-def run_check(path: str | Path, images: str | Path | None = None, tokenizer_dir: str | Path | None = None,
-              template: str = "chatml", max_length: int | None = None, num_image_tokens: int = 1,
-              out=print) -> int:
+def run_check(
+    path: str | Path,
+    images: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+    template: str = "chatml",
+    max_length: int | None = None,
+    num_image_tokens: int = 1,
+    out=print,
+) -> int:
     """The command: print each problem and a summary; exit status 1 when any error was found, else 0."""
     tokenizer = None
     if tokenizer_dir is not None:
-        from mllm.tokenizer import load_tokenizer
-
         tdir = Path(tokenizer_dir)
         tokenizer = load_tokenizer(tdir / "tokenizer" if (tdir / "mllm.json").is_file() else tdir)
     problems = check_file(path, images, tokenizer, template, max_length, num_image_tokens)
@@ -132,6 +156,8 @@ def run_check(path: str | Path, images: str | Path | None = None, tokenizer_dir:
         n = len(read_records(path))
     except DataError:
         n = 0
-    checks = "structure, images" + (", tokens" if tokenizer is not None else " (no --tokenizer: tokens not checked)")
+    checks = "structure, images" + (
+        ", tokens" if tokenizer is not None else " (no --tokenizer: tokens not checked)"
+    )
     out(f"{path}: {n} samples, {errors} error(s), {warnings} warning(s) [{checks}]")
     return 1 if errors else 0

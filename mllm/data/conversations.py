@@ -9,7 +9,6 @@ on so the engine counts and lists it. Nothing is truncated or dropped without a 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,9 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from mllm.chat import IGNORE_INDEX, SampleError, encode_conversation, normalise_turns
+from mllm.data.batch import Batch, Skip, skipped, start_batch
 from mllm.data.images import ImageError, load_image, resolve_image
+from mllm.data.packing import pack_items
 from mllm.data.records import DataError, read_records  # noqa: F401  (lazy; re-exported)
 
 
@@ -35,19 +36,19 @@ def image_paths(record: dict) -> list[str]:
     return list(img) if isinstance(img, list) else [img]
 
 
-@dataclass
-class Skip:
-    """A sample left out under `skip_bad_samples`, carried to the engine to be counted and listed."""
-
-    sample: str
-    reason: str
-
-
 class ConversationDataset(Dataset):
-    def __init__(self, json_path: str | Path, image_root: str | Path | None, tokenizer: PreTrainedTokenizerBase,
-                 template: str, image_token_id: int, num_image_tokens: int,
-                 preprocess: Callable[[Sequence[Image.Image]], torch.Tensor] | None, max_length: int | None,
-                 skip_bad_samples: bool = False):
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_root: str | Path | None,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str,
+        image_token_id: int,
+        num_image_tokens: int,
+        preprocess: Callable[[Sequence[Image.Image]], torch.Tensor] | None,
+        max_length: int | None,
+        skip_bad_samples: bool = False,
+    ):
         self.path = Path(json_path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.tokenizer = tokenizer
@@ -87,20 +88,26 @@ class ConversationDataset(Dataset):
         rec = self.records[i]
         name = sample_name(self.path, i, rec)
         if i in self.load_errors:
-            return {"skip": Skip(name, self.load_errors[i])}
+            return skipped(Skip(name, self.load_errors[i]))
         try:
             return self._fetch(i, rec, name)
         except (SampleError, ImageError) as e:
             msg = str(e) if str(e).startswith(str(self.path)) else f"{name}: {e}"
             if self.skip_bad_samples:
-                return {"skip": Skip(name, msg)}
+                return skipped(Skip(name, msg))
             raise SampleError(msg) from e
 
     def _fetch(self, i: int, rec: dict, name: str) -> dict[str, Any]:
         paths = image_paths(rec)
         enc = encode_conversation(
-            rec["conversations"], self.tokenizer, self.template, self.image_token_id, self.num_image_tokens,
-            num_images=len(paths), max_length=self.max_length, sample=name,
+            rec["conversations"],
+            self.tokenizer,
+            self.template,
+            self.image_token_id,
+            self.num_image_tokens,
+            num_images=len(paths),
+            max_length=self.max_length,
+            sample=name,
         )
         pixel_values = None
         features = None
@@ -131,15 +138,11 @@ class Collator:
         self.pad_token_id = pad_token_id
         self.pack_length = pack_length
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        skips = [it["skip"] for it in items if "skip" in it]
-        items = [it for it in items if "skip" not in it]
-        batch: dict[str, Any] = {"skips": skips, "ids": [it["id"] for it in items]}
+    def __call__(self, items: list[dict[str, Any]]) -> Batch:
+        items, batch = start_batch(items)
         if not items:
             return batch
         if self.pack_length:
-            from mllm.data.packing import pack_items
-
             packed = pack_items(items, self.pack_length, self.pad_token_id)
             batch["ids"] = [items[i]["id"] for i in packed.pop("order")]
             batch.update({k: v for k, v in packed.items() if v is not None or k == "pixel_values"})
@@ -161,8 +164,12 @@ class Collator:
                 w = it.get("token_weights")
                 weights[r, :k] = w if w is not None else (it["labels"] != IGNORE_INDEX).float()
         pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
-        batch.update(input_ids=input_ids, labels=labels, attention_mask=attn,
-                     pixel_values=torch.cat(pix) if pix else None)
+        batch.update(
+            input_ids=input_ids,
+            labels=labels,
+            attention_mask=attn,
+            pixel_values=torch.cat(pix) if pix else None,
+        )
         feats = [it["image_features"] for it in items if it.get("image_features") is not None]
         if feats:  # pre-projector tokens from mllm.feature_cache, in place of pixels
             batch["image_features"] = torch.cat(feats)
@@ -177,6 +184,6 @@ def left_pad(seqs: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor,
     ids = torch.full((len(seqs), n), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, n - len(s):] = s
-        mask[r, n - len(s):] = 1
+        ids[r, n - len(s) :] = s
+        mask[r, n - len(s) :] = 1
     return ids, mask

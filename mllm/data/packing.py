@@ -49,8 +49,9 @@ def check_packing_support(lm: nn.Module) -> None:
         )
 
 
-def first_fit_decreasing(lengths: Sequence[int], capacity: int, names: Sequence[str] | None = None
-                         ) -> list[list[int]]:
+def first_fit_decreasing(
+    lengths: Sequence[int], capacity: int, names: Sequence[str] | None = None
+) -> list[list[int]]:
     """Indices grouped into rows of at most `capacity` tokens; rows in order of creation, samples in
     each row longest first (ties by index, so the layout is deterministic)."""
     if capacity < 1:
@@ -105,11 +106,15 @@ def pack_items(items: list[dict[str, Any]], capacity: int, pad_token_id: int) ->
             order.append(i)
             at += n
         position_ids[r, at:] = torch.arange(width - at)  # the padding tail: a segment of its own
-    out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "order": order}
+    out: dict[str, Any] = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "order": order,
+    }
     if weights is not None:
         out["token_weights"] = weights
     for key in ("pixel_values", "image_features"):
         parts = [items[i][key] for i in order if items[i].get(key) is not None]
         out[key] = torch.cat(parts) if parts else None
     return out
-

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from encoders.registry import Registry
 from mllm.data.conversations import image_paths
-from mllm.training.order import BatchOrder
+from mllm.data.order import BatchOrder
 
 __all__ = ["ORDERS", "ModalityLengthOrder", "build_order", "modality_lengths"]
 
@@ -27,7 +28,9 @@ def _records(dataset: Any) -> tuple[list, int]:
     while dataset is not None and seen < 5:
         if hasattr(dataset, "records"):
             return dataset.records, int(getattr(dataset, "num_image_tokens", 0) or 0)
-        dataset = next((getattr(dataset, a) for a in ("base", "dataset", "ds", "inner") if hasattr(dataset, a)), None)
+        dataset = next(
+            (getattr(dataset, a) for a in ("base", "dataset", "ds", "inner") if hasattr(dataset, a)), None
+        )
         seen += 1
     raise ValueError("data.sampler: modality_length needs a conversation dataset (LLaVA JSON records)")
 
@@ -41,8 +44,11 @@ def modality_lengths(records: Sequence[Any], num_image_tokens: int) -> list[int]
     out = []
     for rec in records:
         turns = rec.get("conversations", []) if isinstance(rec, dict) else []
-        words = sum(len(t.get("value", "").split()) for t in turns if isinstance(t, dict)
-                    and isinstance(t.get("value"), str))
+        words = sum(
+            len(t.get("value", "").split())
+            for t in turns
+            if isinstance(t, dict) and isinstance(t.get("value"), str)
+        )
         n_img = len(image_paths(rec)) if isinstance(rec, dict) else 0
         out.append(max(1, words + n_img * num_image_tokens) if n_img else -max(1, words))
     return out
@@ -64,8 +70,15 @@ def _even_chunks(indices: list[int], lengths: Sequence[int], n_chunks: int, size
 class ModalityLengthOrder(BatchOrder):
     """Global batches of one modality each, samples of similar length together, shuffled per epoch."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 group: int = 8):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        group: int = 8,
+    ):
         super().__init__(len(lengths), batch_size, seed, rank, world)
         self.lengths = list(lengths)
         self.group = max(1, group)
@@ -110,24 +123,31 @@ class ModalityLengthOrder(BatchOrder):
 def _checked_lengths(dataset: Dataset) -> list[int]:
     lengths = modality_lengths(*_records(dataset))
     if len(lengths) != len(dataset):
-        raise ValueError(f"data.sampler: modality_length found {len(lengths)} records for a dataset of "
-                         f"{len(dataset)} items (a wrapper that regroups samples); use sampler: random")
+        raise ValueError(
+            f"data.sampler: modality_length found {len(lengths)} records for a dataset of "
+            f"{len(dataset)} items (a wrapper that regroups samples); use sampler: random"
+        )
     return lengths
 
 
 OrderFactory = Callable[[Dataset, int, int, int, int], BatchOrder]
-ORDERS: dict[str, OrderFactory] = {
-    "random": lambda ds, bs, seed, rank, world: BatchOrder(len(ds), bs, seed, rank, world),
-    # In index order: for streams whose every index is already a fresh random draw (live GeoWorld),
-    # where the index may also carry a curriculum.
-    "sequential": lambda ds, bs, seed, rank, world: BatchOrder(len(ds), bs, seed, rank, world, shuffle=False),
-    "modality_length": lambda ds, bs, seed, rank, world: ModalityLengthOrder(
-        _checked_lengths(ds), bs, seed, rank, world),
-}
+ORDERS: Registry[OrderFactory] = Registry("micro-batch order")
+ORDERS.register("random", lambda ds, bs, seed, rank, world: BatchOrder(len(ds), bs, seed, rank, world))
+# In index order: for streams whose every index is already a fresh random draw (live GeoWorld),
+# where the index may also carry a curriculum.
+ORDERS.register(
+    "sequential", lambda ds, bs, seed, rank, world: BatchOrder(len(ds), bs, seed, rank, world, shuffle=False)
+)
+ORDERS.register(
+    "modality_length",
+    lambda ds, bs, seed, rank, world: ModalityLengthOrder(_checked_lengths(ds), bs, seed, rank, world),
+)
 
 
-def build_order(name: str, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> BatchOrder:
+def build_order(
+    name: str, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1
+) -> BatchOrder:
     """The micro-batch order `data.sampler` names, over `dataset`."""
     if name not in ORDERS:
-        raise ValueError(f"data.sampler: unknown {name!r}; known: {sorted(ORDERS)}")
+        raise ValueError(f"data.sampler: unknown {name!r}; known: {ORDERS.known()}")
     return ORDERS[name](dataset, batch_size, seed, rank, world)

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from encoders.supervised import IGNORE, PatchTargets
-from mllm.data.conversations import Skip
+from mllm.data.batch import Batch, Skip, skipped, start_batch
 from mllm.data.images import ImageError, load_image, resolve_image
 
 
@@ -23,8 +23,9 @@ def patch_labels(scene: dict, grid: tuple[int, int], targets: PatchTargets) -> d
     gh, gw = grid
     w, h = scene["width"], scene["height"]
     out = {k: torch.zeros(gh * gw, dtype=torch.long) for k in targets.heads()}
-    shapes = sorted(scene["shapes"], key=lambda s: (s["box"][2] - s["box"][0]) * (s["box"][3] - s["box"][1]),
-                    reverse=True)
+    shapes = sorted(
+        scene["shapes"], key=lambda s: (s["box"][2] - s["box"][0]) * (s["box"][3] - s["box"][1]), reverse=True
+    )
     for r in range(gh):
         cy = (r + 0.5) * h / gh
         for c in range(gw):
@@ -52,9 +53,15 @@ class SceneLabelDataset(Dataset):
     ignored (IGNORE), not guessed, and their count target is ignored too.
     """
 
-    def __init__(self, scenes_path: str | Path, image_root: str | Path | None, targets: PatchTargets,
-                 grid: tuple[int, int], preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
-                 skip_bad_samples: bool = False):
+    def __init__(
+        self,
+        scenes_path: str | Path,
+        image_root: str | Path | None,
+        targets: PatchTargets,
+        grid: tuple[int, int],
+        preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
+        skip_bad_samples: bool = False,
+    ):
         self.path = Path(scenes_path)
         self.root = Path(image_root) if image_root is not None else self.path.parent
         self.rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -70,7 +77,7 @@ class SceneLabelDataset(Dataset):
             image = load_image(resolve_image(self.root, row["image"]))
         except ImageError as e:
             if self.skip:
-                return {"skip": Skip(name, f"{name}: {e}")}
+                return skipped(Skip(name, f"{name}: {e}"))
             raise
         scene = row["scene"]
         if scene.get("figure") is not None:
@@ -79,14 +86,16 @@ class SceneLabelDataset(Dataset):
         else:
             labels = patch_labels(scene, self.grid, self.targets)
             count = min(len(scene["shapes"]), self.targets.max_count)
-        return {"id": row.get("id", str(i)), "pixel_values": self.preprocess([image]), "labels": labels,
-                "count": count}
+        return {
+            "id": row.get("id", str(i)),
+            "pixel_values": self.preprocess([image]),
+            "labels": labels,
+            "count": count,
+        }
 
 
-def collate_scene_labels(items: list[dict[str, Any]]) -> dict[str, Any]:
-    skips = [it["skip"] for it in items if "skip" in it]
-    items = [it for it in items if "skip" not in it]
-    batch: dict[str, Any] = {"skips": skips, "ids": [it["id"] for it in items]}
+def collate_scene_labels(items: list[dict[str, Any]]) -> Batch:
+    items, batch = start_batch(items)
     if items:
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
         batch["labels"] = {k: torch.stack([it["labels"][k] for it in items]) for k in items[0]["labels"]}

@@ -36,12 +36,14 @@ class AglaConfig:
     keep_ratio: float = 0.5
 
 
-def patch_relevance(model: MultimodalLM, pixel_values: torch.Tensor, prompt_ids: torch.Tensor,
-                    prompt_mask: torch.Tensor) -> torch.Tensor:
+def patch_relevance(
+    model: MultimodalLM, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> torch.Tensor:
     """[n_img, N]: for image i (one per prompt row), each patch's max cosine with the row's text tokens."""
     img = F.normalize(model.encode_images(pixel_values).float(), dim=-1)  # [B, N, d]
-    special = torch.tensor(sorted(set(model.tokenizer.all_special_ids) | {model.image_token_id}),
-                           device=prompt_ids.device)
+    special = torch.tensor(
+        sorted(set(model.tokenizer.all_special_ids) | {model.image_token_id}), device=prompt_ids.device
+    )
     is_text = prompt_mask.bool() & ~torch.isin(prompt_ids, special)
     txt = F.normalize(model.lm.get_input_embeddings()(prompt_ids.masked_fill(~is_text, 0)).float(), dim=-1)
     sim = torch.einsum("bnd,btd->bnt", img, txt)  # [B, N, T]
@@ -50,8 +52,9 @@ def patch_relevance(model: MultimodalLM, pixel_values: torch.Tensor, prompt_ids:
     return torch.nan_to_num(rel, neginf=0.0)
 
 
-def augmented_view(model: MultimodalLM, pixel_values: torch.Tensor, relevance: torch.Tensor,
-                   keep_ratio: float) -> torch.Tensor:
+def augmented_view(
+    model: MultimodalLM, pixel_values: torch.Tensor, relevance: torch.Tensor, keep_ratio: float
+) -> torch.Tensor:
     """Pixel values with every patch outside the top `keep_ratio` share set to 0 (the mean colour)."""
     gh, gw = model.tower.grid
     b, _, h, w = pixel_values.shape
@@ -64,9 +67,16 @@ def augmented_view(model: MultimodalLM, pixel_values: torch.Tensor, relevance: t
 
 
 @torch.no_grad()
-def calibrated_generate(model: MultimodalLM, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                        attention_mask: torch.Tensor, augmented: torch.Tensor, cfg: AglaConfig,
-                        max_new_tokens: int, stop_token_ids: list[int]) -> torch.Tensor:
+def calibrated_generate(
+    model: MultimodalLM,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    attention_mask: torch.Tensor,
+    augmented: torch.Tensor,
+    cfg: AglaConfig,
+    max_new_tokens: int,
+    stop_token_ids: list[int],
+) -> torch.Tensor:
     """Greedy decoding over ℓ(original) + α·ℓ(augmented) with the β cut-off; both views share one
     batched forward per step (rows [original; augmented]) with their own KV cache entries.
 
@@ -99,8 +109,9 @@ def calibrated_generate(model: MultimodalLM, input_ids: torch.Tensor, pixel_valu
         step = table(torch.cat([nxt, nxt]))[:, None, :]
         mask = torch.cat([mask, torch.ones(2 * b, 1, dtype=mask.dtype, device=dev)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model.lm(inputs_embeds=step, attention_mask=mask, position_ids=pos, past_key_values=past,
-                       use_cache=True)
+        out = model.lm(
+            inputs_embeds=step, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
+        )
         past, logits = out.past_key_values, out.logits[:, -1].float()
     return torch.stack(new, dim=1) if new else torch.zeros(b, 0, dtype=torch.long, device=dev)
 
@@ -109,11 +120,19 @@ RelevanceFn = Callable[[MultimodalLM, torch.Tensor, torch.Tensor, torch.Tensor],
 
 
 @torch.no_grad()
-def agla_generate(model: MultimodalLM, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                  attention_mask: torch.Tensor, cfg: AglaConfig, max_new_tokens: int,
-                  stop_token_ids: list[int], relevance_fn: RelevanceFn = patch_relevance) -> torch.Tensor:
+def agla_generate(
+    model: MultimodalLM,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: AglaConfig,
+    max_new_tokens: int,
+    stop_token_ids: list[int],
+    relevance_fn: RelevanceFn = patch_relevance,
+) -> torch.Tensor:
     """Relevance -> augmented view -> calibrated greedy decoding (one image per prompt row)."""
     rel = relevance_fn(model, pixel_values, input_ids, attention_mask)
     aug = augmented_view(model, pixel_values, rel, cfg.keep_ratio)
-    return calibrated_generate(model, input_ids, pixel_values, attention_mask, aug, cfg, max_new_tokens,
-                               stop_token_ids)
+    return calibrated_generate(
+        model, input_ids, pixel_values, attention_mask, aug, cfg, max_new_tokens, stop_token_ids
+    )

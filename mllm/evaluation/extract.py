@@ -43,6 +43,7 @@ __all__ = [
 # Options and short answers
 # --------------------------------------------------------------------------------------------------
 
+
 def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     found = None
     for found in pattern.finditer(text):  # noqa: B007 - the loop is the search
@@ -77,7 +78,7 @@ def parse_choices(text: str) -> dict[str, str]:
     head = _last_match(_CHOICES_HEAD_RE, text)
     if head is None:
         return {}
-    body = text[head.end():]
+    body = text[head.end() :]
     out: dict[str, str] = {}
     marks = []
     want = "A"
@@ -87,7 +88,7 @@ def parse_choices(text: str) -> dict[str, str]:
             want = chr(ord(want) + 1)
     for i, m in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(body)
-        out[m.group(1)] = body[m.end():end].strip()
+        out[m.group(1)] = body[m.end() : end].strip()
     return out
 
 
@@ -120,7 +121,7 @@ def _article_like(text: str, end: int, letter: str) -> bool:
     """True when the single letter ending at `end` reads as an English word ("a dog", "A dog", "I think")."""
     if letter.lower() not in ("a", "i"):
         return False
-    rest = text[end:end + 40]
+    rest = text[end : end + 40]
     follow = re.match(r"\s+([A-Za-z]+)", rest)
     if not follow:
         return False
@@ -130,7 +131,7 @@ def _article_like(text: str, end: int, letter: str) -> bool:
 
 
 def _is_label(text: str, start: int) -> bool:
-    return bool(_LABEL_BEFORE_RE.search(text[max(0, start - 20):start]))
+    return bool(_LABEL_BEFORE_RE.search(text[max(0, start - 20) : start]))
 
 
 def extract_option(response: str, options: Mapping[str, str]) -> str | None:
@@ -251,7 +252,7 @@ def _match_option_text(response: str, options: Mapping[str, str]) -> str | None:
         for start in found:
             if inside_longer(k, start):
                 continue
-            if _NEGATOR_BEFORE_RE.search(text[max(0, start - 30):start]):
+            if _NEGATOR_BEFORE_RE.search(text[max(0, start - 30) : start]):
                 negated.add(k)
             else:
                 positive.add(k)
@@ -289,7 +290,19 @@ def pope_yes_no(text: str) -> str | None:
 
 _YES_WORDS = {"yes", "yeah", "yep", "yup", "yea", "affirmative"}
 _NO_WORDS = {"no", "nope", "nah", "negative"}
-_NEGATIONS = {"not", "none", "nothing", "never", "neither", "nor", "nobody", "nowhere", "cannot", "absent", "without"}
+_NEGATIONS = {
+    "not",
+    "none",
+    "nothing",
+    "never",
+    "neither",
+    "nor",
+    "nobody",
+    "nowhere",
+    "cannot",
+    "absent",
+    "without",
+}
 _UNSURE = re.compile(
     r"not\s+(?:entirely\s+|completely\s+|quite\s+)?(?:sure|certain|clear)|unsure|uncertain|unclear|"
     r"can(?:no|')t\s+(?:tell|determine|say|be\s+sure)|can\s+not\s+(?:tell|determine|say)|"
@@ -372,7 +385,13 @@ _ANSWER_CUE_RE = re.compile(r"(?:final\s+answer|answer|result)\s*(?:is|would\s+b
 def _latex_to_plain(text: str) -> str:
     """Rewrite the LaTeX that models print around numbers into the plain forms `_TERM_RE` reads."""
     t = text.replace("−", "-").replace("–", "-").replace("⁄", "/").replace("∕", "/").replace("$", "")
-    t = t.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "").replace("{,}", "")
+    t = (
+        t.replace("\\left", "")
+        .replace("\\right", "")
+        .replace("\\!", "")
+        .replace("\\,", "")
+        .replace("{,}", "")
+    )
     t = t.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\pi", "π").replace("\\%", "%")
     t = re.sub(r"\^\s*(?:\{\s*)?\\circ(?:\s*\})?|\\circ|\\degree", "°", t)
     for _ in range(3):  # nested \frac{\sqrt{3}}{2}: a few passes, each linear
@@ -438,7 +457,7 @@ def _boxed(text: str) -> str | None:
     if start < 0:
         return None
     brace = text.find("{", start)
-    if brace < 0 or text[start + 6:brace].strip():
+    if brace < 0 or text[start + 6 : brace].strip():
         return None
     depth = 0
     for i in range(brace, len(text)):
@@ -448,8 +467,8 @@ def _boxed(text: str) -> str | None:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[brace + 1:i]
-    return text[brace + 1:]
+                return text[brace + 1 : i]
+    return text[brace + 1 :]
 
 
 def _answer_segment(text: str, after_equals: bool = True) -> str | None:
@@ -458,11 +477,11 @@ def _answer_segment(text: str, after_equals: bool = True) -> str | None:
     cue = _last_match(_ANSWER_CUE_RE, text)
     if cue is None:
         return None
-    seg = text[cue.end():]
+    seg = text[cue.end() :]
     end = re.search(r"\n|\.(?:\s|$)", seg)
     seg = seg[: end.start()] if end else seg
     if after_equals and "=" in seg:
-        seg = seg[seg.rfind("=") + 1:]
+        seg = seg[seg.rfind("=") + 1 :]
     return seg
 
 
@@ -532,7 +551,9 @@ def _as_number(x: float | int | str | None) -> tuple[float, int | None] | None:
     return _find_number(x)
 
 
-def numbers_match(pred: float | int | str | None, truth: float | int | str | None, rel_tol: float = 1e-3) -> bool:
+def numbers_match(
+    pred: float | int | str | None, truth: float | int | str | None, rel_tol: float = 1e-3
+) -> bool:
     """Whether two answers are the same number, allowing for rounding.
 
     Equal within `rel_tol` (relative; absolute 1e-9 near zero), or — when either side was written as
@@ -546,7 +567,11 @@ def numbers_match(pred: float | int | str | None, truth: float | int | str | Non
     if math.isclose(a[0], b[0], rel_tol=rel_tol, abs_tol=1e-9):
         return True
     for (x, _), (y, d) in ((a, b), (b, a)):
-        if d is not None and d >= 1 and math.isclose(round(x, d), y, rel_tol=1e-12, abs_tol=0.5 * 10 ** (-d - 3)):
+        if (
+            d is not None
+            and d >= 1
+            and math.isclose(round(x, d), y, rel_tol=1e-12, abs_tol=0.5 * 10 ** (-d - 3))
+        ):
             return True
     return False
 
@@ -557,9 +582,7 @@ def numbers_match(pred: float | int | str | None, truth: float | int | str | Non
 
 BOX_FORMATS = ("norm1", "norm1000", "pixel")
 _BNUM = r"-?(?:\d+(?:\.\d+)?|\.\d+)"
-_BOX_BRACKET_RE = re.compile(
-    rf"[\[(][ \t]*({_BNUM})\s*,\s*({_BNUM})\s*,\s*({_BNUM})\s*,\s*({_BNUM})\s*[\])]"
-)
+_BOX_BRACKET_RE = re.compile(rf"[\[(][ \t]*({_BNUM})\s*,\s*({_BNUM})\s*,\s*({_BNUM})\s*,\s*({_BNUM})\s*[\])]")
 _BOX_LOOSE_RE = re.compile(
     rf"(?<![\d.])({_BNUM})[\s,()\[\]]+({_BNUM})[\s,()\[\]]+({_BNUM})[\s,()\[\]]+({_BNUM})"
 )

@@ -73,7 +73,9 @@ class PeriodicEvaluator:
             except ValueError as e:
                 raise ValueError(f"stage {stage.name!r} eval: {e}") from e
             if not items:
-                raise ValueError(f"stage {stage.name!r} eval: benchmark {cfg.benchmark!r} at {cfg.data} has no items")
+                raise ValueError(
+                    f"stage {stage.name!r} eval: benchmark {cfg.benchmark!r} at {cfg.data} has no items"
+                )
             self._items[key] = balanced_subset(items, cfg.limit)
         return self._items[key]
 
@@ -90,7 +92,9 @@ class PeriodicEvaluator:
         if b.respond is not None:  # a contrastive model answers by similarity (mmvp_vlm, retrieval)
             responses = b.respond(model, items, batch_size=cfg.batch_size, **cfg.options)
         else:
-            responses = generate_responses(model, items, cfg.batch_size, cfg.max_new_tokens or b.max_new_tokens)
+            responses = generate_responses(
+                model, items, cfg.batch_size, cfg.max_new_tokens or b.max_new_tokens
+            )
         metrics, _ = b.score(items, responses, **cfg.options)
         # Scalars and the per-category map: what a curve can draw; per-item records stay with `mllm eval`.
         out: dict[str, Any] = {"benchmark": cfg.benchmark}

@@ -26,7 +26,12 @@ HEADLINES: dict[str, tuple[str, Any]] = {
 # Published numbers (shared/reference/benchmarks.md), by benchmark then system.
 REFERENCE: dict[str, dict[str, float]] = {
     "mmvp": {"LLaVA-1.5-13B": 24.7, "LLaVA-1.5-13B + Interleaved-MoF": 28.0, "GPT-4V": 38.7, "humans": 95.7},
-    "mmvp_vlm": {"CLIP ViT-L/14 224px": 19.3, "CLIP ViT-L/14 336px": 20.0, "MetaCLIP-L": 23.7, "MetaCLIP-H": 25.2},
+    "mmvp_vlm": {
+        "CLIP ViT-L/14 224px": 19.3,
+        "CLIP ViT-L/14 336px": 20.0,
+        "MetaCLIP-L": 23.7,
+        "MetaCLIP-H": 25.2,
+    },
     "mathverse": {"LLaVA-1.5-13B": 7.6, "GPT-4V": 39.4, "humans": 64.9, "SVE-Math-Qwen2.5-7B": 31.4},
     "pope": {"LLaVA-1.5-7B": 85.9, "LLaVA-1.5-13B": 85.9},
     "refcoco": {"LLaVA-1.5-7B (RefCOCO val)": 56.2},
@@ -44,7 +49,9 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
         meta = data.get("meta") or {}
         bench = meta.get("benchmark")
         if bench not in HEADLINES:
-            raise ValueError(f"{p}: no meta.benchmark among {sorted(HEADLINES)} (was it written by `mllm eval`?)")
+            raise ValueError(
+                f"{p}: no meta.benchmark among {sorted(HEADLINES)} (was it written by `mllm eval`?)"
+            )
         label = meta.get("model") or p.stem
         if meta.get("decoding", "greedy") != "greedy":
             params = meta.get("agla") or {}
@@ -69,7 +76,15 @@ def render(rows: list[dict[str, Any]], references: bool = True) -> str:
         systems = list(dict.fromkeys(s for b in benches for s in REFERENCE.get(b, {})))
         for s in systems:
             vals = [REFERENCE.get(b, {}).get(s) for b in benches]
-            lines.append(f"| *{s} (published)* | " + " | ".join("" if v is None else f"{v:.1f}" for v in vals) + " |")
-    note = ("\nPublished rows are the real benchmarks' numbers (shared/reference/benchmarks.md), for context: "
-            "they are not comparable with scores on GeoWorld's synthetic sets.") if references else ""
+            lines.append(
+                f"| *{s} (published)* | " + " | ".join("" if v is None else f"{v:.1f}" for v in vals) + " |"
+            )
+    note = (
+        (
+            "\nPublished rows are the real benchmarks' numbers (shared/reference/benchmarks.md), for context: "
+            "they are not comparable with scores on GeoWorld's synthetic sets."
+        )
+        if references
+        else ""
+    )
     return "\n".join(lines) + "\n" + note + "\n"

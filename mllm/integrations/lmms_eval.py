@@ -28,6 +28,7 @@ from PIL import Image
 
 from mllm.chat import IGNORE_INDEX, with_image
 from mllm.inference import prompt_ids, stop_ids
+from mllm.loading import resolve_model_dir
 from mllm.model import MultimodalLM
 
 __all__ = ["MllmLMMS", "manifest"]
@@ -37,6 +38,7 @@ MODEL_NAME = "mllm"
 
 def manifest():
     """Entry point `lmms_eval.models`: lmms-eval's registry resolves `--model mllm` to `MllmLMMS`."""
+    # lmms-eval is optional (the `lmms` extra); it is installed wherever it calls this entry point.
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.MllmLMMS")
@@ -52,7 +54,9 @@ def _flatten(visuals: Any) -> list[Image.Image]:
         elif isinstance(v, Image.Image):
             out.append(v.convert("RGB"))
         else:
-            raise ValueError(f"mllm (lmms-eval): visual of type {type(v).__name__} is not supported (images only)")
+            raise ValueError(
+                f"mllm (lmms-eval): visual of type {type(v).__name__} is not supported (images only)"
+            )
     return out
 
 
@@ -69,11 +73,16 @@ class MllmLMMS(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str = "auto", dtype: str = "fp32", batch_size: int | str = 1,
-                 max_new_tokens: int = 128, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        device: str = "auto",
+        dtype: str = "fp32",
+        batch_size: int | str = 1,
+        max_new_tokens: int = 128,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
-        from mllm.training.runner import resolve_model_dir
-
         if kwargs:
             raise ValueError(f"mllm (lmms-eval): unknown model_args {sorted(kwargs)}")
         if device == "auto":
@@ -101,9 +110,15 @@ class MllmLMMS(lmms):
         temperature = float(gen.pop("temperature", 0) or 0)
         top_p = gen.pop("top_p", None)
         ids = prompt_ids(self.model, turns, len(images)).unsqueeze(0).to(self.device)
-        new = self.model.generate(ids, self._pixels(images), max_new_tokens=max_new, do_sample=temperature > 0,
-                                  temperature=temperature or 1.0, top_p=float(top_p) if top_p else 1.0,
-                                  stop_token_ids=stop_ids(self.model))
+        new = self.model.generate(
+            ids,
+            self._pixels(images),
+            max_new_tokens=max_new,
+            do_sample=temperature > 0,
+            temperature=temperature or 1.0,
+            top_p=float(top_p) if top_p else 1.0,
+            stop_token_ids=stop_ids(self.model),
+        )
         text = self.model.tokenizer.decode(new[0].cpu(), skip_special_tokens=True)
         for stop in until:  # lmms-eval's stop strings: the answer ends before the first one
             if stop and stop in text:
@@ -115,7 +130,13 @@ class MllmLMMS(lmms):
         out = []
         for context, gen_kwargs, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             images = _flatten(doc_to_visual(self._doc(task, split, doc_id))) if doc_to_visual else []
-            out.append(self._generate([("user", _with_images(context, len(images), self.model.meta.image_placement))], images, gen_kwargs))
+            out.append(
+                self._generate(
+                    [("user", _with_images(context, len(images), self.model.meta.image_placement))],
+                    images,
+                    gen_kwargs,
+                )
+            )
         return out
 
     @torch.no_grad()
@@ -125,13 +146,19 @@ class MllmLMMS(lmms):
             doc = self._doc(task, split, doc_id)
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             images = _flatten(doc_to_visual(doc)) if doc_to_visual else []
-            prompt = prompt_ids(self.model, [("user", _with_images(context, len(images), self.model.meta.image_placement))], len(images))
-            cont = self.model.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            prompt = prompt_ids(
+                self.model,
+                [("user", _with_images(context, len(images), self.model.meta.image_placement))],
+                len(images),
+            )
+            cont = self.model.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")[
+                "input_ids"
+            ][0]
             if cont.numel() == 0:
                 raise ValueError(f"mllm (lmms-eval): empty continuation for {task}/{split}/{doc_id}")
             ids = torch.cat([prompt, cont]).unsqueeze(0).to(self.device)
             labels = torch.full_like(ids, IGNORE_INDEX)
-            labels[0, len(prompt):] = cont.to(self.device)
+            labels[0, len(prompt) :] = cont.to(self.device)
             res = self.model(ids, torch.ones_like(ids), self._pixels(images), labels, return_logits=True)
             logprobs = torch.log_softmax(res.logits.float(), dim=-1)
             target = cont.to(self.device)
@@ -141,7 +168,9 @@ class MllmLMMS(lmms):
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[Any]:
         out: list[Any] = []
-        for context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split in [r.args for r in requests]:
+        for context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split in [
+            r.args for r in requests
+        ]:
             doc = self._doc(task, split, doc_id)
             images = _flatten(doc_to_visual(doc)) if doc_to_visual else []
             turns: list[tuple[str, str]] = []
@@ -152,7 +181,8 @@ class MllmLMMS(lmms):
             while True:
                 if round_idx > 0:
                     visuals, context, terminal, round_res, info = doc_to_text(
-                        doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info)
+                        doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info
+                    )
                     if terminal:
                         break
                     extra = _flatten(visuals) if visuals else []

@@ -93,7 +93,9 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         if not self.root.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name)))
+        return sorted(
+            int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))
+        )
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint: what `latest` names, or a newer `step-N` folder.

@@ -24,9 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from mllm.config import ConfigError, EngineConfig, StageConfig
-from mllm.data.conversations import Skip
+from encoders.common import read_meta, seed_everything, write_meta
+from mllm.config import ConfigError, EngineConfig, StageConfig, resolve_zero_config
+from mllm.data.batch import Batch, Skip, batch_ids, batch_skips, model_inputs
+from mllm.data.order import BatchOrder
 from mllm.data.samplers import build_order
 from mllm.logging_backends import open_loggers
 from mllm.lora import restrict_to_adapters
@@ -35,7 +38,11 @@ from mllm.training.checkpoint import CheckpointManager, atomic_write_text
 from mllm.training.faults import injected, maybe_kill
 from mllm.training.nonfinite import NonfiniteError, NonfiniteGuard
 from mllm.training.optim import build_optimizer, cosine_with_warmup, param_groups, set_trainable
-from mllm.training.order import BatchOrder
+
+# A checkpoint folder's meta file: kind `checkpoint`, format_version, step, position, skipped samples.
+CHECKPOINT_META = "trainer_state.json"
+CHECKPOINT_KIND = "checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 class TrainingError(RuntimeError):
@@ -73,20 +80,16 @@ class StageResult:
     resumed_from: int | None = None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    meta = {"python": _jsonable(random.getstate()), "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
-                                                                  float(np_state[4])]}
+    meta = {
+        "python": _jsonable(random.getstate()),
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     return tensors, meta
 
 
@@ -109,6 +112,7 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
 
 def load_ds_config(path: str | None, stage: StageConfig, precision: str) -> dict[str, Any]:
     """A ZeRO JSON with `"auto"` values filled from the stage (as HF's integration does)."""
+    path = resolve_zero_config(path)  # packaged configs by name, wherever the run starts
     cfg: dict[str, Any] = json.loads(Path(path).read_text()) if path else {"zero_optimization": {"stage": 0}}
     fills = {
         "train_micro_batch_size_per_gpu": stage.batch_size,
@@ -128,6 +132,27 @@ def load_ds_config(path: str | None, stage: StageConfig, precision: str) -> dict
     return cfg
 
 
+def _step_values(
+    micro_losses: list[torch.Tensor], micro_stats: list[dict[str, torch.Tensor]]
+) -> tuple[float, dict[str, float]]:
+    """The step's loss (mean over micro-batches and ranks) and its statistics (each the mean over this
+    rank's micro-batches that report it: the main rank's rows, as the objectives compute them), brought to
+    the host together: one transfer per step however many statistics the model reports."""
+    loss = D.all_reduce_mean(torch.stack(micro_losses).mean())  # float32, as each micro-batch's loss
+    names = sorted({k for s in micro_stats for k in s})
+    if not names:
+        return float(loss), {}
+    means = [torch.stack([s[k] for s in micro_stats if k in s]).mean() for k in names]
+    values = torch.stack([loss, *means]).tolist()
+    return values[0], dict(zip(names, values[1:]))
+
+
+def _stat(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A reported statistic (a detached tensor, or a plain number such as a scheduled temperature) as a
+    0-dim float32 copy on the loss's device."""
+    return torch.as_tensor(value).detach().reshape(()).to(device=like.device, dtype=torch.float32, copy=True)
+
+
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -139,8 +164,17 @@ def _move(batch: Any, device: torch.device) -> Any:
 class Trainer:
     """Runs one stage on a model. Build it, call `train()`; the caller saves the final model."""
 
-    def __init__(self, model: nn.Module, dataset: Dataset, collate, stage: StageConfig, engine: EngineConfig,
-                 out_dir: str | Path, trainable: dict[str, float], evaluate: StepEvaluator | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        collate,
+        stage: StageConfig,
+        engine: EngineConfig,
+        out_dir: str | Path,
+        trainable: dict[str, float],
+        evaluate: StepEvaluator | None = None,
+    ):
         self.model = model
         self.dataset = dataset
         self.collate = collate
@@ -153,9 +187,11 @@ class Trainer:
         self.evals_path = self.out_dir / "evals.jsonl"
         self.evaluate = evaluate
         if stage.eval_every is not None and evaluate is None:
-            raise ValueError(f"stage {stage.name!r} sets eval_every={stage.eval_every} but no evaluator was given "
-                             "(`mllm train` builds one; a library caller passes train_recipe(..., evaluator="
-                             "mllm.evaluation.periodic.make_evaluator(recipe)))")
+            raise ValueError(
+                f"stage {stage.name!r} sets eval_every={stage.eval_every} but no evaluator was given "
+                "(`mllm train` builds one; a library caller passes train_recipe(..., evaluator="
+                "mllm.evaluation.periodic.make_evaluator(recipe)))"
+            )
         self.train_s = 0.0  # training-loop seconds of this stage so far, periodic evaluation excluded
         self.use_ds = engine.backend == "deepspeed"
         if engine.backend not in ("deepspeed", "torch"):
@@ -178,28 +214,46 @@ class Trainer:
         restrict_to_adapters(self.model)  # LoRA: under a peft-wrapped module only the adapters train
         groups = param_groups(self.model, self.trainable, self.stage.weight_decay)
         self.group_names = [g["name"] for g in groups]
-        self.order = build_order(self.stage.data.sampler, self.dataset, self.stage.batch_size, self.cfg.seed,
-                                 D.rank(), D.world_size())
+        self.order = build_order(
+            self.stage.data.sampler,
+            self.dataset,
+            self.stage.batch_size,
+            self.cfg.seed,
+            D.rank(),
+            D.world_size(),
+        )
         self.steps = self.total_steps(self.order)
         if self.stage.eval_every is not None and self.stage.eval_every > self.steps:
-            raise ConfigError(f"stage {self.stage.name!r}: eval_every={self.stage.eval_every} is larger than the "
-                              f"stage ({self.steps} optimiser steps)")
+            raise ConfigError(
+                f"stage {self.stage.name!r}: eval_every={self.stage.eval_every} is larger than the "
+                f"stage ({self.steps} optimiser steps)"
+            )
         warmup = int(round(self.stage.warmup_ratio * self.steps))
         optimizer = build_optimizer(groups, tuple(self.stage.betas))
         schedule = cosine_with_warmup(warmup, self.steps, self.stage.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(optimizer.param_groups))
         self.device = D.device()
         if self.use_ds:
-            import deepspeed
+            import deepspeed  # optional at run time (backend: torch needs none), and slow to import
 
-            ds_cfg = load_ds_config(self.stage.zero_config or self.cfg.zero_config, self.stage, self.cfg.precision)
-            if self.stage.eval_every is not None and int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
+            ds_cfg = load_ds_config(
+                self.stage.zero_config or self.cfg.zero_config, self.stage, self.cfg.precision
+            )
+            if (
+                self.stage.eval_every is not None
+                and int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 3
+            ):
                 # Rank 0 alone would run generate on partitioned weights, whose forward hooks gather
                 # from every rank: a hang. Gathering all weights on every rank for it defeats ZeRO-3.
-                raise ConfigError(f"stage {self.stage.name!r}: eval_every={self.stage.eval_every} is not supported "
-                                  "under ZeRO-3; use ZeRO-2 for this stage, or `mllm eval` on its final model")
+                raise ConfigError(
+                    f"stage {self.stage.name!r}: eval_every={self.stage.eval_every} is not supported "
+                    "under ZeRO-3; use ZeRO-2 for this stage, or `mllm eval` on its final model"
+                )
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                model=self.model,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=ds_cfg,
                 dist_init_required=False,
             )
             self.zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
@@ -209,14 +263,17 @@ class Trainer:
             self.zero_stage = 0
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if (not self.use_ds and self.cfg.precision == "bf16") else contextlib.nullcontext()
+            if (not self.use_ds and self.cfg.precision == "bf16")
+            else contextlib.nullcontext()
         )
 
     # ------------------------------------------------------------------ checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         """Trainable parameters + persistent buffers: training changes buffers too (an EMA teacher, DINO's
         centres, BatchNorm statistics), and DeepSpeed's checkpoints carry them, so this path must as well."""
-        state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        state = {
+            n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad
+        }
         params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         for n, t in self.model.state_dict().items():
             if n not in params and isinstance(t, torch.Tensor):
@@ -229,8 +286,9 @@ class Trainer:
         D.barrier()
         tmp = self.ckpt.tmp_path(step)
         if self.use_ds:
-            self.engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False,
-                                        exclude_frozen_parameters=True)
+            self.engine.save_checkpoint(
+                str(tmp / "ds"), tag="state", save_latest=False, exclude_frozen_parameters=True
+            )
         else:
             save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -240,10 +298,15 @@ class Trainer:
         save_file(tensors, str(tmp / f"rng_rank{D.rank()}.safetensors"))
         (tmp / f"rng_rank{D.rank()}.json").write_text(json.dumps(meta))
         if D.is_main():
-            state = {"step": step, "position": position, "total_steps": self.steps,
-                     "skipped": [s.__dict__ for s in self.skipped], "world_size": D.world_size(),
-                     "nonfinite_skips": self.guard.skipped}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            state = {
+                "step": step,
+                "position": position,
+                "total_steps": self.steps,
+                "skipped": [s.__dict__ for s in self.skipped],
+                "world_size": D.world_size(),
+                "nonfinite_skips": self.guard.skipped,
+            }
+            write_meta(tmp / CHECKPOINT_META, CHECKPOINT_KIND, CHECKPOINT_VERSION, state, indent=1)
         D.barrier()
         final = self.ckpt.root / self.ckpt.name(step)
         if D.is_main():
@@ -252,9 +315,11 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> tuple[int, int]:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_meta(path / CHECKPOINT_META, CHECKPOINT_KIND, CHECKPOINT_VERSION)
         if state.get("world_size", 1) != D.world_size():
-            raise TrainingError(f"{path}: saved with {state['world_size']} processes, resuming with {D.world_size()}")
+            raise TrainingError(
+                f"{path}: saved with {state['world_size']} processes, resuming with {D.world_size()}"
+            )
         if self.use_ds:
             loaded, _ = self.engine.load_checkpoint(str(path / "ds"), tag="state", load_module_strict=False)
             if loaded is None:
@@ -277,22 +342,33 @@ class Trainer:
     def _loader(self, start: int, stop: int) -> DataLoader:
         # Its own generator: creating the iterator draws a seed, which from the global RNG would shift
         # every later dropout mask of a resumed run (LoRA dropout) away from the uninterrupted one.
-        return DataLoader(self.dataset, batch_sampler=list(self.order.batches(start, stop)),
-                          collate_fn=self.collate, num_workers=self.stage.data.num_workers,
-                          generator=torch.Generator().manual_seed(self.cfg.seed + start))
+        return DataLoader(
+            self.dataset,
+            batch_sampler=list(self.order.batches(start, stop)),
+            collate_fn=self.collate,
+            num_workers=self.stage.data.num_workers,
+            generator=torch.Generator().manual_seed(self.cfg.seed + start),
+        )
 
-    def _micro_step(self, batch: dict[str, Any], step: int, first: bool) -> tuple[torch.Tensor, bool]:
-        """Forward, the non-finite check (before any gradient exists), backward. Returns (loss, finite)."""
+    def _micro_step(
+        self, batch: Batch, step: int, first: bool
+    ) -> tuple[torch.Tensor, bool, dict[str, torch.Tensor]]:
+        """Forward, the non-finite check (before any gradient exists), backward.
+
+        Returns (loss, finite, stats): `stats` is the model output's `stats` (name -> detached 0-dim tensor,
+        e.g. a contrastive objective's logit scale, bias and in-batch accuracy), left on the device: the
+        step brings them to the host with its loss, in one transfer (`_step_values`)."""
         batch = _move(batch, self.device)
-        inputs = {k: v for k, v in batch.items() if k not in ("skips", "ids")}
         with self.autocast:
-            out = self.engine(**inputs)
+            out = self.engine(**model_inputs(batch))
         loss = out.loss
+        # A snapshot now: a statistic may alias a parameter that the optimiser step changes in place.
+        stats = {k: _stat(v, loss) for k, v in (getattr(out, "stats", None) or {}).items()}
         if first and injected("nan_loss", step):
             loss = loss * float("nan")
         finite = self.guard.all_finite(loss)
         if not finite and self.guard.stop:
-            return loss.detach().float(), False
+            return loss.detach().float(), False, stats
         if self.use_ds:
             # A non-finite loss is still back-propagated here: DeepSpeed's overflow check then drops
             # the step (verified in train()); skipping backward would shift its accumulation boundary.
@@ -300,7 +376,7 @@ class Trainer:
             self.engine.step()
         elif finite:
             (loss / self.stage.grad_accum).backward()
-        return loss.detach().float(), finite
+        return loss.detach().float(), finite, stats
 
     def _optimizer_step(self, finite: bool = True) -> float | None:
         if self.use_ds:
@@ -309,7 +385,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.stage.grad_clip) if self.stage.grad_clip > 0 else None
+        norm = (
+            torch.nn.utils.clip_grad_norm_(params, self.stage.grad_clip) if self.stage.grad_clip > 0 else None
+        )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,7 +413,9 @@ class Trainer:
             self.train_s = sum(float(r.get("step_s") or 0.0) for r in kept)  # the clock evals.jsonl continues
             self._truncate_jsonl(self.evals_path, step)
         # TensorBoard / W&B beside metrics.jsonl (main rank only); named-but-missing packages fail here.
-        self.loggers = open_loggers(self.cfg.loggers if D.is_main() else [], self.out_dir, self.stage.name, step)
+        self.loggers = open_loggers(
+            self.cfg.loggers if D.is_main() else [], self.out_dir, self.stage.name, step
+        )
         ga = self.stage.grad_accum
         losses: list[float] = []
         bar = None
@@ -343,8 +423,6 @@ class Trainer:
         # carriage-return stream that turns into megabytes.
         tty = sys.stderr.isatty()
         if D.is_main() and self.cfg.progress and tty:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=self.steps, initial=step, desc=self.stage.name, dynamic_ncols=True, leave=False)
         if step < self.steps:
             self.engine.train() if self.use_ds else self.model.train()
@@ -352,22 +430,26 @@ class Trainer:
             t_last = time.time()
             while step < self.steps:
                 micro_losses = []
+                micro_stats: list[dict[str, torch.Tensor]] = []
                 n_samples = 0
                 step_start, finite = position, True
                 ds_skipped = getattr(self.engine, "skipped_steps", 0)
                 for k in range(ga):
                     batch = next(loader)
                     position += 1
-                    self._record_skips(batch["skips"])
-                    if not batch["ids"]:
-                        raise TrainingError(f"every sample of micro-batch {position - 1} was bad: "
-                                            + "; ".join(s.reason for s in batch["skips"]))
-                    n_samples += len(batch["ids"])
-                    micro_loss, ok = self._micro_step(batch, step + 1, k == 0)
+                    self._record_skips(batch_skips(batch))
+                    if not batch_ids(batch):
+                        raise TrainingError(
+                            f"every sample of micro-batch {position - 1} was bad: "
+                            + "; ".join(s.reason for s in batch_skips(batch))
+                        )
+                    n_samples += len(batch_ids(batch))
+                    micro_loss, ok, stats = self._micro_step(batch, step + 1, k == 0)
                     micro_losses.append(micro_loss)
+                    micro_stats.append(stats)
                     finite = finite and ok
                     if not ok and self.guard.stop:
-                        self._stop_nonfinite(step, step_start, position, micro_loss, batch["ids"])
+                        self._stop_nonfinite(step, step_start, position, micro_loss, batch_ids(batch))
                 grad_norm = self._optimizer_step(finite)
                 step += 1
                 ds_dropped = self.use_ds and getattr(self.engine, "skipped_steps", 0) > ds_skipped
@@ -375,10 +457,11 @@ class Trainer:
                     raise NonfiniteError(
                         f"non-finite loss at step {step}, and DeepSpeed applied the update anyway (its overflow "
                         "check is off in this configuration: fp32 needs gradient_clipping > 0, bf16 "
-                        "check_grad_overflow); use engine.nonfinite.policy=stop")
+                        "check_grad_overflow); use engine.nonfinite.policy=stop"
+                    )
                 if not finite or ds_dropped:
                     self.guard.record_skip(step, "non-finite loss" if not finite else "DeepSpeed overflow")
-                loss = float(D.all_reduce_mean(torch.stack(micro_losses).mean()))
+                loss, stats = _step_values(micro_losses, micro_stats)
                 if finite and not ds_dropped:
                     if not math.isfinite(loss):
                         raise TrainingError(f"non-finite loss {loss} at step {step}")
@@ -387,10 +470,17 @@ class Trainer:
                 step_s = round(now - t_last, 4)
                 self.train_s += step_s  # the same rounded numbers a resume re-adds from metrics.jsonl
                 if D.is_main():
-                    rec = {"step": step, "loss": loss if finite and not ds_dropped else None, "lr": self._lrs(),
-                           "samples": n_samples * D.world_size(), "step_s": step_s}
+                    rec = {
+                        "step": step,
+                        "loss": loss if finite and not ds_dropped else None,
+                        "lr": self._lrs(),
+                        "samples": n_samples * D.world_size(),
+                        "step_s": step_s,
+                    }
                     if grad_norm is not None:
                         rec["grad_norm"] = grad_norm
+                    if stats and finite and not ds_dropped:
+                        rec["stats"] = stats
                     if not finite or ds_dropped:
                         rec["skipped"] = "non-finite loss" if not finite else "DeepSpeed overflow"
                     line = json.dumps(rec) + "\n"
@@ -405,8 +495,11 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}")
                     elif self.cfg.progress and (step % self.cfg.log_every == 0 or step == self.steps):
-                        print(f"[{self.stage.name}] step {step}/{self.steps} loss {loss:.4f} "
-                              f"({now - t0:.0f}s)", file=sys.stderr, flush=True)
+                        print(
+                            f"[{self.stage.name}] step {step}/{self.steps} loss {loss:.4f} ({now - t0:.0f}s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 t_last = now
                 every_eval = self.stage.eval_every
                 if every_eval and (step % every_eval == 0 or step == self.steps):
@@ -421,7 +514,9 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.loggers.close()
-        return StageResult(step, losses[-1] if losses else None, losses, self.skipped, time.time() - t0, resumed)
+        return StageResult(
+            step, losses[-1] if losses else None, losses, self.skipped, time.time() - t0, resumed
+        )
 
     def _record_skips(self, skips: list[Skip]) -> None:
         """Each bad sample is listed once, however many epochs meet it again."""
@@ -475,13 +570,19 @@ class Trainer:
                 f.write(line)
             if self.cfg.progress:
                 acc = rec.get("accuracy")
-                shown = f"{rec.get('benchmark', 'eval')} {acc:.1f}%" if isinstance(acc, (int, float)) else "done"
-                print(f"[{self.stage.name}] step {step}/{self.steps} eval: {shown} ({rec['eval_s']:.1f}s)",
-                      file=sys.stderr, flush=True)
+                shown = (
+                    f"{rec.get('benchmark', 'eval')} {acc:.1f}%" if isinstance(acc, (int, float)) else "done"
+                )
+                print(
+                    f"[{self.stage.name}] step {step}/{self.steps} eval: {shown} ({rec['eval_s']:.1f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         D.barrier()
 
-    def _stop_nonfinite(self, step: int, step_start: int, position: int, loss: torch.Tensor,
-                        ids: list[Any]) -> None:
+    def _stop_nonfinite(
+        self, step: int, step_start: int, position: int, loss: torch.Tensor, ids: list[Any]
+    ) -> None:
         """The stop policy: checkpoint the last good state (weights before this step, data position at
         its start, so a resume replays it), then raise naming the step, micro-batch and samples."""
         path = self.ckpt.root / self.ckpt.name(step)
@@ -490,14 +591,15 @@ class Trainer:
         raise NonfiniteError(
             f"non-finite loss {float(loss)} at step {step + 1} (micro-batch {position - 1}, samples "
             f"{ids[:8]}); the last good state (after step {step}) is checkpointed in {path}. "
-            "Set engine.nonfinite.policy=skip to drop such steps instead.")
+            "Set engine.nonfinite.policy=skip to drop such steps instead."
+        )
 
     # ------------------------------------------------------------------ final weights
     @contextlib.contextmanager
     def full_weights(self):
         """Full (un-partitioned) parameters on every rank for the duration; a no-op below ZeRO-3."""
         if self.use_ds and self.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # lazy, as in _setup
 
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
                 yield

@@ -31,8 +31,10 @@ def _specs() -> list[tuple[str, int]]:
     for part in spec.split(","):
         point, _, step = part.strip().partition(":")
         if point not in KILL_POINTS + HANG_POINTS + VALUE_POINTS or not step.isdigit():
-            raise ValueError(f"MLLM_FAULT: bad entry {part!r}; expected point:step with point in "
-                             f"{KILL_POINTS + HANG_POINTS + VALUE_POINTS}")
+            raise ValueError(
+                f"MLLM_FAULT: bad entry {part!r}; expected point:step with point in "
+                f"{KILL_POINTS + HANG_POINTS + VALUE_POINTS}"
+            )
         out.append((point, int(step)))
     return out
 

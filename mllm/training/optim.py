@@ -41,8 +41,12 @@ def param_groups(model: nn.Module, trainable: dict[str, float], weight_decay: fl
         decay = p.ndim >= 2 and weight_decay > 0
         key = (prefix, decay)
         if key not in groups:
-            groups[key] = {"params": [], "lr": trainable[prefix], "weight_decay": weight_decay if decay else 0.0,
-                           "name": f"{prefix}{'' if decay else '/no_decay'}"}
+            groups[key] = {
+                "params": [],
+                "lr": trainable[prefix],
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{prefix}{'' if decay else '/no_decay'}",
+            }
         groups[key]["params"].append(p)
     return list(groups.values())
 

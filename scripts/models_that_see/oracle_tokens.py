@@ -32,6 +32,11 @@ torch.manual_seed(0)
 torch.set_num_threads(1)
 ORACLE = os.environ.get("ORACLE", "1") == "1"
 ONLY = os.environ.get("ONLY")
+WORDS = os.environ.get("WORDS")  # e.g. "colour,shape": oracle tokens carry only these groups' words
+TEMPLATE = os.environ.get("TEMPLATE", "chatml")
+SIMPLE = (
+    os.environ.get("SIMPLE") == "1"
+)  # the probe's two question families, through the pipeline's tokenizer
 m = MultimodalLM.from_pretrained(sys.argv[1]).train()
 m.tower.eval()
 if os.environ.get("FRESH") == "1":
@@ -40,14 +45,45 @@ if os.environ.get("FRESH") == "1":
             torch.nn.init.normal_(mod.weight, std=0.02)
             if getattr(mod, "bias", None) is not None:
                 torch.nn.init.zeros_(mod.bias)
-T = PatchTargets(COLOR_NAMES, SHAPES)
-ds = LiveWorldDataset(LiveWorldConfig(turns=(1, 1), existence=0, seed=5), m.tokenizer, "chatml", m.image_token_id,
-                      m.num_image_tokens, m.preprocess, 256, m.meta.image_placement)
+if os.environ.get("MIMETIC") == "1":
+    from mllm.lm_init import apply_lm_init
+
+    apply_lm_init(m.lm, "mimetic")
+T = PatchTargets(COLOR_NAMES, SHAPES, centre=True)
+ds = LiveWorldDataset(
+    LiveWorldConfig(turns=(1, 1), existence=0, seed=5),
+    m.tokenizer,
+    TEMPLATE,
+    m.image_token_id,
+    m.num_image_tokens,
+    m.preprocess,
+    256,
+    m.meta.image_placement,
+)
 collate = Collator(m.tokenizer.pad_token_id)
 proj, emb = m.projector, m.lm.get_input_embeddings()
 params = list(m.lm.parameters())
 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 60))
+
+
+def simple_item(i: int) -> dict:
+    """Sample i's scene asked the probe's way: the colour of a unique shape, or the shape of a unique colour."""
+    import random
+
+    from mllm.data.geoworld.live import conversation
+
+    scene, _ = ds.scene(i)
+    rng = random.Random(i)
+    kinds = [s.kind for s in scene.shapes]
+    cols = [s.color for s in scene.shapes]
+    qs = [(f"What color is the {s.kind}?", s.color) for s in scene.shapes if kinds.count(s.kind) == 1]
+    qs += [(f"What shape is the {s.color} object?", s.kind) for s in scene.shapes if cols.count(s.color) == 1]
+    if scene.figure is not None or not qs:
+        return None
+    conv = conversation([rng.choice(qs)], m.meta.image_placement)
+    enc = ds._encode(conv, f"simple #{i}")
+    return {"index": i, "id": f"s-{i}", **enc, "pixel_values": ds.preprocess([ds._image(scene, rng)])}
 
 
 def tokens(idx: list[int], pix: torch.Tensor) -> torch.Tensor:
@@ -56,12 +92,22 @@ def tokens(idx: list[int], pix: torch.Tensor) -> torch.Tensor:
             feats = m.tower_features(pix)
         return proj(feats, emb)
     table = proj.table(emb)
+    if os.environ.get("FORM") == "probe":  # the probe's tokens: the question-form word embeddings, summed
+        rows = [w for g in T.words().values() for w in g]
+        ids = [m.tokenizer.convert_tokens_to_ids("Ġ" + w) if w else -1 for w in rows]
+        table = torch.stack([emb.weight[i] if i >= 0 else torch.zeros(emb.weight.shape[1]) for i in ids])
     out = []
     for i in idx:
         scene, _ = ds.scene(i)
         lab = patch_labels(scene.to_dict(), m.tower.grid, T) if scene.figure is None else None
-        onehot = torch.cat([F.one_hot(lab[k] if lab is not None else torch.zeros(64, dtype=torch.long), n).float()
-                            for k, n in T.heads().items()], -1)
+        onehot = torch.cat(
+            [
+                F.one_hot(lab[k] if lab is not None else torch.zeros(64, dtype=torch.long), n).float()
+                * (1.0 if not WORDS or k in WORDS.split(",") else 0.0)
+                for k, n in T.heads().items()
+            ],
+            -1,
+        )
         seen = (lab["colour"] != 0).float()[:, None] if lab is not None else torch.zeros(64, 1)
         out.append(seen * (onehot @ table))
     return torch.stack(out)
@@ -72,8 +118,8 @@ hits, total = 0, 0
 while step < int(os.environ.get("STEPS", "600")):
     idx, items = [], []
     while len(idx) < 32:
-        item = ds[cursor]
-        if not ONLY or ONLY in m.tokenizer.decode(item["input_ids"].tolist()):
+        item = simple_item(cursor) if SIMPLE else ds[cursor]
+        if item is not None and (not ONLY or ONLY in m.tokenizer.decode(item["input_ids"].tolist())):
             idx.append(cursor)
             items.append(item)
         cursor += 1
@@ -98,6 +144,12 @@ while step < int(os.environ.get("STEPS", "600")):
             hits += int(pred[r, pos[0]] == tgt[r, pos[0]])
             total += 1
     if step % 100 == 0:
-        print(step, round(loss.item(), 3), "first answer token accuracy", round(hits / total, 3),
-              f"{time.time() - t0:.0f}s", flush=True)
+        print(
+            step,
+            round(loss.item(), 3),
+            "first answer token accuracy",
+            round(hits / total, 3),
+            f"{time.time() - t0:.0f}s",
+            flush=True,
+        )
         hits, total = 0, 0

@@ -46,8 +46,13 @@ def main() -> None:
                 answers.append(a)
                 cats.append(c)
     seen = answer_batch(model, questions, images, max_new_tokens=4, batch_size=64)
-    blank = answer_batch(model, questions, [Image.new("RGB", (64, 64), "white")] * len(questions),
-                         max_new_tokens=4, batch_size=64)
+    blank = answer_batch(
+        model,
+        questions,
+        [Image.new("RGB", (64, 64), "white")] * len(questions),
+        max_new_tokens=4,
+        batch_size=64,
+    )
     right: dict[str, list[bool]] = collections.defaultdict(list)
     right_blank: dict[str, list[bool]] = collections.defaultdict(list)
     for out, out_blank, a, c in zip(seen, blank, answers, cats):

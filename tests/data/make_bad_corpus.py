@@ -41,7 +41,9 @@ class Case:
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def write_bomb(path: Path, side: int = BOMB_SIDE) -> None:
@@ -50,8 +52,12 @@ def write_bomb(path: Path, side: int = BOMB_SIDE) -> None:
     row = b"\0" * (side + 1)  # filter byte + pixels
     idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-                     + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def write_images(images: Path, outside: Path) -> None:
@@ -63,7 +69,9 @@ def write_images(images: Path, outside: Path) -> None:
     Image.new("RGB", (64, 64), (10, 200, 10)).save(buf, format="PNG")
     (images / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        buf, format="JPEG"
+    )
     (images / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (images / "zero.png").write_bytes(b"")
     (images / "not_an_image.png").write_text("this is a text file with an image's name\n")
@@ -97,10 +105,17 @@ def _conv(q: str = "<image>\nWhat color is it?", a: str | None = "red") -> list[
 
 def record_cases() -> list[tuple[Case, object]]:
     """(case, record) pairs; the index is filled in by position."""
-    def img(name: str, file: str, expect: str, kind: str = "error") -> tuple[Case, object]:
-        return Case(name, kind, "records.json", None, expect), {"id": name, "image": file, "conversations": _conv()}
 
-    def rec(name: str, record: object, expect: str, kind: str = "error", tok: bool = False) -> tuple[Case, object]:
+    def img(name: str, file: str, expect: str, kind: str = "error") -> tuple[Case, object]:
+        return Case(name, kind, "records.json", None, expect), {
+            "id": name,
+            "image": file,
+            "conversations": _conv(),
+        }
+
+    def rec(
+        name: str, record: object, expect: str, kind: str = "error", tok: bool = False
+    ) -> tuple[Case, object]:
         return Case(name, kind, "records.json", None, expect, tok), record
 
     return [
@@ -110,48 +125,108 @@ def record_cases() -> list[tuple[Case, object]]:
         img("valid_palette_alpha", "palette_alpha.png", "", "valid"),
         img("valid_exif_rotated", "exif_rotated.jpg", "", "valid"),
         img("valid_gray_alpha", "gray_alpha.png", "", "valid"),
-        rec("valid_text_only", {"id": "valid_text_only", "conversations": _conv("Hello?", "Hi.")}, "", "valid"),
+        rec(
+            "valid_text_only", {"id": "valid_text_only", "conversations": _conv("Hello?", "Hi.")}, "", "valid"
+        ),
         img("truncated_png", "truncated.png", "cannot decode image"),
         img("truncated_jpeg", "truncated.jpg", "cannot decode image"),
         img("zero_byte_file", "zero.png", "cannot decode image"),
         img("not_an_image", "not_an_image.png", "cannot decode image"),
-        img("decompression_bomb", "bomb.png", f"{BOMB_SIDE}x{BOMB_SIDE} = {BOMB_SIDE**2} pixels exceeds the limit"),
+        img(
+            "decompression_bomb",
+            "bomb.png",
+            f"{BOMB_SIDE}x{BOMB_SIDE} = {BOMB_SIDE**2} pixels exceeds the limit",
+        ),
         img("missing_image", "nope.png", "image file not found"),
         img("directory_named_png", "a_directory.png", "image file not found (it is a directory)"),
         img("escape_dotdot", "../../etc/passwd", "escapes the image root"),
         img("escape_absolute", "/etc/passwd", "escapes the image root"),
         img("escape_symlink", "escape_link.png", "escapes the image root"),
         img("image_empty_string", "", "is not a non-empty string"),
-        rec("image_not_a_string", {"id": "image_not_a_string", "image": 42, "conversations": _conv()},
-            "image entry 42 is not a path string"),
-        rec("missing_conversations", {"id": "missing_conversations", "image": "ok.png"}, "missing 'conversations'"),
-        rec("empty_conversation", {"id": "empty_conversation", "conversations": []},
-            "'conversations' must be a non-empty list"),
-        rec("conversations_not_a_list", {"id": "conversations_not_a_list", "conversations": "hi"},
-            "'conversations' must be a non-empty list"),
-        rec("unknown_role", {"id": "unknown_role", "conversations": [{"from": "robot", "value": "x"}]},
-            "turn 0 has unknown role 'robot'"),
-        rec("missing_role", {"id": "missing_role", "conversations": [{"value": "x"}]}, "turn 0 has unknown role None"),
-        rec("value_is_a_number", {"id": "value_is_a_number", "conversations": [{"from": "human", "value": "q"},
-                                                                               {"from": "gpt", "value": 5}]},
-            "turn 1 has no text 'value'"),
-        rec("turn_not_an_object", {"id": "turn_not_an_object", "conversations": ["hello"]}, "turn 0 is not an object"),
-        rec("no_assistant_turn", {"id": "no_assistant_turn", "image": "ok.png", "conversations": _conv(a=None)},
-            "no assistant turn"),
-        rec("more_markers_than_images", {"id": "more_markers_than_images", "image": "ok.png",
-                                         "conversations": _conv("<image>\n<image>\nCompare.")},
-            "2 <image> marker(s) in the text but 1 image(s)"),
-        rec("marker_without_image", {"id": "marker_without_image", "conversations": _conv()},
-            "1 <image> marker(s) in the text but 0 image(s)"),
-        rec("image_without_marker", {"id": "image_without_marker", "image": "ok.png",
-                                     "conversations": _conv("What color?")},
-            "0 <image> marker(s) in the text but 1 image(s)"),
+        rec(
+            "image_not_a_string",
+            {"id": "image_not_a_string", "image": 42, "conversations": _conv()},
+            "image entry 42 is not a path string",
+        ),
+        rec(
+            "missing_conversations",
+            {"id": "missing_conversations", "image": "ok.png"},
+            "missing 'conversations'",
+        ),
+        rec(
+            "empty_conversation",
+            {"id": "empty_conversation", "conversations": []},
+            "'conversations' must be a non-empty list",
+        ),
+        rec(
+            "conversations_not_a_list",
+            {"id": "conversations_not_a_list", "conversations": "hi"},
+            "'conversations' must be a non-empty list",
+        ),
+        rec(
+            "unknown_role",
+            {"id": "unknown_role", "conversations": [{"from": "robot", "value": "x"}]},
+            "turn 0 has unknown role 'robot'",
+        ),
+        rec(
+            "missing_role",
+            {"id": "missing_role", "conversations": [{"value": "x"}]},
+            "turn 0 has unknown role None",
+        ),
+        rec(
+            "value_is_a_number",
+            {
+                "id": "value_is_a_number",
+                "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 5}],
+            },
+            "turn 1 has no text 'value'",
+        ),
+        rec(
+            "turn_not_an_object",
+            {"id": "turn_not_an_object", "conversations": ["hello"]},
+            "turn 0 is not an object",
+        ),
+        rec(
+            "no_assistant_turn",
+            {"id": "no_assistant_turn", "image": "ok.png", "conversations": _conv(a=None)},
+            "no assistant turn",
+        ),
+        rec(
+            "more_markers_than_images",
+            {
+                "id": "more_markers_than_images",
+                "image": "ok.png",
+                "conversations": _conv("<image>\n<image>\nCompare."),
+            },
+            "2 <image> marker(s) in the text but 1 image(s)",
+        ),
+        rec(
+            "marker_without_image",
+            {"id": "marker_without_image", "conversations": _conv()},
+            "1 <image> marker(s) in the text but 0 image(s)",
+        ),
+        rec(
+            "image_without_marker",
+            {"id": "image_without_marker", "image": "ok.png", "conversations": _conv("What color?")},
+            "0 <image> marker(s) in the text but 1 image(s)",
+        ),
         rec("record_not_an_object", 7, "a sample must be an object"),
-        rec("gigantic_caption", {"id": "gigantic_caption", "image": "ok.png",
-                                 "conversations": _conv(a="red " * (GIANT_CAPTION_CHARS // 4))},
-            "exceed max_length", tok=True),
-        rec("duplicate_id", {"id": "valid_rgb", "image": "ok.png", "conversations": _conv()},
-            "duplicate id (also sample #0)", "warning"),
+        rec(
+            "gigantic_caption",
+            {
+                "id": "gigantic_caption",
+                "image": "ok.png",
+                "conversations": _conv(a="red " * (GIANT_CAPTION_CHARS // 4)),
+            },
+            "exceed max_length",
+            tok=True,
+        ),
+        rec(
+            "duplicate_id",
+            {"id": "valid_rgb", "image": "ok.png", "conversations": _conv()},
+            "duplicate id (also sample #0)",
+            "warning",
+        ),
     ]
 
 
@@ -166,13 +241,30 @@ def file_cases(files: Path) -> list[Case]:
     (files / "trailing_comma.json").write_text('[{"id": "a", "conversations": []},\n]')
     (files / "bad_line.jsonl").write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n')
     return [
-        Case("json_syntax_error", "error", "files/syntax_error.json", None,
-             "syntax_error.json:3: JSON syntax error: Expecting value (column"),
+        Case(
+            "json_syntax_error",
+            "error",
+            "files/syntax_error.json",
+            None,
+            "syntax_error.json:3: JSON syntax error: Expecting value (column",
+        ),
         Case("json_truncated", "error", "files/truncated.json", None, "truncated.json:"),
         Case("non_utf8_text", "error", "files/not_utf8.json", None, "not UTF-8 text (byte"),
-        Case("top_level_object", "error", "files/top_level_object.json", None, "expected a list of samples, got dict"),
+        Case(
+            "top_level_object",
+            "error",
+            "files/top_level_object.json",
+            None,
+            "expected a list of samples, got dict",
+        ),
         Case("empty_file", "error", "files/empty_file.json", None, "empty_file.json:1: JSON syntax error"),
-        Case("trailing_comma", "error", "files/trailing_comma.json", None, "trailing_comma.json:2: JSON syntax error"),
+        Case(
+            "trailing_comma",
+            "error",
+            "files/trailing_comma.json",
+            None,
+            "trailing_comma.json:2: JSON syntax error",
+        ),
         Case("jsonl_bad_line", "error", "files/bad_line.jsonl", None, "bad_line.jsonl:2: JSON syntax error"),
     ]
 

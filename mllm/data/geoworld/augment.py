@@ -95,7 +95,9 @@ class AugmentConfig:
         if self.shade < 0 or self.shade_margin < 0 or self.subpixel < 0 or self.rotate < 0 or self.blur < 0:
             raise ValueError("AugmentConfig: shade, shade_margin, subpixel, rotate and blur must be ≥ 0")
         if not 0 <= self.background <= 32:
-            raise ValueError(f"AugmentConfig.background must be in [0, 32] (white-ish), got {self.background}")
+            raise ValueError(
+                f"AugmentConfig.background must be in [0, 32] (white-ish), got {self.background}"
+            )
         self.supersample = tuple(float(k) for k in self.supersample)
         if not self.supersample or any(k < 1.0 for k in self.supersample):
             raise ValueError(f"AugmentConfig.supersample needs scales ≥ 1, got {self.supersample}")
@@ -172,7 +174,9 @@ def shade_color(name: str, rng: random.Random, shade: float, margin: float, trie
 # ------------------------------------------------------------------------------------------------ drawing
 
 
-def _offset(rng: random.Random, scene: Scene, x: float, y: float, region: str, limit: float) -> tuple[float, float]:
+def _offset(
+    rng: random.Random, scene: Scene, x: float, y: float, region: str, limit: float
+) -> tuple[float, float]:
     """A sub-pixel centre offset that keeps the object in its 3 × 3 region (position answers hold)."""
     if limit <= 0:
         return 0.0, 0.0

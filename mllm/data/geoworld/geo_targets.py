@@ -23,7 +23,10 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from encoders.geo import GEO_CLASSES, crop_params
+from mllm.data.batch import Batch, start_batch
+from mllm.data.conversations import sample_name
 from mllm.data.images import ImageError, load_image, resolve_image
+from mllm.data.records import read_records
 
 from .geometry import outline
 from .render import figure_regions
@@ -44,6 +47,7 @@ class FigureTargets:
 
     def transformed(self, scale: float, left: float, top: float) -> FigureTargets:
         """The same targets after `x * scale - left`, `y * scale - top` (resize + crop)."""
+
         def pt(x: float, y: float) -> tuple[float, float]:
             return x * scale - left, y * scale - top
 
@@ -93,8 +97,9 @@ def _gaussian(heat: np.ndarray, cx: int, cy: int, sigma: float) -> None:
     heat[y0:y1, x0:x1] = np.maximum(heat[y0:y1, x0:x1], patch)
 
 
-def dense_targets(t: FigureTargets, size: int, num_classes: int, box_stride: int = 4,
-                  point_stride: int = 2) -> dict[str, torch.Tensor]:
+def dense_targets(
+    t: FigureTargets, size: int, num_classes: int, box_stride: int = 4, point_stride: int = 2
+) -> dict[str, torch.Tensor]:
     """Targets on the encoder's grids: box centre heat-maps, size/offset, junction heat-map, edge map."""
     hb = size // box_stride
     heat = np.zeros((num_classes, hb, hb), np.float32)
@@ -129,20 +134,26 @@ def dense_targets(t: FigureTargets, size: int, num_classes: int, box_stride: int
         draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], outline=255, width=1)
     boundary = (np.asarray(edges, np.float32) > 0).astype(np.float32)
     return {
-        "box_heat": torch.from_numpy(heat), "box_size": torch.from_numpy(bsize),
-        "box_offset": torch.from_numpy(offset), "box_mask": torch.from_numpy(mask),
-        "junction": torch.from_numpy(junction)[None], "boundary": torch.from_numpy(boundary)[None],
+        "box_heat": torch.from_numpy(heat),
+        "box_size": torch.from_numpy(bsize),
+        "box_offset": torch.from_numpy(offset),
+        "box_mask": torch.from_numpy(mask),
+        "junction": torch.from_numpy(junction)[None],
+        "boundary": torch.from_numpy(boundary)[None],
     }
 
 
 class GeoFigureDataset(Dataset):
     """A GeoWorld `scenes.jsonl` (rows `{"image": ..., "scene": {...}}`) as detector training samples."""
 
-    def __init__(self, jsonl: str | Path, image_root: str | Path | None, image_size: int,
-                 preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
-                 classes: Sequence[str] = GEO_CLASSES) -> None:
-        from mllm.data.conversations import read_records, sample_name
-
+    def __init__(
+        self,
+        jsonl: str | Path,
+        image_root: str | Path | None,
+        image_size: int,
+        preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
+        classes: Sequence[str] = GEO_CLASSES,
+    ) -> None:
         self.path = Path(jsonl)
         self.root = Path(image_root) if image_root is not None else self.path.parent
         self.rows = read_records(self.path)
@@ -159,8 +170,9 @@ class GeoFigureDataset(Dataset):
     def targets(self, i: int) -> FigureTargets:
         """Targets of row `i` in the encoder's input pixels."""
         scene = scene_from_dict(self.rows[i]["scene"])
-        return figure_targets(scene, self.classes).transformed(*crop_params(scene.width, scene.height,
-                                                                             self.image_size))
+        return figure_targets(scene, self.classes).transformed(
+            *crop_params(scene.width, scene.height, self.image_size)
+        )
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
@@ -172,8 +184,8 @@ class GeoFigureDataset(Dataset):
         return {"id": str(row.get("id", i)), "pixel_values": self.preprocess([image]), **dense}
 
 
-def collate_geo(items: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {"skips": [], "ids": [it["id"] for it in items]}
+def collate_geo(items: list[dict[str, Any]]) -> Batch:
+    items, batch = start_batch(items)  # GeoFigureDataset skips nothing: an unreadable figure raises
     batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
     for key in items[0]:
         if key not in ("id", "pixel_values"):

@@ -222,8 +222,9 @@ def align_caption(scene: Scene, rng: random.Random) -> str:
         return rng.choice(_MATH_OPENERS).format(body=body[:1].lower() + body[1:])
     n = len(scene.shapes)
     count = "one shape" if n == 1 else f"{NUMBER_WORDS[n]} shapes"
-    opener = rng.choice(_OPENERS).format(count=count, are="is" if n == 1 else "are",
-                                         body=body[:1].lower() + body[1:])
+    opener = rng.choice(_OPENERS).format(
+        count=count, are="is" if n == 1 else "are", body=body[:1].lower() + body[1:]
+    )
     return opener + rng.choice(_CLOSERS)
 
 

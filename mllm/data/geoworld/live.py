@@ -51,8 +51,10 @@ def heldout_keys(world: str | Path) -> set[bytes]:
     """Pixel hashes of the plain rendering of every held-out scene in `world`."""
     world = Path(world)
     if not (world / "manifest.json").is_file():
-        raise FileNotFoundError(f"{world}: not a GeoWorld folder (no manifest.json); "
-                                "data.live.heldout must name the world whose benchmarks training must avoid")
+        raise FileNotFoundError(
+            f"{world}: not a GeoWorld folder (no manifest.json); "
+            "data.live.heldout must name the world whose benchmarks training must avoid"
+        )
     keys: set[bytes] = set()
     for name in HELDOUT_SETS:
         path = world / name / "scenes.jsonl"
@@ -153,9 +155,17 @@ class LiveWorldDataset(Dataset):
     packing and the engine cannot tell the two apart.
     """
 
-    def __init__(self, cfg: LiveWorldConfig, tokenizer: Any, template: str, image_token_id: int,
-                 num_image_tokens: int, preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
-                 max_length: int | None, image_placement: str = "before"):
+    def __init__(
+        self,
+        cfg: LiveWorldConfig,
+        tokenizer: Any,
+        template: str,
+        image_token_id: int,
+        num_image_tokens: int,
+        preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
+        max_length: int | None,
+        image_placement: str = "before",
+    ):
         if cfg.content not in ("qa", "caption"):
             raise ValueError(f"data.live.content must be 'qa' or 'caption', got {cfg.content!r}")
         if cfg.n < 1:
@@ -173,7 +183,9 @@ class LiveWorldDataset(Dataset):
         self.max_length = max_length
         self.excluded = heldout_keys(cfg.heldout) if cfg.heldout else set()
         self.redrawn = 0
-        self.augment = from_dict(AugmentConfig, cfg.augment, "data.live.augment") if cfg.augment is not None else None
+        self.augment = (
+            from_dict(AugmentConfig, cfg.augment, "data.live.augment") if cfg.augment is not None else None
+        )
 
     def _image(self, scene: Scene, rng: random.Random) -> Image.Image:
         # No config means GeoWorld's exact pixels (render_augmented(None) would use AugmentConfig's defaults).
@@ -203,8 +215,10 @@ class LiveWorldDataset(Dataset):
         scene, rng = self.scene(i)
         name = f"live GeoWorld sample #{i} (seed {self.cfg.seed})"
         if self.cfg.content == "caption":
-            conv = [{"from": "human", "value": f"{rng.choice(ALIGN_PROMPTS)}\n<image>"},
-                    {"from": "gpt", "value": align_caption(scene, rng)}]
+            conv = [
+                {"from": "human", "value": f"{rng.choice(ALIGN_PROMPTS)}\n<image>"},
+                {"from": "gpt", "value": align_caption(scene, rng)},
+            ]
         else:
             turns = qa_turns(scene, rng, self.cfg)
             conv = conversation(turns, self.placement)
@@ -216,9 +230,16 @@ class LiveWorldDataset(Dataset):
         """Tokenise; a conversation longer than max_length loses whole trailing turns (never a part)."""
         while True:
             try:
-                return encode_conversation(conv, self.tokenizer, self.template, self.image_token_id,
-                                           self.num_image_tokens, num_images=1, max_length=self.max_length,
-                                           sample=name)
+                return encode_conversation(
+                    conv,
+                    self.tokenizer,
+                    self.template,
+                    self.image_token_id,
+                    self.num_image_tokens,
+                    num_images=1,
+                    max_length=self.max_length,
+                    sample=name,
+                )
             except SampleError as e:
                 if "exceed max_length" not in str(e) or len(conv) <= 2:
                     raise

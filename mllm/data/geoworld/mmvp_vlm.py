@@ -40,13 +40,18 @@ def statements(pattern: str, a: Scene, b: Scene, ans_a: str, ans_b: str) -> tupl
     if pattern == "size":
         return f"a {ta.size} {ta.kind}", f"a {tb.size} {tb.kind}"
     if pattern == "position":
-        return (f"{with_article(ta.kind)} on the {ans_a} side of the image",
-                f"{with_article(tb.kind)} on the {ans_b} side of the image")
+        return (
+            f"{with_article(ta.kind)} on the {ans_a} side of the image",
+            f"{with_article(tb.kind)} on the {ans_b} side of the image",
+        )
     if pattern == "relative_position":
         k1, k2 = ta.kind, a.shapes[1].kind
-        return f"{with_article(k1)} to the {ans_a} of {with_article(k2)}", \
-            f"{with_article(k1)} to the {ans_b} of {with_article(k2)}"
+        return (
+            f"{with_article(k1)} to the {ans_a} of {with_article(k2)}",
+            f"{with_article(k1)} to the {ans_b} of {with_article(k2)}",
+        )
     if pattern == "count":
+
         def n(m: str) -> str:
             k = int(m)
             return f"{NUMBER_WORDS[k]} {PLURALS[ta.kind] if k != 1 else ta.kind}"
@@ -59,7 +64,9 @@ def statements(pattern: str, a: Scene, b: Scene, ans_a: str, ans_b: str) -> tupl
     raise ValueError(f"unknown MMVP-VLM pattern {pattern!r}")
 
 
-def write_mmvp_vlm(out: Path, seed: int, pairs_per_pattern: int, size: int, seen: set[bytes]) -> list[list[str]]:
+def write_mmvp_vlm(
+    out: Path, seed: int, pairs_per_pattern: int, size: int, seen: set[bytes]
+) -> list[list[str]]:
     """Write `mmvp_vlm/` with `pairs_per_pattern` pairs of every pattern (grouped by pattern, as the
     official file is); return the CSV rows."""
     root = out / "mmvp_vlm"
@@ -90,8 +97,15 @@ def write_mmvp_vlm(out: Path, seed: int, pairs_per_pattern: int, size: int, seen
                 rel = f"{IMAGE_DIR}/{pattern}/{qid}.jpg"
                 save_jpeg(img, root / rel)
                 rows.append([str(qid), pattern, text])
-                scenes.append({"qid": qid, "image": rel, "pattern": pattern, "statement": text,
-                               "scene": scene.to_dict()})
+                scenes.append(
+                    {
+                        "qid": qid,
+                        "image": rel,
+                        "pattern": pattern,
+                        "statement": text,
+                        "scene": scene.to_dict(),
+                    }
+                )
     write_csv(root / "Questions.csv", HEADER, rows)
     write_jsonl(root / "scenes.jsonl", scenes)
     return rows

@@ -97,7 +97,15 @@ def hard_negatives(scene: Scene, rng: random.Random) -> dict[str, str | None]:
     """{"attribute", "relation", "order"}: false captions of `scene` (None where impossible)."""
     original = long_caption(scene)
     if scene.figure is not None:
-        out: dict[str, str | None] = {"attribute": _figure_attribute(original, rng), "relation": None, "order": None}
+        out: dict[str, str | None] = {
+            "attribute": _figure_attribute(original, rng),
+            "relation": None,
+            "order": None,
+        }
     else:
-        out = {"attribute": _attribute(scene, rng), "relation": _relation(scene, rng), "order": _order(scene, rng)}
+        out = {
+            "attribute": _attribute(scene, rng),
+            "relation": _relation(scene, rng),
+            "order": _order(scene, rng),
+        }
     return {k: (v if v != original else None) for k, v in out.items()}

@@ -152,8 +152,15 @@ def write_world(
         save_png(img, out / image)
         train_objects.append(scene.objects())
         long = long_caption(scene)
-        captions.append({"id": ident, "image": image, "short": short_caption(scene, rng), "long": long,
-                         "negatives": hard_negatives(scene, stream(seed, "negatives", i))})
+        captions.append(
+            {
+                "id": ident,
+                "image": image,
+                "short": short_caption(scene, rng),
+                "long": long,
+                "negatives": hard_negatives(scene, stream(seed, "negatives", i)),
+            }
+        )
         prompt = rng.choice(ALIGN_PROMPTS)
         align.append(
             {
@@ -193,8 +200,12 @@ def write_world(
     mv_rows = write_mathverse(out, seed, mathverse_problems, math_size, seen)
     vlm_rows = write_mmvp_vlm(out, seed, mmvp_vlm_pairs, size, seen)
     eval_captions = [
-        {"id": r["id"], "image": r["image"], "short": short_caption(sc, stream(seed, "eval-captions", i)),
-         "long": long_caption(sc)}
+        {
+            "id": r["id"],
+            "image": r["image"],
+            "short": short_caption(sc, stream(seed, "eval-captions", i)),
+            "long": long_caption(sc),
+        }
         for i, r in enumerate(read_jsonl(out / "eval" / "scenes.jsonl"))
         for sc in [scene_from_dict(r["scene"])]
     ]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from encoders.registry import Registry
 from mllm.data.images import ImageError, resolve_image
 
 
@@ -44,28 +45,22 @@ class Benchmark:
     options: tuple[str, ...] = ()  # every option load or score understands (for help texts and checks)
     # Benchmarks not answered by generation (MMVP-VLM, retrieval: a contrastive model's similarities):
     # respond(model, items, batch_size=..., **opts) -> {id: response}, for a model of `model_kind`
-    # (a key of mllm.training.models.MODEL_KINDS). None: the runner generates answers with a MultimodalLM.
+    # (a key of mllm.families.FAMILIES). None: the runner generates answers with a MultimodalLM.
     respond: Callable[..., dict[str, str]] | None = None
     model_kind: str = "mllm"
 
 
-BENCHMARKS: dict[str, Benchmark] = {}
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 
 
 def register_benchmark(bench: Benchmark, replace: bool = False) -> Benchmark:
     """Add a benchmark under its name; a second one with the same name is an error unless `replace`,
     so two modules cannot silently shadow each other."""
-    if bench.name in BENCHMARKS and not replace:
-        raise ValueError(f"benchmark {bench.name!r} is already registered")
-    BENCHMARKS[bench.name] = bench
-    return bench
+    return BENCHMARKS.register(bench.name, bench, replace=replace, stacklevel=2)
 
 
 def get_benchmark(name: str) -> Benchmark:
-    try:
-        return BENCHMARKS[name]
-    except KeyError:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}") from None
+    return BENCHMARKS[name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,7 +202,9 @@ def write_report(
     json_path = out if out.suffix == ".json" else out.with_name(out.name + ".json")
     jsonl_path = json_path.with_suffix(".jsonl")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(metrics, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    json_path.write_text(
+        json.dumps(metrics, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+    )
     with open(jsonl_path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
@@ -254,7 +251,12 @@ def score_predictions(
     """`score_file`, writing the report when `out_json` is given; returns the metrics."""
     metrics, records = score_file(name, data_dir, predictions_path, **opts)
     if out_json is not None:
-        meta = {"benchmark": name, "data": str(data_dir), "predictions": str(predictions_path), "options": opts}
+        meta = {
+            "benchmark": name,
+            "data": str(data_dir),
+            "predictions": str(predictions_path),
+            "options": opts,
+        }
         write_report(out_json, metrics, records, meta=meta)
     return metrics
 

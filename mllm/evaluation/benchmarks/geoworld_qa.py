@@ -67,14 +67,16 @@ def load(
         ident = str(row["id"])
         image = image_file(img_root, row["image"], f"{where} (id {ident})")
         question, answer = str(row["question"]), str(row["answer"])
-        options = parse_options(question[question.find("(a)"):]) if "(a)" in question else {}
+        options = parse_options(question[question.find("(a)") :]) if "(a)" in question else {}
         meta: dict[str, Any] = {"answer": answer, "category": str(row["category"])}
         if len(options) >= 2:
             truth = answer.strip().strip("()").lower()
             if truth not in options:
                 truth = extract_option(answer, options) or ""
             if not truth:
-                raise BenchmarkError(f"{where} (id {ident}): answer {answer!r} is none of the options {options}")
+                raise BenchmarkError(
+                    f"{where} (id {ident}): answer {answer!r} is none of the options {options}"
+                )
             meta.update(options=options, answer_letter=truth)
         items.append(Item(id=ident, prompt=question, image=image, meta=meta))
     check_unique(items, str(path))
@@ -117,4 +119,6 @@ def score(items: list[Item], responses: dict[str, str], **other: Any) -> tuple[d
     return metrics, records
 
 
-BENCHMARK = register_benchmark(Benchmark(name="qa", id_key="id", load=load, score=score, max_new_tokens=32, options=OPTIONS))
+BENCHMARK = register_benchmark(
+    Benchmark(name="qa", id_key="id", load=load, score=score, max_new_tokens=32, options=OPTIONS)
+)

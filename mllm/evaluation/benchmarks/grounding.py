@@ -63,13 +63,23 @@ def load(
         w, h, box = row["width"], row["height"], row["bbox"]
         if not (_number(w) and _number(h) and w > 0 and h > 0):
             raise BenchmarkError(f"{where} (id {ident}): width/height {w!r}x{h!r} are not positive numbers")
-        if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)
-                and box[0] <= box[2] and box[1] <= box[3]):
+        if not (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(_number(v) for v in box)
+            and box[0] <= box[2]
+            and box[1] <= box[3]
+        ):
             raise BenchmarkError(f"{where} (id {ident}): bbox {box!r} is not [x1, y1, x2, y2] pixels")
         image = image_file(img_root, row["image"], f"{where} (id {ident})")
         sentence = str(row["sentence"])
-        meta = {"sentence": sentence, "bbox": [float(v) for v in box], "width": w, "height": h,
-                "image": row["image"]}
+        meta = {
+            "sentence": sentence,
+            "bbox": [float(v) for v in box],
+            "width": w,
+            "height": h,
+            "image": row["image"],
+        }
         items.append(Item(id=ident, prompt=PROMPT.format(sentence=sentence), image=image, meta=meta))
     check_unique(items, str(path))
     return items

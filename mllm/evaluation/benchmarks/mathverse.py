@@ -54,7 +54,13 @@ from .core import (
     require_file,
 )
 
-VERSIONS: tuple[str, ...] = ("Text Dominant", "Text Lite", "Vision Intensive", "Vision Dominant", "Vision Only")
+VERSIONS: tuple[str, ...] = (
+    "Text Dominant",
+    "Text Lite",
+    "Vision Intensive",
+    "Vision Dominant",
+    "Vision Only",
+)
 TEXT_ONLY = "Text Only"
 DEFAULT_LETTERS = "ABCDE"
 OPTIONS = ("cot", "images", "text_only", "rel_tol")
@@ -211,5 +217,7 @@ def score(
 
 
 BENCHMARK = register_benchmark(
-    Benchmark(name="mathverse", id_key="sample_index", load=load, score=score, max_new_tokens=128, options=OPTIONS)
+    Benchmark(
+        name="mathverse", id_key="sample_index", load=load, score=score, max_new_tokens=128, options=OPTIONS
+    )
 )

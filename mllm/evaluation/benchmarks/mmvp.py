@@ -44,7 +44,7 @@ OPTIONS = ("answer_overrides", "letter_prompt", "images")
 
 
 def _letter(answer: str, options: dict[str, str], where: str) -> str:
-    """"(b)", "b", "B" -> "b", checked against the options."""
+    """ "(b)", "b", "B" -> "b", checked against the options."""
     a = str(answer).strip().strip("()").strip().lower()
     if a not in options:
         raise BenchmarkError(f"{where}: answer {answer!r} is not one of the options {sorted(options)}")
@@ -146,4 +146,6 @@ def score(items: list[Item], responses: dict[str, str], **other: Any) -> tuple[d
     return metrics, records
 
 
-BENCHMARK = register_benchmark(Benchmark(name="mmvp", id_key="Index", load=load, score=score, max_new_tokens=32, options=OPTIONS))
+BENCHMARK = register_benchmark(
+    Benchmark(name="mmvp", id_key="Index", load=load, score=score, max_new_tokens=32, options=OPTIONS)
+)

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from mllm.data.images import load_image
+
 from .core import (
     Benchmark,
     BenchmarkError,
@@ -62,15 +64,23 @@ def load(data_dir: Path, *, images: str | None = None, prefix: str = PREFIX, **o
             continue
         where = f"{csv_path}:{n}"
         if len(row) < 3:
-            raise BenchmarkError(f"{where}: expected 3 columns (Question ID, Type, Statement), got {len(row)}")
+            raise BenchmarkError(
+                f"{where}: expected 3 columns (Question ID, Type, Statement), got {len(row)}"
+            )
         qid_text, pattern, statement = row[0].strip(), row[1].strip(), row[2].strip()
         try:
             qid = int(qid_text)
         except ValueError:
             raise BenchmarkError(f"{where}: Question ID {qid_text!r} is not an integer") from None
         image = image_file(img_root, f"{pattern}/{qid}.jpg", f"{where} (qid {qid})")
-        items.append(Item(str(qid), prefix + statement, image,
-                          {"pattern": pattern, "pair": (qid + 1) // 2, "truth": PICKS[(qid + 1) % 2]}))
+        items.append(
+            Item(
+                str(qid),
+                prefix + statement,
+                image,
+                {"pattern": pattern, "pair": (qid + 1) // 2, "truth": PICKS[(qid + 1) % 2]},
+            )
+        )
     check_unique(items, str(csv_path))
     if len(items) % 2:
         raise BenchmarkError(f"{csv_path}: {len(items)} statements; pairs need an even number")
@@ -78,8 +88,9 @@ def load(data_dir: Path, *, images: str | None = None, prefix: str = PREFIX, **o
         if int(a.id) % 2 != 1 or int(b.id) != int(a.id) + 1:
             raise BenchmarkError(f"{csv_path}: Question IDs {a.id}, {b.id} do not form a pair (2k-1, 2k)")
         if a.meta["pattern"] != b.meta["pattern"]:
-            raise BenchmarkError(f"{csv_path}: pair {a.id}/{b.id} mixes types {a.meta['pattern']!r} "
-                                 f"and {b.meta['pattern']!r}")
+            raise BenchmarkError(
+                f"{csv_path}: pair {a.id}/{b.id} mixes types {a.meta['pattern']!r} and {b.meta['pattern']!r}"
+            )
     return items
 
 
@@ -104,8 +115,14 @@ def score(items: list[Item], responses: dict[str, str], **opts: Any) -> tuple[di
             got = got if got in PICKS else None
             right = got == it.meta["truth"]
             ok.append(right)
-            records.append(dict(base_record(it, resp, missing, got, right), pattern=it.meta["pattern"],
-                                pair=it.meta["pair"], truth=it.meta["truth"]))
+            records.append(
+                dict(
+                    base_record(it, resp, missing, got, right),
+                    pattern=it.meta["pattern"],
+                    pair=it.meta["pair"],
+                    truth=it.meta["truth"],
+                )
+            )
         tally = pairs.setdefault(a.meta["pattern"], [0, 0])
         tally[0] += all(ok)
         tally[1] += 1
@@ -122,10 +139,12 @@ def score(items: list[Item], responses: dict[str, str], **opts: Any) -> tuple[di
 @torch.no_grad()
 def respond(model: Any, items: list[Item], batch_size: int = 64, **opts: Any) -> dict[str, str]:
     """The model's pick per statement (`model`: an encoders.ContrastiveModel)."""
-    from mllm.data.images import load_image
-
-    img = torch.cat([model.embed_images([load_image(it.image) for it in items[s : s + batch_size]], batch_size)
-                     for s in range(0, len(items), batch_size)])
+    img = torch.cat(
+        [
+            model.embed_images([load_image(it.image) for it in items[s : s + batch_size]], batch_size)
+            for s in range(0, len(items), batch_size)
+        ]
+    )
     txt = model.embed_texts([it.prompt for it in items], batch_size)
     scale = model.logit_scale().float().reshape(()).to(img.device)
     img, txt = img.view(-1, 2, img.shape[-1]), txt.view(-1, 2, txt.shape[-1])
@@ -133,5 +152,6 @@ def respond(model: Any, items: list[Item], batch_size: int = 64, **opts: Any) ->
     return {it.id: p for it, (p, _) in zip(items, pick(logits))}
 
 
-register_benchmark(Benchmark("mmvp_vlm", "qid", load, score, options=OPTIONS, respond=respond,
-                             model_kind="contrastive"))
+register_benchmark(
+    Benchmark("mmvp_vlm", "qid", load, score, options=OPTIONS, respond=respond, model_kind="contrastive")
+)

@@ -94,7 +94,9 @@ def load(
             meta = {"split": split, "question_id": row["question_id"], "label": label, "image": row["image"]}
             items.append(Item(id=f"{split}/{qid}", prompt=str(row["text"]), image=image, meta=meta))
     if not items:
-        raise FileNotFoundError(f"POPE: no *_pope_{{{','.join(SPLITS)}}}.json files with questions in {data_dir}")
+        raise FileNotFoundError(
+            f"POPE: no *_pope_{{{','.join(SPLITS)}}}.json files with questions in {data_dir}"
+        )
     check_unique(items, str(data_dir))
     return items
 

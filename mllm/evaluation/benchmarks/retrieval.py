@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mllm.data.images import load_image
+
 from .core import (
     Benchmark,
     Item,
@@ -39,8 +41,14 @@ KS = (1, 5)
 DIRECTIONS = ("i2t", "t2i")
 
 
-def load(data_dir: Path, *, file: str = DEFAULT_FILE, images: str | None = None, caption: str = "long",
-         **other: Any) -> list[Item]:
+def load(
+    data_dir: Path,
+    *,
+    file: str = DEFAULT_FILE,
+    images: str | None = None,
+    caption: str = "long",
+    **other: Any,
+) -> list[Item]:
     """Two queries per line: the image (`i2t/<id>`) and its caption (`t2i/<id>`)."""
     check_options("retrieval", other, OPTIONS)
     if caption not in ("long", "short"):
@@ -55,10 +63,19 @@ def load(data_dir: Path, *, file: str = DEFAULT_FILE, images: str | None = None,
     for n, row in read_json_lines(path):
         where = f"{path}:{n}"
         need_keys(row, ("id", "image", caption), where)
-        rows.append((str(row["id"]), image_file(img_root, row["image"], f"{where} (id {row['id']})"),
-                     str(row[caption])))
-    items = [Item(f"i2t/{i}", text, img, {"direction": "i2t", "key": i, "text": text}) for i, img, text in rows]
-    items += [Item(f"t2i/{i}", text, img, {"direction": "t2i", "key": i, "text": text}) for i, img, text in rows]
+        rows.append(
+            (
+                str(row["id"]),
+                image_file(img_root, row["image"], f"{where} (id {row['id']})"),
+                str(row[caption]),
+            )
+        )
+    items = [
+        Item(f"i2t/{i}", text, img, {"direction": "i2t", "key": i, "text": text}) for i, img, text in rows
+    ]
+    items += [
+        Item(f"t2i/{i}", text, img, {"direction": "t2i", "key": i, "text": text}) for i, img, text in rows
+    ]
     check_unique(items, str(path))
     return items
 
@@ -90,8 +107,13 @@ def score(items: list[Item], responses: dict[str, str], **opts: Any) -> tuple[di
         count[d] += 1
         for k in KS:
             hits[(d, k)] += first is not None and first <= k
-        records.append(dict(base_record(it, resp, missing, ranked[: max(KS)], first == 1), direction=d,
-                            rank_of_first_right=first))
+        records.append(
+            dict(
+                base_record(it, resp, missing, ranked[: max(KS)], first == 1),
+                direction=d,
+                rank_of_first_right=first,
+            )
+        )
     metrics: dict[str, Any] = {f"{d}_R@{k}": percent(hits[(d, k)], count[d]) for d in DIRECTIONS for k in KS}
     for k in KS:
         metrics[f"mean_R@{k}"] = (metrics[f"i2t_R@{k}"] + metrics[f"t2i_R@{k}"]) / 2
@@ -102,12 +124,14 @@ def score(items: list[Item], responses: dict[str, str], **opts: Any) -> tuple[di
 @torch.no_grad()
 def respond(model: Any, items: list[Item], batch_size: int = 64, **opts: Any) -> dict[str, str]:
     """Rank every caption for every image and back (`model`: an encoders.ContrastiveModel)."""
-    from mllm.data.images import load_image
-
     queries = [it for it in items if it.meta["direction"] == "i2t"]
     keys = [it.meta["key"] for it in queries]
-    img = torch.cat([model.embed_images([load_image(it.image) for it in queries[s : s + batch_size]], batch_size)
-                     for s in range(0, len(queries), batch_size)])
+    img = torch.cat(
+        [
+            model.embed_images([load_image(it.image) for it in queries[s : s + batch_size]], batch_size)
+            for s in range(0, len(queries), batch_size)
+        ]
+    )
     txt = model.embed_texts([it.meta["text"] for it in queries], batch_size)
     ranked = rankings(img @ txt.T, keys)
     out = {f"i2t/{key}": ",".join(r) for key, r in zip(keys, ranked["i2t"])}
@@ -115,5 +139,6 @@ def respond(model: Any, items: list[Item], batch_size: int = 64, **opts: Any) ->
     return out
 
 
-register_benchmark(Benchmark("retrieval", "id", load, score, options=OPTIONS, respond=respond,
-                             model_kind="contrastive"))
+register_benchmark(
+    Benchmark("retrieval", "id", load, score, options=OPTIONS, respond=respond, model_kind="contrastive")
+)

@@ -14,7 +14,9 @@ import torch
 
 
 class BatchOrder:
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True
+    ):
         if n <= 0:
             raise ValueError("the dataset is empty")
         self.n, self.batch_size, self.seed = n, batch_size, seed
