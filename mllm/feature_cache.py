@@ -40,8 +40,10 @@ from safetensors.torch import save_file
 
 from encoders.common import barrier, device, is_main, read_meta, write_meta
 from mllm.chat import SampleError
-from mllm.data.conversations import image_paths
+from mllm.config import StageConfig
+from mllm.data.conversations import ConversationDataset, image_paths
 from mllm.data.images import ImageError, load_image, resolve_image
+from mllm.model import MultimodalLM
 from mllm.prior import StaleCacheError, digest, model_fingerprint
 
 CACHE_KIND = "feature_cache"
@@ -314,7 +316,9 @@ def attach(ds: Any, cache: FeatureCache) -> Any:
     return ds
 
 
-def cache_for_stage(model: Any, ds: Any, stage: Any, trainable: dict[str, float], log=print) -> FeatureCache:
+def cache_for_stage(
+    model: MultimodalLM, ds: ConversationDataset, stage: StageConfig, trainable: dict[str, float], log=print
+) -> FeatureCache:
     """The stage's cache, built on rank 0 where images are missing (the others wait), attached to `ds`."""
     check_frozen(trainable, stage.name)
     if getattr(model, "fusion", None) is not None:
