@@ -32,12 +32,11 @@ from torch.utils.data import DataLoader
 
 from mllm.config import load_recipe
 from mllm.data.batch import model_inputs
-from mllm.data.conversations import Collator, ConversationDataset
+from mllm.data.conversations import Collator
 from mllm.data.geoworld import render, write_world
-from mllm.data.geoworld.live import LiveWorldDataset
 from mllm.data.geoworld.sampling import world_scene
 from mllm.demo import ENCODER_RECIPE, RECIPE, write_text_corpus
-from mllm.families import resolve_template, resolve_trainable
+from mllm.families import get_stage_kind, get_task, resolve_template, resolve_trainable
 from mllm.training.optim import build_optimizer, param_groups, set_trainable
 from mllm.training.runner import build_model, train_recipe
 
@@ -65,30 +64,10 @@ def tiny_tower(world: Path, out: Path) -> Path:
 
 
 def stage_dataset(stage, model):
-    """The stage's dataset as training builds it: scenes drawn and rendered per sample for a live stage (the
-    demo's instruct), else its LLaVA-format file."""
+    """The stage's dataset exactly as training builds it, through the stage kind's task: scenes drawn and
+    rendered per sample for a live stage (the demo's instruct), else its LLaVA-format file."""
     template = resolve_template(stage, model.meta.template)
-    if stage.data.live is not None:
-        return LiveWorldDataset(
-            stage.data.live,
-            model.tokenizer,
-            template,
-            model.image_token_id,
-            model.num_image_tokens,
-            model.preprocess,
-            model.meta.max_length,
-            model.meta.image_placement,
-        )
-    return ConversationDataset(
-        stage.data.json,
-        stage.data.images,
-        model.tokenizer,
-        template,
-        model.image_token_id,
-        model.num_image_tokens,
-        model.preprocess,
-        model.meta.max_length,
-    )
+    return get_task(get_stage_kind(stage.kind).task)(model, stage, template)[1]
 
 
 def align_cache_speedup(

@@ -36,14 +36,18 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoders.common import ConfigError, from_dict, meta_kind, read_meta
-from encoders.contrastive import FORMAT_VERSION, META_FILE, ContrastiveHeads, ContrastiveModel, EncoderConfig
+from encoders.common import ConfigError, from_dict
+from encoders.contrastive import (
+    ContrastiveHeads,
+    ContrastiveModel,
+    EncoderConfig,
+    extension_section,
+    is_extension_dir,
+)
 from encoders.text_tower import TextTower
 from encoders.towers import Tower
 
 CLOC_WEIGHTS = "cloc.safetensors"
-# Folders saved before the one-meta-file convention kept the CLOC section in a second file; they still load.
-LEGACY_CLOC_FILE = "cloc.json"
 
 
 @dataclass
@@ -357,7 +361,7 @@ class ClocModel(ContrastiveModel):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ClocModel:
         model_dir = Path(model_dir)
-        section = _cloc_section(model_dir)
+        section = extension_section(model_dir, "cloc")
         base = ContrastiveModel.from_pretrained(model_dir)
         cfg = cloc_config(section)
         model = cls.from_contrastive(base, cfg)
@@ -365,21 +369,5 @@ class ClocModel(ContrastiveModel):
         return model.eval()
 
 
-def _cloc_section(model_dir: Path) -> dict[str, Any]:
-    """The `cloc` section of a CLOC folder's meta (checked), or of its legacy `cloc.json`."""
-    meta = read_meta(model_dir / META_FILE, "cloc", FORMAT_VERSION)
-    if "cloc" in meta:
-        return meta["cloc"]
-    legacy = model_dir / LEGACY_CLOC_FILE
-    if not legacy.is_file():  # a contrastive folder saved before kinds were written
-        raise FileNotFoundError(
-            f"{model_dir}: not a CLOC model folder (no cloc section in {META_FILE}, no {LEGACY_CLOC_FILE})"
-        )
-    return read_meta(legacy, "cloc", 1)["cloc"]
-
-
 def is_cloc_dir(path: str | Path) -> bool:
-    path = Path(path)
-    if not (path / "image_tower").is_dir():
-        return False
-    return meta_kind(path / META_FILE) == "cloc" or (path / LEGACY_CLOC_FILE).is_file()
+    return is_extension_dir(path, "cloc")

@@ -32,7 +32,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoders.common import ConfigError, atomic_dir, from_dict, load_tokenizer, read_meta, to_dict, write_meta
+from encoders.common import (
+    ConfigError,
+    atomic_dir,
+    from_dict,
+    load_tokenizer,
+    meta_kind,
+    read_meta,
+    to_dict,
+    write_meta,
+)
 from encoders.objectives import get_objective, init_logit_params
 from encoders.text_tower import TextTower, TextTowerConfig, build_text_tower
 from encoders.towers import Tower, TowerConfig, build_tower
@@ -43,6 +52,28 @@ FORMAT_VERSION = 1
 # their sections to contrastive.json), so `ContrastiveModel.from_pretrained` reads all three.
 PAIR_KINDS = {"contrastive": FORMAT_VERSION, "tips": FORMAT_VERSION, "cloc": FORMAT_VERSION}
 IMAGE_POOLS = ("pooler", "mean")
+
+
+def extension_section(model_dir: Path, kind: str) -> dict[str, Any]:
+    """The `kind` section (tips, cloc) of a pair folder's meta, checked, or of its legacy `<kind>.json`
+    (folders saved before the section moved into contrastive.json)."""
+    meta = read_meta(model_dir / META_FILE, kind, FORMAT_VERSION)
+    if kind in meta:
+        return meta[kind]
+    legacy = model_dir / f"{kind}.json"
+    if not legacy.is_file():  # a contrastive folder saved before kinds were written
+        raise FileNotFoundError(
+            f"{model_dir}: not a {kind.upper()} model folder (no {kind} section in {META_FILE}, no {legacy.name})"
+        )
+    return read_meta(legacy, kind, 1)[kind]
+
+
+def is_extension_dir(path: str | Path, kind: str) -> bool:
+    """Whether `path` is a saved pair extended by `kind` (tips, cloc), in the current or the legacy layout."""
+    path = Path(path)
+    if not (path / "image_tower").is_dir():
+        return False
+    return meta_kind(path / META_FILE) == kind or (path / f"{kind}.json").is_file()
 
 
 @dataclass

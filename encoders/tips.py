@@ -34,16 +34,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoders.common import from_dict, meta_kind, read_meta
-from encoders.contrastive import FORMAT_VERSION, META_FILE, ContrastiveHeads, ContrastiveModel, EncoderConfig
+from encoders.common import from_dict
+from encoders.contrastive import (
+    ContrastiveHeads,
+    ContrastiveModel,
+    EncoderConfig,
+    extension_section,
+    is_extension_dir,
+)
 from encoders.ssl.config import AugmentConfig, DistillConfig
 from encoders.ssl.distill import SelfDistillation
 from encoders.text_tower import TextTower
 from encoders.towers import Tower
 
 TIPS_WEIGHTS = "tips.safetensors"
-# Folders saved before the one-meta-file convention kept the TIPS section in a second file; they still load.
-LEGACY_TIPS_FILE = "tips.json"
 
 
 @dataclass
@@ -174,7 +178,7 @@ class TipsModel(ContrastiveModel):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> TipsModel:
         model_dir = Path(model_dir)
-        section = _tips_section(model_dir)
+        section = extension_section(model_dir, "tips")
         base = ContrastiveModel.from_pretrained(model_dir)
         model = cls.from_contrastive(base, tips_config(section))
         state = load_file(str(model_dir / TIPS_WEIGHTS))
@@ -188,21 +192,5 @@ class TipsModel(ContrastiveModel):
         return model.eval()
 
 
-def _tips_section(model_dir: Path) -> dict[str, Any]:
-    """The `tips` section of a TIPS folder's meta (checked), or of its legacy `tips.json`."""
-    meta = read_meta(model_dir / META_FILE, "tips", FORMAT_VERSION)
-    if "tips" in meta:
-        return meta["tips"]
-    legacy = model_dir / LEGACY_TIPS_FILE
-    if not legacy.is_file():  # a contrastive folder saved before kinds were written
-        raise FileNotFoundError(
-            f"{model_dir}: not a TIPS model folder (no tips section in {META_FILE}, no {LEGACY_TIPS_FILE})"
-        )
-    return read_meta(legacy, "tips", 1)["tips"]
-
-
 def is_tips_dir(path: str | Path) -> bool:
-    path = Path(path)
-    if not (path / "image_tower").is_dir():
-        return False
-    return meta_kind(path / META_FILE) == "tips" or (path / LEGACY_TIPS_FILE).is_file()
+    return is_extension_dir(path, "tips")

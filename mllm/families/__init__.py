@@ -18,40 +18,5 @@ through the registry, `mllm.loading` loads through it. Adding a family = one fil
 from mllm.families import mllm, contrastive, ssl, tips, cloc  # noqa: F401
 
 # isort: on
-from mllm.families.base import (
-    FAMILIES,
-    STAGE_KINDS,
-    TASKS,
-    BuildFn,
-    Collate,
-    Family,
-    StageKind,
-    Task,
-    TaskResult,
-    get_family,
-    get_stage_kind,
-    get_task,
-    register_family,
-    resolve_template,
-    resolve_trainable,
-    saved_family,
-)
-
-__all__ = [
-    "FAMILIES",
-    "STAGE_KINDS",
-    "TASKS",
-    "BuildFn",
-    "Collate",
-    "Family",
-    "StageKind",
-    "Task",
-    "TaskResult",
-    "get_family",
-    "get_stage_kind",
-    "get_task",
-    "register_family",
-    "resolve_template",
-    "resolve_trainable",
-    "saved_family",
-]
+from mllm.families.base import *  # noqa: E402, F403  (the registry's public names, listed once in base)
+from mllm.families.base import __all__ as __all__  # noqa: E402

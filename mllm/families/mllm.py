@@ -115,19 +115,7 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str) ->
         )
         _anchor_projector(model, stage)
         return model, live, _speed_switches(model, stage, None)
-    if not stage.data.json:
-        raise ValueError(f"stage {stage.name!r}: data.json (or data.live) is not set")
-    ds = ConversationDataset(
-        stage.data.json,
-        stage.data.images,
-        model.tokenizer,
-        template,
-        model.image_token_id,
-        model.num_image_tokens,
-        model.preprocess,
-        model.meta.max_length,
-        stage.data.skip_bad_samples,
-    )
+    ds = _json_dataset(model, stage, template, "data.json (or data.live)")
     _anchor_projector(model, stage)
     return model, ds, _speed_switches(model, stage, ds)
 
@@ -187,9 +175,10 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str) ->
     return PatchSupervision(model.tower, targets, readout), ds, collate_scene_labels
 
 
-def _caption_dataset(model: MultimodalLM, stage: StageConfig, template: str) -> ConversationDataset:
+def _json_dataset(model: MultimodalLM, stage: StageConfig, template: str, what: str) -> ConversationDataset:
+    """The stage's LLaVA-format file as a dataset; `what` names the setting in the error when it is missing."""
     if not stage.data.json:
-        raise ValueError(f"stage {stage.name!r}: data.json (captions, LLaVA format) is not set")
+        raise ValueError(f"stage {stage.name!r}: {what} is not set")
     return ConversationDataset(
         stage.data.json,
         stage.data.images,
@@ -207,14 +196,14 @@ def prior_ref_task(model: MultimodalLM, stage: StageConfig, template: str) -> Ta
     """PRIOR's reference LM: the model's `lm` on each caption alone (`[BOS] + caption`; no image, no prompt)."""
     return (
         model,
-        P.CaptionTextDataset(_caption_dataset(model, stage, template)),
+        P.CaptionTextDataset(_json_dataset(model, stage, template, "data.json (captions, LLaVA format)")),
         _speed_switches(model, stage, None),
     )
 
 
 def prior_task(model: MultimodalLM, stage: StageConfig, template: str) -> TaskResult:
     """Captions with PRIOR token weights (see mllm.prior for the settings and the cache)."""
-    ds = _caption_dataset(model, stage, template)
+    ds = _json_dataset(model, stage, template, "data.json (captions, LLaVA format)")
     collate = _speed_switches(model, stage, ds)
     P.refuse_sidecar(stage.name, stage.data.json)
     settings, source = (
