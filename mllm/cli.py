@@ -26,7 +26,58 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+PLAN_FLAGS = ("gpus", "gpu", "gpu_memory", "mfu", "samples", "tokens", "json")
+
+
+def _stage_numbers(items: list[str], flag: str) -> dict[str, float]:
+    """`--samples align=558000 --samples instruct=665000` -> {"align": 558000.0, ...}."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"{flag} {item!r}: expected STAGE=NUMBER, e.g. {flag} align=558000")
+    return out
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    """`mllm train --dry-run`: the recipe planned on paper (mllm.planning), no weights, no GPU."""
+    import contextlib
+
+    from mllm.config import load_recipe
+    from mllm.planning import plan_recipe, render_text
+    from mllm.planning.plan import DEFAULT_MFU
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    samples = _stage_numbers(args.samples, "--samples")
+    tokens = _stage_numbers(args.tokens, "--tokens")
+    # DeepSpeed's logger writes to stdout; a plan's stdout is the plan (and parseable JSON with --json).
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = plan_recipe(
+            recipe,
+            gpus=8 if args.gpus is None else args.gpus,
+            gpu=args.gpu or "h100",
+            gpu_memory=args.gpu_memory,
+            mfu=DEFAULT_MFU if args.mfu is None else args.mfu,
+            samples=samples,
+            tokens=tokens,
+            only=args.stage or None,
+        )
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else render_text(plan))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return cmd_dry_run(args)
+    given = [f for f in PLAN_FLAGS if getattr(args, f) not in (None, [], False)]
+    if given:
+        raise ValueError(
+            f"--{given[0].replace('_', '-')} describes a plan: add --dry-run (or drop it to train)"
+        )
     from mllm.config import load_recipe
     from mllm.training import distributed as D
     from mllm.training.runner import train_recipe
@@ -127,8 +178,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         options=parse_options(args.option),
         limit=args.limit,
     )
+    meta = metrics["meta"]
+    if args.predictions:
+        from mllm.evaluation.benchmarks import PREDICTION_LAYOUTS
+
+        layout = meta["predictions_layout"]
+        print(f"predictions: {args.predictions} read as {layout} ({PREDICTION_LAYOUTS[layout].doc})")
     print(json.dumps({k: v for k, v in metrics.items() if k != "meta"}, indent=1))
-    print(f"metrics: {args.out}\nrecords: {Path(args.out).with_suffix('.jsonl')}")
+    print(f"rule: {meta['rule']}\nmetrics: {args.out}\nrecords: {Path(args.out).with_suffix('.jsonl')}")
     return 0
 
 
@@ -249,6 +306,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None)
     t.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan instead of train: build every stage's model on the meta device (no weights, no GPU) and "
+        "print parameters, tokens, memory a GPU under ZeRO-0/2/3/3+offload, FLOPs and time (docs/scale.md)",
+    )
+    t.add_argument("--gpus", type=int, default=None, help="dry run: GPUs (default 8)")
+    t.add_argument(
+        "--gpu", default=None, help="dry run: GPU preset h100 | h200 | a100 | a100-40gb (default h100)"
+    )
+    t.add_argument("--gpu-memory", type=float, default=None, help="dry run: GB a GPU (default: the preset's)")
+    t.add_argument(
+        "--mfu", type=float, default=None, help="dry run: model FLOPs utilisation in (0, 1] (default 0.4)"
+    )
+    t.add_argument(
+        "--samples",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="dry run: samples of a stage whose data is not here",
+    )
+    t.add_argument(
+        "--tokens",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="dry run: mean tokens a sample of a stage",
+    )
+    t.add_argument("--json", action="store_true", help="dry run: the plan as JSON")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. engine.backend=torch stages.align.lr=1e-3")
     t.set_defaults(func=cmd_train)
 
@@ -268,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model or run folder: generate the answers")
     src.add_argument(
-        "--predictions", help="a JSONL of {<benchmark id>, response} produced elsewhere: score it"
+        "--predictions",
+        help="answers produced elsewhere, scored: mllm's JSONL {<benchmark id>, response}, a LLaVA answers "
+        "file, lmms-eval --log_samples output, MathVerse's output file or a VLMEvalKit table (.tsv/.xlsx)",
     )
     e.add_argument("--data", required=True, help="the benchmark folder in its official layout")
     e.add_argument("--out", required=True, help="metrics JSON; per-item records go beside it as .jsonl")
@@ -286,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="benchmark option key=value (e.g. letter_prompt=true, box_format=norm1000, "
-        "answer_overrides=FILE.json, cot=true)",
+        "answer_overrides=FILE.json, cot=true, split=testA, rule=official: the public scorer exactly, "
+        "for pope and refcoco)",
     )
     e.set_defaults(func=cmd_eval)
 

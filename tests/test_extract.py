@@ -15,16 +15,19 @@ from mllm.evaluation.extract import (
     BOX_FORMATS,
     extract_answer_text,
     extract_box,
+    extract_box_official,
     extract_number,
     extract_option,
     extract_yes_no,
     iou,
+    iou_official,
     is_number_answer,
     normalise,
     numbers_match,
     parse_choices,
     parse_options,
     pope_yes_no,
+    text_answer_matches,
 )
 
 OPEN_CLOSED = {"a": "Open", "b": "Closed"}
@@ -218,6 +221,19 @@ def test_extract_box_formats_and_padding():
         extract_box("[1, 2, 3, 4]", "auto", 10, 10)
 
 
+def test_official_scorers_by_hand():
+    """POPE's and lmms-eval's public scorers, quirks included: what `rule=official` scores by."""
+    assert pope_yes_no("") is None and pope_yes_no("", official=True) == "yes"
+    assert pope_yes_no("   ", official=True) == "yes" and pope_yes_no("NO", official=True) == "yes"
+    assert extract_box_official("Sure. [0.1, 0.2, 0.5, 0.6] and [0, 0, 1, 1]") == [0.1, 0.2, 0.5, 0.6]
+    assert extract_box_official("(0.1, 0.2, 0.5, 0.6)") is None  # brackets only
+    assert extract_box_official("[0.1 , 0.2, 0.5, 0.6]") is None  # no space before a comma
+    assert extract_box_official("[0.5, 0.6, 0.1, 0.2]") == [0.5, 0.6, 0.1, 0.2]  # not sorted
+    assert iou_official([0.1, 0.2, 0.5, 0.6], [0.5, 0.6, 0.1, 0.2]) == 0.0  # reversed: no overlap
+    assert iou_official([0.1, 0.1, 0.3, 0.3], [0.1, 0.1, 0.3, 0.5]) == pytest.approx(0.5)  # not clipped
+    assert iou_official([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0  # lmms-eval divides by zero here
+
+
 def test_iou_by_hand():
     assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
     assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
@@ -228,6 +244,11 @@ def test_iou_by_hand():
 
 PATHOLOGICAL = [
     " " * 50_000,
+    "cm^" * 16_000,
+    "a" + " " * 50_000 + "^2",
+    "\\mathrm{" * 8_000,
+    "not even " * 6_000,
+    "[0.1," * 10_000,
     "1" * 50_000,
     "1," * 25_000,
     "answer " + " " * 50_000 + "x",
@@ -261,7 +282,13 @@ def test_huge_pathological_inputs_are_linear(text):
     pope_yes_no(text)
     extract_number(text)
     extract_box(text, "norm1", 10, 10)
+    extract_box_official(text)
     parse_choices("Choices: " + text)
+    is_number_answer(text)
+    text_answer_matches(text, "even")
+    text_answer_matches(text, "y=2x+1")
+    text_answer_matches("The function is even.", text)
+    extract_option(text, {"a": '"Happy Easter"', "b": '"Happy Easter!"'})
     assert time.perf_counter() - t0 < 3.0
 
 
@@ -339,6 +366,12 @@ def test_extractors_never_raise(text):
         for pad in (False, True):
             box = extract_box(text, fmt, 64, 48, pad)
             assert box is None or (0 <= box[0] <= box[2] <= 64 and 0 <= box[1] <= box[3] <= 48)
+    assert isinstance(text_answer_matches(text, "even"), bool)
+    assert isinstance(text_answer_matches("even", text), bool)
+    box = extract_box_official(text)
+    assert box is None or (len(box) == 4 and all(math.isfinite(v) for v in box))
+    if box is not None:
+        assert 0.0 <= iou_official([0.1, 0.1, 0.5, 0.5], box) <= 1.0
 
 
 @FAST
@@ -355,11 +388,41 @@ def test_number_fixed_point_float(x):
     assert numbers_match(str(x), x)
 
 
+UNITS = ["cm", "\\mathrm{cm}^3", "\\mathrm{~cm}^{2}", "cm²", "m/s", "square units", "°", "%"]
+
+
+@FAST
+@given(
+    st.integers(min_value=-(10**9), max_value=10**9),
+    st.sampled_from(UNITS),
+    st.sampled_from(["", "Area =", "V="]),
+)
+def test_number_with_units_fixed_point(x, unit, label):
+    """A value in a unit (its exponent too) and behind a label is one number: itself."""
+    answer = f"{label} {x} {unit}".strip()
+    assert is_number_answer(answer), answer
+    assert extract_number(answer) == x and numbers_match(str(x), answer)
+
+
+TRUTH_WORDS = ["even", "odd", "neither", "parallel", "increasing", "y=2x+1", "x>3", "(1,3]", "no solution"]
+
+
+@FAST
+@given(
+    st.sampled_from(TRUTH_WORDS), st.sampled_from(["{t}", "The answer is {t}.", "So it is {t}.", "$ {t} $"])
+)
+def test_text_answer_fixed_point(truth, dress):
+    """A word or expression answer matches itself in any plain dress, and not when negated."""
+    assert text_answer_matches(dress.format(t=truth), truth)
+    assert not text_answer_matches(f"It is not {truth}.", truth)
+
+
 @FAST
 @given(st.sampled_from(["yes", "no", "Yes", "No", "yes.", "No."]))
 def test_yes_no_fixed_point(ans):
     assert extract_yes_no(ans) == ans.lower().strip(".")
     assert pope_yes_no(ans) == ans.lower().strip(".")
+    assert pope_yes_no(ans, official=True) == ans.lower().strip(".")
 
 
 WORDS = ["red", "blue", "circle", "square", "up", "down", "left", "right", "open", "closed", "large", "tiny"]
@@ -416,6 +479,16 @@ def test_option_text_round_trips(options):
         if not any(text != other and text in other for other in options.values()):
             assert extract_option(text, options) == key
             assert extract_option(f"It is {text}.", options) == key
+
+
+@FAST
+@given(OPTION_TEXT, st.sampled_from(["!", "?", "."]))
+def test_options_differing_by_punctuation_stay_apart(text, mark):
+    """MMVP's `(a) "Happy Easter" (b) "Happy Easter!"`: the exact text decides before normalising."""
+    options = {"a": f'"{text}"', "b": f'"{text}{mark}"'}
+    assert extract_option(f"{text}{mark}", options) == "b"
+    assert extract_option(f"The sign says {text}{mark}", options) == "b"
+    assert extract_option(text, options) == "a"
 
 
 ARTICLE_NOUNS = ["dog", "cat", "tree", "house", "picture", "small thing", "person on the bench"]

@@ -12,7 +12,8 @@ A module may import from its own layer and the layers below it, never from a lay
     2      families      mllm.families.*, mllm.loading  (one registration per model family: build, load,
                          recognise, tasks, stage kinds; loading a saved model of any family)
     3      applications  mllm.training.*, mllm.evaluation.*, mllm.integrations.*, mllm.inference,
-                         mllm.logging_backends, mllm.plotting  (train, evaluate, serve and chart models)
+                         mllm.logging_backends, mllm.plotting, mllm.planning.*  (train, evaluate, serve,
+                         chart and plan models)
     4      entry points  mllm.cli, mllm.demo, mllm  (the package root: the public API, imported lazily)
 
 Within layer 3, training and evaluation do not import each other (model loading is `mllm.loading`; an
@@ -175,6 +176,7 @@ LAYERS: dict[str, int] = {
             "mllm.inference",
             "mllm.logging_backends",
             "mllm.plotting",
+            "mllm.planning",
         ),
         3,
     ),

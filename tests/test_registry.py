@@ -88,6 +88,9 @@ def test_every_registry_refuses_duplicates() -> None:
     from mllm.families import FAMILIES, STAGE_KINDS, TASKS
     from mllm.hf_export import CHAT_TEMPLATES, PROJECTOR_EXPORTS
     from mllm.logging_backends import LOGGERS
+    from mllm.planning.configs import SHIPPED
+    from mllm.planning.hardware import GPUS
+    from mllm.planning.workload import WORKLOADS
     from mllm.projectors import PROJECTORS
     from mllm.vision import FUSIONS
 
@@ -107,6 +110,9 @@ def test_every_registry_refuses_duplicates() -> None:
         LOGGERS,
         PROJECTORS,
         FUSIONS,
+        GPUS,
+        WORKLOADS,
+        SHIPPED,
     ]
     for reg in registries:
         assert isinstance(reg, Registry) and len(reg) > 0, reg

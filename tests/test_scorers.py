@@ -528,7 +528,16 @@ def test_options_are_routed_and_typos_refused(tmp_path):
         score_predictions("refcoco", ref, preds, None, box_fromat="pixel")
     # a runner may hand one options dict to both halves: each ignores the other's options
     bench = get_benchmark("refcoco")
-    assert set(bench.options) == {"file", "images", "box_format", "pad_to_square"}
+    assert set(bench.options) == {
+        "file",
+        "images",
+        "box_format",
+        "pad_to_square",
+        "rule",
+        "split",
+        "split_by",
+        "layout",
+    }
     opts = {"box_format": "pixel", "file": "refcoco_val.jsonl"}
     metrics, _ = bench.score(bench.load(ref, **opts), {"r0": "[10, 10, 30, 30]"}, **opts)
     assert metrics["acc@0.5"] == 25.0

@@ -1,6 +1,7 @@
-"""Security: weights only from safetensors, no pickle or eval on any input, `trust_remote_code` off
-unless the recipe turns it on, image paths confined to the root (symlinks too), the pixel limit,
-and a chat CLI that treats whatever it is given as text."""
+"""Security: weights only from safetensors, no pickle or eval on any input (refer's RefCOCO pickle is
+read by one unpickler that loads no global), `trust_remote_code` off unless the recipe turns it on,
+image paths confined to the root (symlinks too), the pixel limit, and a chat CLI that treats whatever
+it is given as text."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from mllm.training.runner import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("mllm", "encoders") for p in (REPO / d).rglob("*.py"))
+# The one module allowed to import pickle: an Unpickler subclass that resolves no global (refer's refs.p).
+PLAIN_PICKLE = Path("mllm/evaluation/benchmarks/plain_pickle.py")
 # Receivers of `.from_pretrained(..., local_files_only=True)` that read no weights.
 NO_WEIGHTS = re.compile(r"Config|config|Tokenizer|tokenizer|Processor|processor")
 
@@ -52,13 +55,17 @@ def test_source_audit():
                 names = [a.name for a in node.names] + (
                     [node.module] if isinstance(node, ast.ImportFrom) else []
                 )
-                if any(
-                    n and n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "marshal")
+                pickles = [
+                    n
                     for n in names
-                ):
+                    if n and n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "marshal")
+                ]
+                if pickles and not (rel == PLAIN_PICKLE and pickles == ["pickle"]):
                     problems.append(f"{rel}:{node.lineno}: imports a pickle module")
         for call, func in _calls(tree):
             where = f"{rel}:{call.lineno}: {func}"
+            if func in ("pickle.load", "pickle.loads", "pickle.Unpickler"):
+                problems.append(f"{where}: only plain_pickle's no-globals Unpickler reads pickles")
             if func == "torch.load" and _kw(call, "weights_only") is not True:
                 problems.append(f"{where} without weights_only=True")
             if func in ("eval", "exec", "builtins.eval", "builtins.exec", "compile"):
@@ -75,6 +82,43 @@ def test_source_audit():
                     problems.append(f"{where} loads weights without use_safetensors=True")
     assert not problems, "\n".join(problems)
     assert len(SOURCES) > 30  # the scan saw the tree
+
+
+def test_the_one_unpickler_resolves_no_global(tmp_path):
+    """plain_pickle subclasses pickle.Unpickler with a find_class that refuses every global, so a pickle
+    that would run code is refused before anything runs, with one line naming the file; plain data
+    (what refer's refs(unc).p holds, as Python 2 wrote it) loads."""
+    import pickle
+
+    from mllm.evaluation.benchmarks.plain_pickle import PlainPickleError, _PlainUnpickler, load_plain
+
+    tree = ast.parse((REPO / PLAIN_PICKLE).read_text())
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "_PlainUnpickler")
+    assert [ast.unparse(b) for b in cls.bases] == ["pickle.Unpickler"]
+    find_class = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "find_class")
+    assert any(isinstance(n, ast.Raise) for n in ast.walk(find_class))
+    with pytest.raises(pickle.UnpicklingError):
+        _PlainUnpickler(__import__("io").BytesIO(b"")).find_class("os", "system")
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        bad = tmp_path / f"refs(unc).{protocol}.p"
+        bad.write_bytes(pickle.dumps(Evil(), protocol=protocol))
+        with pytest.raises(PlainPickleError) as err:
+            load_plain(bad)
+        assert str(bad) in str(err.value) and "posix.mkdir" in str(err.value) and "\n" not in str(err.value)
+        assert not marker.exists()
+    # Python 2's protocol 0, as refer wrote refs(unc).p: str ('S') and unicode ('V') strings, lists, dicts
+    py2 = tmp_path / "refs(unc).p"
+    py2.write_bytes(
+        b"(lp0\n(dp1\nS'split'\np2\nS'val'\np3\nsS'sentences'\np4\n(lp5\n(dp6\nVsent\np7\nVthe man\np8\nsasa."
+    )
+    assert load_plain(py2) == [{"split": "val", "sentences": [{"sent": "the man"}]}]
 
 
 def test_pickled_weights_are_refused(tmp_path):

@@ -45,6 +45,10 @@ def test_recipes_and_zero_configs_are_package_data():
     assert (REPO / "train" / "recipes").resolve() == RECIPES_DIR
     assert (REPO / "train" / "ds").resolve() == ZERO_DIR
     assert {"clip-tiny", "tiny-geoworld", "clip-resnet-tiny", "llava15-7b"} <= set(recipe_names())
+    # the published configs `mllm train --dry-run` plans the GPU recipes from (mllm.planning.configs)
+    models = RECIPES_DIR.parent / "model_configs"
+    assert (models / "vicuna-7b-v1.5.json").is_file()
+    assert (models / "clip-vit-large-patch14-336.json").is_file()
 
 
 def test_recipe_by_name_or_path(tmp_path, monkeypatch):
@@ -301,3 +305,8 @@ def test_wheel_installs_and_runs_without_a_checkout(tmp_path):
     # and the public API loads what it wrote
     r = _run([str(py), "-c", "import mllm; print(type(mllm.load_model('clip')).__name__)"], work, env)
     assert r.stdout.strip().splitlines()[-1] == "ContrastiveModel"
+
+    # 5. a GPU recipe planned from the installed package's shipped configs (no weights, no checkout)
+    r = _run([mllm, "train", "--recipe", "llava15-7b", "--dry-run", "--json", "--stage", "align"], work, env)
+    plan = json.loads(r.stdout)
+    assert {p["origin"] for p in plan["parts"]} == {"shipped"} and plan["stages"][0]["image_tokens"] == 576

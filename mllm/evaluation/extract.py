@@ -27,16 +27,19 @@ __all__ = [
     "BOX_FORMATS",
     "extract_answer_text",
     "extract_box",
+    "extract_box_official",
     "extract_number",
     "extract_option",
     "extract_yes_no",
     "iou",
+    "iou_official",
     "is_number_answer",
     "normalise",
     "numbers_match",
     "parse_choices",
     "parse_options",
     "pope_yes_no",
+    "text_answer_matches",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -225,11 +228,34 @@ def extract_option(response: str, options: Mapping[str, str]) -> str | None:
     return None
 
 
+def _light(text: str) -> str:
+    """Lowercase, curly quotes straightened, whitespace collapsed: every character that can tell two
+    options apart ("Happy Easter" / "Happy Easter!") is kept."""
+    t = text.replace("\u201c", '"').replace("\u201d", '"').replace("\u2018", "'").replace("\u2019", "'")
+    return re.sub(r"\s+", " ", t.strip().lower())
+
+
 def _match_option_text(response: str, options: Mapping[str, str]) -> str | None:
     """The single option whose text the response names, ignoring texts inside longer option texts
-    ("red" inside "dark red") and texts negated ("not open"); None when zero or several remain."""
-    text = normalise(response)
-    texts = {k: normalise(str(v)) for k, v in options.items()}
+    ("red" inside "dark red") and texts negated ("not open"); None when zero or several remain.
+
+    Exact text first (case and spacing aside, surrounding quotes off the option), so options that
+    differ only by punctuation stay apart; only when no option's exact text is named does the
+    normalised comparison (punctuation stripped) get a say, and options that normalise alike are
+    then a tie, never a pick."""
+    exact = {k: _light(str(v)).strip("\"'`") for k, v in options.items()}
+    got = _option_text_hits(_light(response), exact)
+    if got is not _NO_HIT:
+        return got
+    got = _option_text_hits(normalise(response), {k: normalise(str(v)) for k, v in options.items()})
+    return None if got is _NO_HIT else got
+
+
+_NO_HIT = object()  # no option's text named at all (as opposed to a tie, which is None)
+
+
+def _option_text_hits(text: str, texts: Mapping[str, str]) -> object:
+    """The option named in `text` (already normalised like `texts`), None for a tie, `_NO_HIT` for none."""
     texts = {k: v for k, v in texts.items() if v}
     starts: dict[str, list[int]] = {
         k: [m.start() for m in re.finditer(rf"(?<!\w){re.escape(v)}(?!\w)", text)] for k, v in texts.items()
@@ -259,10 +285,12 @@ def _match_option_text(response: str, options: Mapping[str, str]) -> str | None:
                 break
     if len(positive) == 1:
         return positive.pop()
+    if positive:
+        return None
     # "not open" with exactly two options says the other one.
-    if not positive and len(negated) == 1 and len(texts) == 2:
+    if len(negated) == 1 and len(texts) == 2 and len(set(texts.values())) == 2:
         return next(k for k in texts if k not in negated)
-    return None
+    return None if negated else _NO_HIT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,15 +298,19 @@ def _match_option_text(response: str, options: Mapping[str, str]) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def pope_yes_no(text: str) -> str | None:
-    """POPE's official rule, reproduced exactly so our numbers compare with published ones.
+def pope_yes_no(text: str, official: bool = False) -> str | None:
+    """POPE's official rule, reproduced so our numbers compare with published ones.
 
     Keep the first sentence (up to the first "."), drop commas, split on spaces; "No", "no" or "not"
     among the words -> "no", anything else -> "yes". Its quirks are kept on purpose ("NO" and
-    "No!" read as yes; the paper's numbers include them). The one change: an empty answer is None
-    (unparsed) instead of "yes", so a model that printed nothing is reported, not rewarded.
+    "No!" read as yes; the paper's numbers include them). The one change, unless `official`: an
+    empty answer is None (unparsed) instead of "yes", so a model that printed nothing is reported,
+    not rewarded. `official=True` is the public scorer exactly (POPE's evaluate.py, LLaVA's
+    eval_pope.py): an empty answer is "yes".
     """
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        return None
+    if not text.strip() and not official:
         return None
     if text.find(".") != -1:
         text = text.split(".")[0]
@@ -382,27 +414,46 @@ _TERM_RE = re.compile(rf"(?<![\w.])(?P<sign>-)?(?:{_atom('n_')})(?:[ \t]*/[ \t]*
 _ANSWER_CUE_RE = re.compile(r"(?:final\s+answer|answer|result)\s*(?:is|would\s+be|should\s+be|:|=)", re.I)
 
 
+_UNIT_WRAP_RE = re.compile(r"\\(?:mathrm|text|textrm|mathit|mathbf|operatorname|rm)\s*\{([^{}]*)\}")
+# An exponent on a unit ("cm^3", "cm^{2}", "cm²"), not on a number or π: it is part of the unit's name.
+_UNIT_POWER_RE = re.compile(r"(?<=[A-Za-z])[ \t]*(?:\^[ \t]*(?:\{[ \t]*-?\d+[ \t]*\}|-?\d+)|[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+)")
+_SIMPLE_ATOM_RE = re.compile(r"-?(?:[\d.,]*√?\(?[\d.,]+\)?π?|π)")
+
+
+def _group(expr: str) -> str:
+    """`expr` as one side of a fraction: bare when it is one atom ("9√(3)", "3π"), else in parentheses."""
+    expr = expr.strip()
+    return expr if _SIMPLE_ATOM_RE.fullmatch(expr) else f"({expr})"
+
+
 def _latex_to_plain(text: str) -> str:
-    """Rewrite the LaTeX that models print around numbers into the plain forms `_TERM_RE` reads."""
+    """Rewrite the LaTeX that models print around numbers into the plain forms `_TERM_RE` reads.
+
+    Units lose their dress and their exponent ("720 \\mathrm{cm}^3", "113.1 \\mathrm{~cm}^{2}",
+    "2500π cm²" -> "720 cm", "113.1 cm", "2500π cm"): the exponent of a unit is not a second number."""
     t = text.replace("−", "-").replace("–", "-").replace("⁄", "/").replace("∕", "/").replace("$", "")
     t = (
         t.replace("\\left", "")
         .replace("\\right", "")
         .replace("\\!", "")
         .replace("\\,", "")
+        .replace("\\;", " ")
+        .replace("\\quad", " ")
         .replace("{,}", "")
     )
     t = t.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\pi", "π").replace("\\%", "%")
     t = re.sub(r"\^\s*(?:\{\s*)?\\circ(?:\s*\})?|\\circ|\\degree", "°", t)
+    t = _UNIT_WRAP_RE.sub(lambda m: m.group(1), t).replace("~", " ")
+    t = _UNIT_POWER_RE.sub("", t)
     for _ in range(3):  # nested \frac{\sqrt{3}}{2}: a few passes, each linear
         t = re.sub(r"\\sqrt\s*\{([^{}]*)\}", lambda m: f"√({m.group(1).strip()})", t)
         t = re.sub(r"\\sqrt\s*(\d)", r"√\1", t)
         t = re.sub(
             r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}",
-            lambda m: f"({m.group(1).strip()})/({m.group(2).strip()})",
+            lambda m: f"{_group(m.group(1))}/{_group(m.group(2))}",
             t,
         )
-    t = re.sub(r"\((√?\(?[\d.,]+\)?π?)\)", r"\1", t)  # "(√(3))/(2)" -> "√(3)/2" after the passes
+    t = re.sub(r"\((√?\(?[\d.,]+\)?π?)\)", r"\1", t)  # "√(3)" -> "√3", "(2)" -> "2" after the passes
     return t
 
 
@@ -531,16 +582,91 @@ def extract_number(text: str) -> float | None:
     return None if got is None else got[0]
 
 
+# What may stand around the one number of a numeric answer: unit words ("cm", "square units", "m/s"),
+# degree/percent signs, a label before "=" ("Area =", "x ="), "≈" and spacing. Anything else (an
+# operator, a second number, a bracket) makes the answer an expression, compared as text.
+_DRESS_CHARS = frozenset(" \t\n.:;~°%/·≈'\"\\")
+
+
+def _is_dress(text: str) -> bool:
+    rest = re.sub(r"[^\W\d_]+", "", text)  # unit words (any letters) go; what remains must be spacing/signs
+    return all(c in _DRESS_CHARS for c in rest)
+
+
 def is_number_answer(text: str) -> bool:
-    """Whether a reference answer is a single number in some dress ("12", "30°", "2\\sqrt{3}", "12 cm").
+    """Whether a reference answer is a single number in some dress ("12", "30°", "2\\sqrt{3}", "12 cm",
+    "720 \\mathrm{cm}^3", "Area $=113.1 \\mathrm{~cm}^{2}$", "\\frac{9\\sqrt{3}}{2}").
 
     Decides how a free-form answer is compared: by value with rounding tolerance when it is one
-    number, as a normalised string otherwise (intervals, tuples, expressions such as "y = 2x + 1").
+    number with nothing but units, signs or a label around it, as a normalised string otherwise
+    (intervals, tuples, expressions such as "y = 2x + 1" or "x^2+1").
     """
     if not isinstance(text, str) or not text.strip():
         return False
-    terms = [m for m in _TERM_RE.finditer(_latex_to_plain(text)) if _match_value(m) is not None]
-    return len(terms) == 1
+    plain = _latex_to_plain(text)
+    terms = [m for m in _TERM_RE.finditer(plain) if _match_value(m) is not None]
+    if len(terms) != 1:
+        return False
+    before, after = plain[: terms[0].start()], plain[terms[0].end() :]
+    if "=" in before:  # a label: "Area =", "x ="
+        before = before[before.rfind("=") + 1 :]
+    return _is_dress(before) and _is_dress(after)
+
+
+def _norm_expr(text: str) -> str:
+    """Lower-case, no spaces, "$", "\\left"/"\\right" or "\\text{}" wrappers: "( 1, 3 ]" == "(1,3]"."""
+    t = text.lower().replace("\\left", "").replace("\\right", "").replace("$", "")
+    t = re.sub(r"\\text\{([^{}]*)\}", r"\1", t)
+    return re.sub(r"\s+", "", t).strip(".")
+
+
+def _tight(text: str) -> str:
+    """Like `_norm_expr` but keeping the spaces between words, so word boundaries survive: lower-case,
+    "$"/"\\left"/"\\right"/"\\text{}" off, no spaces around operators and punctuation."""
+    t = text.lower().replace("\\left", "").replace("\\right", "").replace("$", "")
+    t = re.sub(r"\\text\{([^{}]*)\}", r"\1", t)
+    t = re.sub(r"\s+", " ", t).strip()
+    return re.sub(r" ?([^\w ]) ?", r"\1", t)
+
+
+def _last_statement(text: str) -> str:
+    """The last non-empty line, and in it the last sentence: where a short answer states its result."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    line = lines[-1] if lines else text
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", line) if s.strip()]
+    return sentences[-1] if sentences else line
+
+
+# `_NEGATOR_BEFORE_RE` for `_tight` text, where "not (1, 3]" has become "not(1,3]".
+_NEGATOR_TIGHT_RE = re.compile(r"(?:\b(?:not|no|never|neither|nor)\b|n't)\s*(?:\w+\s+)?$", re.I)
+
+
+def text_answer_matches(response: str, truth: str) -> bool:
+    """Whether a response gives a non-numeric reference answer ("even", "y=2x+1", "(1, 3]").
+
+    The short answer (`extract_answer_text`) equal to the truth once spacing and LaTeX wrappers are
+    ignored, or the truth named as a whole phrase in its last statement and not negated there: "The
+    function is even." gives "even", "It is not even, it is odd." does not; "y = 2x + 10" does not
+    give "y=2x+1". This stands in for the official MathVerse route (GPT-4 extracts the answer, then
+    an exact match), which would read the same answers from such sentences.
+    """
+    if not isinstance(response, str) or not isinstance(truth, str) or not truth.strip():
+        return False
+    got = extract_answer_text(response)
+    if got is None:
+        return False
+    if _norm_expr(got) == _norm_expr(truth):
+        return True
+    phrase, statement = _tight(truth).strip(" .,;:!?"), _tight(_last_statement(got))
+    if not phrase:
+        return False
+    # word boundaries where the phrase starts or ends with a word character ("even" not in "uneven")
+    head = r"(?<![\w.])" if re.match(r"[\w.]", phrase) else ""
+    tail = r"(?![\w.])" if re.match(r"[\w.]", phrase[-1]) else ""
+    for m in re.finditer(head + re.escape(phrase) + tail, statement):
+        if not _NEGATOR_TIGHT_RE.search(statement[max(0, m.start() - 30) : m.start()]):
+            return True
+    return False
 
 
 def _as_number(x: float | int | str | None) -> tuple[float, int | None] | None:
@@ -644,4 +770,38 @@ def iou(a: Sequence[float] | None, b: Sequence[float] | None) -> float:
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+# lmms-eval's RefCOCO scorer (tasks/refcoco/utils_rec.py), reproduced for `rule=official`: the first
+# "[a, b, c, d]" with no space before a comma, read as given; IoU with no corner sorting or clipping.
+_BOX_OFFICIAL_RE = re.compile(
+    r"\[\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?)\s*\]"
+)
+
+
+def extract_box_official(text: str) -> list[float] | None:
+    """lmms-eval's `parse_float_sequence_within`: the first "[x1, y1, x2, y2]" in square brackets, as
+    written (0–1 of the image), or None where lmms-eval falls back to [0, 0, 0, 0]. Parentheses, corner
+    pairs and reversed or out-of-image boxes are taken as they are: that is the public scorer."""
+    if not isinstance(text, str):
+        return None
+    m = _BOX_OFFICIAL_RE.search(text)
+    if m is None:
+        return None
+    try:
+        box = [float(g) for g in m.groups()]
+    except ValueError:
+        return None
+    return box if all(math.isfinite(v) for v in box) else None
+
+
+def iou_official(truth: Sequence[float], pred: Sequence[float]) -> float:
+    """lmms-eval's `compute_iou`, unchanged: areas from the corners as given (a reversed box has no
+    intersection, so IoU 0). Where its union is 0 lmms-eval divides by zero, and where it is negative
+    (a box reversed on one axis) it gives -0.0; both are 0.0 here."""
+    x_left, y_top = max(truth[0], pred[0]), max(truth[1], pred[1])
+    x_right, y_bottom = min(truth[2], pred[2]), min(truth[3], pred[3])
+    inter = max(0.0, x_right - x_left) * max(0.0, y_bottom - y_top)
+    union = (truth[2] - truth[0]) * (truth[3] - truth[1]) + (pred[2] - pred[0]) * (pred[3] - pred[1]) - inter
     return float(inter / union) if union > 0 else 0.0

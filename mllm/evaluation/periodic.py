@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from mllm.config import EvalConfig, Recipe, StageConfig
-from mllm.evaluation.benchmarks import Item, get_benchmark
+from mllm.evaluation.benchmarks import Item, get_benchmark, resolve_rule
 from mllm.evaluation.runner import generate_responses
 
 
@@ -67,7 +67,8 @@ class PeriodicEvaluator:
         if key not in self._items:
             b = get_benchmark(cfg.benchmark)
             try:
-                items = b.load(Path(cfg.data), **cfg.options)
+                _, options = resolve_rule(b, cfg.options)
+                items = b.load(Path(cfg.data), **options)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"stage {stage.name!r} eval: {e}") from e
             except ValueError as e:
@@ -89,15 +90,16 @@ class PeriodicEvaluator:
         assert cfg is not None
         b = get_benchmark(cfg.benchmark)
         items = self.items(stage)
+        rule, options = resolve_rule(b, cfg.options)
         if b.respond is not None:  # a contrastive model answers by similarity (mmvp_vlm, retrieval)
-            responses = b.respond(model, items, batch_size=cfg.batch_size, **cfg.options)
+            responses = b.respond(model, items, batch_size=cfg.batch_size, **options)
         else:
             responses = generate_responses(
                 model, items, cfg.batch_size, cfg.max_new_tokens or b.max_new_tokens
             )
-        metrics, _ = b.score(items, responses, **cfg.options)
+        metrics, _ = b.score(items, responses, **options)
         # Scalars and the per-category map: what a curve can draw; per-item records stay with `mllm eval`.
-        out: dict[str, Any] = {"benchmark": cfg.benchmark}
+        out: dict[str, Any] = {"benchmark": cfg.benchmark, "rule": rule}
         for k, v in metrics.items():
             if k == "per_category" or (isinstance(v, (int, float)) and not isinstance(v, bool)):
                 out[k] = v

@@ -1,9 +1,14 @@
 """`mllm report`: one markdown table across checkpoints and benchmarks, beside published numbers.
 
-Each `mllm eval` metrics file carries a `meta` block (benchmark, model, decoding); the report takes
-each benchmark's headline metric from it. The reference rows are the numbers collected in the
-project's benchmark notes (`shared/reference/benchmarks.md`), shown for context only: they were
+Each `mllm eval` metrics file carries a `meta` block (benchmark, model, decoding, scoring rule); the
+report takes each benchmark's headline metric from it. The reference rows are the numbers collected
+in the project's benchmark notes (`shared/reference/benchmarks.md`), shown for context only: they were
 measured on the real benchmarks, ours on whatever data folder the metrics came from.
+
+The scoring rule is shown with every number: a result scored by the public scorer (`rule=official`)
+is its own row, marked "[rule: official]", and the note under the table says which rule each
+benchmark's column used, so a number is never read against a published one computed another way.
+Files written before rules were recorded were scored by the project's rule, "mllm".
 """
 
 from __future__ import annotations
@@ -53,13 +58,24 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
                 f"{p}: no meta.benchmark among {sorted(HEADLINES)} (was it written by `mllm eval`?)"
             )
         label = meta.get("model") or p.stem
+        rule = str(meta.get("rule", "mllm"))
         if meta.get("decoding", "greedy") != "greedy":
             params = meta.get("agla") or {}
             detail = ", ".join(f"{k}={v}" for k, v in params.items())
             label += f" [{meta['decoding']}{': ' + detail if detail else ''}]"
+        if rule != "mllm":
+            label += f" [rule: {rule}]"
         if any(r["label"] == label and r["benchmark"] == bench for r in rows):
             label += f" ({p.name})"  # two results of one setting: keep both, told apart by file
-        rows.append({"label": label, "benchmark": bench, "value": HEADLINES[bench][1](data), "file": str(p)})
+        rows.append(
+            {
+                "label": label,
+                "benchmark": bench,
+                "value": HEADLINES[bench][1](data),
+                "file": str(p),
+                "rule": rule,
+            }
+        )
     return rows
 
 
@@ -79,12 +95,17 @@ def render(rows: list[dict[str, Any]], references: bool = True) -> str:
             lines.append(
                 f"| *{s} (published)* | " + " | ".join("" if v is None else f"{v:.1f}" for v in vals) + " |"
             )
+    rules = {b: sorted({r.get("rule", "mllm") for r in rows if r["benchmark"] == b}) for b in benches}
     note = (
-        (
+        "\nScoring rules: "
+        + "; ".join(f"{HEADLINES[b][0]}: {', '.join(rules[b])}" for b in benches)
+        + (
+            " (mllm = the project's rules, official = the public scorer; docs/evaluation.md lists the differences)."
+        )
+    )
+    if references:
+        note += (
             "\nPublished rows are the real benchmarks' numbers (shared/reference/benchmarks.md), for context: "
             "they are not comparable with scores on GeoWorld's synthetic sets."
         )
-        if references
-        else ""
-    )
     return "\n".join(lines) + "\n" + note + "\n"

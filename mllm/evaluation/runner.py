@@ -16,7 +16,7 @@ import torch
 
 from mllm.data.images import load_image
 from mllm.evaluation.agla import AglaConfig
-from mllm.evaluation.benchmarks import get_benchmark, score_file, write_report
+from mllm.evaluation.benchmarks import get_benchmark, resolve_rule, score_predictions_file, write_report
 from mllm.inference import answer_batch
 from mllm.loading import get_loader, resolve_model_dir
 from mllm.model import MultimodalLM
@@ -66,8 +66,8 @@ def evaluate(
     limit: int | None = None,
 ) -> tuple[dict, list[dict]]:
     """Answer and score one benchmark with a model already in memory (the demo, a training loop)."""
-    options = dict(options or {})
     b = get_benchmark(bench)
+    _, options = resolve_rule(b, options or {})
     items = b.load(Path(data), **options)
     if limit:
         items = items[:limit]
@@ -91,6 +91,7 @@ def evaluate_with_kind(
     ContrastiveModel): load that kind from `model_dir` (a model or run folder), respond, score."""
     path = resolve_model_dir(model_dir, b.model_kind)
     model = get_loader(b.model_kind).load(path).to(pick_device(device)).eval()
+    _, options = resolve_rule(b, options)
     items = b.load(Path(data), **options)
     if limit:
         items = items[:limit]
@@ -113,17 +114,22 @@ def run_eval(
     options: dict[str, Any] | None = None,
     limit: int | None = None,
 ) -> dict:
-    """Evaluate a model (`model_dir`) or score a predictions file (`predictions`); exactly one."""
+    """Evaluate a model (`model_dir`) or score a predictions file (`predictions`); exactly one.
+
+    The metrics' `meta` records the scoring rule (`rule`: "mllm", or "official" where asked for) and,
+    for a predictions file, the layout it was read as (`predictions_layout`)."""
     if (model_dir is None) == (predictions is None):
         raise ValueError(
-            "give exactly one of --model (generate answers) or --predictions (score a JSONL file)"
+            "give exactly one of --model (generate answers) or --predictions (score a predictions file)"
         )
     options = dict(options or {})
     b = get_benchmark(bench)
+    rule, _ = resolve_rule(b, options)  # a rule the benchmark lacks fails here, before any model loads
     meta: dict[str, Any] = {
         "benchmark": bench,
         "data": str(data),
         "decoding": decoding,
+        "rule": rule,
         "options": options,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -144,8 +150,9 @@ def run_eval(
         if decoding == "agla":
             meta["agla"] = (agla or AglaConfig()).__dict__
     else:
-        metrics, records = score_file(bench, data, predictions, **options)
-        meta["predictions"] = str(predictions)
+        scored = score_predictions_file(bench, data, predictions, **options)
+        metrics, records = scored.metrics, scored.records
+        meta.update(predictions=str(predictions), predictions_layout=scored.layout)
     write_report(out, metrics, records, meta=meta)
     return dict(metrics, meta=meta)
 

@@ -10,7 +10,7 @@ ours, another codebase's, a hand-written one in a test — is scored by exactly 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,18 @@ from typing import Any
 from encoders.registry import Registry
 from mllm.data.images import ImageError, resolve_image
 
+DEFAULT_RULE = "mllm"  # the project's own scoring rules, every benchmark's default (docs/evaluation.md)
+
 
 class BenchmarkError(ValueError):
     """A benchmark file, image or predictions file that cannot be used; the message names it."""
+
+
+class OptionError(BenchmarkError, TypeError):
+    """A benchmark option the benchmark does not have, or a value it does not take (a rule it lacks).
+
+    A `TypeError` too, as an unexpected keyword argument is, so callers that caught that keep working;
+    a `BenchmarkError` (a `ValueError`) so the command line reports it in one line."""
 
 
 @dataclass
@@ -31,6 +40,49 @@ class Item:
     prompt: str  # the text to ask, without the <image> marker (the runner adds it)
     image: Path | None  # absolute path of the image; None for text-only items
     meta: dict[str, Any] = field(default_factory=dict)  # whatever scoring needs; JSON-serialisable
+
+
+@dataclass(frozen=True)
+class ForeignRow:
+    """One answer of a predictions file, as its layout wrote it, before it is mapped to an item id."""
+
+    path: Path
+    line: int  # the line (JSON, tsv) or row (xlsx) of the file it was read from, for errors
+    layout: str  # the `PredictionLayout` that read it (mllm, llava, lmms-eval, vlmevalkit, mathverse)
+    key: str | None  # the layout's own id of the row (question_id, doc_id, index), as a string
+    fields: Mapping[str, Any]  # the row's fields (lmms-eval: its doc, plus doc_id)
+    response: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+@dataclass
+class MatchContext:
+    """What a benchmark's `match` sees besides the row: the items, the options and every row of the file
+    (a positional mapping, LLaVA's for POPE, needs the order), plus scratch state for one file."""
+
+    bench: Benchmark
+    items: list[Item]
+    options: Mapping[str, Any]
+    rows: list[ForeignRow]
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_id: dict[str, Item] = {it.id: it for it in self.items}
+
+    def group(self, name: str, key: Callable[[Item], Hashable | None]) -> dict[Hashable, list[Item]]:
+        """Items grouped by `key` (None keys left out), built once per file under `name`."""
+        cache = self.state.setdefault("groups", {})
+        if name not in cache:
+            groups: dict[Hashable, list[Item]] = {}
+            for it in self.items:
+                k = key(it)
+                if k is not None:
+                    groups.setdefault(k, []).append(it)
+            cache[name] = groups
+        return cache[name]
 
 
 @dataclass
@@ -48,6 +100,13 @@ class Benchmark:
     # (a key of mllm.families.FAMILIES). None: the runner generates answers with a MultimodalLM.
     respond: Callable[..., dict[str, str]] | None = None
     model_kind: str = "mllm"
+    # The scoring rules `--option rule=` picks from, the project's own ("mllm") first and the default.
+    # "official" where a public scorer can be reproduced offline; `no_official` says why it cannot.
+    rules: tuple[str, ...] = (DEFAULT_RULE,)
+    no_official: str = ""
+    # match(row, ctx) -> the item ids a row of another tool's predictions file answers (usually one);
+    # None: the row's own id is the benchmark's id (`default_match`).
+    match: Callable[[ForeignRow, MatchContext], list[str]] | None = None
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
@@ -144,11 +203,11 @@ def lookup(items: list[Item], responses: Mapping[str, str], name: str) -> list[t
     known = {it.id for it in items}
     unknown = [k for k in responses if k not in known]
     if unknown:
-        raise BenchmarkError(f"{len(unknown)} response id(s) not in benchmark {name!r}: {_show(unknown)}")
+        raise BenchmarkError(f"{len(unknown)} response id(s) not in benchmark {name!r}: {show_ids(unknown)}")
     return [(it, str(responses.get(it.id, "")), it.id not in responses) for it in items]
 
 
-def _show(ids: list[str], k: int = 10) -> str:
+def show_ids(ids: list[str], k: int = 10) -> str:
     shown = ", ".join(repr(i) for i in ids[:k])
     return shown + (f", ... ({len(ids) - k} more)" if len(ids) > k else "")
 
@@ -221,44 +280,43 @@ def check_options(name: str, extra: Mapping[str, Any], options: Iterable[str]) -
     known = set(options)
     stray = sorted(k for k in extra if k not in known)
     if stray:
-        raise TypeError(f"benchmark {name!r} has no option(s) {stray}; its options are {sorted(known)}")
+        raise OptionError(f"benchmark {name!r} has no option(s) {stray}; its options are {sorted(known)}")
 
 
-def score_file(
-    name: str, data_dir: str | Path, predictions_path: str | Path, **opts: Any
-) -> tuple[dict[str, Any], list[dict]]:
-    """Score a predictions file against a benchmark's official files, with no model in the loop.
+def resolve_rule(bench: Benchmark, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The scoring rule `options` pick for `bench` (its default when none), and the options to hand to
+    its `load`/`score`: `rule` stays in them only for a benchmark that has more than one rule.
 
-    Ids in the predictions that the benchmark does not have are an error naming them; benchmark
-    items with no prediction stay in, unparsed (records mark them "missing").
-    """
-    bench = get_benchmark(name)
-    items = bench.load(Path(data_dir), **opts)
-    responses = read_predictions(predictions_path, bench.id_key)
-    known = {it.id for it in items}
-    unknown = [k for k in responses if k not in known]
-    if unknown:
-        raise BenchmarkError(
-            f"{predictions_path}: {len(unknown)} {bench.id_key}(s) not in benchmark {name!r} at {data_dir}: "
-            f"{_show(unknown)}"
+    A rule the benchmark lacks is an `OptionError` that lists the rules it has (and, for "official",
+    why there is none: a scorer that asks GPT-4 has no offline equivalent)."""
+    opts = dict(options)
+    rule = opts.get("rule", bench.rules[0])
+    if rule not in bench.rules:
+        why = f" ({bench.no_official})" if rule == "official" and bench.no_official else ""
+        raise OptionError(
+            f"benchmark {bench.name!r} has no rule {rule!r}{why}; its rules: {', '.join(bench.rules)}"
         )
-    return bench.score(items, responses, **opts)
+    if "rule" not in bench.options:
+        opts.pop("rule", None)
+    return str(rule), opts
 
 
-def score_predictions(
-    name: str, data_dir: str | Path, predictions_path: str | Path, out_json: str | Path | None, **opts: Any
-) -> dict[str, Any]:
-    """`score_file`, writing the report when `out_json` is given; returns the metrics."""
-    metrics, records = score_file(name, data_dir, predictions_path, **opts)
-    if out_json is not None:
-        meta = {
-            "benchmark": name,
-            "data": str(data_dir),
-            "predictions": str(predictions_path),
-            "options": opts,
-        }
-        write_report(out_json, metrics, records, meta=meta)
-    return metrics
+def default_match(row: ForeignRow, ctx: MatchContext) -> list[str]:
+    """A foreign row's item id when the benchmark has no `match` of its own: the row's own id field
+    (lmms-eval: the doc's field named like the benchmark's id)."""
+    if row.layout == "lmms-eval":
+        value = row.fields.get(ctx.bench.id_key)
+        if value is None:
+            raise BenchmarkError(
+                f"{row.where}: the lmms-eval sample's doc has no {ctx.bench.id_key!r} field to match "
+                f"benchmark {ctx.bench.name!r} by"
+            )
+        return [str(value)]
+    if row.key is None or row.layout == "vlmevalkit":
+        raise BenchmarkError(
+            f"{row.where}: {row.layout} rows cannot be matched to benchmark {ctx.bench.name!r}'s questions"
+        )
+    return [row.key]
 
 
 def base_record(item: Item, response: str, missing: bool, extracted: Any, correct: bool) -> dict[str, Any]:

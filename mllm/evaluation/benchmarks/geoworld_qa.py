@@ -120,5 +120,13 @@ def score(items: list[Item], responses: dict[str, str], **other: Any) -> tuple[d
 
 
 BENCHMARK = register_benchmark(
-    Benchmark(name="qa", id_key="id", load=load, score=score, max_new_tokens=32, options=OPTIONS)
+    Benchmark(
+        name="qa",
+        id_key="id",
+        load=load,
+        score=score,
+        max_new_tokens=32,
+        options=OPTIONS,
+        no_official="GeoWorld QA is this project's own benchmark: its one rule is the official one",
+    )
 )

@@ -10,13 +10,23 @@ the text-only file numbers its samples from 1 again and would collide with testm
 Prompt: `query_wo` (the paper's primary, direct-answer setting); `cot=True` gives `query_cot`, which
 needs a larger generation budget than this benchmark's default `max_new_tokens`.
 
-Scoring is rule-based instead of the official LLM extract-and-judge:
+Scoring is rule-based instead of the official GPT-4 extract-and-judge (which has no offline
+equivalent, so MathVerse has one rule; docs/evaluation.md tabulates every answer shape):
 - multi-choice: the option letter via `extract_option` against the choices parsed from the question
   text ("Choices:\\nA:… B:…"), so an answer given as a value ("50°") maps back to its letter. Vision
   Only questions carry their choices in the figure, so they borrow them from another version of the
   same problem (then `metadata.choices`, then bare letters A–E).
-- free-form: a single-number answer is compared by value (`numbers_match`, units/fractions/roots
-  read, rounding tolerated); anything else (intervals, expressions) as a normalised string.
+- free-form: a single-number answer — units and their exponents, fractions, roots, π, degrees and a
+  label ("Area $=113.1 \\mathrm{~cm}^{2}$") around one value — is compared by value
+  (`numbers_match`, rounding tolerated), so the bare value the prompt asks for ("720" for
+  "720 \\mathrm{cm}^3") scores; anything else (words, intervals, expressions) by
+  `text_answer_matches`: the short answer equal to it, or the answer named in the response's last
+  statement and not negated ("The function is even." for "even"). A reference answer written twice
+  on two lines ("-4.9\\n-4.9") is one answer.
+
+Other tools' files: LLaVA-style answers (`question_id` = sample_index), lmms-eval samples and
+MathVerse's own output file (`sample_index`; a `problem_version` of Text Only means the text-only
+file's id), VLMEvalKit's table (`index` as sample_index, its `answer` checked against ours).
 
 Metrics (percent): accuracy per version, "all" = the mean of the five image-version accuracies
 (Text Only excluded, as in the paper; over the versions present when a subset is scored),
@@ -26,7 +36,6 @@ Metrics (percent): accuracy per version, "all" = the mean of the five image-vers
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +46,15 @@ from mllm.evaluation.extract import (
     is_number_answer,
     numbers_match,
     parse_choices,
+    text_answer_matches,
 )
 
 from .core import (
     Benchmark,
     BenchmarkError,
+    ForeignRow,
     Item,
+    MatchContext,
     base_record,
     check_options,
     check_unique,
@@ -152,11 +164,10 @@ def load(
     return items
 
 
-def _norm_expr(text: str) -> str:
-    """Lower-case, no spaces, "$", "\\left"/"\\right" or "\\text{}" wrappers: "( 1, 3 ]" == "(1,3]"."""
-    t = text.lower().replace("\\left", "").replace("\\right", "").replace("$", "")
-    t = re.sub(r"\\text\{([^{}]*)\}", r"\1", t)
-    return re.sub(r"\s+", "", t).strip(".")
+def clean_answer(answer: str) -> str:
+    """The reference answer as one answer: testmini writes a few twice, one per line ("-4.9\\n-4.9")."""
+    lines = list(dict.fromkeys(ln.strip() for ln in answer.strip().splitlines() if ln.strip()))
+    return lines[0] if len(lines) == 1 else answer.strip()
 
 
 def _truth_letter(answer: str, choices: dict[str, str]) -> str:
@@ -171,7 +182,7 @@ def _truth_letter(answer: str, choices: dict[str, str]) -> str:
 
 def judge(item: Item, response: str, rel_tol: float = 1e-3) -> tuple[Any, bool]:
     """(extracted answer or None, correct) for one MathVerse item."""
-    answer = item.meta["answer"]
+    answer = clean_answer(item.meta["answer"])
     if item.meta["question_type"] == "multi-choice":
         choices = item.meta["choices"]
         pred = extract_option(response, choices)
@@ -180,7 +191,7 @@ def judge(item: Item, response: str, rel_tol: float = 1e-3) -> tuple[Any, bool]:
         value = extract_number(response)
         return value, value is not None and numbers_match(response, answer, rel_tol=rel_tol)
     text = extract_answer_text(response)
-    return text, text is not None and _norm_expr(text) == _norm_expr(answer)
+    return text, text is not None and text_answer_matches(response, answer)
 
 
 def score(
@@ -216,8 +227,42 @@ def score(
     return metrics, records
 
 
+def match(row: ForeignRow, ctx: MatchContext) -> list[str]:
+    """The item another tool's row answers: its sample_index, under "text_only/" for a Text Only row."""
+    f = row.fields
+    if row.layout == "lmms-eval":
+        sid = f.get("sample_index")
+    elif row.layout == "vlmevalkit":
+        sid = f.get("sample_index", row.key)
+    else:
+        sid = row.key
+    if sid is None or sid == "":
+        raise BenchmarkError(f"{row.where}: no sample_index")
+    sid = str(sid).strip()
+    if str(f.get("problem_version", "")).strip() == TEXT_ONLY and not sid.startswith("text_only/"):
+        sid = f"text_only/{sid}"
+    item = ctx.by_id.get(sid)
+    theirs = f.get("answer") if row.layout == "vlmevalkit" else None
+    if item is not None and theirs is not None and str(theirs).strip() != item.meta["answer"]:
+        ours = item.meta["answer"]
+        if not (is_number_answer(ours) and numbers_match(str(theirs), ours, rel_tol=1e-9)):
+            raise BenchmarkError(
+                f"{row.where}: VLMEvalKit's row {row.key} has answer {theirs!r}, but MathVerse's {sid} has "
+                f"{ours!r}: its index is not MathVerse's sample_index"
+            )
+    return [sid]
+
+
 BENCHMARK = register_benchmark(
     Benchmark(
-        name="mathverse", id_key="sample_index", load=load, score=score, max_new_tokens=128, options=OPTIONS
+        name="mathverse",
+        id_key="sample_index",
+        load=load,
+        score=score,
+        max_new_tokens=128,
+        options=OPTIONS,
+        no_official="MathVerse's official scorer extracts and judges answers with GPT-4; there is no "
+        "offline equivalent",
+        match=match,
     )
 )

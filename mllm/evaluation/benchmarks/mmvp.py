@@ -14,6 +14,13 @@ records ("overridden": true, "original_answer").
 Prompts: `"{Question} {Options}"` (LLaVA's), or with `letter_prompt=True`
 `"{Question}\\nA. …\\nB. …\\nAnswer with the option's letter from the given choices directly."`; option
 (a) is shown as A and (b) as B, and since extraction is case-blind, "A" and "(a)" score the same.
+An answer given as an option's text is matched exactly first (`extract_option`), so options that
+differ only by punctuation — `(a) "Happy Easter"` / `(b) "Happy Easter!"` — stay apart.
+
+Other tools' files: MMVP's evaluate_mllm.py and LLaVA-style answers (`question_id` = Index),
+lmms-eval samples (the doc's `Index`), VLMEvalKit's MMVP table (`index`, from 0 or 1, as Index).
+The official scorer (scripts/gpt_grader.py) asks GPT-4 whether each answer is right; there is no
+offline equivalent, so MMVP has one rule, this one.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from mllm.evaluation.extract import extract_option, parse_options
 from .core import (
     Benchmark,
     BenchmarkError,
+    ForeignRow,
     Item,
+    MatchContext,
     base_record,
     check_options,
     check_unique,
@@ -146,6 +155,38 @@ def score(items: list[Item], responses: dict[str, str], **other: Any) -> tuple[d
     return metrics, records
 
 
+def match(row: ForeignRow, ctx: MatchContext) -> list[str]:
+    """The MMVP Index another tool's row answers."""
+    if row.layout == "lmms-eval":
+        f = row.fields
+        index = f.get("Index", f.get("index"))
+        if index is None:
+            raise BenchmarkError(f"{row.where}: the lmms-eval sample's doc has no Index")
+        return [str(index)]
+    if row.layout == "vlmevalkit":
+        if "offset" not in ctx.state:
+            try:
+                first = min(int(r.key or "") for r in ctx.rows)
+            except ValueError as e:
+                raise BenchmarkError(
+                    f"{row.path}: VLMEvalKit's index column is not all integers ({e})"
+                ) from e
+            ctx.state["offset"] = 1 if first == 0 else 0  # a table numbered from 0 is Index - 1
+        return [str(int(row.key or "") + ctx.state["offset"])]
+    if row.key is None:
+        raise BenchmarkError(f"{row.where}: no Index")
+    return [row.key]
+
+
 BENCHMARK = register_benchmark(
-    Benchmark(name="mmvp", id_key="Index", load=load, score=score, max_new_tokens=32, options=OPTIONS)
+    Benchmark(
+        name="mmvp",
+        id_key="Index",
+        load=load,
+        score=score,
+        max_new_tokens=32,
+        options=OPTIONS,
+        no_official="MMVP's official scorer asks GPT-4 to grade each answer; there is no offline equivalent",
+        match=match,
+    )
 )

@@ -9,16 +9,25 @@ Id scheme: POPE numbers question_id from 1 in *each* split, so the bare id is am
 splits. An item's id is therefore always "{split}/{question_id}" (e.g. "adversarial/17"), and a
 predictions line is {"question_id": "adversarial/17", "response": ...}. Always prefixing (rather
 than only on collision) keeps the id of a question independent of which other files are present.
+Other tools' files (`match`): a line with a bare question_id and a `split` (or `category`) field;
+an lmms-eval sample (its doc's `category` and `question_id`, lmms-lab/POPE's); a LLaVA answers file
+(integer question_id, `text`) when one split is scored, or with LLaVA's question file
+(`questions=llava_pope_test.jsonl`), paired as LLaVA's eval_pope.py pairs them: the k-th answer of a
+category with the k-th question of that split's file. Where a row carries its question, it must be
+the item's, so ids that do not line up are an error, not a silently wrong score.
 
-Scoring: by default POPE's official rule (`pope_yes_no`: first sentence, "no"/"not" -> no, else
-yes), so numbers compare with published ones; `rule="strict"` uses `extract_yes_no` instead. Per
-split: accuracy, precision, recall and F1 with "yes" as the positive class, and yes_ratio — the share
-of *predictions* that are yes (computed from labels it is always 50%, a known trap). An unparsed
-(empty) answer is wrong, counts as neither yes nor no, and is reported. `mean_f1` averages the splits.
+Scoring: POPE's official reading (`pope_yes_no`: first sentence, "no"/"not" -> no, else yes), so
+numbers compare with published ones. The default rule "mllm" changes one thing: an empty answer is
+unparsed (wrong, neither yes nor no, and reported) where the public scorer reads it as "yes";
+`rule="official"` is the public scorer exactly, `rule="strict"` reads answers with `extract_yes_no`.
+Per split: accuracy, precision, recall and F1 with "yes" as the positive class, and yes_ratio — the
+share of *predictions* that are yes (computed from labels it is always 50%, a known trap).
+`mean_f1` averages the splits.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +36,10 @@ from mllm.evaluation.extract import extract_yes_no, pope_yes_no
 from .core import (
     Benchmark,
     BenchmarkError,
+    ForeignRow,
     Item,
+    MatchContext,
+    OptionError,
     base_record,
     check_options,
     check_unique,
@@ -37,11 +49,12 @@ from .core import (
     percent,
     read_json_lines,
     register_benchmark,
+    require_file,
 )
 
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
-RULES = {"official": pope_yes_no, "strict": extract_yes_no}
-OPTIONS = ("images", "splits", "prefix", "rule")
+RULES = {"mllm": pope_yes_no, "official": partial(pope_yes_no, official=True), "strict": extract_yes_no}
+OPTIONS = ("images", "splits", "prefix", "rule", "questions")
 
 
 def _split_file(data_dir: Path, split: str, prefix: str | None) -> Path | None:
@@ -121,12 +134,12 @@ def _split_metrics(preds: list[str | None], labels: list[str]) -> dict[str, Any]
 
 
 def score(
-    items: list[Item], responses: dict[str, str], *, rule: str = "official", **other: Any
+    items: list[Item], responses: dict[str, str], *, rule: str = "mllm", **other: Any
 ) -> tuple[dict[str, Any], list[dict]]:
     """Per-split accuracy/precision/recall/F1/yes_ratio/unparsed (percent) and the mean F1."""
     check_options("pope", other, OPTIONS)
     if rule not in RULES:
-        raise ValueError(f"unknown POPE rule {rule!r}; expected one of {sorted(RULES)}")
+        raise OptionError(f"unknown POPE rule {rule!r}; expected one of {sorted(RULES)}")
     read = RULES[rule]
     records = []
     per_split: dict[str, tuple[list[str | None], list[str]]] = {}
@@ -145,6 +158,103 @@ def score(
     return metrics, records
 
 
+def _same_question(row: ForeignRow, ctx: MatchContext, ident: str, text: Any) -> None:
+    """A row that quotes its question must quote the item's: ids that do not line up are an error."""
+    item = ctx.by_id.get(ident)
+    if item is None or not isinstance(text, str) or not text.strip():
+        return
+    if item.prompt.strip().lower() not in text.lower():
+        raise BenchmarkError(
+            f"{row.where}: the {row.layout} row for {ident} asks {text.strip()!r}, but POPE's {ident} asks "
+            f"{item.prompt!r}: its ids do not line up with {item.meta['split']}'s file"
+        )
+
+
+def _llava_question(row: ForeignRow, ctx: MatchContext) -> str:
+    """LLaVA's pairing: the k-th answer whose question (in LLaVA's question file) has category c is
+    the k-th question of POPE's c file. Question text and image must agree, or the files differ."""
+    state = ctx.state
+    if "llava_questions" not in state:
+        path = require_file(Path(ctx.options["questions"]), "LLaVA POPE question file")
+        state["llava_questions"] = {str(q.get("question_id")): (n, q) for n, q in read_json_lines(path)}
+        state["llava_path"] = path
+        state["llava_next"] = dict.fromkeys(SPLITS, 0)
+    path = state["llava_path"]
+    found = state["llava_questions"].get(row.key)
+    if found is None:
+        raise BenchmarkError(f"{row.where}: question_id {row.key} is not in LLaVA's question file {path}")
+    n, q = found
+    category = q.get("category")
+    split_items = ctx.group("split", lambda it: it.meta["split"]).get(category)
+    if split_items is None:
+        raise BenchmarkError(f"{path}:{n}: category {category!r} is not a POPE split scored here")
+    k = state["llava_next"][category]
+    state["llava_next"][category] = k + 1
+    if k >= len(split_items):
+        raise BenchmarkError(
+            f"{row.where}: more {category} answers than the {len(split_items)} {category} questions"
+        )
+    item = split_items[k]
+    text, image = q.get("text"), q.get("image")
+    if isinstance(image, str) and image and Path(image).name != Path(str(item.meta["image"])).name:
+        raise BenchmarkError(
+            f"{path}:{n}: answer {k + 1} of {category} is about {image}, but POPE's {item.id} is about "
+            f"{item.meta['image']}: the question file and POPE's files do not line up"
+        )
+    _same_question(row, ctx, item.id, text)
+    return item.id
+
+
+def match(row: ForeignRow, ctx: MatchContext) -> list[str]:
+    """The POPE item another tool's row answers (see the module's docstring)."""
+    f = row.fields
+    if row.layout == "lmms-eval":
+        split, qid = f.get("category"), f.get("question_id")
+        if split is None or qid is None:
+            raise BenchmarkError(f"{row.where}: the lmms-eval sample's doc has no category/question_id")
+        ident = f"{split}/{qid}"
+        _same_question(row, ctx, ident, f.get("question"))
+        return [ident]
+    if row.key is None or row.layout == "vlmevalkit":
+        raise BenchmarkError(
+            f"{row.where}: {row.layout} rows carry no POPE question_id (VLMEvalKit numbers its own POPE "
+            "table); they cannot be matched to POPE's questions"
+        )
+    qid = row.key
+    if "/" in qid:
+        return [qid]
+    split = f.get("split") or f.get("category")
+    if split:
+        ident = f"{split}/{qid}"
+    elif ctx.options.get("questions"):
+        return [_llava_question(row, ctx)]
+    else:
+        holders = sorted(
+            ctx.group("qid", lambda it: str(it.meta["question_id"])).get(qid, []), key=lambda it: it.id
+        )
+        if not holders:
+            return [qid]  # no POPE question has it: reported with every other unknown id
+        if len(holders) > 1:
+            raise BenchmarkError(
+                f"{row.where}: question_id {qid!r} names no split and is in "
+                f"{', '.join(it.meta['split'] for it in holders)}: write '{{split}}/{{question_id}}' ids, add a "
+                "split field, score one split (--option 'splits=[\"random\"]') or give LLaVA's question file "
+                "(--option questions=llava_pope_test.jsonl)"
+            )
+        ident = holders[0].id
+    _same_question(row, ctx, ident, f.get("prompt") if row.layout == "llava" else None)
+    return [ident]
+
+
 BENCHMARK = register_benchmark(
-    Benchmark(name="pope", id_key="question_id", load=load, score=score, max_new_tokens=32, options=OPTIONS)
+    Benchmark(
+        name="pope",
+        id_key="question_id",
+        load=load,
+        score=score,
+        max_new_tokens=32,
+        options=OPTIONS,
+        rules=tuple(RULES),
+        match=match,
+    )
 )
