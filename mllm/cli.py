@@ -1,4 +1,4 @@
-"""`mllm demo | synth | train | chat | eval | probe | report | plot`: the command line, a thin layer over the library."""
+"""`mllm demo | synth | show | train | chat | serve | eval | view | probe | ckpt | report | plot`: the command line, a thin layer over the library."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     manifest = write_world(args.out, seed=args.seed, n=args.n, size=args.size)
     print(json.dumps(manifest, indent=1))
+    if args.preview:
+        from mllm.data.geoworld.preview import write_previews
+
+        for path in write_previews(args.out, args.preview):
+            print(f"preview: {path}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from mllm.data.geoworld.preview import write_previews
+
+    for path in write_previews(args.world, args.n, args.out):
+        print(path)
     return 0
 
 
@@ -79,10 +92,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--{given[0].replace('_', '-')} describes a plan: add --dry-run (or drop it to train)"
         )
     from mllm.config import load_recipe
-    from mllm.training import distributed as D
-    from mllm.training.runner import train_recipe
+    from mllm.training.preemption import PreemptionWatch
 
     recipe = load_recipe(args.recipe, args.overrides)
+    # Held until this command returns, past the run's own teardown: a signal after the last checkpoint is
+    # recorded, not fatal (a finished run exits 0), and one during start-up stops the run before its first step.
+    with PreemptionWatch(recipe.engine.preemption_signals) as watch:
+        return _train(args, recipe, watch)
+
+
+def _train(args: argparse.Namespace, recipe, watch) -> int:
+    from mllm.training import distributed as D
+    from mllm.training.checkpoint import CheckpointError
+    from mllm.training.preemption import PREEMPTED_EXIT, Preempted, touch_marker
+    from mllm.training.runlock import RunLocked
+    from mllm.training.runner import train_recipe
+
     out = args.out or str(Path("runs") / recipe.name)
     evaluator = None
     if any(s.eval_every is not None for s in recipe.stages if not args.stage or s.name in args.stage):
@@ -91,7 +116,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         evaluator = make_evaluator(recipe, only=args.stage or None)
     try:
-        summary = train_recipe(recipe, out, only=args.stage or None, evaluator=evaluator)
+        summary = train_recipe(
+            recipe, out, only=args.stage or None, evaluator=evaluator, resume=args.resume, preempt=watch
+        )
+    except Preempted as e:  # exit 75 (EX_TEMPFAIL): train/launch.sh requeues the job on it
+        touch_marker()
+        if D.is_main():
+            print(f"mllm train: {e}", file=sys.stderr, flush=True)
+        return _leave(PREEMPTED_EXIT)
+    except (RunLocked, CheckpointError) as e:  # one line: another writer (2), the storage failed (1)
+        if D.is_main():
+            print(f"mllm train: error: {e}", file=sys.stderr, flush=True)
+        return _leave(2 if isinstance(e, RunLocked) else 1)
     except RuntimeError as e:
         if D.world_size() > 1 and D.comm_failure(e):  # a dead peer: say so, exit without a hanging teardown
             err = e if isinstance(e, D.DistributedError) else D.explain(e, "training")
@@ -108,6 +144,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if dist.is_initialized():  # gloo may abort in its own teardown after a finished run (exit 134)
         D.shutdown_and_exit(0)
     return 0
+
+
+def _leave(code: int) -> int:
+    """`code` as the exit status; under a process group, through shutdown_and_exit (gloo's teardown)."""
+    import torch.distributed as dist
+
+    from mllm.training import distributed as D
+
+    if dist.is_initialized():
+        D.shutdown_and_exit(code)
+    return code
+
+
+def cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    from mllm.training.verify import render, verify_run
+
+    verdicts, resume_from = verify_run(args.run)
+    print(render(verdicts, resume_from))
+    return 1 if any(v.status == "bad" for v in verdicts) else 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -234,6 +289,40 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:  # the optional `serve` extra
+        raise ValueError(f"mllm serve needs {' and '.join(missing)}: pip install 'mllm[serve]'")
+    from mllm.serving.app import ServeSettings
+    from mllm.serving.images import ImageLimits
+    from mllm.serving.server import load_for_serving, serve
+
+    root = Path(args.image_root) if args.image_root else None
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f"--image-root {root}: not a folder")
+    settings = ServeSettings(
+        model_name=args.name or Path(args.model).resolve().name,
+        images=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels, root=root),
+        max_images=args.max_images,
+        max_body_bytes=args.max_body_bytes,
+        default_max_tokens=args.max_tokens,
+        max_batch=args.max_batch,
+        batch_window_s=args.batch_window_ms / 1000.0,
+    )
+    serve(load_for_serving(args.model, args.device, args.dtype), settings, args.host, args.port)
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from mllm.viewer import build_view
+
+    path = build_view(args.results, args.out, data=args.data, title=args.title, page_size=args.page_size)
+    print(f"{path} (open it in a browser; it needs only its folder)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mllm.loading import resolve_model_dir
     from mllm.model import MultimodalLM
@@ -295,7 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--n", type=int, default=2000)
     s.add_argument("--size", type=int, default=64)
+    s.add_argument(
+        "--preview",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also draw N scenes with captions and QA (OUT/preview.png) and the MMVP pairs (OUT/preview_mmvp.png)",
+    )
     s.set_defaults(func=cmd_synth)
+
+    sh = sub.add_parser(
+        "show", help="contact sheets of a written GeoWorld: scenes with captions and QA, MMVP pairs (PNG)"
+    )
+    sh.add_argument("world", help="a folder written by `mllm synth`")
+    sh.add_argument("--n", type=int, default=12, help="scenes on the sheet")
+    sh.add_argument(
+        "--out", default=None, help="the PNG (default WORLD/preview.png; pairs beside it, *_mmvp.png)"
+    )
+    sh.set_defaults(func=cmd_show)
 
     t = sub.add_parser("train", help="run a recipe's stages")
     t.add_argument(
@@ -306,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None)
     t.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="refuse to start: the run folder must hold a checkpoint or a finished stage (for requeued jobs)",
+    )
     t.add_argument(
         "--dry-run",
         action="store_true",
@@ -447,6 +558,15 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--num-image-tokens", type=int, default=1, help="positions one <image> expands to")
     dc.set_defaults(func=cmd_data_check)
 
+    ck = sub.add_parser("ckpt", help="checkpoint tools: `mllm ckpt verify RUN`")
+    cksub = ck.add_subparsers(dest="ckpt_command", required=True)
+    cv = cksub.add_parser(
+        "verify",
+        help="check every checkpoint of a run against its manifest (sizes, sha256); exit 1 if any is bad",
+    )
+    cv.add_argument("run", help="a run folder (or a stage, checkpoints/ or one checkpoint folder)")
+    cv.set_defaults(func=cmd_ckpt_verify)
+
     r = sub.add_parser("report", help="a markdown table across `mllm eval` results, beside published numbers")
     r.add_argument("results", nargs="+", help="metrics JSON files written by `mllm eval`")
     r.add_argument("--out", default=None)
@@ -459,6 +579,48 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run", help="a run folder (its stages' metrics.jsonl and evals.jsonl)")
     pl.add_argument("--out", default=None, help="the PNG to write (default: RUN/curves.png)")
     pl.set_defaults(func=cmd_plot)
+
+    vw = sub.add_parser(
+        "view", help="`mllm eval` results as a static HTML report: every item, filters, disagreements first"
+    )
+    vw.add_argument(
+        "results", nargs="+", help="metrics JSON files written by `mllm eval` (records beside them)"
+    )
+    vw.add_argument("--out", required=True, help="a folder: index.html and thumbs/ go there")
+    vw.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="[BENCH=]DIR",
+        help="the benchmark folder, where it is no longer where the result says (meta.data)",
+    )
+    vw.add_argument("--title", default=None)
+    vw.add_argument("--page-size", type=int, default=50, help="cards a page (the page can change it)")
+    vw.set_defaults(func=cmd_view)
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve a model: the OpenAI chat completions API (/v1) and a chat page (/); docs/serving.md",
+    )
+    sv.add_argument("--model", required=True, help="a model or run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="0: any free port (the start line names it)")
+    sv.add_argument("--name", default=None, help="the model's name in the API (default: the folder's name)")
+    sv.add_argument(
+        "--image-root", default=None, help="allow image_url parts naming local files under this folder"
+    )
+    sv.add_argument("--max-image-bytes", type=int, default=10_000_000)
+    sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    sv.add_argument("--max-images", type=int, default=1, help="images per conversation")
+    sv.add_argument("--max-body-bytes", type=int, default=32_000_000)
+    sv.add_argument("--max-tokens", type=int, default=256, help="answer length when a request names none")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests answered together at most")
+    sv.add_argument(
+        "--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests"
+    )
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,39 @@ class EngineConfig:
     nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
     # Metric sinks (mllm.logging_backends): jsonl is always written; tensorboard, wandb when named here.
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    # A scheduler's warning (SLURM: SIGTERM before the kill, SIGUSR1 with --signal): on any of these the
+    # run finishes its optimiser step, writes a checkpoint and exits with status 75 for the job script to
+    # requeue (mllm.training.preemption). [] leaves the signals' default actions alone.
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Failed checkpoint writes (a full disk, an I/O error) survived in a row: each is logged and the save is
+    # retried at the next interval. 0: the first one stops the run. The last good checkpoint stays intact.
+    checkpoint_retries: int = 0
+
+    def __post_init__(self) -> None:
+        for name in self.preemption_signals:
+            parse_signal(name, "engine.preemption_signals")
+        if self.checkpoint_retries < 0:
+            raise ConfigError(
+                f"engine.checkpoint_retries={self.checkpoint_retries} must be >= 0 (0: stop at the first "
+                "failed checkpoint write)"
+            )
+
+
+# Signals a process cannot catch, or that mean a fault rather than a request to stop.
+_UNCATCHABLE = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
+
+
+def parse_signal(name: str, where: str = "signal") -> signal.Signals:
+    """`SIGTERM`, `TERM` or `sigterm` -> signal.SIGTERM; a name that is not a signal this process can
+    catch is a ConfigError naming it (a typo must not leave the run deaf to its scheduler)."""
+    key = str(name).strip().upper()
+    key = key if key.startswith("SIG") else f"SIG{key}"
+    sig = getattr(signal.Signals, key, None) if key.isidentifier() else None
+    if sig is None or key in _UNCATCHABLE:
+        why = "cannot be caught or is not a stop request" if sig is not None else "is not a signal"
+        known = ", ".join(s for s in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGXCPU"))
+        raise ConfigError(f"{where}: {name!r} {why}; use one of {known}")
+    return sig
 
 
 @dataclass

@@ -321,10 +321,13 @@ class MultimodalLM(nn.Module):
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
         streamer: Any = None,
+        **generate_kwargs: Any,
     ) -> torch.Tensor:
         """New token ids [B, T] (prompt excluded), using the LM's own KV-cached `generate`.
 
         Prompts must be left-padded so every row's last position is its last prompt token.
+        `generate_kwargs` go to the LM's `generate` as they are (a server's per-row stopping criteria
+        and logits processors, `mllm.serving.engine`).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -337,7 +340,11 @@ class MultimodalLM(nn.Module):
         if stop_token_ids:
             kwargs["eos_token_id"] = stop_token_ids
         return self.lm.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer, **kwargs
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            streamer=streamer,
+            **kwargs,
+            **generate_kwargs,
         )
 
     # ------------------------------------------------------------------ persistence

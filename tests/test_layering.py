@@ -12,14 +12,14 @@ A module may import from its own layer and the layers below it, never from a lay
     2      families      mllm.families.*, mllm.loading  (one registration per model family: build, load,
                          recognise, tasks, stage kinds; loading a saved model of any family)
     3      applications  mllm.training.*, mllm.evaluation.*, mllm.integrations.*, mllm.inference,
-                         mllm.logging_backends, mllm.plotting, mllm.planning.*  (train, evaluate, serve,
-                         chart and plan models)
+                         mllm.logging_backends, mllm.plotting, mllm.planning.*, mllm.serving.*,
+                         mllm.viewer.*  (train, evaluate, serve, chart, plan and show models)
     4      entry points  mllm.cli, mllm.demo, mllm  (the package root: the public API, imported lazily)
 
 Within layer 3, training and evaluation do not import each other (model loading is `mllm.loading`; an
-evaluator reaches training as a callable built above both, by the CLI), and integrations do not import
-training. Every module must sit in the table: a new one is placed here (and in docs/architecture.md,
-"Layers") before it can land.
+evaluator reaches training as a callable built above both, by the CLI), and integrations, serving and the
+viewer do not import training. Every module must sit in the table: a new one is placed here (and in
+docs/architecture.md, "Layers") before it can land.
 
 Also: no import cycle among module-level imports (those run when a module is imported; imports inside
 functions and under `if TYPE_CHECKING:` are left out of this one check, not of the layer checks).
@@ -177,6 +177,8 @@ LAYERS: dict[str, int] = {
             "mllm.logging_backends",
             "mllm.plotting",
             "mllm.planning",
+            "mllm.serving",
+            "mllm.viewer",
         ),
         3,
     ),
@@ -189,6 +191,8 @@ APART = (
     ("mllm.evaluation", "mllm.training"),
     ("mllm.training", "mllm.integrations"),
     ("mllm.integrations", "mllm.training"),
+    ("mllm.serving", "mllm.training"),
+    ("mllm.viewer", "mllm.training"),
 )
 
 

@@ -70,6 +70,8 @@ def _even_chunks(indices: list[int], lengths: Sequence[int], n_chunks: int, size
 class ModalityLengthOrder(BatchOrder):
     """Global batches of one modality each, samples of similar length together, shuffled per epoch."""
 
+    world_independent = False  # batches are built and split per global batch size
+
     def __init__(
         self,
         lengths: Sequence[int],

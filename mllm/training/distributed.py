@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ __all__ = [
     "ensure_env",
     "explain",
     "free_port",
+    "gather_objects",
     "has_cuda",
     "init",
     "is_main",
@@ -85,6 +87,19 @@ def init(backend: str, timeout_s: int) -> None:
         dist.init_process_group("nccl" if has_cuda() else "gloo", timeout=timeout)
     if has_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` in a single process. For small
+    facts all ranks must agree on (a checkpoint write failed here, a file's checksum), not for tensors."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(out, obj)
+    except RuntimeError as e:
+        raise (explain(e, "an all-gather") if comm_failure(e) else e) from e
+    return out
 
 
 def shutdown_and_exit(code: int = 0) -> None:

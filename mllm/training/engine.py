@@ -9,6 +9,7 @@ resumed run produces the same loss sequence as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -29,15 +30,18 @@ from tqdm.auto import tqdm
 from encoders.common import read_meta, seed_everything, write_meta
 from mllm.config import ConfigError, EngineConfig, StageConfig, resolve_zero_config
 from mllm.data.batch import Batch, Skip, batch_ids, batch_skips, model_inputs
-from mllm.data.order import BatchOrder
+from mllm.data.order import BatchOrder, continue_position
 from mllm.data.samplers import build_order
 from mllm.logging_backends import open_loggers
 from mllm.lora import restrict_to_adapters
 from mllm.training import distributed as D
-from mllm.training.checkpoint import CheckpointManager, atomic_write_text
-from mllm.training.faults import injected, maybe_kill
+from mllm.training.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
+from mllm.training.faults import failing_write, injected, maybe_kill, maybe_signal, trace_samples
+from mllm.training.manifest import MANIFEST, check_files, hash_files, list_files, read_manifest
 from mllm.training.nonfinite import NonfiniteError, NonfiniteGuard
 from mllm.training.optim import build_optimizer, cosine_with_warmup, param_groups, set_trainable
+from mllm.training.portable import PARAM_NAMES_FILE, load_into_deepspeed, load_into_torch, whole_state
+from mllm.training.preemption import Preempted, PreemptionWatch, ignore_in_worker
 
 # A checkpoint folder's meta file: kind `checkpoint`, format_version, step, position, skipped samples.
 CHECKPOINT_META = "trainer_state.json"
@@ -161,6 +165,19 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _write_error(e: BaseException) -> bool:
+    """Whether `e` is storage failing under a checkpoint write: an OSError (ENOSPC, EIO, EDQUOT, ...), or
+    the same reported by torch's or safetensors' writers in their own exception types. A lost peer is not."""
+    if isinstance(e, OSError):
+        return True
+    if D.comm_failure(e):
+        return False
+    text = str(e).lower()
+    return type(e).__name__ == "SafetensorError" or (
+        isinstance(e, RuntimeError) and any(w in text for w in ("write", "no space", "i/o error", "quota"))
+    )
+
+
 class Trainer:
     """Runs one stage on a model. Build it, call `train()`; the caller saves the final model."""
 
@@ -174,6 +191,7 @@ class Trainer:
         out_dir: str | Path,
         trainable: dict[str, float],
         evaluate: StepEvaluator | None = None,
+        preempt: PreemptionWatch | None = None,
     ):
         self.model = model
         self.dataset = dataset
@@ -198,6 +216,8 @@ class Trainer:
             raise ValueError(f"engine.backend must be 'deepspeed' or 'torch', got {engine.backend!r}")
         self.skipped: list[Skip] = []
         self.guard = NonfiniteGuard(engine.nonfinite)
+        self.preempt = preempt  # None: signals keep their default actions (a library caller's choice)
+        self.failed_saves = 0  # checkpoint writes failed in a row (engine.checkpoint_retries)
 
     # ------------------------------------------------------------------ set-up
     def total_steps(self, order: BatchOrder) -> int:
@@ -214,6 +234,8 @@ class Trainer:
         restrict_to_adapters(self.model)  # LoRA: under a peft-wrapped module only the adapters train
         groups = param_groups(self.model, self.trainable, self.stage.weight_decay)
         self.group_names = [g["name"] for g in groups]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.param_order = [names[id(p)] for g in groups for p in g["params"]]  # the optimizer's indices
         self.order = build_order(
             self.stage.data.sampler,
             self.dataset,
@@ -280,74 +302,204 @@ class Trainer:
                 state[n] = t.detach().cpu().clone()  # a copy: buffers may share storage (safetensors refuses)
         return state
 
-    def save_checkpoint(self, step: int, position: int) -> Path:
-        if D.is_main():
-            tmp = self.ckpt.begin(step)
-        D.barrier()
-        tmp = self.ckpt.tmp_path(step)
+    def _layout(self) -> dict[str, Any]:
+        """What a checkpoint's files depend on: a resume under another layout goes through portable.py."""
+        return {
+            "backend": self.cfg.backend,
+            "zero_stage": self.zero_stage,
+            "world_size": D.world_size(),
+            "global_micro_batch": self.order.global_batch,
+        }
+
+    def _write_state(self, tmp: Path, step: int, position: int) -> None:
+        """This rank's files of the checkpoint (all ranks call it: DeepSpeed's save is a collective)."""
         if self.use_ds:
             self.engine.save_checkpoint(
                 str(tmp / "ds"), tag="state", save_latest=False, exclude_frozen_parameters=True
             )
-        else:
+        elif D.is_main():
             save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+            (tmp / PARAM_NAMES_FILE).write_text(json.dumps(self.param_order))
         maybe_kill("mid_checkpoint", step)
+        maybe_signal("term_mid_checkpoint", step)
         tensors, meta = _rng_state()
         save_file(tensors, str(tmp / f"rng_rank{D.rank()}.safetensors"))
-        (tmp / f"rng_rank{D.rank()}.json").write_text(json.dumps(meta))
+        failing_write(step, tmp / f"rng_rank{D.rank()}.json", json.dumps(meta).encode())
         if D.is_main():
+            (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
             state = {
                 "step": step,
                 "position": position,
                 "total_steps": self.steps,
                 "skipped": [s.__dict__ for s in self.skipped],
-                "world_size": D.world_size(),
                 "nonfinite_skips": self.guard.skipped,
+                **self._layout(),
             }
             write_meta(tmp / CHECKPOINT_META, CHECKPOINT_KIND, CHECKPOINT_VERSION, state, indent=1)
-        D.barrier()
-        final = self.ckpt.root / self.ckpt.name(step)
+
+    def _agree(self, step: int, what: str, fn: Callable[[], Any]) -> list[Any]:
+        """Run this rank's part of a checkpoint write, then agree: if it failed on any rank, every rank
+        raises the same CheckpointError (naming the file and the cause). Returns every rank's result."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - storage errors arrive as OSError, torch's RuntimeError, ...
+            if not _write_error(e):
+                raise
+            error = f"{e} (rank {D.rank()})" if D.world_size() > 1 else str(e)
+        outcomes = D.gather_objects((result, error))
+        errors = [e for _, e in outcomes if e]
+        if errors:
+            last = self.ckpt.latest()
+            raise CheckpointError(
+                f"checkpoint {self.ckpt.name(step)} not written ({what} failed): {errors[0]}; "
+                + (f"the last good checkpoint, {last}, is intact" if last else "no earlier checkpoint exists")
+            )
+        return [r for r, _ in outcomes]
+
+    def save_checkpoint(self, step: int, position: int) -> Path:
+        """Write, checksum and commit a checkpoint on all ranks. A storage failure on any rank removes the
+        partial folder and raises CheckpointError on every rank; committed checkpoints are never touched."""
+        tmp = self.ckpt.tmp_path(step)
+        try:
+            self._agree(step, "creating the folder", lambda: self.ckpt.begin(step) if D.is_main() else None)
+            self._agree(step, "writing", lambda: self._write_state(tmp, step, position))
+            files = list_files(tmp)  # every rank checksums its share of the files, in parallel
+            shares = self._agree(
+                step, "checksumming", lambda: hash_files(tmp, files[D.rank() :: D.world_size()])
+            )
+            manifest = {rel: entry for share in shares for rel, entry in share.items()}
+            self._agree(step, "committing", lambda: self.ckpt.commit(step, manifest) if D.is_main() else None)
+        except CheckpointError:
+            if D.is_main():
+                self.ckpt.abort(step)
+            raise
+        return self.ckpt.root / self.ckpt.name(step)
+
+    def _checkpoint(self, step: int, position: int, retry_later: bool) -> bool:
+        """A checkpoint the schedule asks for; a failed write is survived `checkpoint_retries` times in a
+        row when a later save can retry it (`retry_later`). True when written."""
+        try:
+            self.save_checkpoint(step, position)
+        except CheckpointError as e:
+            self.failed_saves += 1
+            if not retry_later or self.failed_saves > self.cfg.checkpoint_retries:
+                raise
+            self._log(
+                f"warning: {e}; training on, retrying at the next checkpoint "
+                f"({self.failed_saves} of engine.checkpoint_retries={self.cfg.checkpoint_retries} failures in a row)"
+            )
+            return False
+        self.failed_saves = 0
+        return True
+
+    def _log(self, msg: str) -> None:
         if D.is_main():
-            final = self.ckpt.commit(step)
-        D.barrier()
-        return final
+            print(f"[{self.stage.name}] {msg}", file=sys.stderr, flush=True)
+
+    def _verify(self, path: Path) -> list[str] | None:
+        """What is wrong with checkpoint `path` by its manifest, each rank checking a share of the files;
+        None when it has no manifest (written before checksums: not verifiable, used as it is)."""
+        try:
+            entries = read_manifest(path)
+        except (ValueError, OSError) as e:
+            return [f"{path / MANIFEST}: unreadable ({e})"]
+        if entries is None:
+            return None
+        rels = sorted(entries)
+        mine = {rel: entries[rel] for rel in rels[D.rank() :: D.world_size()]}
+        return [p for share in D.gather_objects(check_files(path, mine)) for p in share]
+
+    def _choose_checkpoint(self) -> Path | None:
+        """The newest checkpoint that passes its manifest. A refused one is named with its bad file and
+        left in place; the next older is tried. None: no checkpoint at all (a fresh stage)."""
+        refused: list[str] = []
+        for path in self.ckpt.candidates():
+            problems = self._verify(path)
+            if problems is None:
+                self._log(
+                    f"{path.name} has no {MANIFEST} (written before checksums): resuming without verifying"
+                )
+                return path
+            if not problems:
+                if refused:
+                    self._log(f"resuming from {path.name}, the newest checkpoint that verifies")
+                return path
+            refused.append(
+                f"{path.name}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+            )
+            self._log(f"refusing checkpoint {path}: {'; '.join(problems[:3])}; trying an older one")
+        if refused:
+            raise CheckpointError(
+                f"no checkpoint in {self.ckpt.root} passes its manifest ({'; '.join(refused)}); nothing was "
+                "changed: move the folders away to start the stage over, or `mllm ckpt verify` for details"
+            )
+        return None
 
     def load_checkpoint(self, path: Path) -> tuple[int, int]:
         state = read_meta(path / CHECKPOINT_META, CHECKPOINT_KIND, CHECKPOINT_VERSION)
-        if state.get("world_size", 1) != D.world_size():
-            raise TrainingError(
-                f"{path}: saved with {state['world_size']} processes, resuming with {D.world_size()}"
+        saved = {k: state.get(k, v) for k, v in self._layout().items()}
+        if "global_micro_batch" not in state:  # written before it was recorded: the batch size is this run's
+            saved["global_micro_batch"] = self.stage.batch_size * int(state.get("world_size", 1))
+        same = {k: v for k, v in saved.items() if k != "global_micro_batch"} == {
+            k: v for k, v in self._layout().items() if k != "global_micro_batch"
+        }
+        position = continue_position(int(state["position"]), int(saved["global_micro_batch"]), self.order)
+        if same:
+            self._load_native(path)
+        else:
+            self._log(
+                f"resuming {path.name} written by {saved['world_size']} process(es) under {saved['backend']}"
+                f" (ZeRO-{saved['zero_stage']}) with {D.world_size()} under {self.cfg.backend} (ZeRO-"
+                f"{self.zero_stage}): weights and optimiser state carried over as whole tensors; data "
+                f"continues at sample {position * self.order.global_batch}"
             )
+            scratch = self.ckpt.root / f".tmp-universal-{path.name}"
+            with whole_state(path, scratch, self.param_order) as whole:
+                if self.use_ds:
+                    load_into_deepspeed(self.engine, self.model, self.scheduler, whole, path)
+                else:
+                    load_into_torch(self.model, self.optimizer, self.scheduler, whole, path)
+        rng_file = path / f"rng_rank{D.rank()}.safetensors"
+        if rng_file.is_file():
+            _set_rng_state(
+                load_file(str(rng_file)), json.loads((path / f"rng_rank{D.rank()}.json").read_text())
+            )
+        else:  # a rank the checkpointed run did not have: a seed of its own, deterministic
+            seed_everything(self.cfg.seed + 7919 * D.rank() + int(state["step"]))
+        self.skipped = [Skip(**s) for s in state.get("skipped", [])]
+        self.guard.skipped = list(state.get("nonfinite_skips", []))
+        return int(state["step"]), position
+
+    def _load_native(self, path: Path) -> None:
+        """A checkpoint of this very layout: the backend's own loader, exact."""
         if self.use_ds:
             loaded, _ = self.engine.load_checkpoint(str(path / "ds"), tag="state", load_module_strict=False)
             if loaded is None:
                 raise TrainingError(f"{path}: DeepSpeed could not load the checkpoint")
-        else:
-            weights = load_file(str(path / "trainable.safetensors"))
-            missing = set(self._trainable_state()) - set(weights)
-            if missing:
-                raise TrainingError(f"{path}: checkpoint lacks trainable weights {sorted(missing)[:5]}")
-            self.model.load_state_dict(weights, strict=False)
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-            self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-        rng_t = load_file(str(path / f"rng_rank{D.rank()}.safetensors"))
-        _set_rng_state(rng_t, json.loads((path / f"rng_rank{D.rank()}.json").read_text()))
-        self.skipped = [Skip(**s) for s in state.get("skipped", [])]
-        self.guard.skipped = list(state.get("nonfinite_skips", []))
-        return int(state["step"]), int(state["position"])
+            return
+        weights = load_file(str(path / "trainable.safetensors"))
+        missing = set(self._trainable_state()) - set(weights)
+        if missing:
+            raise TrainingError(f"{path}: checkpoint lacks trainable weights {sorted(missing)[:5]}")
+        self.model.load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
 
     # ------------------------------------------------------------------ loop
     def _loader(self, start: int, stop: int) -> DataLoader:
         # Its own generator: creating the iterator draws a seed, which from the global RNG would shift
         # every later dropout mask of a resumed run (LoRA dropout) away from the uninterrupted one.
+        workers = self.stage.data.num_workers
+        signals = [int(s) for s in self.preempt.signals] if self.preempt is not None else []
         return DataLoader(
             self.dataset,
             batch_sampler=list(self.order.batches(start, stop)),
             collate_fn=self.collate,
-            num_workers=self.stage.data.num_workers,
+            num_workers=workers,
             generator=torch.Generator().manual_seed(self.cfg.seed + start),
+            worker_init_fn=functools.partial(ignore_in_worker, signals) if workers and signals else None,
         )
 
     def _micro_step(
@@ -404,10 +556,11 @@ class Trainer:
             self.ckpt.clean_orphans()
         D.barrier()
         step, position, resumed = 0, 0, None
-        latest = self.ckpt.latest()
+        latest = self._choose_checkpoint()
         if latest is not None:
             step, position = self.load_checkpoint(latest)
             resumed = step
+        self._stop_if_preempted(step, position, saved=True)  # a signal during set-up: nothing new to save
         if D.is_main():
             kept = self._truncate_jsonl(self.metrics_path, step)
             self.train_s = sum(float(r.get("step_s") or 0.0) for r in kept)  # the clock evals.jsonl continues
@@ -444,7 +597,11 @@ class Trainer:
                             + "; ".join(s.reason for s in batch_skips(batch))
                         )
                     n_samples += len(batch_ids(batch))
+                    trace_samples(step + 1, D.rank(), batch_ids(batch))
                     micro_loss, ok, stats = self._micro_step(batch, step + 1, k == 0)
+                    if k == 0:
+                        maybe_signal("term_mid_step", step + 1)
+                        maybe_signal("usr1_mid_step", step + 1)
                     micro_losses.append(micro_loss)
                     micro_stats.append(stats)
                     finite = finite and ok
@@ -508,15 +665,32 @@ class Trainer:
                     self._periodic_eval(step)
                     t_last = time.time()  # the next step's step_s leaves the evaluation out
                 every = self.cfg.checkpoint_every
+                saved = False
                 if (every and step % every == 0) or step == self.steps:
-                    self.save_checkpoint(step, position)
+                    saved = self._checkpoint(step, position, retry_later=step < self.steps)
                 maybe_kill("after_step", step)
+                self._stop_if_preempted(step, position, saved)
         if bar is not None:
             bar.close()
         self.loggers.close()
         return StageResult(
             step, losses[-1] if losses else None, losses, self.skipped, time.time() - t0, resumed
         )
+
+    def _stop_if_preempted(self, step: int, position: int, saved: bool) -> None:
+        """After an optimiser step (all ranks, in step): if any rank got a preemption signal, write a
+        checkpoint of this step unless one was just written, and raise Preempted. A failed write raises
+        CheckpointError instead (there is no later interval to retry at)."""
+        if self.preempt is None or not self.preempt.agreed():
+            return
+        path = self.ckpt.root / self.ckpt.name(step) if step else None
+        if not saved and step:
+            path = self.save_checkpoint(step, position)
+        if path is not None and not path.is_dir():
+            path = None
+        if hasattr(self, "loggers"):  # opened after the first check (a stop during set-up opens none)
+            self.loggers.close()
+        raise Preempted(self.preempt.signame, self.stage.name, step, path)
 
     def _record_skips(self, skips: list[Skip]) -> None:
         """Each bad sample is listed once, however many epochs meet it again."""

@@ -9,12 +9,15 @@ Run folder:
     RUN/<stage>/checkpoints/   step-XXXXXXXX folders + `latest`
     RUN/<stage>/final/         the model, saved by its kind (a MultimodalLM folder for kind "mllm",
                                loadable by `mllm chat` / `mllm eval`; see mllm.families)
+    RUN/train.lock             host and pid of the process training it (mllm.training.runlock)
 A stage whose `final/` holds a complete save is done and skipped on a re-run, so `mllm train` is
-restartable.
+restartable. One process trains a run folder at a time; a preemption signal stops it with a checkpoint
+(mllm.training.preemption), and the same command resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -31,12 +34,19 @@ from mllm.logging_backends import environment_info
 from mllm.lora import apply_lora, save_lora_final
 from mllm.prior import resolve_ref
 from mllm.training import distributed as D
-from mllm.training.checkpoint import atomic_write_text
+from mllm.training.checkpoint import STEP_RE, atomic_write_text
 from mllm.training.engine import Evaluator, StageResult, StepEvaluator, Trainer, eval_mode
+from mllm.training.preemption import Preempted, PreemptionWatch
+from mllm.training.runlock import RunLock, RunLocked
 
 
 def run_stage(
-    model: nn.Module, recipe: Recipe, stage: StageConfig, stage_dir: Path, evaluator: Evaluator | None = None
+    model: nn.Module,
+    recipe: Recipe,
+    stage: StageConfig,
+    stage_dir: Path,
+    evaluator: Evaluator | None = None,
+    preempt: PreemptionWatch | None = None,
 ) -> StageResult:
     """Train `model` (in place) for one stage and save it to `stage_dir/final`.
 
@@ -60,8 +70,13 @@ def run_stage(
         stage_dir,
         resolve_trainable(stage, module),
         evaluate=evaluate,
+        preempt=preempt,
     )
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except BaseException:
+        trainer.close()
+        raise
     with trainer.full_weights():
         if D.is_main() and stage.lora is not None:  # final/ merged, final/adapter/ in peft format
             save_lora_final(model, stage.lora, stage_dir / "final")
@@ -80,17 +95,53 @@ def _bind(evaluator: Evaluator, model: nn.Module, stage: StageConfig) -> StepEva
     return evaluate
 
 
+class NothingToResume(ValueError):
+    """`resume=True` on a run folder that holds no checkpoint and no finished stage."""
+
+
+def has_progress(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether `run_dir` holds a checkpoint or a finished stage of `recipe` (something to resume)."""
+    family = get_family(recipe.model.kind)
+    for s in recipe.stages:
+        ckpts = run_dir / s.name / "checkpoints"
+        if family.is_saved(run_dir / s.name / "final"):
+            return True
+        if ckpts.is_dir() and any(STEP_RE.match(p.name) for p in ckpts.iterdir()):
+            return True
+    return False
+
+
+def acquire_run_lock(run_dir: Path) -> RunLock | None:
+    """The run folder's lock, taken by the main rank; every rank raises the same RunLocked if it is held."""
+    lock, error = None, None
+    if D.is_main():
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as e:
+            error = str(e)
+    error = next((e for e in D.gather_objects(error) if e), None)
+    if error is not None:
+        raise RunLocked(error)
+    return lock
+
+
 def train_recipe(
     recipe: Recipe,
     run_dir: str | Path,
     only: list[str] | None = None,
     log=print,
     evaluator: Evaluator | None = None,
+    resume: bool = False,
+    preempt: PreemptionWatch | None = None,
 ) -> dict[str, Any]:
     """Run the recipe's stages in order (or `only` those named), each starting from the previous one.
 
     `evaluator` serves the stages that set `eval_every` (mllm.evaluation.periodic.make_evaluator); it
-    is passed in rather than imported because training does not depend on evaluation."""
+    is passed in rather than imported because training does not depend on evaluation. `resume=True`
+    refuses a run folder with nothing to resume (a requeued job pointed at the wrong folder must not
+    start over). The run folder is locked for the duration (RunLocked if another process holds it);
+    the recipe's preemption signals stop the run with a checkpoint (Preempted), watched for the call's
+    duration, or by `preempt` when the caller holds a watch of its own (the CLI does, until it exits)."""
     run_dir = Path(run_dir)
     stages = [s for s in recipe.stages if only is None or s.name in only]
     if not stages:
@@ -107,7 +158,33 @@ def train_recipe(
                 f"stage {s.name!r}: a `prior:` section is set but its kind {s.kind!r} does not "
                 "train with PRIOR weights (kind: prior does)"
             )
+    if resume and not has_progress(run_dir, recipe):
+        raise NothingToResume(
+            f"{run_dir}: nothing to resume (no stage has a checkpoint or a finished model); drop --resume "
+            "to start the run there"
+        )
     D.init(recipe.engine.backend, recipe.engine.dist_timeout_s)
+    own = preempt is None
+    watch = PreemptionWatch(recipe.engine.preemption_signals) if own else preempt
+    with watch if own else contextlib.nullcontext(watch):
+        lock = acquire_run_lock(run_dir)
+        try:
+            if lock is not None and lock.took_over is not None:
+                log(f"took over a stale lock of {run_dir} ({lock.took_over['reason']})")
+            return _train_stages(recipe, run_dir, stages, log, evaluator, watch)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _train_stages(
+    recipe: Recipe,
+    run_dir: Path,
+    stages: list[StageConfig],
+    log,
+    evaluator: Evaluator | None,
+    watch: PreemptionWatch,
+) -> dict[str, Any]:
     if D.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
@@ -133,6 +210,8 @@ def train_recipe(
             log(f"[{stage.name}] already finished: {final}")
             prev_final = final
             continue
+        if watch.agreed():  # a signal between stages: the finished ones are saved, nothing to checkpoint
+            raise Preempted(watch.signame, None, None, None)
         t0 = time.time()
         if stage.init is not None:
             if stage.init not in names[: names.index(stage.name)]:
@@ -150,7 +229,7 @@ def train_recipe(
         else:
             model = model_kind.build(recipe.model, run_dir, corpus, recipe.engine.seed)
         log(f"[{stage.name}] training {resolve_trainable(stage, model)} on {stage.data.json}")
-        result = run_stage(model, recipe, stage, stage_dir, evaluator)
+        result = run_stage(model, recipe, stage, stage_dir, evaluator, preempt=watch)
         wall = time.time() - t0
         summary["stages"][stage.name] = {
             "final": str(final),

@@ -7,7 +7,8 @@ when it is handed the scene perfectly, with no tower at all? Three forms of the 
   (1-x)·"left" + x·"right" + (1-y)·"top" + y·"bottom";
 - TEXT=1: the scene written as words at the image marker ("red small circle left top , ...");
 - FOCUS=1: slots, with a first token that is the slots weighted by their match to the question's words
-  (IDEAL=1: only the question's attribute words take part, an ideal matcher; BETA its sharpness).
+  (IDEAL=1: only the question's attribute words take part, an ideal matcher; BETA its sharpness;
+  FOCUS_ONLY=1: that token alone, the other slots zero).
 
 The LM is fresh (the demo's 3×128 Llama unless WIDTH/LAYERS/HEADS), trained on live GeoWorld single
 questions in the chat template (AdamW, 60-step warm-up, clipping 1.0, batch 32); loss and logits only
@@ -212,7 +213,10 @@ while step < STEPS:
             live = img[r, 1:].abs().sum(-1) > 0
             w = score.masked_fill(~live, -1e9).softmax(-1) * live.any()
             focus.append(w @ img[r, 1:])
-        img = torch.cat([torch.stack(focus)[:, None], img[:, 1:]], 1)
+        rest = img[:, 1:] * (
+            0.0 if os.environ.get("FOCUS_ONLY") == "1" else 1.0
+        )  # FOCUS_ONLY: the referent alone
+        img = torch.cat([torch.stack(focus)[:, None], rest], 1)
     x = x.masked_scatter(is_img.unsqueeze(-1), img.to(x.dtype))
     h = lm.model(inputs_embeds=x, attention_mask=b["attention_mask"]).last_hidden_state[:, :-1]
     tgt = labels[:, 1:]
