@@ -1,5 +1,6 @@
 """The vision side of mllm, usable on its own: towers (later also mixtures, routers, contrastive training)."""
 
+from encoders import objectives_extra as _objectives_extra  # noqa: F401  (registers convirt, mochi, ...)
 from encoders.contrastive import ContrastiveModel
 from encoders.fusion import MixtureOfFeatures
 from encoders.geo import GeoConfig, GeoEncoder

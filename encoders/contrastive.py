@@ -42,7 +42,7 @@ from encoders.common import (
     to_dict,
     write_meta,
 )
-from encoders.objectives import get_objective, init_logit_params
+from encoders.objectives import OBJECTIVES, get_objective, init_logit_params
 from encoders.text_tower import TextTower, TextTowerConfig, build_text_tower
 from encoders.towers import Tower, TowerConfig, build_tower
 
@@ -99,6 +99,17 @@ class EncoderConfig:
             )
         if self.embed_dim < 1:
             raise ConfigError(f"model.encoder.embed_dim must be positive, got {self.embed_dim}")
+        # The objective and its options are checked when the recipe loads (an unknown name, an unknown
+        # key, a value out of range), not when the model is built: build it once and drop it.
+        if not isinstance(self.objective_args, dict):
+            raise ConfigError(
+                f"model.encoder.objective_args must be a mapping, got {type(self.objective_args).__name__}"
+            )
+        try:
+            get_objective(self.objective, **self.objective_args)
+        except (ValueError, TypeError) as e:
+            key = "objective_args" if self.objective_args and self.objective in OBJECTIVES else "objective"
+            raise ConfigError(f"model.encoder.{key}: {e}") from e
 
     def pair(self) -> EncoderConfig:
         """The contrastive pair's part alone (a TIPS or CLOC config less its own section)."""
@@ -174,8 +185,15 @@ class ContrastiveModel(nn.Module):
         return frozenset(getattr(self.objective, "needs", ()) or ())
 
     def logit_scale(self) -> torch.Tensor:
-        """exp(log scale), clamped where the objective says (CLIP: at 100); a 1-element tensor."""
+        """exp(log scale), capped where the objective says (CLIP: at 100); a 1-element tensor. The cap is
+        kept by `after_step`'s clamp of the parameter; here it is only a guard (LogitInit)."""
         return self._logit_init.scale_from_log(self.heads.logit_scale)
+
+    def after_step(self) -> None:
+        """Called by the training engine after each applied optimiser step: clamp the log-scale parameter
+        to the objective's range (CLIP and its kin: [0, ln 100]), as open_clip does, instead of capping
+        the scale in the forward pass, whose gradient is 0 above the cap (LogitInit)."""
+        self._logit_init.clamp_log_scale_(self.heads.logit_scale)
 
     def logit_bias(self) -> torch.Tensor | None:
         return self.heads.logit_bias
@@ -209,9 +227,17 @@ class ContrastiveModel(nn.Module):
         attention_mask: torch.Tensor,
         hard_input_ids: torch.Tensor | None = None,
         hard_attention_mask: torch.Tensor | None = None,
+        hard_pixel_values: torch.Tensor | None = None,
+        hard_img_input_ids: torch.Tensor | None = None,
+        hard_img_attention_mask: torch.Tensor | None = None,
+        hard_img_hard_input_ids: torch.Tensor | None = None,
+        hard_img_hard_attention_mask: torch.Tensor | None = None,
         **_: Any,
     ) -> ContrastiveOutput:
-        """The objective's loss on a batch of matching (image, text) pairs (row i matches row i)."""
+        """The objective's loss on a batch of matching (image, text) pairs (row i matches row i).
+
+        `hard_*`: NegCLIP's extras: each image's hard caption; with `hard_images` on the objective and in
+        the batch (mllm.data.captions), each sample's hard image, its caption and its hard caption."""
         needs = self.needs
         extra: dict[str, torch.Tensor] = {}
         if needs & {"img_tokens", "txt_tokens", "txt_mask"}:
@@ -228,7 +254,16 @@ class ContrastiveModel(nn.Module):
                     "none (the data must carry GeoWorld `negatives`)"
                 )
             extra["hard_txt"] = self.encode_text(hard_input_ids, hard_attention_mask)
-        extra = {k: v for k, v in extra.items() if k in needs}
+            if getattr(self.objective, "hard_images", False) and hard_pixel_values is not None:
+                if hard_img_input_ids is None or hard_img_hard_input_ids is None:
+                    raise ValueError("the batch has hard images without their captions and hard captions")
+                extra["hard_img"] = self.encode_image(hard_pixel_values)
+                extra["hard_img_txt"] = self.encode_text(hard_img_input_ids, hard_img_attention_mask)
+                extra["hard_img_hard_txt"] = self.encode_text(
+                    hard_img_hard_input_ids, hard_img_hard_attention_mask
+                )
+        wanted = needs | set(getattr(self.objective, "optional", ()))
+        extra = {k: v for k, v in extra.items() if k in wanted}
         loss, stats = self.objective(img, txt, self.logit_scale(), self.logit_bias(), **extra)
         return ContrastiveOutput(loss, stats)
 

@@ -87,18 +87,46 @@ def get_objective(name: str, **cfg: Any) -> ContrastiveObjective:
 @dataclass(frozen=True)
 class LogitInit:
     """Initial logit parameters of an objective. The model keeps `log_scale` (and `bias`) as parameters and
-    passes `scale_from_log(log_scale)` to the objective."""
+    passes `scale_from_log(log_scale)` to the objective.
+
+    `max_scale` (CLIP: 100, so the logits cannot blow up) and `min_scale` (CLIP: 1, a temperature of at
+    most 1) are applied as open_clip applies them: the *parameter* is clamped to [ln(min_scale),
+    ln(max_scale)] = [0, ln 100] after every optimiser step (`clamp_log_scale_`, called by the
+    model's `after_step`, which the training engine calls), so the forward pass sees exp(log_scale) with
+    its ordinary gradient, and a step that would push past the cap leaves the parameter at the cap, from
+    where a later gradient can still lower it. `scale_from_log` also clamps in log space, as a guard for a
+    parameter that was not clamped (a caller's own loop, a DeepSpeed ZeRO fp32 master copy that the
+    in-place clamp of the module's parameter does not reach); it is a no-op inside the range (the
+    clamp's gradient passes at the boundaries too), so after a clamped step it changes neither value nor
+    gradient. Before this, the cap was only a forward clamp of the scale at 100, whose gradient is 0
+    above the cap: a scale that crossed it stayed stuck there; and there was no lower bound."""
 
     log_scale: float
     bias: float | None
-    max_scale: float | None  # CLIP clamps the scale at 100 so the logits cannot blow up
+    max_scale: float | None
+    min_scale: float | None = None
+
+    def _log_bounds(self) -> tuple[float | None, float | None]:
+        lo = None if self.min_scale is None else math.log(self.min_scale)
+        hi = None if self.max_scale is None else math.log(self.max_scale)
+        return lo, hi
 
     def scale_from_log(self, log_scale: torch.Tensor) -> torch.Tensor:
-        scale = log_scale.exp()
-        return scale.clamp(max=self.max_scale) if self.max_scale is not None else scale
+        lo, hi = self._log_bounds()
+        if lo is not None or hi is not None:
+            log_scale = log_scale.clamp(min=lo, max=hi)
+        return log_scale.exp()
+
+    def clamp_log_scale_(self, log_scale: torch.Tensor) -> None:
+        """Clamp the log-scale parameter in place to [ln(min_scale), ln(max_scale)] (open_clip's
+        `logit_scale.clamp_(0, math.log(100))` after each optimiser step)."""
+        lo, hi = self._log_bounds()
+        if lo is not None or hi is not None:
+            with torch.no_grad():
+                log_scale.clamp_(min=lo, max=hi)
 
 
-CLIP_LOGITS = LogitInit(log_scale=math.log(1 / 0.07), bias=None, max_scale=100.0)
+CLIP_LOGITS = LogitInit(log_scale=math.log(1 / 0.07), bias=None, max_scale=100.0, min_scale=1.0)
 SIGLIP_LOGITS = LogitInit(log_scale=math.log(10.0), bias=-10.0, max_scale=None)
 
 
@@ -109,7 +137,15 @@ def init_logit_params(objective: str) -> LogitInit:
 
 # Every extra any objective accepts; a name outside this set is a typo and is refused, while a known extra
 # that this objective does not use is ignored (the data may carry hard negatives for all objectives).
-KNOWN_EXTRAS = ("img_tokens", "txt_tokens", "txt_mask", "hard_txt", "hard_img", "hard_img_txt")
+KNOWN_EXTRAS = (
+    "img_tokens",
+    "txt_tokens",
+    "txt_mask",
+    "hard_txt",
+    "hard_img",
+    "hard_img_txt",
+    "hard_img_hard_txt",
+)
 
 
 @dataclass
@@ -196,13 +232,21 @@ class ContrastiveObjective:
 
     # ---- shared pieces
     def _infonce(
-        self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, *, chunk: int, exclude_positive: bool
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        chunk: int,
+        exclude_positive: bool,
+        same_modal: bool = False,
     ) -> tuple[torch.Tensor, Stats]:
         """Symmetric InfoNCE (CLIP) or its decoupled form (DCL: positive left out of the denominator).
 
         Single process: one pass over the [B, B] logits gives both directions (row and column
         log-sum-exps). Distributed: local image rows x global text columns, and local text rows x
-        global image columns.
+        global image columns. With `same_modal` the denominator also holds the anchor's own modality,
+        every other sample but itself (DCL's paper form: x_i against x_k, k != i, beside y_k).
         """
         rank, world = dist_info()
         b = img.shape[0]
@@ -213,12 +257,17 @@ class ContrastiveObjective:
                 img, txt, scale, chunk=chunk, exclude_offset=0 if exclude_positive else None, cols=True
             )
             lse_i2t, lse_t2i, arg_i2t, arg_t2i = r.row, r.col, r.row_arg, r.col_arg
+            img_all, txt_all = img, txt
         else:
             txt_all, img_all = gather_with_grad(txt, "txt"), gather_with_grad(img, "img")
             excl = off if exclude_positive else None
             r1 = pair_lse(img, txt_all, scale, chunk=chunk, exclude_offset=excl)
             r2 = pair_lse(txt, img_all, scale, chunk=chunk, exclude_offset=excl)
             lse_i2t, lse_t2i, arg_i2t, arg_t2i = r1.row, r2.row, r1.row_arg, r2.row_arg
+        if same_modal:
+            lse_ii = pair_lse(img, img_all, scale, chunk=chunk, exclude_offset=off).row
+            lse_tt = pair_lse(txt, txt_all, scale, chunk=chunk, exclude_offset=off).row
+            lse_i2t, lse_t2i = torch.logaddexp(lse_i2t, lse_ii), torch.logaddexp(lse_t2i, lse_tt)
         labels = torch.arange(off, off + b, device=img.device)
         l_i2t = (lse_i2t - pos).mean()
         l_t2i = (lse_t2i - pos).mean()
@@ -267,22 +316,42 @@ class ClipObjective(ContrastiveObjective):
         return self._infonce(img, txt, scale, chunk=self.chunk, exclude_positive=False)
 
 
+#: DCL's two forms (DclObjective.form).
+DCL_FORMS = ("cross_modal", "paper")
+
+
 @register_objective("dcl")
 @dataclass
 class DclObjective(ContrastiveObjective):
     """Decoupled contrastive learning (Yeh et al. 2022): InfoNCE with the positive removed from the
-    denominator, -s*x_i.y_i + log sum_{j != i} exp(s*x_i.y_j), averaged over both directions as CLIP is.
-    Needs at least two pairs in the (global) batch, else the denominator is empty."""
+    denominator, averaged over both directions (image anchors and text anchors) as CLIP is.
+
+    form "cross_modal" (default): -s*x_i.y_i + log sum_{j != i} exp(s*x_i.y_j), the negatives the other
+      modality only, as in CLIP. The default because it changes CLIP's denominator and nothing else, so
+      the comparison with `clip` isolates the decoupling; it is the form this project always had.
+    form "paper": the paper's loss with the two views being the image and its caption:
+      -s*x_i.y_i + log(sum_{k != i} exp(s*x_i.y_k) + sum_{k != i} exp(s*x_i.x_k)), i.e. the anchor's own
+      modality is a negative too (every view of every other sample, as SimCLR's 2N - 2 negatives).
+    Neither form applies DCLW's von Mises-Fisher weighting of the positive. Needs at least two pairs in
+    the (global) batch, else the denominator is empty."""
 
     chunk: int = 1024
+    form: str = "cross_modal"
     logit_init: ClassVar[LogitInit] = CLIP_LOGITS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.form not in DCL_FORMS:
+            raise ValueError(f"objective {self.name!r}: form must be one of {DCL_FORMS}, got {self.form!r}")
 
     def _check_extra(self, img, extra):
         if img.shape[0] * dist_info()[1] < 2:
             raise self._err("needs at least 2 pairs in the batch (the denominator excludes the positive)")
 
     def compute(self, img, txt, scale, bias, **extra):
-        return self._infonce(img, txt, scale, chunk=self.chunk, exclude_positive=True)
+        return self._infonce(
+            img, txt, scale, chunk=self.chunk, exclude_positive=True, same_modal=self.form == "paper"
+        )
 
 
 @register_objective("siglip")
@@ -403,33 +472,48 @@ class NegClipObjective(ContrastiveObjective):
     - hard_img [B, D] with hard_img_txt [B, D] (optional, both or neither): a hard image (a nearest
       neighbour) and its own true caption are extra pairs: extra rows and columns of the matrix, with the
       positive on the diagonal, as NegCLIP adds the neighbour to the batch.
+    - hard_img_hard_txt [B, D] (optional, only with hard_img): the hard image's own hard caption, one
+      more image->text column. With it the batch is NegCLIP's (its training code): 2B images and 4B
+      texts, [txt; hard_img_txt; hard_txt; hard_img_hard_txt]; without it, 3B texts.
 
-    Image->text: rows [img; hard_img] x columns [txt; hard_img_txt; hard_txt]; text->image: rows
-    [txt; hard_img_txt] x columns [img; hard_img]; each direction averaged over its rows, then halved.
+    Image->text: rows [img; hard_img] x columns [txt; hard_img_txt; hard_txt; hard_img_hard_txt];
+    text->image: rows [txt; hard_img_txt] x columns [img; hard_img]; each direction averaged over its
+    rows, then halved. Which of these the model passes is `hard_images` (the contrastive family reads it
+    to ask the data for hard images): True (default) feeds a hard image, its caption and its hard
+    caption per sample, NegCLIP's batch, at twice the image-tower work per step; False feeds hard
+    captions only (the form this project had before, 1x image work).
     """
 
     chunk: int = 1024
+    hard_images: bool = True
     needs: ClassVar[tuple[str, ...]] = ("hard_txt",)
-    optional: ClassVar[tuple[str, ...]] = ("hard_img", "hard_img_txt")
+    optional: ClassVar[tuple[str, ...]] = ("hard_img", "hard_img_txt", "hard_img_hard_txt")
 
     def _check_extra(self, img, extra):
         self._check_rows(img, extra, "hard_txt")
-        has = [extra.get(k) is not None for k in self.optional]
+        has = [extra.get(k) is not None for k in ("hard_img", "hard_img_txt")]
         if any(has) and not all(has):
             raise self._err("hard_img and hard_img_txt come together (a hard image with its own caption)")
         if all(has):
             self._check_rows(img, extra, "hard_img")
             self._check_rows(img, extra, "hard_img_txt")
+        if extra.get("hard_img_hard_txt") is not None:
+            if not all(has):
+                raise self._err("hard_img_hard_txt is the hard image's hard caption: it needs hard_img")
+            self._check_rows(img, extra, "hard_img_hard_txt")
 
     def compute(self, img, txt, scale, bias, **extra):
+        hard = extra["hard_txt"]
         if extra.get("hard_img") is not None:
             img = torch.cat([img, extra["hard_img"]])
             txt = torch.cat([txt, extra["hard_img_txt"]])
+            if extra.get("hard_img_hard_txt") is not None:
+                hard = torch.cat([hard, extra["hard_img_hard_txt"]])
         rank, world = dist_info()
         b = img.shape[0]
         off = rank * b
         txt_all, img_all = gather_with_grad(txt, "txt"), gather_with_grad(img, "img")
-        hard_all = gather_with_grad(extra["hard_txt"], "hard_txt")
+        hard_all = gather_with_grad(hard, "hard_txt")
         pos = _positive_logits(img, txt, scale)
         r1 = pair_lse(img, torch.cat([txt_all, hard_all]), scale, chunk=self.chunk)
         r2 = pair_lse(txt, img_all, scale, chunk=self.chunk)
@@ -463,6 +547,10 @@ def _log_mean_exp_pairs(
     return k.sum(), n * (n - 1)
 
 
+#: How unif_align combines its uniformity terms (UnifAlignObjective.unif_mix).
+UNIF_MIXES = ("fahim", "mean")
+
+
 @register_objective("unif_align")
 @dataclass
 class UnifAlignObjective(ContrastiveObjective):
@@ -470,11 +558,14 @@ class UnifAlignObjective(ContrastiveObjective):
     Fahim et al. 2024, "It's not a modality gap").
 
     L_align = mean_i ||x_i - y_i||^2 (alpha = 2).
-    L_unif  = mean of U(img, img), U(txt, txt) and, with `cross_uniformity`, U(img, txt), where
-              U(a, b) = log mean_{i != j} exp(-unif_t * ||a_i - b_j||^2) (unif_t = 2 as in Wang & Isola;
-              i != j leaves out the self pair in-modal and the positive pair cross-modal, which alignment
-              pulls together on purpose).
-    Defaults w_align = w_unif = 1.0 are this project's choice (the papers tune them); config values.
+    L_unif  = (U(img, img) + U(txt, txt)) / 2 + U(img, txt)   (`unif_mix: fahim`, the default: Fahim et
+              al.'s L_CLIP + L_align + L_unif + L_xunif, the in-modal terms averaged, the cross-modal term
+              added whole); `unif_mix: mean` is this project's earlier form, the plain mean of the three
+              terms (so the cross-modal term weighs 1/3 instead of 1). Without `cross_uniformity` both are
+              (U(img, img) + U(txt, txt)) / 2. Here U(a, b) = log mean_{i != j} exp(-unif_t*||a_i - b_j||^2)
+              (unif_t = 2 as in Wang & Isola; i != j leaves out the self pair in-modal and the positive
+              pair cross-modal, which alignment pulls together on purpose).
+    Defaults w_align = w_unif = 1.0 are Fahim et al.'s unweighted sum; config values.
 
     Distributed: U is a log of a global mean, not a mean of per-rank terms. Each rank sums its rows x
     global columns, the sums are all-reduced (no gradient), and the rank's loss carries the surrogate
@@ -487,6 +578,14 @@ class UnifAlignObjective(ContrastiveObjective):
     w_unif: float = 1.0
     unif_t: float = 2.0
     cross_uniformity: bool = True
+    unif_mix: str = "fahim"  # "fahim": (U_img + U_txt)/2 + U_cross; "mean": mean of the three terms
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.unif_mix not in UNIF_MIXES:
+            raise ValueError(
+                f"objective {self.name!r}: unif_mix must be one of {UNIF_MIXES}, got {self.unif_mix!r}"
+            )
 
     def _check_extra(self, img, extra):
         if img.shape[0] * dist_info()[1] < 2:
@@ -506,10 +605,13 @@ class UnifAlignObjective(ContrastiveObjective):
         off = rank * img.shape[0]
         img_all, txt_all = gather_with_grad(img, "img"), gather_with_grad(txt, "txt")
         align = (img.to(acc_dtype(img)) - txt.to(acc_dtype(img))).pow(2).sum(-1).mean()
-        terms = [self._uniformity(img, img_all, off, world), self._uniformity(txt, txt_all, off, world)]
+        u_img, u_txt = self._uniformity(img, img_all, off, world), self._uniformity(txt, txt_all, off, world)
+        in_modal = (u_img + u_txt) / 2
+        unif = in_modal
         if self.cross_uniformity:
-            terms.append(self._uniformity(img, txt_all, off, world))
-        unif = torch.stack(terms).mean()
+            cross = self._uniformity(img, txt_all, off, world)
+            unif = in_modal + cross if self.unif_mix == "fahim" else (2 * in_modal + cross) / 3
+            stats.update(unif_cross=cross.detach())
         loss = clip_loss + self.w_align * align + self.w_unif * unif
         stats.update(loss_clip=clip_loss.detach(), align=align.detach(), unif=unif.detach())
         return loss, stats

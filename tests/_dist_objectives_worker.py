@@ -26,10 +26,21 @@ CASES: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "clip": ("clip", {"chunk": CHUNK}, ()),
     "siglip": ("siglip", {"chunk": CHUNK}, ()),
     "dcl": ("dcl", {"chunk": CHUNK}, ()),
+    "dcl_paper": ("dcl", {"chunk": CHUNK, "form": "paper"}, ()),
     "filip": ("filip", {"chunk": 2}, ("img_tokens", "txt_tokens", "txt_mask")),
     "negclip": ("negclip", {"chunk": CHUNK}, ("hard_txt",)),
     "negclip_hard_img": ("negclip", {"chunk": CHUNK}, ("hard_txt", "hard_img", "hard_img_txt")),
+    "negclip_4b": (
+        "negclip",
+        {"chunk": CHUNK},
+        ("hard_txt", "hard_img", "hard_img_txt", "hard_img_hard_txt"),
+    ),
     "unif_align": ("unif_align", {"chunk": CHUNK, "w_align": 0.7, "w_unif": 1.3}, ()),
+    "unif_align_mean": (
+        "unif_align",
+        {"chunk": CHUNK, "w_align": 0.7, "w_unif": 1.3, "unif_mix": "mean"},
+        (),
+    ),
 }
 
 
@@ -52,6 +63,7 @@ def global_batch(world: int, seed: int = 0) -> dict[str, torch.Tensor]:
         "hard_txt": unit(b, D),
         "hard_img": unit(b, D),
         "hard_img_txt": unit(b, D),
+        "hard_img_hard_txt": unit(b, D),
         "scale": torch.tensor(4.0, dtype=torch.float64),
         "bias": torch.tensor(-2.0, dtype=torch.float64),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from collections import Counter
@@ -505,6 +506,82 @@ def test_metrics_jsonl_logs_the_objectives_statistics(world, tmp_path, objective
         assert first["scale"] == pytest.approx(1 / 0.07, rel=1e-5)
         for r in recs:  # one micro-batch per step: the loss is the mean of the two directions
             assert r["loss"] == pytest.approx((r["stats"]["loss_i2t"] + r["stats"]["loss_t2i"]) / 2, rel=1e-5)
+
+
+def test_engine_clamps_the_logit_scale_parameter_after_each_step(world, tmp_path, tokenizer):
+    """The engine calls the model's after_step(): a log scale started above ln 100 is clamped to ln 100
+    after the first step (open_clip's rule), where the old forward-only cap left it above, gradient 0."""
+    model = _model(tokenizer)
+    with torch.no_grad():
+        model.heads.logit_scale.fill_(6.0)
+    model.after_step()
+    assert model.heads.logit_scale.item() == pytest.approx(math.log(100))
+    assert model.logit_scale().item() == pytest.approx(100.0)
+    rec = _recipe(world, "clip", steps=2)
+    rec["model"]["encoder"]["init_log_scale"] = 6.0
+    summary = train_recipe(recipe_from_dict(rec), tmp_path / "c", log=lambda *a: None)
+    final = ContrastiveModel.from_pretrained(summary["final"])
+    assert final.heads.logit_scale.item() <= math.log(100) + 1e-6
+
+
+def test_caption_neighbours_and_negclip_hard_images(world, tokenizer):
+    """NegCLIP's batch: each sample brings its nearest other sample (bag-of-words cosine of the long
+    caption, identical captions passed over) with that sample's caption and one of its hard negatives;
+    the model feeds them to the objective as hard_img, hard_img_txt, hard_img_hard_txt."""
+    from encoders.objectives import get_objective
+    from mllm.data.captions import caption_neighbours
+
+    texts = ["a red circle", "a red circle", "a blue square", "a red square", "x"]
+    assert caption_neighbours(texts) == [3, 3, 3, 0, 0]
+    assert caption_neighbours(["a"]) == [0] and caption_neighbours(["a", "a", "a"]) == [1, 2, 0]
+    rows = [json.loads(ln) for ln in (world / "captions.jsonl").read_text().splitlines()]
+    pre = build_tower(TowerConfig(type="clip", config=TINY_TOWER)).preprocess
+    ds = CaptionDataset(world / "captions.jsonl", world, pre, "long", hard_negatives=True, hard_images=True)
+    assert ds.neighbours == caption_neighbours([r["long"] for r in rows])
+    item = ds[0]
+    j = ds.neighbours[0]
+    assert j != 0 and rows[j]["long"] != rows[0]["long"] and item["hard_img_text"] == rows[j]["long"]
+    assert item["hard_img_hard"] in rows[j]["negatives"].values()
+    assert item["hard_pixel_values"].shape == item["pixel_values"].shape
+    with pytest.raises(ValueError, match="hard_images needs hard_negatives"):
+        CaptionDataset(world / "captions.jsonl", world, pre, hard_images=True)
+    model = _model(tokenizer, "negclip")
+    batch = CaptionCollator(model.text_tower.tokenize)([ds[i] for i in range(3)])
+    assert batch["hard_pixel_values"].shape[0] == 3 and batch["hard_img_hard_input_ids"].shape[0] == 3
+    with torch.no_grad():
+        out = model(**batch)
+        enc_t = model.encode_text
+        extra = dict(
+            hard_txt=enc_t(batch["hard_input_ids"], batch["hard_attention_mask"]),
+            hard_img=model.encode_image(batch["hard_pixel_values"]),
+            hard_img_txt=enc_t(batch["hard_img_input_ids"], batch["hard_img_attention_mask"]),
+            hard_img_hard_txt=enc_t(batch["hard_img_hard_input_ids"], batch["hard_img_hard_attention_mask"]),
+        )
+        img = model.encode_image(batch["pixel_values"])
+        txt = enc_t(batch["input_ids"], batch["attention_mask"])
+        want = get_objective("negclip")(img, txt, model.logit_scale(), None, **extra)[0]
+        torch.testing.assert_close(out.loss, want)
+        off = _model_with(tokenizer, "negclip", {"hard_images": False})
+        off.load_state_dict(model.state_dict())
+        only_captions = get_objective("negclip")(
+            img, txt, model.logit_scale(), None, hard_txt=extra["hard_txt"]
+        )
+        torch.testing.assert_close(off(**batch).loss, only_captions[0])
+
+
+def _model_with(tokenizer, objective: str, args: dict) -> ContrastiveModel:
+    torch.manual_seed(0)
+    cfg = EncoderConfig(
+        objective=objective,
+        objective_args=args,
+        embed_dim=16,
+        text=TextTowerConfig(config=TINY_TEXT, max_length=96),
+    )
+    return ContrastiveModel(
+        build_tower(TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1)),
+        build_text_tower(cfg.text, tokenizer),
+        cfg,
+    )
 
 
 def test_negclip_stage_uses_the_worlds_negatives(world, tmp_path):

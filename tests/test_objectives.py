@@ -60,9 +60,13 @@ def naive_filip(it, tt, tm, s):
     return (F.cross_entropy(s * s_i2t, labels) + F.cross_entropy(s * s_t2i, labels)) / 2
 
 
-def naive_negclip(img, txt, hard_txt, s, hard_img=None, hard_img_txt=None):
+def naive_negclip(img, txt, hard_txt, s, hard_img=None, hard_img_txt=None, hard_img_hard_txt=None):
+    """neg_clip's batch: images [img; hard_img], texts [txt; hard_img_txt; hard_txt; hard_img_hard_txt];
+    logits_per_image = s * images @ texts.T, logits_per_text = s * texts[:len(images)] @ images.T."""
     if hard_img is not None:
         img, txt = torch.cat([img, hard_img]), torch.cat([txt, hard_img_txt])
+    if hard_img_hard_txt is not None:
+        hard_txt = torch.cat([hard_txt, hard_img_hard_txt])
     labels = torch.arange(img.shape[0])
     i2t = F.cross_entropy(s * img @ torch.cat([txt, hard_txt]).T, labels)
     t2i = F.cross_entropy(s * txt @ img.T, labels)
@@ -76,12 +80,31 @@ def naive_uniformity(a, c, t=2.0):
     return torch.log(torch.stack(vals).mean())
 
 
-def naive_unif_align(img, txt, s, w_align=1.0, w_unif=1.0, cross=True):
+def naive_unif_align(img, txt, s, w_align=1.0, w_unif=1.0, cross=True, mix="fahim"):
+    """Fahim et al.: L_CLIP + L_align + (U_img + U_txt)/2 + U_cross; mix "mean": the mean of the three."""
     align = torch.stack([(img[i] - txt[i]).pow(2).sum() for i in range(len(img))]).mean()
-    u = [naive_uniformity(img, img), naive_uniformity(txt, txt)] + (
-        [naive_uniformity(img, txt)] if cross else []
-    )
-    return naive_infonce(img, txt, s) + w_align * align + w_unif * torch.stack(u).mean()
+    u_img, u_txt = naive_uniformity(img, img), naive_uniformity(txt, txt)
+    if not cross:
+        unif = (u_img + u_txt) / 2
+    elif mix == "fahim":
+        unif = (u_img + u_txt) / 2 + naive_uniformity(img, txt)
+    else:
+        unif = (u_img + u_txt + naive_uniformity(img, txt)) / 3
+    return naive_infonce(img, txt, s) + w_align * align + w_unif * unif
+
+
+def naive_dcl_paper(img, txt, s):
+    """Yeh et al.'s DCL with the image and its caption as the two views: for anchor x_i, the negatives are
+    every view of every other sample, y_k and x_k for k != i; the mean over the 2B anchors."""
+    b = img.shape[0]
+    total = 0.0
+    for a, o in ((img, txt), (txt, img)):
+        for i in range(b):
+            neg = [s * a[i] @ o[k] for k in range(b) if k != i] + [
+                s * a[i] @ a[k] for k in range(b) if k != i
+            ]
+            total = total - s * a[i] @ o[i] + torch.logsumexp(torch.stack(neg), 0)
+    return total / (2 * b)
 
 
 # ---------------------------------------------------------------- data
@@ -102,6 +125,7 @@ def make(b, d, seed=0, n_img=3, n_txt=5):
         "hard_txt": unit(b, d, g=g),
         "hard_img": unit(b, d, g=g),
         "hard_img_txt": unit(b, d, g=g),
+        "hard_img_hard_txt": unit(b, d, g=g),
         "scale": torch.tensor(3.5, dtype=torch.float64, requires_grad=True),
         "bias": torch.tensor(-1.5, dtype=torch.float64, requires_grad=True),
     }
@@ -132,6 +156,74 @@ def test_clip_and_dcl(b, d, chunk):
             x,
             ("img", "txt", "scale"),
         )
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_dcl_paper_form(b, d, chunk):
+    x = make(b, d)
+    obj = get_objective("dcl", chunk=chunk, form="paper")
+    compare(
+        lambda: obj(x["img"], x["txt"], x["scale"], None)[0],
+        lambda: naive_dcl_paper(x["img"], x["txt"], x["scale"]),
+        x,
+        ("img", "txt", "scale"),
+    )
+
+
+def fp32(x: dict) -> dict:
+    return {k: v.detach().float().requires_grad_() if v.is_floating_point() else v for k, v in x.items()}
+
+
+def compare_fp32(ours_fn, naive_fn, data, wrt):
+    """As `compare`, in float32: values and gradients to float32 precision."""
+    inputs = [data[k] for k in wrt]
+    ours, ref = ours_fn(), naive_fn()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-5, atol=1e-5)
+    for k, a, r in zip(wrt, torch.autograd.grad(ours, inputs), torch.autograd.grad(ref, inputs)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"grad wrt {k}: {m}")
+
+
+@pytest.mark.parametrize("b", [2, 3, 7])
+@pytest.mark.parametrize("chunk", [2, 1000])  # 2: chunked, ragged for B = 3, 7
+def test_dcl_forms_and_unif_mix_fp32(b, chunk):
+    """Both DCL forms and both unif_align mixes against the naive formulas in float32 (B >= 2: both need
+    a negative / a distinct pair)."""
+    x = fp32(make(b, 6))
+    args = (x["img"], x["txt"], x["scale"])
+    cases = [
+        (get_objective("dcl", chunk=chunk), lambda: naive_infonce(*args, exclude_positive=True)),
+        (get_objective("dcl", chunk=chunk, form="paper"), lambda: naive_dcl_paper(*args)),
+        (get_objective("unif_align", chunk=chunk), lambda: naive_unif_align(*args)),
+        (
+            get_objective("unif_align", chunk=chunk, unif_mix="mean"),
+            lambda: naive_unif_align(*args, mix="mean"),
+        ),
+    ]
+    for obj, ref in cases:
+        compare_fp32(lambda obj=obj: obj(*args, None)[0], ref, x, ("img", "txt", "scale"))
+
+
+def test_dcl_and_unif_align_options_checked():
+    x = make(1, 4)
+    for obj in (get_objective("dcl", form="paper"), get_objective("unif_align", unif_mix="mean")):
+        with pytest.raises(ValueError, match="at least 2 pairs"):
+            obj(x["img"], x["txt"], x["scale"], None)
+    with pytest.raises(ValueError, match=r"form must be one of \('cross_modal', 'paper'\), got 'simclr'"):
+        get_objective("dcl", form="simclr")
+    with pytest.raises(ValueError, match=r"unif_mix must be one of \('fahim', 'mean'\)"):
+        get_objective("unif_align", unif_mix="sum")
+    assert get_objective("dcl").form == "cross_modal" and get_objective("unif_align").unif_mix == "fahim"
+
+
+def test_unif_align_default_weighs_cross_uniformity_fully():
+    """The default (Fahim et al.) adds U_cross whole to the in-modal mean; "mean" gives it a third."""
+    x = make(6, 8)
+    st_f = get_objective("unif_align")(x["img"], x["txt"], x["scale"], None)[1]
+    st_m = get_objective("unif_align", unif_mix="mean")(x["img"], x["txt"], x["scale"], None)[1]
+    in_modal = (3 * st_m["unif"] - st_m["unif_cross"]) / 2
+    torch.testing.assert_close(st_f["unif"], in_modal + st_f["unif_cross"])
 
 
 @pytest.mark.parametrize("b,d", SHAPES)
@@ -182,7 +274,7 @@ def test_filip_ignores_padding_values():
 
 @pytest.mark.parametrize("b,d", SHAPES)
 @pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("hard_images", [False, True])
+@pytest.mark.parametrize("hard_images", [0, 1, 2])  # 1: hard images, 3B texts; 2: NegCLIP's 4B texts
 def test_negclip(b, d, chunk, hard_images):
     x = make(b, d)
     obj = get_objective("negclip", chunk=chunk)
@@ -191,14 +283,41 @@ def test_negclip(b, d, chunk, hard_images):
     if hard_images:
         extra.update(hard_img=x["hard_img"], hard_img_txt=x["hard_img_txt"])
         wrt += ["hard_img", "hard_img_txt"]
+    if hard_images == 2:
+        extra.update(hard_img_hard_txt=x["hard_img_hard_txt"])
+        wrt += ["hard_img_hard_txt"]
     compare(
         lambda: obj(x["img"], x["txt"], x["scale"], None, **extra)[0],
         lambda: naive_negclip(
-            x["img"], x["txt"], x["hard_txt"], x["scale"], extra.get("hard_img"), extra.get("hard_img_txt")
+            x["img"],
+            x["txt"],
+            x["hard_txt"],
+            x["scale"],
+            extra.get("hard_img"),
+            extra.get("hard_img_txt"),
+            extra.get("hard_img_hard_txt"),
         ),
         x,
         wrt,
     )
+
+
+@pytest.mark.parametrize("b", [1, 2, 5])
+@pytest.mark.parametrize("chunk", [2, 1000])
+def test_negclip_full_batch_fp32(b, chunk):
+    """NegCLIP's whole batch (2B images, 4B texts) in float32, batch sizes from 1."""
+    x = fp32(make(b, 6))
+    keys = ("hard_txt", "hard_img", "hard_img_txt", "hard_img_hard_txt")
+    obj = get_objective("negclip", chunk=chunk)
+    compare_fp32(
+        lambda: obj(x["img"], x["txt"], x["scale"], None, **{k: x[k] for k in keys})[0],
+        lambda: naive_negclip(x["img"], x["txt"], x["hard_txt"], x["scale"], *(x[k] for k in keys[1:])),
+        x,
+        ("img", "txt", "scale", *keys),
+    )
+    with pytest.raises(ValueError, match="hard_img_hard_txt is the hard image's hard caption"):
+        obj(x["img"], x["txt"], x["scale"], None, hard_txt=x["hard_txt"], hard_img_hard_txt=x["hard_txt"])
+    assert obj.hard_images and not get_objective("negclip", hard_images=False).hard_images
 
 
 def test_negclip_hard_caption_raises_loss_over_clip():
@@ -212,12 +331,13 @@ def test_negclip_hard_caption_raises_loss_over_clip():
 
 @pytest.mark.parametrize("b,d", SHAPES)
 @pytest.mark.parametrize("cross", [True, False])
-def test_unif_align(b, d, cross):
+@pytest.mark.parametrize("mix", ["fahim", "mean"])
+def test_unif_align(b, d, cross, mix):
     x = make(b, d)
-    obj = get_objective("unif_align", chunk=3, w_align=0.7, w_unif=1.3, cross_uniformity=cross)
+    obj = get_objective("unif_align", chunk=3, w_align=0.7, w_unif=1.3, cross_uniformity=cross, unif_mix=mix)
     compare(
         lambda: obj(x["img"], x["txt"], x["scale"], None)[0],
-        lambda: naive_unif_align(x["img"], x["txt"], x["scale"], 0.7, 1.3, cross),
+        lambda: naive_unif_align(x["img"], x["txt"], x["scale"], 0.7, 1.3, cross, mix),
         x,
         ("img", "txt", "scale"),
     )
@@ -332,12 +452,23 @@ def test_distributed_equals_single_process(tmp_path):
         "clip": lambda x: naive_infonce(x["img"], x["txt"], x["scale"]),
         "siglip": lambda x: naive_siglip(x["img"], x["txt"], x["scale"], x["bias"]),
         "dcl": lambda x: naive_infonce(x["img"], x["txt"], x["scale"], exclude_positive=True),
+        "dcl_paper": lambda x: naive_dcl_paper(x["img"], x["txt"], x["scale"]),
         "filip": lambda x: naive_filip(x["img_tokens"], x["txt_tokens"], x["txt_mask"], x["scale"]),
         "negclip": lambda x: naive_negclip(x["img"], x["txt"], x["hard_txt"], x["scale"]),
         "negclip_hard_img": lambda x: naive_negclip(
             x["img"], x["txt"], x["hard_txt"], x["scale"], x["hard_img"], x["hard_img_txt"]
         ),
+        "negclip_4b": lambda x: naive_negclip(
+            x["img"],
+            x["txt"],
+            x["hard_txt"],
+            x["scale"],
+            x["hard_img"],
+            x["hard_img_txt"],
+            x["hard_img_hard_txt"],
+        ),
         "unif_align": lambda x: naive_unif_align(x["img"], x["txt"], x["scale"], 0.7, 1.3),
+        "unif_align_mean": lambda x: naive_unif_align(x["img"], x["txt"], x["scale"], 0.7, 1.3, mix="mean"),
     }
     assert set(refs) == set(w.CASES)
     b = w.LOCAL_B
@@ -375,7 +506,7 @@ def test_registry_and_logit_init():
     assert set(OBJECTIVES) >= {"clip", "siglip", "filip", "dcl", "negclip", "unif_align"}
     clip = init_logit_params("clip")
     assert clip.log_scale == pytest.approx(math.log(1 / 0.07)) and clip.bias is None and clip.max_scale == 100
-    assert clip.scale_from_log(torch.tensor(10.0)).item() == 100.0
+    assert clip.scale_from_log(torch.tensor(10.0)).item() == pytest.approx(100.0)
     sig = init_logit_params("siglip")
     assert sig.log_scale == pytest.approx(math.log(10)) and sig.bias == -10
     assert get_objective("filip").needs == ("img_tokens", "txt_tokens", "txt_mask")
@@ -444,3 +575,45 @@ def test_bad_input_errors():
     for name in ("dcl", "unif_align"):
         with pytest.raises(ValueError, match="at least 2 pairs"):
             get_objective(name)(img[:1], txt[:1], s)
+
+
+# ---------------------------------------------------------------- CLIP's logit-scale cap (open_clip's rule)
+@pytest.mark.parametrize("b", [1, 4, 7])
+def test_logit_scale_clamped_after_the_step_as_open_clip(b):
+    """open_clip: forward with exp(logit_scale), optimiser step, then logit_scale.clamp_(0, ln 100). Ours:
+    forward with scale_from_log (a log-space guard), step, then clamp_log_scale_. A large learning rate
+    throws the parameter past both bounds; both trajectories agree, the gradient at a bound is the
+    ordinary one (not 0), and a parameter left outside the range is brought back into it."""
+    init = init_logit_params("clip")
+    x = fp32(make(b, 6))
+    img, txt = x["img"].detach(), x["txt"].detach()
+    txt = F.normalize(img + txt, dim=-1)
+    ours = torch.nn.Parameter(torch.tensor([3.5]))
+    ref = torch.nn.Parameter(torch.tensor([3.5]))
+    opt_o, opt_r = torch.optim.SGD([ours], lr=50.0), torch.optim.SGD([ref], lr=50.0)
+    obj = get_objective("clip")
+    seen = set()
+    for _ in range(4):
+        loss_o = obj(img, txt, init.scale_from_log(ours), None)[0]
+        loss_r = naive_infonce(img, txt, ref.exp().reshape(()))
+        opt_o.zero_grad(), opt_r.zero_grad()
+        loss_o.backward(), loss_r.backward()
+        if b > 1:  # B = 1: the loss is 0 whatever the scale
+            assert ours.grad.abs().item() > 1e-3
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+        opt_o.step(), opt_r.step()
+        init.clamp_log_scale_(ours)
+        with torch.no_grad():
+            ref.clamp_(0, math.log(100))
+        torch.testing.assert_close(ours.detach(), ref.detach())
+        seen.add(round(ours.item(), 4))
+    if b > 1:
+        assert {0.0, round(math.log(100), 4)} <= seen  # it hit both bounds and left each again
+    for start, want in ((6.0, math.log(100)), (-2.0, 0.0)):
+        out = torch.nn.Parameter(torch.tensor([start]))
+        init.clamp_log_scale_(out)
+        assert out.item() == pytest.approx(want) and out.requires_grad
+    sig = init_logit_params("siglip")  # no bounds: the clamp does nothing
+    free = torch.tensor([6.0])
+    sig.clamp_log_scale_(free)
+    assert free.item() == 6.0 and sig.scale_from_log(free).item() == pytest.approx(math.exp(6.0))

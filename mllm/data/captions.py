@@ -7,13 +7,22 @@ text) or "random" (either, drawn per fetch from Python's `random`, which the eng
 on resume). Hard negatives (NegCLIP) always come from the long caption's negatives: each is a false
 statement about the image whichever caption is the positive.
 
+Hard images (NegCLIP, `hard_images=True`): each sample also carries its nearest neighbour in the data
+set, with the neighbour's caption and one of the neighbour's hard negatives, so a batch is NegCLIP's 2B
+images and 4B texts. NegCLIP takes the neighbour in CLIP image-embedding space; GeoWorld's long caption
+states the whole scene graph, so here the neighbour is the row whose long caption is nearest in
+bag-of-words cosine (`caption_neighbours`), rows with the very same caption left out (they would be
+false negatives), computed once when the data set is built.
+
 As in ConversationDataset, a bad sample (missing field, unreadable image) raises an error naming the
 file, line and id, or with `skip_bad_samples` becomes a `Skip` that the engine counts and lists.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,48 @@ CAPTION_MODES = ("long", "short", "random")
 NEGATIVE_KINDS = ("attribute", "relation", "order")
 
 
+def caption_neighbours(texts: Sequence[str], block: int = 256) -> list[int]:
+    """For each text, the index of the nearest other text by bag-of-words cosine (ties: the lowest index).
+
+    Texts identical to the query (after lower-casing) are passed over: their image shows the same scene, a
+    false negative rather than a hard one; when every other text is identical, the next row is taken.
+    Sparse counts times dense blocks of `block` queries: memory O(nnz + N * block + block * vocabulary).
+    A single text is its own neighbour."""
+    n = len(texts)
+    if n < 2:
+        return list(range(n))
+    vocab: dict[str, int] = {}
+    bags: list[dict[int, float]] = []
+    for t in texts:
+        bag: dict[int, float] = {}
+        for w in re.findall(r"\w+", t.lower()):
+            j = vocab.setdefault(w, len(vocab))
+            bag[j] = bag.get(j, 0.0) + 1.0
+        norm = math.sqrt(sum(c * c for c in bag.values())) or 1.0
+        bags.append({j: c / norm for j, c in bag.items()})
+    n_vocab = max(1, len(vocab))
+    rows = [i for i, bag in enumerate(bags) for _ in bag]
+    cols = [j for bag in bags for j in bag]
+    vals = [c for bag in bags for c in bag.values()]
+    m = torch.sparse_coo_tensor([rows, cols], vals, (n, n_vocab), dtype=torch.float32, check_invariants=True)
+    keys: dict[str, int] = {}
+    key_ids = torch.tensor([keys.setdefault(t.strip().lower(), len(keys)) for t in texts])
+    out: list[int] = []
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        q = torch.zeros(r1 - r0, n_vocab)
+        for k, bag in enumerate(bags[r0:r1]):
+            if bag:
+                q[k, list(bag)] = torch.tensor(list(bag.values()))
+        sim = torch.sparse.mm(m, q.T).T  # [r, n]
+        same = key_ids[None, :] == key_ids[r0:r1, None]  # the query itself and identical captions
+        best = sim.masked_fill(same, -2.0).argmax(1)
+        for k, i in enumerate(range(r0, r1)):
+            j = int(best[k])
+            out.append(j if not bool(same[k, j]) else (i + 1) % n)
+    return out
+
+
 class CaptionDataset(Dataset):
     def __init__(
         self,
@@ -39,6 +90,7 @@ class CaptionDataset(Dataset):
         caption: str = "long",
         hard_negatives: bool = False,
         skip_bad_samples: bool = False,
+        hard_images: bool = False,
     ):
         if caption not in CAPTION_MODES:
             raise ValueError(f"data.caption must be one of {CAPTION_MODES}, got {caption!r}")
@@ -53,6 +105,15 @@ class CaptionDataset(Dataset):
             hard_negatives,
             skip_bad_samples,
         )
+        self.neighbours: list[int] | None = None
+        if hard_images:
+            if not hard_negatives:
+                raise ValueError(
+                    "hard_images needs hard_negatives (a hard image comes with its hard caption)"
+                )
+            self.neighbours = caption_neighbours(
+                [str(r.get("long") or r.get("short") or "") if isinstance(r, dict) else "" for r in self.rows]
+            )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,6 +149,13 @@ class CaptionDataset(Dataset):
             text = self._text(row, name)
             hard = self._negative(row, name) if self.hard else None
             image = load_image(resolve_image(self.root, row.get("image")))
+            if self.neighbours is not None:
+                j = self.neighbours[i]
+                nrow, nname = self.rows[j], f"{name}, hard image {self._name(j)}"
+                if not isinstance(nrow, dict):
+                    raise DataError(f"{nname}: expected a JSON object, got {type(nrow).__name__}")
+                n_text, n_hard = self._text(nrow, nname), self._negative(nrow, nname)
+                n_image = load_image(resolve_image(self.root, nrow.get("image")))
         except (DataError, ImageError) as e:
             msg = str(e) if str(e).startswith(str(self.path)) else f"{name}: {e}"
             if self.skip:
@@ -96,6 +164,10 @@ class CaptionDataset(Dataset):
         out = {"id": str(row.get("id", i)), "pixel_values": self.preprocess([image]), "text": text}
         if hard is not None:
             out["hard"] = hard
+        if self.neighbours is not None:
+            out.update(
+                hard_pixel_values=self.preprocess([n_image]), hard_img_text=n_text, hard_img_hard=n_hard
+            )
         return out
 
 
@@ -114,5 +186,13 @@ class CaptionCollator:
         if "hard" in items[0]:
             batch["hard_input_ids"], batch["hard_attention_mask"] = self.tokenize(
                 [it["hard"] for it in items]
+            )
+        if "hard_pixel_values" in items[0]:  # NegCLIP's hard image, its caption and its hard caption
+            batch["hard_pixel_values"] = torch.cat([it["hard_pixel_values"] for it in items])
+            batch["hard_img_input_ids"], batch["hard_img_attention_mask"] = self.tokenize(
+                [it["hard_img_text"] for it in items]
+            )
+            batch["hard_img_hard_input_ids"], batch["hard_img_hard_attention_mask"] = self.tokenize(
+                [it["hard_img_hard"] for it in items]
             )
         return batch

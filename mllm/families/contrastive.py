@@ -54,7 +54,8 @@ def build_contrastive_model(
 
 def contrastive_task(model: ContrastiveModel, stage: StageConfig, template: str) -> TaskResult:
     """A ContrastiveModel on image-caption pairs (GeoWorld captions.jsonl); hard negatives when the
-    objective asks for them (NegCLIP)."""
+    objective asks for them (NegCLIP), and hard images with their captions when it also sets
+    `hard_images` (NegCLIP's default: its 2B-image, 4B-text batch)."""
     if not stage.data.json:
         raise ValueError(f"stage {stage.name!r}: data.json (a GeoWorld captions.jsonl) is not set")
     if not hasattr(model, "encode_text"):
@@ -69,6 +70,7 @@ def contrastive_task(model: ContrastiveModel, stage: StageConfig, template: str)
         stage.data.caption,
         hard_negatives="hard_txt" in model.needs,
         skip_bad_samples=stage.data.skip_bad_samples,
+        hard_images="hard_txt" in model.needs and bool(getattr(model.objective, "hard_images", False)),
     )
     return model, ds, CaptionCollator(model.text_tower.tokenize)
 

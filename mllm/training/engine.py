@@ -545,6 +545,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm) if norm is not None else None
 
+    def _after_step(self) -> None:
+        """The model's `after_step()`, if it has one, after an applied optimiser step: a model's own
+        post-update rule (ContrastiveModel: open_clip's clamp of the logit-scale parameter). Under
+        DeepSpeed it sees the module's parameters, not ZeRO's fp32 master copies."""
+        hook = getattr(self.model, "after_step", None)
+        if callable(hook):
+            hook()
+
     def _lrs(self) -> dict[str, float]:
         return {n: g["lr"] for n, g in zip(self.group_names, self.optimizer.param_groups)}
 
@@ -610,6 +618,8 @@ class Trainer:
                 grad_norm = self._optimizer_step(finite)
                 step += 1
                 ds_dropped = self.use_ds and getattr(self.engine, "skipped_steps", 0) > ds_skipped
+                if finite and not ds_dropped:
+                    self._after_step()
                 if not finite and self.use_ds and not ds_dropped:
                     raise NonfiniteError(
                         f"non-finite loss at step {step}, and DeepSpeed applied the update anyway (its overflow "
