@@ -102,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, recipe, watch) -> int:
+    import torch.distributed as dist
+
     from mllm.training import distributed as D
     from mllm.training.checkpoint import CheckpointError
     from mllm.training.preemption import PREEMPTED_EXIT, Preempted, touch_marker
@@ -115,6 +117,9 @@ def _train(args: argparse.Namespace, recipe, watch) -> int:
         from mllm.evaluation.periodic import make_evaluator
 
         evaluator = make_evaluator(recipe, only=args.stage or None)
+    # Only a process group this command started is torn down with os._exit: a program that calls `main`
+    # with its own group up (a test, a notebook) gets the status back instead of losing its process.
+    owned = not dist.is_initialized()
     try:
         summary = train_recipe(
             recipe, out, only=args.stage or None, evaluator=evaluator, resume=args.resume, preempt=watch
@@ -123,11 +128,11 @@ def _train(args: argparse.Namespace, recipe, watch) -> int:
         touch_marker()
         if D.is_main():
             print(f"mllm train: {e}", file=sys.stderr, flush=True)
-        return _leave(PREEMPTED_EXIT)
+        return _leave(PREEMPTED_EXIT, owned)
     except (RunLocked, CheckpointError) as e:  # one line: another writer (2), the storage failed (1)
         if D.is_main():
             print(f"mllm train: error: {e}", file=sys.stderr, flush=True)
-        return _leave(2 if isinstance(e, RunLocked) else 1)
+        return _leave(2 if isinstance(e, RunLocked) else 1, owned)
     except RuntimeError as e:
         if D.world_size() > 1 and D.comm_failure(e):  # a dead peer: say so, exit without a hanging teardown
             err = e if isinstance(e, D.DistributedError) else D.explain(e, "training")
@@ -139,20 +144,17 @@ def _train(args: argparse.Namespace, recipe, watch) -> int:
             f"model: {summary.get('final')}"
             + (f"\nchat:  mllm chat --model {out}" if recipe.model.kind == "mllm" else "")
         )
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # gloo may abort in its own teardown after a finished run (exit 134)
-        D.shutdown_and_exit(0)
-    return 0
+    return _leave(0, owned)  # gloo may abort in its own teardown after a finished run (exit 134)
 
 
-def _leave(code: int) -> int:
-    """`code` as the exit status; under a process group, through shutdown_and_exit (gloo's teardown)."""
+def _leave(code: int, owned: bool) -> int:
+    """`code` as the exit status; under a process group this command started, through shutdown_and_exit
+    (gloo's teardown)."""
     import torch.distributed as dist
 
     from mllm.training import distributed as D
 
-    if dist.is_initialized():
+    if owned and dist.is_initialized():
         D.shutdown_and_exit(code)
     return code
 

@@ -107,3 +107,21 @@ def test_heartbeat_and_release_only_of_our_own_lock(tmp_path):
     _plant(run, host="node-elsewhere", pid=99)  # someone else's lock now: release leaves it
     lock.release()
     assert path.is_file()
+
+
+def test_mllm_train_called_with_a_process_group_up_returns_its_status(tmp_path, holder, capsys):
+    """A program (this test suite, a notebook) that calls `main` with its own process group up gets the
+    status back: only a group the command itself started is torn down with os._exit. Before, an earlier
+    test's leftover group made this refusal end the whole pytest process with status 2."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        setup = make_base(tmp_path / "base")
+        rec = write_recipe(lm_recipe(setup), tmp_path / "r.yaml")
+        assert main(["train", "--recipe", str(rec), "--out", str(tmp_path / "run")]) == 2
+        assert dist.is_initialized()  # still ours, untouched
+    finally:
+        dist.destroy_process_group()
+    assert f"pid {holder.pid}" in capsys.readouterr().err
