@@ -46,24 +46,19 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: image file not found" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
-            im.load()
-            return to_rgb(im)
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: cannot decode image: {e}") from e
+    return _decode(path, str(path), max_pixels)
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
     """`load_image` for bytes already in memory (an upload, a data URI): the same pixel limit checked before
     decoding, the same full decode and RGB conversion, errors naming `name`."""
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    """The pixel limit read from the header before decoding, then a full decode to RGB; errors name `name`."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
