@@ -1,6 +1,8 @@
 """The vision side of mllm, usable on its own: towers (later also mixtures, routers, contrastive training)."""
 
+from encoders import objectives_cluster as _objectives_cluster  # noqa: F401  (registers protoclip)
 from encoders import objectives_extra as _objectives_extra  # noqa: F401  (registers convirt, mochi, ...)
+from encoders import objectives_text as _objectives_text  # noqa: F401  (registers clippp, fdt)
 from encoders.contrastive import ContrastiveModel
 from encoders.fusion import MixtureOfFeatures
 from encoders.geo import GeoConfig, GeoEncoder

@@ -32,6 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from encoders.coca_config import CocaConfig
 from encoders.common import (
     ConfigError,
     atomic_dir,
@@ -51,6 +52,7 @@ FORMAT_VERSION = 1
 # The kinds whose folder holds a complete contrastive pair (TIPS and CLOC add their parts beside it and
 # their sections to contrastive.json), so `ContrastiveModel.from_pretrained` reads all three.
 PAIR_KINDS = {"contrastive": FORMAT_VERSION, "tips": FORMAT_VERSION, "cloc": FORMAT_VERSION}
+PAIR_KINDS.update(albef=FORMAT_VERSION, degla=FORMAT_VERSION)  # encoders.albef, encoders.degla
 IMAGE_POOLS = ("pooler", "mean")
 
 
@@ -91,6 +93,8 @@ class EncoderConfig:
     # Initial logit parameters; None: the objective's own (init_logit_params), else CLIP's log(1/0.07).
     init_log_scale: float | None = None
     init_bias: float | None = None
+    # CoCa (encoders.coca): a captioning decoder and attentional poolers on the pair; with `mim`, SyCoCa.
+    coca: CocaConfig | None = None
 
     def __post_init__(self) -> None:
         if self.image_pool not in IMAGE_POOLS:
@@ -110,6 +114,12 @@ class EncoderConfig:
         except (ValueError, TypeError) as e:
             key = "objective_args" if self.objective_args and self.objective in OBJECTIVES else "objective"
             raise ConfigError(f"model.encoder.{key}: {e}") from e
+        if self.coca is not None:
+            if type(self) is not EncoderConfig:  # TIPS, CLOC: their models would ignore it
+                raise ConfigError(
+                    f"model.encoder.coca is an option of model.kind contrastive, not of {type(self).__name__}"
+                )
+            self.coca.check_objective(get_objective(self.objective, **self.objective_args))
 
     def pair(self) -> EncoderConfig:
         """The contrastive pair's part alone (a TIPS or CLOC config less its own section)."""
@@ -135,13 +145,30 @@ def _initial_logit_params(cfg: EncoderConfig) -> tuple[float, float | None]:
 class ContrastiveHeads(nn.Module):
     """Linear projections to the shared space and the learnable temperature (and bias, for sigmoid losses)."""
 
-    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, log_scale: float, bias: float | None):
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        embed_dim: int,
+        log_scale: float,
+        bias: float | None,
+        objective_state: nn.Module | None = None,
+    ):
         super().__init__()
         self.image_proj = nn.Linear(image_dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
         # 1-element tensors, not 0-d: ZeRO flattens parameters and some versions mishandle 0-d ones.
         self.logit_scale = nn.Parameter(torch.tensor([log_scale]))
         self.logit_bias = nn.Parameter(torch.tensor([bias])) if bias is not None else None
+        # An objective's own parameters (FDT's codebook: `objective.make_state(embed_dim)`), trained and
+        # saved with the heads; its `extras()` are passed to the objective by name.
+        self.objective_state = objective_state
+
+
+def objective_state(cfg: EncoderConfig) -> nn.Module | None:
+    """The parameters an objective asks the model to keep (`make_state`), or None (most objectives)."""
+    make = getattr(get_objective(cfg.objective, **cfg.objective_args), "make_state", None)
+    return make(cfg.embed_dim) if make is not None else None
 
 
 @dataclass
@@ -167,7 +194,11 @@ class ContrastiveModel(nn.Module):
         if heads is None:
             # output_size, not hidden_size: the heads see the final outputs, whatever layer an MLLM selects
             heads = ContrastiveHeads(
-                image_tower.output_size, text_tower.hidden_size, cfg.embed_dim, *_initial_logit_params(cfg)
+                image_tower.output_size,
+                text_tower.hidden_size,
+                cfg.embed_dim,
+                *_initial_logit_params(cfg),
+                objective_state=objective_state(cfg),
             )
         self.heads = heads
         # Kept out of the module tree: the objective is a function of embeddings, not part of the weights.
@@ -207,18 +238,26 @@ class ContrastiveModel(nn.Module):
         if self.cfg.image_pool == "mean" or pooled is None:
             pooled = patches.mean(1)
         emb = F.normalize(self.heads.image_proj(pooled), dim=-1)
-        if not tokens:
+        pool = getattr(self.objective, "embed_tokens", None)  # FDT: the embedding is the objective's
+        if not tokens and pool is None:
             return emb
-        return emb, F.normalize(self.heads.image_proj(patches), dim=-1)
+        tok = F.normalize(self.heads.image_proj(patches), dim=-1)
+        if pool is not None:
+            emb = pool(tok, None, **self.heads.objective_state.extras())
+        return (emb, tok) if tokens else emb
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: bool = False):
         """Normalised text embeddings [B, E]; with `tokens`, also normalised token embeddings [B, T, E]
         (padding positions are embedded too; `attention_mask` says which are real)."""
         pooled, hidden = self.text_tower(input_ids, attention_mask)
         emb = F.normalize(self.heads.text_proj(pooled), dim=-1)
-        if not tokens:
+        pool = getattr(self.objective, "embed_tokens", None)  # FDT: the embedding is the objective's
+        if not tokens and pool is None:
             return emb
-        return emb, F.normalize(self.heads.text_proj(hidden), dim=-1)
+        tok = F.normalize(self.heads.text_proj(hidden), dim=-1)
+        if pool is not None:
+            emb = pool(tok, attention_mask.bool(), **self.heads.objective_state.extras())
+        return (emb, tok) if tokens else emb
 
     def forward(
         self,
@@ -232,6 +271,10 @@ class ContrastiveModel(nn.Module):
         hard_img_attention_mask: torch.Tensor | None = None,
         hard_img_hard_input_ids: torch.Tensor | None = None,
         hard_img_hard_attention_mask: torch.Tensor | None = None,
+        sub_input_ids: torch.Tensor | None = None,
+        sub_attention_mask: torch.Tensor | None = None,
+        syn_input_ids: torch.Tensor | None = None,
+        syn_attention_mask: torch.Tensor | None = None,
         **_: Any,
     ) -> ContrastiveOutput:
         """The objective's loss on a batch of matching (image, text) pairs (row i matches row i).
@@ -262,6 +305,21 @@ class ContrastiveModel(nn.Module):
                 extra["hard_img_hard_txt"] = self.encode_text(
                     hard_img_hard_input_ids, hard_img_hard_attention_mask
                 )
+        if "sub_txt" in needs:  # DreamLIP: K sub-captions per image (mllm.data.captions `sub_captions`)
+            if sub_input_ids is None or sub_attention_mask is None:
+                raise ValueError(
+                    f"objective {self.cfg.objective!r} needs sub-captions; the batch has none "
+                    "(set the stage's data.sub_captions to K > 0)"
+                )
+            extra["sub_txt"] = self.encode_text(sub_input_ids, sub_attention_mask)
+        if "syn_txt" in needs:  # ALIP: each image's synthetic caption (GeoWorld's `synthetic`)
+            if syn_input_ids is None or syn_attention_mask is None:
+                raise ValueError(
+                    f"objective {self.cfg.objective!r} needs synthetic captions; the batch has none"
+                )
+            extra["syn_txt"] = self.encode_text(syn_input_ids, syn_attention_mask)
+        if self.heads.objective_state is not None:
+            extra.update(self.heads.objective_state.extras())
         wanted = needs | set(getattr(self.objective, "optional", ()))
         extra = {k: v for k, v in extra.items() if k in wanted}
         loss, stats = self.objective(img, txt, self.logit_scale(), self.logit_bias(), **extra)
@@ -333,6 +391,7 @@ class ContrastiveModel(nn.Module):
             enc.embed_dim,
             0.0,
             0.0 if "logit_bias" in weights else None,
+            objective_state=objective_state(enc),
         )
         heads.load_state_dict(weights)
         return cls(image_tower, text_tower, enc, heads).eval()

@@ -145,6 +145,11 @@ KNOWN_EXTRAS = (
     "hard_img",
     "hard_img_txt",
     "hard_img_hard_txt",
+    "codebook",  # FDT's shared codebook [K, D] (encoders.objectives_text), a model parameter
+    "sub_txt",  # DreamLIP's sub-caption embeddings [B * K, D] (encoders.objectives_text)
+    "syn_txt",  # ALIP's synthetic-caption embeddings [B, D] and its running means (objectives_text)
+    "alip_means",
+    "alip_started",
 )
 
 

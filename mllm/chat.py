@@ -222,8 +222,12 @@ def encode_conversation(
     max_length: int | None = None,
     sample: str = "sample",
     for_generation: bool = False,
+    look_token: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Token ids and labels for one conversation, with each `<image>` expanded to the tower's count.
+
+    `look_token` (a model with a readout, `meta.look_token`): appended to every user turn of a
+    conversation with an image, where the readout writes what the image says about that question.
 
     Returns `input_ids` and `labels` (IGNORE_INDEX outside assistant turns), 1-D long tensors.
     Raises SampleError (naming `sample`) for: no assistant turn (when training), a count of
@@ -238,6 +242,10 @@ def encode_conversation(
     markers = sum(len(_IMAGE_RE.findall(t)) for _, t in turns)
     if markers != num_images:
         raise SampleError(f"{sample}: {markers} <image> marker(s) in the text but {num_images} image(s)")
+    if look_token and num_images:
+        if any(look_token in t for _, t in turns):
+            raise SampleError(f"{sample}: the text already holds the look token {look_token!r}")
+        turns = [(r, t + look_token if r == "user" else t) for r, t in turns]
     segs = get_template(template).render(turns, tokenizer, for_generation)
     ids: list[int] = []
     labels: list[int] = []

@@ -16,16 +16,26 @@ from typing import Any
 
 import yaml
 
+from encoders.albef import AlbefEncoderConfig
 from encoders.cloc import ClocEncoderConfig
 from encoders.common import ConfigError as ConfigError
 from encoders.common import from_dict as from_dict
 from encoders.common import to_dict as to_dict
 from encoders.contrastive import EncoderConfig
+from encoders.degla import DeglaEncoderConfig
 from encoders.geo import GeoConfig
+from encoders.objectives import OBJECTIVES
+from encoders.objectives_cluster import objective_least_batch
+from encoders.refine import RefineConfig
 from encoders.registry import Registry
 from encoders.ssl.config import SSLConfig
+from encoders.ssl.tower_objectives import least_batch as ssl_least_batch
 from encoders.tips import TipsEncoderConfig
 from encoders.towers import TowerConfig
+from mllm.cgvlm import CgVlmConfig
+from mllm.data.caption_aug import IMAGE_AUGMENTS
+from mllm.data.captions import CAPTION_MODES
+from mllm.readout import check_readout
 
 
 @dataclass
@@ -78,6 +88,10 @@ class ModelConfig:
     # Where `<image>` goes beside a question in generated data, evaluation and chat: "before" (LLaVA's
     # `<image>\n{q}`) or "after" (`{q}\n<image>`); see mllm.chat.IMAGE_PLACEMENTS.
     image_placement: str = "before"
+    # A question-conditioned readout (mllm.readout.READOUTS, e.g. {type: focus, heads: 4, dim: 64}): a look
+    # token after every question, filled from the image by attention with the question's words. None:
+    # LLaVA's layout (the LM alone finds what a question names among the image tokens).
+    readout: dict[str, Any] | None = None
     # Start from a saved model directory (a previous stage's output) instead of building.
     init_from: str | None = None
     # Tower/LM paths that are not local folders are hub names, downloaded only when this is true.
@@ -92,6 +106,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.encoder = encoder_config_for(self.kind, self.encoder)
+        if self.readout is not None:
+            check_readout(self.readout, self.fusion is not None)
 
 
 # model.kind -> the dataclass of its `model.encoder` section (a tagged union keyed by the kind). Here, not
@@ -101,6 +117,8 @@ ENCODER_CONFIGS: Registry[type] = Registry("encoder config")
 ENCODER_CONFIGS.register("contrastive", EncoderConfig)
 ENCODER_CONFIGS.register("tips", TipsEncoderConfig)
 ENCODER_CONFIGS.register("cloc", ClocEncoderConfig)
+ENCODER_CONFIGS.register("albef", AlbefEncoderConfig)
+ENCODER_CONFIGS.register("degla", DeglaEncoderConfig)
 ENCODER_CONFIGS.register("ssl", SSLConfig)
 
 
@@ -178,6 +196,28 @@ class DataConfig:
     feature_dtype: str = "float16"
     # GeoWorld drawn on the fly instead of `json` (see LiveWorldConfig).
     live: LiveWorldConfig | None = None
+    # Contrastive stages, CLIP++ (Fini et al. 2023) and DreamLIP (mllm.data.caption_aug, mllm.data.captions):
+    # `text_mask` drops each caption token with this probability, in [0, 1); `image_augment` names a
+    # truth-preserving image augmentation ("photometric") or null; `sub_captions` K > 0 adds K of each
+    # row's sub-captions to the batch (DreamLIP's multiple positives).
+    text_mask: float = 0.0
+    image_augment: str | None = None
+    sub_captions: int = 0
+
+    def __post_init__(self) -> None:
+        """The caption options, refused when the recipe loads (one line naming the key)."""
+        if self.caption not in CAPTION_MODES:
+            raise ConfigError(f"data.caption must be one of {CAPTION_MODES}, got {self.caption!r}")
+        tm = self.text_mask
+        if isinstance(tm, bool) or not isinstance(tm, (int, float)) or not 0.0 <= tm < 1.0:
+            raise ConfigError(f"data.text_mask must be a number in [0, 1), got {tm!r}")
+        if self.image_augment is not None and self.image_augment not in IMAGE_AUGMENTS:
+            raise ConfigError(
+                f"data.image_augment must be one of {IMAGE_AUGMENTS} or null, got {self.image_augment!r}"
+            )
+        k = self.sub_captions
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"data.sub_captions must be an integer >= 0, got {k!r}")
 
 
 @dataclass
@@ -292,10 +332,20 @@ class StageConfig:
     # PRIOR's settings, for a stage whose kind trains with PRIOR token weights (kind `prior`); None there
     # means the defaults. Refused (when the run starts) on any other kind of stage.
     prior: PriorConfig | None = None
+    # CLIP-Refine's settings (encoders.refine.RefineConfig), for a stage of kind `refine` only; CG-VLM's
+    # (mllm.cgvlm.CgVlmConfig), for a stage of kind `align` only. Refused on any other kind when the recipe loads.
+    refine: RefineConfig | None = None
+    cgvlm: CgVlmConfig | None = None
 
     def __post_init__(self) -> None:
         """Refused when the recipe loads, not hundreds of steps into a run. A stage sized by `epochs` is
         checked again at its start, once its length in steps is known."""
+        for key, kind in (("refine", "refine"), ("cgvlm", "align")):
+            if getattr(self, key) is not None and self.kind != kind:
+                raise ConfigError(
+                    f"stage {self.name!r}: stages.{self.name}.{key} is set but the stage's kind is "
+                    f"{self.kind!r}; it belongs to a stage of kind {kind!r}"
+                )
         if self.eval_every is None:
             return
         where = f"stage {self.name!r}: eval_every={self.eval_every}"
@@ -390,6 +440,12 @@ class Recipe:
                 "section; move them there (stages: - {name: prior, kind: prior, prior: {alpha: ...}}, "
                 "override: stages.<stage>.prior.alpha=...)"
             )
+        for s in self.stages:  # CLIP-Refine refines a contrastive pair (contrastive, tips, cloc kinds)
+            if s.kind == "refine" and self.model.kind in ("mllm", "ssl"):
+                raise ConfigError(
+                    f"stage {s.name!r}: kind 'refine' (CLIP-Refine) refines a contrastive image-text pair, "
+                    f"but model.kind is {self.model.kind!r}"
+                )
         names = [s.name for s in self.stages]
         for s in self.stages:
             ref = s.prior.ref_stage() if s.prior is not None else None
@@ -397,6 +453,38 @@ class Recipe:
                 raise ConfigError(
                     f"stage {s.name!r}: prior.ref {s.prior.ref!r} is not an earlier stage of the "
                     f"recipe ({names[: names.index(s.name)]})"
+                )
+
+        # Prototypes filled within a batch (ProtoCLIP's k-means, SwAV's equipartition) need a batch at least
+        # as large: refused here, naming the option (encoders.objectives_cluster, encoders.ssl.tower_objectives).
+        enc = self.model.encoder
+        least = (
+            ssl_least_batch(enc)
+            if isinstance(enc, SSLConfig)
+            else objective_least_batch(enc.objective, enc.objective_args)
+            if isinstance(enc, EncoderConfig)
+            else None
+        )
+        for s in self.stages if least is not None else ():
+            if s.batch_size < least[1]:
+                raise ConfigError(
+                    f"model.encoder.objective_args.{least[0]}={least[1]} needs a batch of at least "
+                    f"{least[1]}; stages.{s.name}.batch_size is {s.batch_size}"
+                )
+
+        # DreamLIP's sub-captions (data.sub_captions = K) go with its objective and only with it; CLIP++'s
+        # data switches are read by the `contrastive` stage kind only (mllm.families.contrastive).
+        wants_sub = isinstance(enc, EncoderConfig) and "sub_txt" in OBJECTIVES[enc.objective].needs
+        for s in self.stages:
+            used = [k for k in ("text_mask", "image_augment", "sub_captions") if getattr(s.data, k)]
+            if s.kind != "contrastive" and used:
+                raise ConfigError(
+                    f"stages.{s.name}.data.{used[0]}: read only by `contrastive` stages, this one is {s.kind!r}"
+                )
+            if s.kind == "contrastive" and wants_sub != (s.data.sub_captions > 0):
+                what = "needs K > 0 sub-captions per image" if wants_sub else "reads none (DreamLIP's option)"
+                raise ConfigError(
+                    f"stages.{s.name}.data.sub_captions={s.data.sub_captions}: objective {enc.objective!r} {what}"
                 )
 
     def stage(self, name: str) -> StageConfig:

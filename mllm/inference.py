@@ -33,6 +33,7 @@ def prompt_ids(model: MultimodalLM, turns: list[tuple[str, str]], num_images: in
         max_length=None,
         sample="prompt",
         for_generation=True,
+        look_token=model.meta.look_token,
     )
     return enc["input_ids"]
 

@@ -32,6 +32,7 @@ from mllm.data.packing import check_packing_support
 from mllm.hf_import import is_llava_dir, read_llava
 from mllm.lm_init import apply_lm_init
 from mllm.projectors import build_projector
+from mllm.readout import LOOK_TOKEN, build_readout, look_inputs
 from mllm.tokenizer import load_tokenizer
 from mllm.vision import Fusion, build_fusion, fusion_from_meta
 
@@ -59,6 +60,11 @@ class MultimodalMeta:
     format_version: int = FORMAT_VERSION
     # Fused vision side only (mllm.vision): a FusionConfig as a dict. Absent from a single-tower mllm.json.
     fusion: dict[str, Any] | None = None
+    # A question-conditioned readout (mllm.readout): its config and the look token it fills after every
+    # question. Absent from the mllm.json of a model without one.
+    readout: dict[str, Any] | None = None
+    look_token: str | None = None
+    look_token_id: int = -1
 
 
 @dataclass
@@ -126,6 +132,8 @@ class MultimodalLM(nn.Module):
         self.fusion = fusion
         for name, module in (parts or {}).items():
             self.add_module(name, module)
+        if "readout" not in self._modules:
+            self.readout: nn.Module | None = None  # mllm.readout; set through `parts`
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -142,6 +150,7 @@ class MultimodalLM(nn.Module):
         box_format: str = "norm1",
         fusion: FusionConfig | None = None,
         image_placement: str = "before",
+        readout: dict[str, Any] | None = None,
     ) -> MultimodalLM:
         tower = build_tower(tower_cfg, load_weights=load_tower_weights)
         d_llm = lm.get_input_embeddings().embedding_dim
@@ -152,6 +161,16 @@ class MultimodalLM(nn.Module):
             proj = parts.pop("projector")
         else:
             proj = build_projector(projector, tower.hidden_size, d_llm)
+        look_id = -1
+        if readout is not None:
+            if fusion is not None:
+                raise ValueError("model.readout is not supported with model.fusion")
+            parts["readout"] = build_readout(readout, tower.hidden_size, d_llm)
+            look_id = tokenizer.convert_tokens_to_ids(LOOK_TOKEN)
+            if look_id is None or look_id == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"model.readout needs {LOOK_TOKEN} in the tokenizer (mllm.tokenizer.ensure_look_token)"
+                )
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         meta = MultimodalMeta(
             tower=asdict(tower_cfg),
@@ -163,6 +182,9 @@ class MultimodalLM(nn.Module):
             box_format=box_format,
             image_placement=check_image_placement(image_placement),
             fusion=asdict(fusion) if fusion is not None else None,
+            readout=dict(readout) if readout is not None else None,
+            look_token=LOOK_TOKEN if readout is not None else None,
+            look_token_id=int(look_id),
         )
         return cls(tower, proj, lm, meta, tokenizer, fuse, parts)
 
@@ -239,11 +261,24 @@ class MultimodalLM(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image embeddings scattered into the placeholder positions.
+        """Token embeddings with image embeddings scattered into the placeholder positions, and each look
+        position (a readout's, mllm.readout) filled from its image and the question before it.
 
         `image_features` (pre-projector tokens from the feature cache) replace `pixel_values`.
         """
+        return self._embed(input_ids, pixel_values, image_features, attention_mask)[0]
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        look_targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`embed`, and the readout's grounding loss when `look_targets` are given (else None)."""
         is_image = input_ids == self.image_token_id
         # The placeholder id may be outside a resized-but-unused range; embed a safe id there instead.
         safe_ids = input_ids.masked_fill(is_image, 0)
@@ -253,9 +288,14 @@ class MultimodalLM(nn.Module):
         if source is None or source.shape[0] == 0:
             if n_slots:
                 raise ValueError(f"{n_slots} image positions in the batch but no pixel_values")
-            return embeds
+            return embeds, None
+        feats = None
         if image_features is not None:
+            feats = image_features
             img = self.project_features(image_features)
+        elif self.readout is not None:
+            feats = self.tower_features(pixel_values)
+            img = self.project_features(feats)
         else:
             img = self.encode_images(pixel_values)
         if img.shape[0] * img.shape[1] != n_slots:
@@ -263,7 +303,46 @@ class MultimodalLM(nn.Module):
                 f"{source.shape[0]} image(s) yield {img.shape[0] * img.shape[1]} embeddings "
                 f"but the batch has {n_slots} image positions"
             )
-        return embeds.masked_scatter(is_image.unsqueeze(-1), img.to(embeds.dtype))
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), img.to(embeds.dtype))
+        if self.readout is not None and feats is not None:
+            return self._fill_looks(input_ids, embeds, feats, attention_mask, look_targets)
+        return embeds, None
+
+    def _fill_looks(
+        self,
+        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        features: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        targets: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write the readout's embedding at every look position (see mllm.readout)."""
+        if not bool((input_ids == self.meta.look_token_id).any()):
+            return embeds, None
+        words = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones_like(input_ids, dtype=torch.bool)
+        )
+        if self.tokenizer is not None:  # the template's markers say nothing about the question
+            words &= ~torch.isin(
+                input_ids, torch.tensor(self.tokenizer.all_special_ids, device=input_ids.device)
+            )
+        queries, index, is_look = look_inputs(
+            input_ids,
+            embeds,
+            self.meta.look_token_id,
+            self.image_token_id,
+            self.num_image_tokens,
+            words,
+        )
+        if targets is not None and targets.shape[0] != index.shape[0]:
+            raise ValueError(
+                f"look_targets has {targets.shape[0]} rows but the batch has {index.shape[0]} looks"
+            )
+        rp = self._param_dtype(self.readout)
+        looks, ground = self.readout(features.to(rp), queries.to(rp), index, targets)
+        return embeds.masked_scatter(is_look.unsqueeze(-1), looks.to(embeds.dtype)), ground
 
     def forward(
         self,
@@ -275,6 +354,7 @@ class MultimodalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_logits: bool = False,
         image_features: torch.Tensor | None = None,
+        look_targets: torch.Tensor | None = None,
         **_: Any,
     ) -> MultimodalOutput:
         """Next-token loss, optionally weighted per token (PRIOR), over labelled positions only.
@@ -288,7 +368,7 @@ class MultimodalLM(nn.Module):
         """
         if attention_mask is None and position_ids is not None:
             check_packing_support(self.lm)
-        embeds = self.embed(input_ids, pixel_values, image_features)
+        embeds, ground = self._embed(input_ids, pixel_values, image_features, attention_mask, look_targets)
         base = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
         out = base(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -306,6 +386,9 @@ class MultimodalLM(nn.Module):
         if token_weights is not None:
             ce = ce * token_weights[:, 1:][valid].to(ce.dtype)
         loss = ce.sum() / max(n, 1)
+        if ground is not None and self.readout is not None and self.readout.ground > 0:
+            # the look's grounding (mllm.readout, training on GeoWorld's scene graphs only)
+            loss = loss + self.readout.ground * ground.to(loss.dtype)
         return MultimodalOutput(loss, logits if return_logits else None, n)
 
     # ------------------------------------------------------------------ generation
@@ -331,7 +414,7 @@ class MultimodalLM(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, attention_mask=attention_mask)
         tok = self.tokenizer
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
@@ -368,6 +451,14 @@ class MultimodalLM(nn.Module):
                 meta["fusion"] = self.fusion.save_parts(self, tmp)
             else:
                 del meta["fusion"]  # single-tower mllm.json keeps its original fields (plus its kind)
+            if self.readout is not None:
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in self.readout.state_dict().items()},
+                    str(tmp / "readout.safetensors"),
+                )
+            else:
+                for key in ("readout", "look_token", "look_token_id"):
+                    del meta[key]
             if meta["image_placement"] == "before":
                 del meta["image_placement"]  # LLaVA's placement, the default when the field is absent
             write_meta(tmp / "mllm.json", "mllm", FORMAT_VERSION, meta)
@@ -404,6 +495,10 @@ class MultimodalLM(nn.Module):
         else:
             proj = build_projector(meta.projector, tower.hidden_size, d_llm)
         proj.load_state_dict(load_file(str(model_dir / "projector.safetensors")))
+        if meta.readout is not None:
+            readout = build_readout(meta.readout, tower.hidden_size, d_llm)
+            readout.load_state_dict(load_file(str(model_dir / "readout.safetensors")))
+            parts["readout"] = readout
         tok = load_tokenizer(model_dir / "tokenizer") if (model_dir / "tokenizer").is_dir() else None
         model = cls(tower, proj, lm, meta, tok, fuse, parts)
         if torch_dtype is not None:

@@ -258,6 +258,7 @@ def _targets(ds: ConversationDataset, i: int) -> tuple[str, torch.Tensor] | None
             num_images=len(image_paths(rec)),
             max_length=ds.max_length,
             sample=name,
+            look_token=ds.look_token,
         )
     except SampleError:
         if ds.skip_bad_samples:

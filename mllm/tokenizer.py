@@ -58,3 +58,16 @@ def ensure_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str = IM
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer.convert_tokens_to_ids(image_token)
+
+
+def ensure_look_token(tokenizer: PreTrainedTokenizerBase, look_token: str) -> int:
+    """Add a readout's look token (mllm.readout) as a special token if missing; return its id.
+
+    Added beside the tokenizer's other special tokens (never replacing them); the caller resizes the
+    LM's embeddings when this grows the vocabulary.
+    """
+    if look_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [look_token]}, replace_extra_special_tokens=False
+        )
+    return tokenizer.convert_tokens_to_ids(look_token)

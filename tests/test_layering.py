@@ -6,9 +6,9 @@ A module may import from its own layer and the layers below it, never from a lay
     layer  name          modules
     0      encoders      encoders.*  (the vision library: towers, objectives, SSL/TIPS/CLOC models, registry,
                          common io/config/process helpers); imports nothing from mllm
-    1      model side    mllm.config, mllm.model, mllm.data.*, mllm.chat, mllm.projectors, mllm.tokenizer,
+    1      model side    mllm.config, mllm.model, mllm.data.*, mllm.chat, mllm.projectors, mllm.readout, mllm.tokenizer,
                          mllm.vision, mllm.lm_init, mllm.hf_import, mllm.hf_export, mllm.lora, mllm.prior,
-                         mllm.feature_cache  (what a model, its recipe section and its data are)
+                         mllm.feature_cache, mllm.cgvlm  (what a model, its recipe section and its data are)
     2      families      mllm.families.*, mllm.loading  (one registration per model family: build, load,
                          recognise, tasks, stage kinds; loading a saved model of any family)
     3      applications  mllm.training.*, mllm.evaluation.*, mllm.integrations.*, mllm.inference,
@@ -156,6 +156,7 @@ LAYERS: dict[str, int] = {
             "mllm.data",
             "mllm.chat",
             "mllm.projectors",
+            "mllm.readout",
             "mllm.tokenizer",
             "mllm.vision",
             "mllm.lm_init",
@@ -164,6 +165,7 @@ LAYERS: dict[str, int] = {
             "mllm.lora",
             "mllm.prior",
             "mllm.feature_cache",
+            "mllm.cgvlm",
         ),
         1,
     ),

@@ -247,3 +247,40 @@ def test_image_placement_after_puts_the_first_question_before_the_image(tok):
         LiveWorldDataset(
             LiveWorldConfig(), tok, "chatml", image_id, 4, lambda ims: ims, 4096, image_placement="x"
         )
+
+
+def test_grounded_looks_get_one_target_row_per_look(tok):
+    """With a readout's look token and grid, each sample carries one referent-patch row per look, in turn
+    order, also when `_encode` drops trailing turns to fit max_length."""
+    import copy
+
+    from mllm.data.conversations import Collator
+    from mllm.data.geoworld.live import conversation as live_conversation
+    from mllm.data.geoworld.live import qa_turns
+    from mllm.data.geoworld.referents import referent_patches, referents
+    from mllm.readout import LOOK_TOKEN
+    from mllm.tokenizer import ensure_look_token
+
+    t = copy.deepcopy(tok)
+    look = ensure_look_token(t, LOOK_TOKEN)
+    for max_length in (4096, 120):
+        ds = LiveWorldDataset(
+            LiveWorldConfig(turns=(6, 6)),
+            t,
+            "chatml",
+            t.convert_tokens_to_ids("<image>"),
+            4,
+            lambda ims: torch.zeros(len(ims), 3, 8, 8),
+            max_length,
+        )
+        ds.look_token, ds.look_grid = LOOK_TOKEN, (2, 2)
+        items = [ds[i] for i in range(6)]
+        for i, it in enumerate(items):
+            n = int((it["input_ids"] == look).sum())
+            assert it["look_targets"].shape == (n, 4) and n >= 1
+            scene, rng = ds.scene(i)
+            conv = live_conversation(qa_turns(scene, rng, ds.cfg), ds.placement)
+            want = [referent_patches(scene, referents(scene, c["value"]), (2, 2)) for c in conv[::2]][:n]
+            assert torch.equal(it["look_targets"], torch.stack(want))
+        batch = Collator(t.pad_token_id)(items)
+        assert batch["look_targets"].shape[0] == int((batch["input_ids"] == look).sum())

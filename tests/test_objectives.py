@@ -359,6 +359,23 @@ def test_stats_report_retrieval_accuracy():
     assert st["acc_i2t"] == 1.0
 
 
+def caption_method_extras(obj, b: int, d: int, dtype: torch.dtype) -> dict:
+    """The extras of encoders.objectives_text's objectives (tested in full in tests/test_caption_methods.py):
+    DreamLIP's 2 sub-captions per image, ALIP's synthetic captions and fresh running means, FDT's codebook."""
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    if "sub_txt" in obj.needs:
+        out["sub_txt"] = unit(2 * b, d, g=g).detach().to(dtype)
+    if "syn_txt" in obj.needs:
+        out["syn_txt"] = unit(b, d, g=g).detach().to(dtype)
+        out.update(
+            alip_means=torch.zeros(3, dtype=torch.float64), alip_started=torch.zeros(1, dtype=torch.float64)
+        )
+    if "codebook" in obj.needs:
+        out["codebook"] = torch.randn(obj.codebook_size, d, generator=g).to(dtype)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_bf16_features_close_to_fp32(name):
     """bf16 features: logits, dot products and token similarities are accumulated in fp32, so the loss is a
@@ -372,6 +389,7 @@ def test_bf16_features_close_to_fp32(name):
         extra = {k: x[k].detach().to(dtype) for k in keys}
         if "txt_mask" in obj.needs:
             extra["txt_mask"] = x["txt_mask"]
+        extra.update(caption_method_extras(obj, 64, 32, dtype))
         return obj(
             x["img"].detach().to(dtype), x["txt"].detach().to(dtype), torch.tensor(10.0), bias, **extra
         )[0]

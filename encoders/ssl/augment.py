@@ -36,7 +36,19 @@ def random_resized_crop(
 
     Ten tries, then the whole image (the same fall-back as the usual implementation).
     """
-    _, height, width = image.shape
+    top, left, h, w = random_crop_box(image.shape[1], image.shape[2], scale, ratio, gen)
+    crop = image[:, top : top + h, left : left + w].unsqueeze(0)
+    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def random_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    gen: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
+    """The box (top, left, h, w) `random_resized_crop` cuts; PixPro keeps it to match pixels across views."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     box = (0, 0, height, width)
@@ -50,9 +62,7 @@ def random_resized_crop(
             left = int(torch.randint(0, width - w + 1, (), generator=gen))
             box = (top, left, h, w)
             break
-    top, left, h, w = box
-    crop = image[:, top : top + h, left : left + w].unsqueeze(0)
-    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return box
 
 
 def _grey(image: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,16 @@ class SSLConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     export: str = "student"  # which weights become image_tower/: "student" | "teacher" (DINO evaluates the
     # teacher; in a few hundred steps the EMA lags the student, so the tiny recipes keep the student)
+    # What trains the tower: encoders.ssl.tower_objectives.TOWER_OBJECTIVES (dino: DINO + iBOT, `distill`;
+    # swav, supcon, pixpro, mlcd: their own options in objective_args). Checked when the recipe loads.
+    objective: str = "dino"
+    objective_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # inside: tower_objectives imports augment and distill (PixPro), which import this module
+        from encoders.ssl.tower_objectives import check_objective
+
+        check_objective(self)
 
 
 def config_from_dict(cls: type, data: dict[str, Any] | None, where: str) -> Any:

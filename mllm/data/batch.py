@@ -84,6 +84,7 @@ class Batch(TypedDict, total=False):
     token_weights: torch.Tensor
     pixel_values: torch.Tensor | None
     image_features: torch.Tensor
+    look_targets: torch.Tensor  # [n_looks, N]: each look's referent patches (mllm.readout grounding)
 
 
 def skipped(skip: Skip) -> dict[str, Skip]:

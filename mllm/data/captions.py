@@ -4,7 +4,12 @@ Each line is `{"id", "image", "short", "long", "negatives": {"attribute", "relat
 (see mllm.data.geoworld.writer). The stage's `data.caption` picks the caption: "long" (the exact one,
 the default: fine attributes such as orientation and position are only in it), "short" (noisy alt
 text) or "random" (either, drawn per fetch from Python's `random`, which the engine seeds and restores
-on resume). Hard negatives (NegCLIP) always come from the long caption's negatives: each is a false
+on resume); and from the fields of mllm.data.geoworld.rewrites: "noisy" (ALIGN: short alt text with a
+wrong attribute at a stated rate), "rewrite" (LaCLIP: the long caption or one of its rewrites, drawn
+uniformly per fetch), "synthetic" (ALIP's captioner caption) and "description" (DreamLIP's long
+multi-sentence caption). `sub_captions: K` (DreamLIP) adds K of the row's sub-captions per sample
+(drawn without replacement, with it when a row has fewer), `image_augment` / `text_mask` are CLIP++'s
+augmentations (mllm.data.caption_aug); `synthetic` adds the row's synthetic caption (ALIP's second path). Hard negatives (NegCLIP) always come from the long caption's negatives: each is a false
 statement about the image whichever caption is the positive.
 
 Hard images (NegCLIP, `hard_images=True`): each sample also carries its nearest neighbour in the data
@@ -32,10 +37,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mllm.data.batch import Batch, Skip, skipped, start_batch
+from mllm.data.caption_aug import augment_image, mask_tokens
 from mllm.data.images import ImageError, load_image, resolve_image
 from mllm.data.records import DataError, read_records
 
-CAPTION_MODES = ("long", "short", "random")
+CAPTION_MODES = ("long", "short", "random", "noisy", "rewrite", "synthetic", "description")
 NEGATIVE_KINDS = ("attribute", "relation", "order")
 
 
@@ -91,6 +97,9 @@ class CaptionDataset(Dataset):
         hard_negatives: bool = False,
         skip_bad_samples: bool = False,
         hard_images: bool = False,
+        image_augment: str | None = None,
+        sub_captions: int = 0,
+        synthetic: bool = False,
     ):
         if caption not in CAPTION_MODES:
             raise ValueError(f"data.caption must be one of {CAPTION_MODES}, got {caption!r}")
@@ -105,6 +114,7 @@ class CaptionDataset(Dataset):
             hard_negatives,
             skip_bad_samples,
         )
+        self.image_augment, self.n_sub, self.synthetic = image_augment, sub_captions, synthetic
         self.neighbours: list[int] | None = None
         if hard_images:
             if not hard_negatives:
@@ -125,7 +135,18 @@ class CaptionDataset(Dataset):
 
     def _text(self, row: dict, name: str) -> str:
         key = self.caption if self.caption != "random" else random.choice(("short", "long"))
-        text = row.get(key)
+        if key == "rewrite":  # LaCLIP: the original or one of its rewrites, uniformly
+            options = [row.get("long"), *(row.get("rewrites") or [])]
+            if len(options) < 2:
+                raise DataError(
+                    f"{name}: no 'rewrites' (a world written before them: run `mllm synth` again)"
+                )
+            text = random.choice(options)
+        elif key == "description":
+            subs = row.get("sub_captions")
+            text = " ".join(subs) if isinstance(subs, list) and subs else None
+        else:
+            text = row.get(key)
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{name}: no {key!r} caption")
         return text
@@ -140,6 +161,17 @@ class CaptionDataset(Dataset):
             )
         return random.choice(options)
 
+    def _subs(self, row: dict, name: str) -> list[str]:
+        """DreamLIP: `n_sub` of the row's sub-captions (without replacement where the row has enough)."""
+        subs = row.get("sub_captions")
+        if not isinstance(subs, list) or not subs or not all(isinstance(t, str) and t for t in subs):
+            raise DataError(
+                f"{name}: no 'sub_captions' (a world written before them: run `mllm synth` again)"
+            )
+        if len(subs) >= self.n_sub:
+            return random.sample(subs, self.n_sub)
+        return [random.choice(subs) for _ in range(self.n_sub)]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         name = self._name(i)
         row = self.rows[i]
@@ -148,7 +180,13 @@ class CaptionDataset(Dataset):
                 raise DataError(f"{name}: expected a JSON object, got {type(row).__name__}")
             text = self._text(row, name)
             hard = self._negative(row, name) if self.hard else None
+            subs = self._subs(row, name) if self.n_sub else None
+            syn = row.get("synthetic") if self.synthetic else None
+            if self.synthetic and (not isinstance(syn, str) or not syn.strip()):
+                raise DataError(f"{name}: no 'synthetic' caption (ALIP; run `mllm synth` again)")
             image = load_image(resolve_image(self.root, row.get("image")))
+            if self.image_augment:
+                image = augment_image(image, self.image_augment)
             if self.neighbours is not None:
                 j = self.neighbours[i]
                 nrow, nname = self.rows[j], f"{name}, hard image {self._name(j)}"
@@ -164,6 +202,10 @@ class CaptionDataset(Dataset):
         out = {"id": str(row.get("id", i)), "pixel_values": self.preprocess([image]), "text": text}
         if hard is not None:
             out["hard"] = hard
+        if subs is not None:
+            out["sub_texts"] = subs
+        if syn is not None:
+            out["syn_text"] = syn
         if self.neighbours is not None:
             out.update(
                 hard_pixel_values=self.preprocess([n_image]), hard_img_text=n_text, hard_img_hard=n_hard
@@ -174,8 +216,10 @@ class CaptionDataset(Dataset):
 class CaptionCollator:
     """Stacks pixels and tokenises the texts of a micro-batch with the text tower's own tokenizer."""
 
-    def __init__(self, tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]):
-        self.tokenize = tokenize
+    def __init__(
+        self, tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]], text_mask: float = 0.0
+    ):
+        self.tokenize, self.text_mask = tokenize, text_mask
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
         items, batch = start_batch(items)
@@ -183,6 +227,18 @@ class CaptionCollator:
             return batch
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
         batch["input_ids"], batch["attention_mask"] = self.tokenize([it["text"] for it in items])
+        if self.text_mask:  # CLIP++'s text masking, on the positive captions only
+            batch["input_ids"], batch["attention_mask"] = mask_tokens(
+                batch["input_ids"], batch["attention_mask"], self.text_mask
+            )
+        if "syn_text" in items[0]:  # ALIP: the synthetic caption of each image
+            batch["syn_input_ids"], batch["syn_attention_mask"] = self.tokenize(
+                [it["syn_text"] for it in items]
+            )
+        if "sub_texts" in items[0]:  # DreamLIP: K sub-captions per sample, sample-major [B * K]
+            batch["sub_input_ids"], batch["sub_attention_mask"] = self.tokenize(
+                [t for it in items for t in it["sub_texts"]]
+            )
         if "hard" in items[0]:
             batch["hard_input_ids"], batch["hard_attention_mask"] = self.tokenize(
                 [it["hard"] for it in items]

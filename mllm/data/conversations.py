@@ -62,6 +62,8 @@ class ConversationDataset(Dataset):
         # image paths -> pre-projector features [n, N, D]; set by mllm.feature_cache.attach, else None
         self.features: Callable[[list[Path], str], torch.Tensor] | None = None
         self.load_errors: dict[int, str] = {}
+        # A readout's look token (MultimodalLM.meta.look_token), set by the family that builds the task.
+        self.look_token: str | None = None
         for i, rec in enumerate(self.records):
             try:
                 self._check_structure(i, rec)
@@ -108,6 +110,7 @@ class ConversationDataset(Dataset):
             num_images=len(paths),
             max_length=self.max_length,
             sample=name,
+            look_token=self.look_token,
         )
         pixel_values = None
         features = None
@@ -144,8 +147,10 @@ class Collator:
             return batch
         if self.pack_length:
             packed = pack_items(items, self.pack_length, self.pad_token_id)
-            batch["ids"] = [items[i]["id"] for i in packed.pop("order")]
+            order = packed.pop("order")
+            batch["ids"] = [items[i]["id"] for i in order]
             batch.update({k: v for k, v in packed.items() if v is not None or k == "pixel_values"})
+            _look_targets(batch, [items[i] for i in order])
             return batch
         n = max(len(it["input_ids"]) for it in items)
         b = len(items)
@@ -175,7 +180,19 @@ class Collator:
             batch["image_features"] = torch.cat(feats)
         if weights is not None:
             batch["token_weights"] = weights
+        _look_targets(batch, items)
         return batch
+
+
+def _look_targets(batch: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    """The looks' grounding targets (mllm.data.geoworld.referents), one row per look in the order the
+    looks appear in the batch (row-major: the samples' order, each sample's turns in order)."""
+    rows = [it["look_targets"] for it in items if "look_targets" in it]
+    if not rows:
+        return
+    if len(rows) != len(items):
+        raise ValueError("look_targets: some samples of the batch have them and some do not")
+    batch["look_targets"] = torch.cat(rows)
 
 
 def left_pad(seqs: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,11 @@ def caption_corpus(paths: Sequence[Path]) -> list[str]:
                 if not isinstance(rec, dict):
                     continue
                 texts += [rec[k] for k in ("short", "long") if isinstance(rec.get(k), str)]
+                # mllm.data.geoworld.rewrites: the other captions a contrastive stage may pick
+                texts += [rec[k] for k in ("noisy", "synthetic") if isinstance(rec.get(k), str)]
+                texts += [
+                    t for k in ("rewrites", "sub_captions") for t in rec.get(k) or () if isinstance(t, str)
+                ]
                 negs = rec.get("negatives")
                 if isinstance(negs, dict):
                     texts += [v for v in negs.values() if isinstance(v, str)]

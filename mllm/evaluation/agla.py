@@ -85,7 +85,12 @@ def calibrated_generate(
     """
     b = input_ids.shape[0]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    embeds = torch.cat([model.embed(input_ids, pixel_values), model.embed(input_ids, augmented)])
+    embeds = torch.cat(
+        [
+            model.embed(input_ids, pixel_values, attention_mask=attention_mask),
+            model.embed(input_ids, augmented, attention_mask=attention_mask),
+        ]
+    )
     mask = torch.cat([attention_mask, attention_mask])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)

@@ -7,6 +7,8 @@ folder, the training tasks it brings (module, dataset, collator) and its stage k
     ssl          encoders.ssl.SSLModel: DINO + iBOT on images
     tips         encoders.tips.TipsModel: two-CLS contrastive + DINO + iBOT
     cloc         encoders.cloc.ClocModel: CLIP pair + Prompter (region-text InfoNCE + grounding)
+    albef        encoders.albef.AlbefModel: pair + fusion encoder, ITM, MLM, EMA momentum model (ALBEF)
+    degla        encoders.degla.DeglaModel: pair + EMA teacher, IGC/TGC on negative captions (DeGLA)
 
 The models know nothing of recipes, stages or runs; their datasets live in `mllm.data`, their evaluations
 in `mllm.evaluation`. This layer sits under training and evaluation: `mllm.training` builds and trains
@@ -16,6 +18,8 @@ through the registry, `mllm.loading` loads through it. Adding a family = one fil
 # Each registers its family; in this order, which is also the order `saved_family` tries them in.
 # isort: off
 from mllm.families import mllm, contrastive, ssl, tips, cloc  # noqa: F401
+from mllm.families import albef  # noqa: F401  (model kinds albef and degla)
+from mllm.families import refine  # noqa: F401  (CLIP-Refine's stage kind, on contrastive pairs)
 
 # isort: on
 from mllm.families.base import *  # noqa: E402, F403  (the registry's public names, listed once in base)

@@ -4,8 +4,10 @@ trained on image-caption pairs by one of `encoders.objectives` (the recipe's `mo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from encoders.coca import CocaModel, is_coca_dir
 from encoders.common import is_main, seed_everything
 from encoders.contrastive import META_FILE, ContrastiveModel, encoder_config
 from encoders.text_tower import build_text_tower
@@ -27,7 +29,11 @@ def build_contrastive_model(
     recipe's captions (saved to RUN/tokenizer, so every stage and rank uses the same one).
     """
     if cfg.init_from:
-        return ContrastiveModel.from_pretrained(cfg.init_from)
+        model = load_contrastive_model(cfg.init_from)
+        coca = getattr(cfg.encoder, "coca", None)
+        if coca is not None and not isinstance(model, CocaModel):  # CoCa on a trained pair: fresh decoder
+            return CocaModel(model.image_tower, model.text_tower, replace(model.cfg, coca=coca), model.heads)
+        return model
     enc = encoder_config(cfg.encoder)
     seed_everything(seed)
     tok_dir = Path(run_dir) / "tokenizer"
@@ -49,7 +55,13 @@ def build_contrastive_model(
             tok.save_pretrained(str(tok_dir))
     image_tower = build_tower(cfg.tower)
     text_tower = build_text_tower(enc.text, tok)
-    return ContrastiveModel(image_tower, text_tower, enc)
+    # `model.encoder.coca`: the same pair with CoCa's poolers and captioning decoder (encoders.coca)
+    return (CocaModel if enc.coca is not None else ContrastiveModel)(image_tower, text_tower, enc)
+
+
+def load_contrastive_model(path: str | Path) -> ContrastiveModel:
+    """A saved contrastive pair, as the CocaModel it is when its encoder has a coca section."""
+    return CocaModel.from_pretrained(path) if is_coca_dir(path) else ContrastiveModel.from_pretrained(path)
 
 
 def contrastive_task(model: ContrastiveModel, stage: StageConfig, template: str) -> TaskResult:
@@ -71,15 +83,18 @@ def contrastive_task(model: ContrastiveModel, stage: StageConfig, template: str)
         hard_negatives="hard_txt" in model.needs,
         skip_bad_samples=stage.data.skip_bad_samples,
         hard_images="hard_txt" in model.needs and bool(getattr(model.objective, "hard_images", False)),
+        image_augment=stage.data.image_augment,
+        sub_captions=stage.data.sub_captions,
+        synthetic="syn_txt" in model.needs,  # ALIP's second path
     )
-    return model, ds, CaptionCollator(model.text_tower.tokenize)
+    return model, ds, CaptionCollator(model.text_tower.tokenize, text_mask=stage.data.text_mask)
 
 
 register_family(
     Family(
         "contrastive",
         build_contrastive_model,
-        ContrastiveModel.from_pretrained,
+        load_contrastive_model,
         lambda p: (Path(p) / META_FILE).is_file(),
         tasks={"contrastive": contrastive_task},
         stages=(
@@ -89,6 +104,7 @@ register_family(
                 template="plain",
                 task="contrastive",
                 doc="image + text towers + heads on GeoWorld captions.jsonl (data.caption picks which)",
+                optional={"coca": 1.0},  # CoCa's poolers and decoders (model.encoder.coca)
             ),
         ),
         doc="encoders.ContrastiveModel: image tower + text tower + heads, trained by encoders.objectives",

@@ -14,6 +14,7 @@ from encoders.common import barrier, device, is_main, seed_everything
 from encoders.geo import GeoDetector
 from encoders.supervised import PatchSupervision, PatchTargets
 from mllm import prior as P
+from mllm.cgvlm import with_cgvlm
 from mllm.config import ConfigError, ModelConfig, StageConfig
 from mllm.data.conversations import Collator, ConversationDataset
 from mllm.data.corpus import corpus_from_records
@@ -25,7 +26,8 @@ from mllm.families.base import Family, StageKind, TaskResult, register_family, r
 from mllm.feature_cache import cache_for_stage
 from mllm.hf_import import resolve_model_path
 from mllm.model import MultimodalLM, build_lm
-from mllm.tokenizer import ensure_image_token, load_tokenizer, train_tokenizer
+from mllm.readout import LOOK_TOKEN
+from mllm.tokenizer import ensure_image_token, ensure_look_token, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ def build_model(cfg: ModelConfig, run_dir: Path, corpus_files: list[Path], seed:
             if is_main():
                 tok.save_pretrained(str(tok_dir))
     ensure_image_token(tok, cfg.tokenizer.image_token)
+    if cfg.readout is not None:
+        ensure_look_token(tok, LOOK_TOKEN)
     lm = build_lm(
         cfg.lm.path,
         cfg.lm.config,
@@ -68,6 +72,7 @@ def build_model(cfg: ModelConfig, run_dir: Path, corpus_files: list[Path], seed:
         box_format=cfg.box_format,
         fusion=cfg.fusion,
         image_placement=cfg.image_placement,
+        readout=cfg.readout,
     )
 
 
@@ -113,11 +118,14 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str) ->
             model.meta.max_length,
             model.meta.image_placement,
         )
+        live.look_token = model.meta.look_token
+        if model.readout is not None and getattr(model.readout, "ground", 0) > 0:
+            live.look_grid = model.tower.grid  # the looks learn where to attend from the scene graphs too
         _anchor_projector(model, stage)
-        return model, live, _speed_switches(model, stage, None)
+        return with_cgvlm(model, stage.cgvlm), live, _speed_switches(model, stage, None)
     ds = _json_dataset(model, stage, template, "data.json (or data.live)")
     _anchor_projector(model, stage)
-    return model, ds, _speed_switches(model, stage, ds)
+    return with_cgvlm(model, stage.cgvlm), ds, _speed_switches(model, stage, ds)
 
 
 def _anchor_projector(model: MultimodalLM, stage: StageConfig) -> None:
@@ -179,7 +187,7 @@ def _json_dataset(model: MultimodalLM, stage: StageConfig, template: str, what: 
     """The stage's LLaVA-format file as a dataset; `what` names the setting in the error when it is missing."""
     if not stage.data.json:
         raise ValueError(f"stage {stage.name!r}: {what} is not set")
-    return ConversationDataset(
+    ds = ConversationDataset(
         stage.data.json,
         stage.data.images,
         model.tokenizer,
@@ -190,6 +198,8 @@ def _json_dataset(model: MultimodalLM, stage: StageConfig, template: str, what: 
         model.meta.max_length,
         stage.data.skip_bad_samples,
     )
+    ds.look_token = model.meta.look_token
+    return ds
 
 
 def prior_ref_task(model: MultimodalLM, stage: StageConfig, template: str) -> TaskResult:
@@ -279,14 +289,14 @@ register_family(
                 "align",
                 {"projector": 1.0},
                 template="plain",
-                optional={"router": 1.0},
-                doc="projector (and a fused model's router) alignment on captions",
+                optional={"router": 1.0, "readout": 1.0},
+                doc="projector (and a fused model's router, a readout) alignment on captions",
             ),
             StageKind(
                 "instruct",
                 {"projector": 1.0, "lm": 1.0},
-                optional={"router": 1.0},
-                doc="instruction tuning of projector + LM (+ router; recipes give it its own lr)",
+                optional={"router": 1.0, "readout": 1.0},
+                doc="instruction tuning of projector + LM (+ router, readout; recipes give it its own lr)",
             ),
             # SVE-Math's geometric encoder (encoders.geo), trained on GeoWorld figures before it is frozen.
             StageKind(

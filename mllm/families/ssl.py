@@ -14,6 +14,7 @@ from encoders.ssl.saving import is_saved
 from encoders.towers import build_tower
 from mllm.config import ModelConfig, StageConfig
 from mllm.data.views import ImageViewsDataset, collate_views
+from mllm.data.views_extra import with_objective_fields
 from mllm.families.base import Family, StageKind, TaskResult, register_family
 
 
@@ -53,6 +54,7 @@ def ssl_task(model: SSLModel, stage: StageConfig, template: str) -> TaskResult:
         model.cfg.distill,
         stage.data.skip_bad_samples,
     )
+    ds = with_objective_fields(ds, model)  # labels, boxes or MLCD's clusters (encoders.ssl.tower_objectives)
     model.configure_schedule(stage.grad_accum, stage_optimizer_steps(stage, len(ds)))
     return model, ds, collate_views
 
@@ -68,10 +70,12 @@ register_family(
         stages=(
             StageKind(
                 "ssl",
-                {"image_tower": 1.0, "distill": 1.0},
+                {"image_tower": 1.0},
                 template="plain",
                 task="ssl",
-                doc="DINO + iBOT self-distillation of a Dinov2 tower on GeoWorld images (no text)",
+                doc="DINO + iBOT self-distillation of a Dinov2 tower on GeoWorld images (no text), or the "
+                "tower objective model.encoder.objective names (swav, supcon, pixpro, mlcd)",
+                optional={"distill": 1.0, "objective": 1.0},  # dino's heads | the other objectives'
             ),
         ),
         doc="encoders.ssl.SSLModel: a Dinov2 tower trained by DINO + iBOT self-distillation (images only)",

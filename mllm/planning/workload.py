@@ -433,5 +433,29 @@ register_workload("prior_ref")(Workload(_text_only, lengths="text"))
 register_workload("geoglip")(Workload(_geoglip, lengths="none", module=_geoglip_module))
 register_workload("scene_labels")(Workload(_warmup, lengths="none", module=_warmup_module))
 register_workload("contrastive")(Workload(_contrastive, lengths="none"))
+register_workload("refine")(  # CLIP-Refine (mllm.families.refine): the pair's own workload, plus its teacher
+    Workload(
+        _contrastive,
+        lengths="none",
+        note="not counted: the frozen teacher's forward pass (both towers, no gradient; about 1/3 more "
+        "FLOPs than the pair's forward + backward)",
+    )
+)
 register_workload("cloc")(Workload(_cloc, lengths="none"))
 register_workload("tips")(Workload(_tips, lengths="none"))
+register_workload("albef")(  # ALBEF (encoders.albef): the pair on the caption and its masked copy
+    Workload(
+        lambda m, st, sq: _pair(m, 2, ((1, m.image_tower.image_size),)),
+        lengths="none",
+        note="not counted: the fusion encoder (4 passes a sample: ITM positive, 2 ITM negatives, MLM) and "
+        "the momentum model's forward (both towers + fusion, no gradient)",
+    )
+)
+register_workload("degla")(  # DeGLA (encoders.degla): the pair on the caption and its K negatives
+    Workload(
+        lambda m, st, sq: _pair(m, 1 + m.degla_cfg.n_negatives, ((1, m.image_tower.image_size),)),
+        lengths="none",
+        note="not counted: the EMA teacher's forward (both towers on the image, caption and negatives; "
+        "no gradient)",
+    )
+)

@@ -147,7 +147,9 @@ def text_item(i: int) -> dict:
     scene, rng = ds.scene(i)
     conv = conversation(qa_turns(scene, rng, ds.cfg), ds.placement)
     conv[0]["value"] = conv[0]["value"].replace("<image>", describe_scene(scene))
-    enc = encode_conversation(conv, tok, "chatml", IMG_ID, K, num_images=0, max_length=256)
+    enc = encode_conversation(
+        conv, tok, "chatml", IMG_ID, K, num_images=0, max_length=int(os.environ.get("MAXLEN", "256"))
+    )
     return {"index": i, "id": f"t-{i}", **enc, "pixel_values": torch.zeros(1)}
 
 

@@ -38,6 +38,7 @@ from mllm.config import LiveWorldConfig, from_dict
 from .augment import AugmentConfig, render_augmented
 from .files import read_jsonl
 from .language import ALIGN_PROMPTS, QA, align_caption, multiple_choice, pick_turns, qa_pool
+from .referents import referent_patches, referents
 from .render import render
 from .sampling import pixel_key, stream, world_scene
 from .scene import Scene, scene_from_dict
@@ -182,6 +183,11 @@ class LiveWorldDataset(Dataset):
         self.preprocess = preprocess
         self.max_length = max_length
         self.excluded = heldout_keys(cfg.heldout) if cfg.heldout else set()
+        # A readout's look token (MultimodalLM.meta.look_token), set by the family that builds the task,
+        # and the tower's patch grid when the looks are supervised with the question's referents
+        # (`look_targets`, mllm.data.geoworld.referents).
+        self.look_token: str | None = None
+        self.look_grid: tuple[int, int] | None = None
         self.redrawn = 0
         self.augment = (
             from_dict(AugmentConfig, cfg.augment, "data.live.augment") if cfg.augment is not None else None
@@ -224,7 +230,17 @@ class LiveWorldDataset(Dataset):
             conv = conversation(turns, self.placement)
         image = self._image(scene, rng)
         enc = self._encode(conv, name)
-        return {"index": i, "id": f"live-{i}", **enc, "pixel_values": self.preprocess([image])}
+        out = {"index": i, "id": f"live-{i}", **enc, "pixel_values": self.preprocess([image])}
+        if self.look_grid is not None and self.look_token is not None:
+            # one row per look that survived `_encode` (it drops whole trailing turns), in turn order
+            out["look_targets"] = torch.stack(
+                [referent_patches(scene, referents(scene, t["value"]), self.look_grid) for t in conv[::2]]
+            )[: self._looks(enc)]
+        return out
+
+    def _looks(self, enc: dict[str, torch.Tensor]) -> int:
+        look_id = self.tokenizer.convert_tokens_to_ids(self.look_token)
+        return int((enc["input_ids"] == look_id).sum())
 
     def _encode(self, conv: list[dict[str, str]], name: str) -> dict[str, torch.Tensor]:
         """Tokenise; a conversation longer than max_length loses whole trailing turns (never a part)."""
@@ -239,6 +255,7 @@ class LiveWorldDataset(Dataset):
                     num_images=1,
                     max_length=self.max_length,
                     sample=name,
+                    look_token=self.look_token,
                 )
             except SampleError as e:
                 if "exceed max_length" not in str(e) or len(conv) <= 2:

@@ -7,6 +7,7 @@ Layout (all JSON paths relative to the stated root):
     OUT/align.json                    LLaVA blip_laion_cc_sbu_558k layout (prompt, framed long caption)
     OUT/instruct.json                 LLaVA mix665k layout, 2-4 QA turns per image
     OUT/captions.jsonl                {"id", "image", "short", "long", "negatives"}  (see `negatives`)
+                                      + "rewrites", "noisy", "sub_captions", "synthetic" (`rewrites`)
     OUT/regions.jsonl                 {"id", "image", "width", "height", "regions": [{"box", "phrase"}]}
     OUT/eval/{images/,qa.jsonl,scenes.jsonl}                      held-out QA (see `heldout`)
     OUT/eval/captions.jsonl           {"id", "image", "short", "long"} of the held-out images (retrieval)
@@ -51,6 +52,7 @@ from .negatives import hard_negatives
 from .pope import SPLITS, write_pope
 from .refcoco import write_refcoco
 from .render import figure_regions, render, save_png
+from .rewrites import caption_variants
 from .sampling import pixel_key, stream, world_scene
 from .scene import Scene, scene_from_dict
 
@@ -159,6 +161,8 @@ def write_world(
                 "short": short_caption(scene, rng),
                 "long": long,
                 "negatives": hard_negatives(scene, stream(seed, "negatives", i)),
+                # LaCLIP rewrites, ALIGN noisy, DreamLIP sub-captions, ALIP synthetic (own RNG stream)
+                **caption_variants(scene, stream(seed, "caption-variants", i)),
             }
         )
         prompt = rng.choice(ALIGN_PROMPTS)

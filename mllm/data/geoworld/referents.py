@@ -1,0 +1,77 @@
+"""Which objects a GeoWorld question is about, and which image patches they cover: the grounding target
+of a readout's look (mllm.readout) in training.
+
+Why: a look learns where to attend only through the LM's answer, and the LM learns to read the look only
+once it attends somewhere useful; supervising the look's attention with the objects the question names
+breaks that circle (the scene graph knows them; nothing of it is needed at inference). Read from the
+question's words, so it covers every question family, paraphrases and multiple choice alike:
+an attribute (colour, shape, size) named exactly once in the question filters the objects; one named
+twice or more is a choice the question offers ("small or large", "(a) red (b) blue") and does not;
+"at/on/in the <region>" filters by region unless an "or" offers another. A question that names nothing
+(`How many shapes are there?`) refers to every object; one whose filters match nothing (an absent
+object) has no target.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .scene import Scene, in_region
+from .vocab import COLOR_NAMES, PLURALS, SHAPES
+
+__all__ = ["referents", "referent_patches"]
+
+_WORD = re.compile(r"[a-z]+")
+_REGION = re.compile(
+    r"\b(?:at|on|in) the (top left|top right|bottom left|bottom right|top|bottom|left|right|center)\b(?! or\b)"
+)
+_KIND_OF = {**{k: k for k in SHAPES}, **{p: k for k, p in PLURALS.items()}}
+_SIZES = ("small", "large")
+
+
+def referents(scene: Scene, question: str) -> list[int]:
+    """Indices into `scene.shapes` of the objects `question` is about (empty for a figure scene)."""
+    if scene.figure is not None or not scene.shapes:
+        return []
+    q = question.lower()
+    words = _WORD.findall(q)
+    colours = [w for w in words if w in COLOR_NAMES]
+    kinds = [_KIND_OF[w] for w in words if w in _KIND_OF]
+    sizes = [w for w in words if w in _SIZES]
+    regions = _REGION.findall(q)
+    keep = []
+    for i, s in enumerate(scene.shapes):
+        if len(colours) == 1 and s.color != colours[0]:
+            continue
+        if len(kinds) == 1 and s.kind != kinds[0]:
+            continue
+        if len(sizes) == 1 and s.size != sizes[0]:
+            continue
+        if len(regions) == 1 and not in_region(s.region, regions[0]):
+            continue
+        keep.append(i)
+    return keep
+
+
+def referent_patches(scene: Scene, objects: list[int], grid: tuple[int, int]) -> torch.Tensor:
+    """[gh * gw] float: 1 on the patches (row-major) whose centre lies in the box of one of `objects`."""
+    gh, gw = grid
+    out = torch.zeros(gh * gw)
+    for i in objects:
+        s = scene.shapes[i]
+        x1, y1, x2, y2 = s.box
+        before = float(out.sum())
+        for r in range(gh):
+            cy = (r + 0.5) * scene.height / gh
+            if not y1 <= cy < y2:
+                continue
+            for c in range(gw):
+                cx = (c + 0.5) * scene.width / gw
+                if x1 <= cx < x2:
+                    out[r * gw + c] = 1.0
+        if float(out.sum()) == before:  # a small object between patch centres: the patch holding its centre
+            r, c = min(int(s.y * gh / scene.height), gh - 1), min(int(s.x * gw / scene.width), gw - 1)
+            out[r * gw + c] = 1.0
+    return out

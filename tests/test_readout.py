@@ -1,0 +1,280 @@
+"""Look tokens (mllm.readout): where the question and image of each look come from, the readout's math,
+the wire format, save/load, and bad configuration refused at recipe load."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY_LM, TINY_TOWER
+from helpers import tiny_recipe, write_tiny_world
+
+from encoders.common import ConfigError
+from encoders.towers import TowerConfig
+from mllm.chat import SampleError, encode_conversation
+from mllm.config import load_recipe
+from mllm.readout import LOOK_TOKEN, FocusReadout, build_readout, grounding_loss, look_inputs
+
+IMG, LOOK, PAD = 90, 91, 0
+
+
+def _naive_looks(ids, emb, n_img, mask=None):
+    """Loop form of `look_inputs`: per look, the mean text embedding since the previous look of the row,
+    and the row-major index of the last complete image before it."""
+    queries, index = [], []
+    images_before_row = 0
+    for r in range(ids.shape[0]):
+        start, seen = 0, 0
+        for t in range(ids.shape[1]):
+            if ids[r, t] == IMG:
+                seen += 1
+            if ids[r, t] != LOOK:
+                continue
+            keep = [
+                p for p in range(start, t) if ids[r, p] not in (IMG, LOOK) and (mask is None or mask[r, p])
+            ]
+            queries.append(emb[r, keep].mean(0) if keep else torch.zeros(emb.shape[-1]))
+            full = seen // n_img
+            index.append(images_before_row + full - 1 if full else -1)
+            start = t + 1
+        images_before_row += int((ids[r] == IMG).sum()) // n_img
+    return torch.stack(queries), torch.tensor(index)
+
+
+def test_look_inputs_match_the_loop_form():
+    ids = torch.tensor(
+        [
+            [PAD, PAD, 5, IMG, IMG, 6, 7, LOOK, 8, 9, LOOK, 3],  # left padding, two looks after one image
+            [4, LOOK, IMG, IMG, 5, LOOK, IMG, IMG, 6, 6, 6, LOOK],  # a look before any image; two images
+            [IMG, IMG, 1, 2, 3, 4, 5, 6, 7, 8, 9, LOOK],
+        ]
+    )
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    emb = torch.randn(*ids.shape, 6)
+    q, idx, is_look = look_inputs(ids, emb, LOOK, IMG, 2, mask)
+    nq, nidx = _naive_looks(ids, emb, 2, mask)
+    assert torch.allclose(q, nq, atol=1e-6)
+    assert idx.tolist() == nidx.tolist() == [0, 0, -1, 1, 2, 3]
+    assert int(is_look.sum()) == 6
+
+
+def test_focus_readout_formula_and_gradients():
+    torch.manual_seed(0)
+    r = FocusReadout(feature_dim=5, lm_dim=7, heads=2, dim=3)
+    feats = torch.randn(3, 4, 5)
+    queries = torch.randn(4, 7, requires_grad=True)
+    index = torch.tensor([2, -1, 0, 2])
+    out, none = r(feats, queries, index)
+    assert out.shape == (4, 7) and none is None
+    assert torch.equal(out[1], r.empty)  # no image before the look
+    # naive: per look and head, softmax attention of the projected question over the projected features
+    for j in (0, 2, 3):
+        f = r.norm(feats[index[j]])
+        parts, stats = [], []
+        for h in range(2):
+            qh = r.q(r.qnorm(queries[j]))[h * 3 : (h + 1) * 3]
+            kh = r.k(f)[:, h * 3 : (h + 1) * 3]
+            s = kh @ qh / math.sqrt(3)
+            parts.append(torch.softmax(s, 0) @ f)
+            stats.append(torch.stack([s.max(), torch.logsumexp(s, 0) - math.log(4), torch.sigmoid(s).sum()]))
+        x = torch.cat([torch.cat([p, st]) for p, st in zip(parts, stats)])
+        assert torch.allclose(out[j], r.out(x), atol=1e-5)
+    out.sum().backward()
+    for name, p in r.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert queries.grad[1].abs().sum() == 0 and queries.grad[0].abs().sum() > 0
+
+
+def test_bad_readout_options_are_refused():
+    with pytest.raises(ValueError, match="heads"):
+        build_readout({"type": "focus", "heads": 0}, 4, 4)
+    with pytest.raises(ValueError, match="readout"):
+        build_readout({"type": "nope"}, 4, 4)
+    with pytest.raises(ValueError, match="model.readout"):
+        build_readout({"type": "focus", "width": 3}, 4, 4)
+
+
+def test_recipe_load_refuses_a_bad_readout(tmp_path):
+    world = write_tiny_world(tmp_path, n=8)
+    for readout, key in (
+        ({"type": "nope"}, "readout"),
+        ({"type": "focus", "dim": -1}, "dim"),
+        ("focus", "mapping"),
+    ):
+        raw = tiny_recipe(world, backend="torch", zero=None)
+        raw["model"]["readout"] = readout
+        path = tmp_path / "r.yaml"
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ConfigError, match=key):
+            load_recipe(path)
+
+
+def test_encode_conversation_appends_a_look_to_every_user_turn(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    from mllm.tokenizer import ensure_image_token, ensure_look_token
+
+    img = ensure_image_token(tok)
+    look = ensure_look_token(tok, LOOK_TOKEN)
+    conv = [
+        {"from": "human", "value": "<image>\nwhat color is the circle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "how many?"},
+        {"from": "gpt", "value": "2"},
+    ]
+    enc = encode_conversation(conv, tok, "chatml", img, 4, 1, look_token=LOOK_TOKEN)
+    ids = enc["input_ids"].tolist()
+    assert ids.count(look) == 2
+    for p in (k for k, t in enumerate(ids) if t == look):
+        assert enc["labels"][p] == -100  # a look is input, never a target
+    text_only = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}]
+    assert (
+        look
+        not in encode_conversation(text_only, tok, "chatml", img, 4, 0, look_token=LOOK_TOKEN)["input_ids"]
+    )
+    without = encode_conversation(conv, tok, "chatml", img, 4, 1)["input_ids"].tolist()
+    assert look not in without and len(without) == len(ids) - 2
+    bad = [{"from": "human", "value": f"<image>\nred{LOOK_TOKEN}?"}, {"from": "gpt", "value": "red"}]
+    with pytest.raises(SampleError, match="look token"):
+        encode_conversation(bad, tok, "chatml", img, 4, 1, look_token=LOOK_TOKEN)
+
+
+@pytest.fixture()
+def look_model(tokenizer):
+    from mllm.model import MultimodalLM, build_lm
+    from mllm.tokenizer import ensure_look_token
+
+    tok = copy.deepcopy(tokenizer)
+    ensure_look_token(tok, LOOK_TOKEN)
+    torch.manual_seed(0)
+    lm = build_lm(None, TINY_LM, len(tok))
+    return MultimodalLM.build(
+        TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
+        "mlp2x_gelu",
+        lm,
+        tok,
+        template="chatml",
+        max_length=128,
+        readout={"type": "focus", "heads": 2, "dim": 8},
+    )
+
+
+def _batch(model, questions):
+    from mllm.data.conversations import Collator
+    from mllm.tokenizer import ensure_image_token
+
+    img = ensure_image_token(model.tokenizer)
+    items = []
+    for q in questions:
+        conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "red"}]
+        enc = encode_conversation(
+            conv, model.tokenizer, "chatml", img, model.num_image_tokens, 1, look_token=model.meta.look_token
+        )
+        items.append(
+            {"index": len(items), "id": str(len(items)), **enc, "pixel_values": torch.randn(1, 3, 32, 32)}
+        )
+    return Collator(model.tokenizer.pad_token_id)(items)
+
+
+def test_each_look_reads_its_own_image_and_question(look_model):
+    m = look_model.eval()
+    b = _batch(m, ["what color is the circle?", "how many squares are there?"])
+    with torch.no_grad():
+        e1 = m.embed(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
+        px = b["pixel_values"].clone()
+        px[0] += 1.0  # change the first image only
+        e2 = m.embed(b["input_ids"], px, attention_mask=b["attention_mask"])
+    looks = (b["input_ids"] == m.meta.look_token_id).nonzero(as_tuple=True)
+    assert len(looks[0]) == 2
+    (r0, r1), (c0, c1) = looks[0].tolist(), looks[1].tolist()
+    assert not torch.allclose(e1[r0, c0], e2[r0, c0])  # the first look sees the first image
+    assert torch.allclose(e1[r1, c1], e2[r1, c1])  # the second does not
+
+
+def test_look_model_trains_saves_and_loads(look_model, tmp_path):
+    from mllm.model import MultimodalLM
+
+    m = look_model
+    b = _batch(m, ["what color is the circle?", "is there a star?"])
+    out = m(**b)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in m.readout.parameters())
+    m.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "mllm.json").read_text())
+    assert meta["readout"]["type"] == "focus" and meta["look_token"] == LOOK_TOKEN
+    back = MultimodalLM.from_pretrained(tmp_path / "m")
+    m.eval()
+    with torch.no_grad():
+        a = m(**b).loss
+        c = back(**b).loss
+    assert torch.allclose(a, c, atol=1e-6)
+
+
+def test_a_model_without_readout_keeps_its_meta(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "mllm.json").read_text())
+    assert "readout" not in meta and "look_token" not in meta
+    assert not (tmp_path / "m" / "readout.safetensors").exists()
+
+
+def test_grounding_loss_formula():
+    torch.manual_seed(0)
+    att = torch.randn(3, 2, 5).softmax(-1).requires_grad_()
+    t = torch.tensor([[1.0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 2]])
+    got = grounding_loss(att, t)
+    a = att.mean(1)
+    want = -(0.5 * a[0, 0].log() + 0.5 * a[0, 1].log() + a[2, 4].log()) / 2  # the empty row is left out
+    assert torch.allclose(got, want)
+    g1 = torch.autograd.grad(got, att)[0]
+    g2 = torch.autograd.grad(want, att)[0]
+    assert torch.allclose(g1, g2) and g1[1].abs().sum() == 0
+    assert grounding_loss(att, torch.zeros(3, 5)).item() == 0.0
+
+
+def test_grounded_looks_add_their_loss(look_model):
+    m = look_model
+    b = _batch(m, ["what color is the circle?", "is there a star?"])
+    n_looks = int((b["input_ids"] == m.meta.look_token_id).sum())
+    targets = torch.zeros(n_looks, m.num_image_tokens)
+    targets[0, :3] = 1
+    plain = m(**b).loss
+    m.readout.ground = 0.5
+    grounded = m(**b, look_targets=targets).loss
+    m.readout.ground = 0.0
+    assert grounded > plain
+    with pytest.raises(ValueError, match="look_targets"):
+        m.readout.ground = 0.5
+        m(**b, look_targets=targets[:1])
+
+
+def test_referents_read_from_the_question():
+    from mllm.data.geoworld.referents import referent_patches, referents
+    from mllm.data.geoworld.scene import Scene, Shape
+
+    def shape(kind, color, size, x, y, region):
+        r = 8 if size == "large" else 4
+        return Shape(kind, color, size, r, x, y, 0, None, region, [x - r, y - r, x + r, y + r])
+
+    scene = Scene(
+        64,
+        64,
+        [
+            shape("circle", "red", "large", 10, 10, "top left"),
+            shape("circle", "blue", "small", 54, 54, "bottom right"),
+            shape("square", "red", "small", 54, 10, "top right"),
+        ],
+    )
+    assert referents(scene, "What color is the circle at the top left?") == [0]
+    assert referents(scene, "How many circles are there?") == [0, 1]
+    assert referents(scene, "How many shapes are there?") == [0, 1, 2]
+    assert referents(scene, "Is the square small or large?") == [2]  # both sizes offered: no size filter
+    assert referents(scene, "Is there a red circle in the image?") == [0]
+    assert referents(scene, "Is there a green circle in the image?") == []
+    assert referents(scene, "Is the circle on the left or the right?") == [0, 1]  # a choice, not a filter
+    assert referents(scene, "What shape is the object in the top right? (a) circle (b) square") == [2]
+    p = referent_patches(scene, [0], (8, 8))
+    assert p.shape == (64,) and p[0] == 1 and p[63] == 0 and p.sum() == 4
