@@ -2,8 +2,9 @@
 
 synth (GeoWorld) -> a tiny CLIP with a convolutional image tower trained contrastively on GeoWorld's
 captions (recipe clip-resnet-tiny) -> tokenizer + tiny LM pretrained on GeoWorld's text ->
-the tower's per-patch warm-up (fine-grained, from scene graphs) -> align -> instruct on fresh scenes
-every step (tower, projector and LM; recipe tiny-geoworld) -> held-out QA, MMVP-style pairs,
+the tower's per-patch warm-up (fine-grained, from scene graphs; its heads become the anchored projector's
+rows) -> align -> instruct on fresh scenes every step (projector, LM and the look-token readout, whose
+attention is grounded on the scene graphs; recipe tiny-geoworld) -> held-out QA, MMVP-style pairs,
 POPE and the encoder's zero-shot retrieval -> a table, `results.json` and `curves.png`.
 """
 

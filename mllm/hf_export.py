@@ -120,6 +120,12 @@ def _check_exportable(model: MultimodalLM) -> Tower:
             "tower read at one layer and one two-layer projector, so it cannot express several towers mixed or "
             "routed. Export it with --format mllm (the native folder, loadable by MultimodalLM.from_pretrained)"
         )
+    if getattr(model, "readout", None) is not None:
+        raise ExportError(
+            f"this model has a {model.meta.readout.get('type')!r} readout (look tokens filled from the image "
+            "after every question, mllm.readout): LlavaForConditionalGeneration only places image features at "
+            "<image> tokens, so the export would drop it. Export it with --format mllm"
+        )
     if getattr(tower, "hidden_states_are_maps", False):
         raise ExportError(
             f"tower {tower.config.type!r} is convolutional: its hidden states are [B, C, H, W] maps, and "

@@ -165,7 +165,8 @@ class MultimodalLM(nn.Module):
         if readout is not None:
             if fusion is not None:
                 raise ValueError("model.readout is not supported with model.fusion")
-            parts["readout"] = build_readout(readout, tower.hidden_size, d_llm)
+            vocab = lm.get_input_embeddings().num_embeddings
+            parts["readout"] = build_readout(readout, tower.hidden_size, d_llm, vocab)
             look_id = tokenizer.convert_tokens_to_ids(LOOK_TOKEN)
             if look_id is None or look_id == tokenizer.unk_token_id:
                 raise ValueError(
@@ -305,7 +306,7 @@ class MultimodalLM(nn.Module):
             )
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), img.to(embeds.dtype))
         if self.readout is not None and feats is not None:
-            return self._fill_looks(input_ids, embeds, feats, attention_mask, look_targets)
+            return self._fill_looks(input_ids, embeds, feats, attention_mask, look_targets, img)
         return embeds, None
 
     def _fill_looks(
@@ -315,8 +316,10 @@ class MultimodalLM(nn.Module):
         features: torch.Tensor,
         attention_mask: torch.Tensor | None,
         targets: torch.Tensor | None,
+        tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Write the readout's embedding at every look position (see mllm.readout)."""
+        """Write the readout's embedding at every look position (see mllm.readout); `tokens` are the
+        projected image tokens (a readout that pools them)."""
         if not bool((input_ids == self.meta.look_token_id).any()):
             return embeds, None
         words = (
@@ -328,9 +331,10 @@ class MultimodalLM(nn.Module):
             words &= ~torch.isin(
                 input_ids, torch.tensor(self.tokenizer.all_special_ids, device=input_ids.device)
             )
+        table = getattr(self.readout, "words", None)  # a readout's own word table, else the LM's
         queries, index, is_look = look_inputs(
             input_ids,
-            embeds,
+            table(input_ids.clamp(max=table.num_embeddings - 1)) if table is not None else embeds,
             self.meta.look_token_id,
             self.image_token_id,
             self.num_image_tokens,
@@ -341,7 +345,7 @@ class MultimodalLM(nn.Module):
                 f"look_targets has {targets.shape[0]} rows but the batch has {index.shape[0]} looks"
             )
         rp = self._param_dtype(self.readout)
-        looks, ground = self.readout(features.to(rp), queries.to(rp), index, targets)
+        looks, ground = self.readout(features.to(rp), queries.to(rp), index, targets, tokens)
         return embeds.masked_scatter(is_look.unsqueeze(-1), looks.to(embeds.dtype)), ground
 
     def forward(
@@ -496,7 +500,9 @@ class MultimodalLM(nn.Module):
             proj = build_projector(meta.projector, tower.hidden_size, d_llm)
         proj.load_state_dict(load_file(str(model_dir / "projector.safetensors")))
         if meta.readout is not None:
-            readout = build_readout(meta.readout, tower.hidden_size, d_llm)
+            readout = build_readout(
+                meta.readout, tower.hidden_size, d_llm, lm.get_input_embeddings().num_embeddings
+            )
             readout.load_state_dict(load_file(str(model_dir / "readout.safetensors")))
             parts["readout"] = readout
         tok = load_tokenizer(model_dir / "tokenizer") if (model_dir / "tokenizer").is_dir() else None

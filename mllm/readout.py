@@ -15,7 +15,7 @@ serving ask the same way. `MultimodalLM.embed` fills each look position from the
 its row; the question is the text since the previous look in the row (or the row start): the chat
 template's own tokens there are constants that the query learns to ignore.
 
-Variants live in `READOUTS` (name -> factory(feature_dim, lm_dim, **options)).
+Variants live in `READOUTS` (name -> factory(feature_dim, lm_dim, vocab_size, **options)).
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ READOUTS: Registry[ReadoutFactory] = Registry("readout")
 
 
 def register_readout(name: str) -> Callable[[ReadoutFactory], ReadoutFactory]:
-    """Register a readout under `name`; its factory takes (feature_dim, lm_dim, **options)."""
+    """Register a readout under `name`; its factory takes (feature_dim, lm_dim, vocab_size, **options)."""
     return READOUTS.register(name)
 
 
-def build_readout(cfg: dict[str, Any], feature_dim: int, lm_dim: int) -> nn.Module:
-    """The readout `cfg["type"]` with the rest of `cfg` as its options (errors name the key)."""
+def build_readout(cfg: dict[str, Any], feature_dim: int, lm_dim: int, vocab_size: int = 1) -> nn.Module:
+    """The readout `cfg["type"]` with the rest of `cfg` as its options (errors name the key); a factory
+    takes (feature_dim, lm_dim, vocab_size, **options)."""
     opts = dict(cfg)
     name = opts.pop("type", None)
     if not isinstance(name, str):
@@ -61,7 +62,7 @@ def build_readout(cfg: dict[str, Any], feature_dim: int, lm_dim: int) -> nn.Modu
             f"model.readout.type must name a readout ({', '.join(READOUTS.known())}), got {name!r}"
         )
     try:
-        return READOUTS[name](feature_dim, lm_dim, **opts)
+        return READOUTS[name](feature_dim, lm_dim, vocab_size, **opts)
     except TypeError as e:  # an option the readout does not take
         raise ValueError(f"model.readout: {e}") from None
 
@@ -75,7 +76,7 @@ def check_readout(cfg: Any, fused: bool) -> None:
     if fused:
         raise ConfigError("model.readout is not supported with model.fusion (one tower's features only)")
     try:
-        build_readout(cfg, 8, 8)
+        build_readout(cfg, 8, 8, 8)
     except (ValueError, KeyError) as e:
         raise ConfigError(str(e)) from None
 
@@ -84,7 +85,7 @@ def check_readout(cfg: Any, fused: bool) -> None:
 class FocusReadout(nn.Module):
     """Multi-head attention pooling of one image's patch features with a query made from the question.
 
-    Per head h: s_p = <W_q LN(q), W_k LN(f_p)> / sqrt(d), a = softmax_p(s), v_h = sum_p a_p LN(f_p); the look
+    Per head h: s_p = c <W_q LN(q), W_k LN(f_p)> / sqrt(d) (c: `scale`), a = softmax_p(s), v_h = sum_p a_p LN(f_p); the look
     embedding is MLP([v_1..v_H, max_p s, logsumexp_p s, sum_p sigmoid(s_p)]). The pooled *features*
     (not projected tokens) keep the tower's own code for colour, shape and position; the three match
     statistics say how well and how widely the question matched, which existence and counting need
@@ -92,16 +93,46 @@ class FocusReadout(nn.Module):
     """
 
     def __init__(
-        self, feature_dim: int, lm_dim: int, heads: int = 4, dim: int = 64, ground: float = 0.0
+        self,
+        feature_dim: int,
+        lm_dim: int,
+        vocab_size: int = 1,
+        heads: int = 4,
+        dim: int = 64,
+        ground: float = 0.0,
+        value: str = "features",
+        words: str = "lm",
+        scale: float = 1.0,
+        gate: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (("heads", heads), ("dim", dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.readout.{key} must be a positive integer, got {value!r}")
+        for key, count in (("heads", heads), ("dim", dim)):
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"model.readout.{key} must be a positive integer, got {count!r}")
         ok = isinstance(ground, (int, float)) and not isinstance(ground, bool) and math.isfinite(ground)
         if not ok or ground < 0:
             raise ValueError(f"model.readout.ground must be a number >= 0, got {ground!r}")
-        self.heads, self.dim = heads, dim
+        if value not in ("features", "tokens"):
+            raise ValueError(f"model.readout.value must be 'features' or 'tokens', got {value!r}")
+        if words not in ("lm", "own"):
+            raise ValueError(f"model.readout.words must be 'lm' or 'own', got {words!r}")
+        ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+        if not ok or scale <= 0:
+            raise ValueError(f"model.readout.scale must be a number > 0, got {scale!r}")
+        self.scale = float(scale)
+        # words "own": the question's words come from the readout's own table, not the LM's embeddings.
+        # Why: after lm_pretrain the LM's colour words share most of their direction (cosine ~0.65), so a
+        # query built from them tells "red" from "blue" only after the matcher amplifies the difference;
+        # measured (scripts/models_that_see/ground_only.py), a fresh table grounds 92% of questions after
+        # 300 steps against 83% from the LM's rows.
+        self.words = nn.Embedding(vocab_size, lm_dim) if words == "own" else None
+        if not isinstance(gate, bool):
+            raise ValueError(f"model.readout.gate must be true or false, got {gate!r}")
+        # gate: the question also picks *which dimensions* of the pooled value pass (sigmoid(W q) * value),
+        # so a colour question's look can carry the referent's colour and little else: what the LM then
+        # has to learn is to copy the look, not to pick one attribute of several out of it.
+        self.gate = nn.Linear(lm_dim, lm_dim) if gate else None
+        self.heads, self.dim, self.value = heads, dim, value
         # weight of the grounding loss (training with `look_targets`): cross-entropy of the heads' mean
         # attention against the question's referent patches; 0 = the LM's answer alone teaches the look
         self.ground = float(ground)
@@ -112,8 +143,15 @@ class FocusReadout(nn.Module):
         self.qnorm = nn.LayerNorm(lm_dim)
         self.q = nn.Linear(lm_dim, heads * dim)
         self.k = nn.Linear(feature_dim, heads * dim)
-        width = heads * (feature_dim + 3)
+        # value "features": MLP(pooled features, match statistics). value "tokens": the pooled *image
+        # tokens* (what the projector made of each patch, the vectors the LM already reads; with an
+        # anchored projector, the referent's attribute words), plus MLP(match statistics), which starts
+        # at zero so a look starts as exactly that mixture.
+        width = heads * (feature_dim + 3) if value == "features" else heads * 3
         self.out = nn.Sequential(nn.Linear(width, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+        if value == "tokens":
+            nn.init.zeros_(self.out[-1].weight)
+            nn.init.zeros_(self.out[-1].bias)
         self.empty = nn.Parameter(torch.zeros(lm_dim))  # a look with no image before it
 
     def forward(
@@ -122,9 +160,11 @@ class FocusReadout(nn.Module):
         queries: torch.Tensor,
         image_index: torch.Tensor,
         targets: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features [n_images, N, D]; queries [n_looks, d_lm]; image_index [n_looks] (-1: no image);
-        targets [n_looks, N] (optional): each look's referent patches (an all-zero row: none).
+        targets [n_looks, N] (optional): each look's referent patches (an all-zero row: none);
+        tokens [n_images, N, d_lm]: the projected image tokens (needed by value "tokens").
 
         Returns the look embeddings [n_looks, d_lm] and, with targets, the grounding loss (else None)."""
         n = queries.shape[0]
@@ -135,13 +175,21 @@ class FocusReadout(nn.Module):
         f = self.norm(features)[image_index[has]]  # [m, N, D]
         q = self.q(self.qnorm(queries[has])).view(-1, self.heads, 1, self.dim)  # [m, H, 1, d]
         k = self.k(f).view(f.shape[0], f.shape[1], self.heads, self.dim).transpose(1, 2)  # [m, H, N, d]
-        s = (q * k).sum(-1) / math.sqrt(self.dim)  # [m, H, N]
+        s = self.scale * (q * k).sum(-1) / math.sqrt(self.dim)  # [m, H, N]
         a = s.softmax(-1)
-        pooled = torch.einsum("mhn,mnd->mhd", a, f)  # [m, H, D]
         stats = torch.stack(
             [s.amax(-1), torch.logsumexp(s, -1) - math.log(s.shape[-1]), torch.sigmoid(s).sum(-1)], -1
         )  # [m, H, 3]
-        look = self.out(torch.cat([pooled, stats], -1).flatten(1))
+        if self.value == "tokens":
+            if tokens is None:
+                raise ValueError("readout value 'tokens' needs the projected image tokens")
+            pooled = torch.einsum("mhn,mnd->md", a, tokens[image_index[has]].to(a.dtype)) / self.heads
+            if self.gate is not None:
+                pooled = 2 * torch.sigmoid(self.gate(self.qnorm(queries[has]))) * pooled  # starts at 1
+            look = pooled + self.out(stats.flatten(1))
+        else:
+            pooled = torch.einsum("mhn,mnd->mhd", a, f)  # [m, H, D]
+            look = self.out(torch.cat([pooled, stats], -1).flatten(1))
         out[has] = look.to(out.dtype)
         if targets is None:
             return out, None

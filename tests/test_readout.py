@@ -64,7 +64,7 @@ def test_look_inputs_match_the_loop_form():
 
 def test_focus_readout_formula_and_gradients():
     torch.manual_seed(0)
-    r = FocusReadout(feature_dim=5, lm_dim=7, heads=2, dim=3)
+    r = FocusReadout(feature_dim=5, lm_dim=7, heads=2, dim=3, scale=2.0)
     feats = torch.randn(3, 4, 5)
     queries = torch.randn(4, 7, requires_grad=True)
     index = torch.tensor([2, -1, 0, 2])
@@ -78,7 +78,7 @@ def test_focus_readout_formula_and_gradients():
         for h in range(2):
             qh = r.q(r.qnorm(queries[j]))[h * 3 : (h + 1) * 3]
             kh = r.k(f)[:, h * 3 : (h + 1) * 3]
-            s = kh @ qh / math.sqrt(3)
+            s = 2.0 * (kh @ qh) / math.sqrt(3)
             parts.append(torch.softmax(s, 0) @ f)
             stats.append(torch.stack([s.max(), torch.logsumexp(s, 0) - math.log(4), torch.sigmoid(s).sum()]))
         x = torch.cat([torch.cat([p, st]) for p, st in zip(parts, stats)])
@@ -96,6 +96,9 @@ def test_bad_readout_options_are_refused():
         build_readout({"type": "nope"}, 4, 4)
     with pytest.raises(ValueError, match="model.readout"):
         build_readout({"type": "focus", "width": 3}, 4, 4)
+    for key, bad in (("scale", 0), ("words", "bert"), ("value", "x"), ("ground", -1)):
+        with pytest.raises(ValueError, match=key):
+            build_readout({"type": "focus", key: bad}, 4, 4)
 
 
 def test_recipe_load_refuses_a_bad_readout(tmp_path):
@@ -142,8 +145,10 @@ def test_encode_conversation_appends_a_look_to_every_user_turn(tokenizer):
         encode_conversation(bad, tok, "chatml", img, 4, 1, look_token=LOOK_TOKEN)
 
 
-@pytest.fixture()
-def look_model(tokenizer):
+@pytest.fixture(
+    params=[{}, {"words": "own", "value": "tokens", "scale": 4.0}], ids=["lm-features", "own-tokens"]
+)
+def look_model(tokenizer, request):
     from mllm.model import MultimodalLM, build_lm
     from mllm.tokenizer import ensure_look_token
 
@@ -158,7 +163,7 @@ def look_model(tokenizer):
         tok,
         template="chatml",
         max_length=128,
-        readout={"type": "focus", "heads": 2, "dim": 8},
+        readout={"type": "focus", "heads": 2, "dim": 8, **request.param},
     )
 
 
@@ -278,3 +283,10 @@ def test_referents_read_from_the_question():
     assert referents(scene, "What shape is the object in the top right? (a) circle (b) square") == [2]
     p = referent_patches(scene, [0], (8, 8))
     assert p.shape == (64,) and p[0] == 1 and p[63] == 0 and p.sum() == 4
+
+
+def test_a_look_model_is_not_exported_to_llava(look_model):
+    from mllm.hf_export import ExportError, _check_exportable
+
+    with pytest.raises(ExportError, match="readout"):
+        _check_exportable(look_model)

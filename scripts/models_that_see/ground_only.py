@@ -5,7 +5,8 @@ Takes a model folder's tower (frozen) and LM input embeddings (frozen), a fresh 
 (mllm.data.geoworld.referents). Prints, every 50 steps, the loss and how often the head-mean attention's
 arg-max lies on a referent patch, on that batch before its update.
 
-Usage: python scripts/models_that_see/ground_only.py MODEL_DIR   (knobs: STEPS, LR, HEADS, DIM, BATCH)
+Usage: python scripts/models_that_see/ground_only.py MODEL_DIR   (knobs: STEPS, LR, HEADS, DIM, BATCH, OWNEMB=1: a fresh word table
+for the question, SCALE: a fixed factor on the attention logits)
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ tok = load_tokenizer(d / "tokenizer")
 special = set(tok.all_special_ids)
 torch.manual_seed(0)
 r = FocusReadout(tower.hidden_size, emb.shape[1], heads=HEADS, dim=DIM)
+if os.environ.get("OWNEMB") == "1":  # the question's words from a fresh table, not the LM's embeddings
+    own = torch.nn.Embedding(emb.shape[0], emb.shape[1])
+    r.add_module("own", own)
+SCALE = float(os.environ.get("SCALE", "1"))
 opt = torch.optim.AdamW(r.parameters(), lr=LR, weight_decay=0.0)
 cfg = LiveWorldConfig(turns=(6, 6), existence=2)
 t0, cursor = time.time(), 0
@@ -55,7 +60,8 @@ for step in range(1, STEPS + 1):
             continue
         for q, _a in qa_turns(scene, rng, cfg):
             ids = [t for t in tok(q, add_special_tokens=False)["input_ids"] if t not in special]
-            queries.append(emb[ids].mean(0))
+            table = r.own.weight if hasattr(r, "own") else emb
+            queries.append(table[ids].mean(0))
             index.append(len(pix))
             targets.append(referent_patches(scene, referents(scene, q), tower.grid))
         pix.append(render(scene))
@@ -64,7 +70,7 @@ for step in range(1, STEPS + 1):
     f = r.norm(feats)[torch.tensor(index)]
     qv = r.q(r.qnorm(torch.stack(queries))).view(-1, HEADS, 1, DIM)
     k = r.k(f).view(f.shape[0], f.shape[1], HEADS, DIM).transpose(1, 2)
-    a = ((qv * k).sum(-1) / DIM**0.5).softmax(-1)
+    a = (SCALE * (qv * k).sum(-1) / DIM**0.5).softmax(-1)
     t = torch.stack(targets)
     loss = grounding_loss(a, t)
     loss.backward()
