@@ -390,9 +390,10 @@ class MultimodalLM(nn.Module):
         if token_weights is not None:
             ce = ce * token_weights[:, 1:][valid].to(ce.dtype)
         loss = ce.sum() / max(n, 1)
-        if ground is not None and self.readout is not None and self.readout.ground > 0:
-            # the look's grounding (mllm.readout, training on GeoWorld's scene graphs only)
-            loss = loss + self.readout.ground * ground.to(loss.dtype)
+        if ground is not None:
+            # the look's grounding (and counting) losses, weighted by the readout (mllm.readout; training
+            # on GeoWorld's scene graphs only)
+            loss = loss + ground.to(loss.dtype)
         return MultimodalOutput(loss, logits if return_logits else None, n)
 
     # ------------------------------------------------------------------ generation

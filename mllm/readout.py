@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from encoders.registry import Registry
@@ -104,11 +105,12 @@ class FocusReadout(nn.Module):
         words: str = "lm",
         scale: float = 1.0,
         gate: bool = False,
+        count: float = 0.0,
     ) -> None:
         super().__init__()
-        for key, count in (("heads", heads), ("dim", dim)):
-            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                raise ValueError(f"model.readout.{key} must be a positive integer, got {count!r}")
+        for key, size in (("heads", heads), ("dim", dim)):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"model.readout.{key} must be a positive integer, got {size!r}")
         ok = isinstance(ground, (int, float)) and not isinstance(ground, bool) and math.isfinite(ground)
         if not ok or ground < 0:
             raise ValueError(f"model.readout.ground must be a number >= 0, got {ground!r}")
@@ -136,6 +138,15 @@ class FocusReadout(nn.Module):
         # weight of the grounding loss (training with `look_targets`): cross-entropy of the heads' mean
         # attention against the question's referent patches; 0 = the LM's answer alone teaches the look
         self.ground = float(ground)
+        ok = isinstance(count, (int, float)) and not isinstance(count, bool) and math.isfinite(count)
+        if not ok or count < 0:
+            raise ValueError(f"model.readout.count must be a number >= 0, got {count!r}")
+        # count > 0: a per-patch "object centre" head c_p and, per head, n = sum_p sigmoid(s_p) c_p (how many
+        # matching objects, not patches) as a fourth match statistic, trained (weight `count`) with a Huber
+        # loss against the number of objects the question names (the 2s of its grounding targets)
+        self.count = float(count)
+        self.centre = nn.Linear(feature_dim, 1) if count > 0 else None
+        n_stats = 4 if count > 0 else 3
         self.norm = nn.LayerNorm(feature_dim)
         # The question is a mean over a varying number of words: normalising it keeps the attention
         # logits' scale independent of the question's length (a 20-token mean is ~20x smaller than
@@ -147,7 +158,7 @@ class FocusReadout(nn.Module):
         # tokens* (what the projector made of each patch, the vectors the LM already reads; with an
         # anchored projector, the referent's attribute words), plus MLP(match statistics), which starts
         # at zero so a look starts as exactly that mixture.
-        width = heads * (feature_dim + 3) if value == "features" else heads * 3
+        width = heads * (feature_dim + n_stats) if value == "features" else heads * n_stats
         self.out = nn.Sequential(nn.Linear(width, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
         if value == "tokens":
             nn.init.zeros_(self.out[-1].weight)
@@ -177,9 +188,12 @@ class FocusReadout(nn.Module):
         k = self.k(f).view(f.shape[0], f.shape[1], self.heads, self.dim).transpose(1, 2)  # [m, H, N, d]
         s = self.scale * (q * k).sum(-1) / math.sqrt(self.dim)  # [m, H, N]
         a = s.softmax(-1)
-        stats = torch.stack(
-            [s.amax(-1), torch.logsumexp(s, -1) - math.log(s.shape[-1]), torch.sigmoid(s).sum(-1)], -1
-        )  # [m, H, 3]
+        parts = [s.amax(-1), torch.logsumexp(s, -1) - math.log(s.shape[-1]), torch.sigmoid(s).sum(-1)]
+        if self.centre is not None:
+            centre = torch.sigmoid(self.centre(f)).squeeze(-1)  # [m, N]
+            n_objects = (torch.sigmoid(s) * centre[:, None, :]).sum(-1)  # [m, H]
+            parts.append(n_objects)
+        stats = torch.stack(parts, -1)  # [m, H, 3 or 4]
         if self.value == "tokens":
             if tokens is None:
                 raise ValueError("readout value 'tokens' needs the projected image tokens")
@@ -193,18 +207,24 @@ class FocusReadout(nn.Module):
         out[has] = look.to(out.dtype)
         if targets is None:
             return out, None
-        return out, grounding_loss(a, targets[has].to(a.dtype))
+        t = targets[has].to(a.dtype)
+        aux = self.ground * grounding_loss(a, t)
+        if self.centre is not None:
+            want = (t == 2).sum(-1).to(a.dtype)  # objects named: one centre patch each
+            aux = aux + self.count * F.huber_loss(n_objects.mean(1), want)
+        return out, aux
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the looks with a target of -sum_p t_p log(mean_h a_hp), t the target rows normalised to
     sum 1: the heads together should put their mass on the referents (how to share it is theirs).
     attention [m, H, N] (softmax over N), targets [m, N] >= 0. Zero (with a graph) when no row has one."""
-    mass = targets.sum(-1)
+    on = (targets > 0).to(attention.dtype)  # 2 marks an object's centre patch: a referent patch all the same
+    mass = on.sum(-1)
     keep = mass > 0
     if not bool(keep.any()):
         return attention.sum() * 0.0
-    t = targets[keep] / mass[keep, None]
+    t = on[keep] / mass[keep, None]
     a = attention[keep].mean(1).clamp_min(1e-9)
     return -(t * a.log()).sum(-1).mean()
 

@@ -282,7 +282,7 @@ def test_referents_read_from_the_question():
     assert referents(scene, "Is the circle on the left or the right?") == [0, 1]  # a choice, not a filter
     assert referents(scene, "What shape is the object in the top right? (a) circle (b) square") == [2]
     p = referent_patches(scene, [0], (8, 8))
-    assert p.shape == (64,) and p[0] == 1 and p[63] == 0 and p.sum() == 4
+    assert p.shape == (64,) and p[0] == 1 and p[9] == 2 and p[63] == 0 and p.sum() == 5  # 2: its centre
 
 
 def test_a_look_model_is_not_exported_to_llava(look_model):
@@ -290,3 +290,26 @@ def test_a_look_model_is_not_exported_to_llava(look_model):
 
     with pytest.raises(ExportError, match="readout"):
         _check_exportable(look_model)
+
+
+def test_counting_readout_counts_objects_not_patches():
+    """count > 0: the fourth statistic is sum_p sigmoid(s_p) c_p and its Huber loss is against the number
+    of centre patches (2s) in the look's target row."""
+    torch.manual_seed(0)
+    r = FocusReadout(feature_dim=5, lm_dim=7, heads=2, dim=3, ground=0.5, count=2.0)
+    feats = torch.randn(1, 4, 5)
+    queries = torch.randn(2, 7)
+    index = torch.tensor([0, 0])
+    targets = torch.tensor([[1.0, 2, 0, 2], [0, 0, 0, 0]])
+    _, aux = r(feats, queries, index, targets)
+    f = r.norm(feats[0])
+    q = r.q(r.qnorm(queries)).view(2, 2, 1, 3)
+    k = r.k(f).view(4, 2, 3).transpose(0, 1)
+    s = (q * k[None]).sum(-1) / math.sqrt(3)  # [2, H, N]
+    n = (torch.sigmoid(s) * torch.sigmoid(r.centre(f)).squeeze(-1)).sum(-1).mean(1)
+    want = 0.5 * grounding_loss(s.softmax(-1), targets) + 2.0 * torch.nn.functional.huber_loss(
+        n, torch.tensor([2.0, 0.0])
+    )
+    assert torch.allclose(aux, want, atol=1e-6)
+    with pytest.raises(ValueError, match="count"):
+        FocusReadout(5, 7, count=-1)

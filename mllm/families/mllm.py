@@ -119,7 +119,9 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str) ->
             model.meta.image_placement,
         )
         live.look_token = model.meta.look_token
-        if model.readout is not None and getattr(model.readout, "ground", 0) > 0:
+        if model.readout is not None and (
+            getattr(model.readout, "ground", 0) > 0 or getattr(model.readout, "count", 0) > 0
+        ):
             live.look_grid = model.tower.grid  # the looks learn where to attend from the scene graphs too
         _anchor_projector(model, stage)
         return with_cgvlm(model, stage.cgvlm), live, _speed_switches(model, stage, None)

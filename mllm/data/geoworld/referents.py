@@ -56,7 +56,9 @@ def referents(scene: Scene, question: str) -> list[int]:
 
 
 def referent_patches(scene: Scene, objects: list[int], grid: tuple[int, int]) -> torch.Tensor:
-    """[gh * gw] float: 1 on the patches (row-major) whose centre lies in the box of one of `objects`."""
+    """[gh * gw] float: 1 on the patches (row-major) whose centre lies in the box of one of `objects`, 2 on
+    the patch holding each one's centre point (so a row also says how many objects it names: a readout
+    that counts, mllm.readout, learns from it)."""
     gh, gw = grid
     out = torch.zeros(gh * gw)
     for i in objects:
@@ -71,7 +73,7 @@ def referent_patches(scene: Scene, objects: list[int], grid: tuple[int, int]) ->
                 cx = (c + 0.5) * scene.width / gw
                 if x1 <= cx < x2:
                     out[r * gw + c] = 1.0
-        if float(out.sum()) == before:  # a small object between patch centres: the patch holding its centre
-            r, c = min(int(s.y * gh / scene.height), gh - 1), min(int(s.x * gw / scene.width), gw - 1)
-            out[r * gw + c] = 1.0
+        r, c = min(int(s.y * gh / scene.height), gh - 1), min(int(s.x * gw / scene.width), gw - 1)
+        out[r * gw + c] = 2.0  # its centre (also where a small object between patch centres is)
+        del before
     return out
