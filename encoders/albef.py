@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from encoders.common import ConfigError, from_dict
@@ -56,6 +55,8 @@ from encoders.contrastive import (
     EncoderConfig,
     extension_section,
     is_extension_dir,
+    load_extension_weights,
+    save_extension_weights,
 )
 from encoders.ema import EmaCopy, check_momentum
 from encoders.gather import gather_no_grad
@@ -501,22 +502,14 @@ class AlbefModel(ContrastiveModel):
         """The pair's files (contrastive.json of kind `albef` with its `albef` section) + albef.safetensors
         (fusion encoder, ITM and MLM heads, the momentum model, the step count)."""
         super().write_parts(folder)
-        state = self.state_dict()
-        save_file({k: state[k].detach().contiguous().cpu() for k in self._own()}, str(folder / ALBEF_WEIGHTS))
+        save_extension_weights(self, self._own(), folder / ALBEF_WEIGHTS)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> AlbefModel:
         model_dir = Path(model_dir)
         section = extension_section(model_dir, "albef")
         model = cls.from_contrastive(ContrastiveModel.from_pretrained(model_dir), albef_config(section))
-        state = load_file(str(model_dir / ALBEF_WEIGHTS))
-        own = set(model._own())
-        if own != set(state):
-            raise ValueError(
-                f"{model_dir / ALBEF_WEIGHTS}: missing {sorted(own - set(state))[:5]}, "
-                f"unexpected {sorted(set(state) - own)[:5]}"
-            )
-        model.load_state_dict(state, strict=False)
+        load_extension_weights(model, model._own(), model_dir / ALBEF_WEIGHTS)
         return model.eval()
 
 

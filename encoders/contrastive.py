@@ -78,6 +78,25 @@ def is_extension_dir(path: str | Path, kind: str) -> bool:
     return meta_kind(path / META_FILE) == kind or (path / f"{kind}.json").is_file()
 
 
+def save_extension_weights(model: torch.nn.Module, keys: list[str], path: Path) -> None:
+    """The state-dict entries `keys` of an extended pair (albef, degla: what the plain pair files do not
+    hold) as one safetensors file."""
+    state = model.state_dict()
+    save_file({k: state[k].detach().contiguous().cpu() for k in keys}, str(path))
+
+
+def load_extension_weights(model: torch.nn.Module, keys: list[str], path: Path) -> None:
+    """Load `save_extension_weights`' file into `model`; its keys must be exactly `keys` (else a one-line
+    error naming the file and the first differences)."""
+    state = load_file(str(path))
+    own = set(keys)
+    if own != set(state):
+        raise ValueError(
+            f"{path}: missing {sorted(own - set(state))[:5]}, unexpected {sorted(set(state) - own)[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
 @dataclass
 class EncoderConfig:
     """`model.encoder` of a contrastive recipe (validated here, so a typo names its key)."""

@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from encoders.common import ConfigError, from_dict
 from encoders.contrastive import (
@@ -44,6 +43,8 @@ from encoders.contrastive import (
     EncoderConfig,
     extension_section,
     is_extension_dir,
+    load_extension_weights,
+    save_extension_weights,
 )
 from encoders.ema import EmaCopy, check_momentum
 from encoders.gather import dist_info, gather_no_grad, gather_with_grad
@@ -315,22 +316,14 @@ class DeglaModel(ContrastiveModel):
     def write_parts(self, folder: Path) -> None:
         """The pair's files (contrastive.json of kind `degla`) + degla.safetensors (the EMA teacher)."""
         super().write_parts(folder)
-        state = self.state_dict()
-        save_file({k: state[k].detach().contiguous().cpu() for k in self._own()}, str(folder / DEGLA_WEIGHTS))
+        save_extension_weights(self, self._own(), folder / DEGLA_WEIGHTS)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> DeglaModel:
         model_dir = Path(model_dir)
         section = extension_section(model_dir, "degla")
         model = cls.from_contrastive(ContrastiveModel.from_pretrained(model_dir), degla_config(section))
-        state = load_file(str(model_dir / DEGLA_WEIGHTS))
-        own = set(model._own())
-        if own != set(state):
-            raise ValueError(
-                f"{model_dir / DEGLA_WEIGHTS}: missing {sorted(own - set(state))[:5]}, "
-                f"unexpected {sorted(set(state) - own)[:5]}"
-            )
-        model.load_state_dict(state, strict=False)
+        load_extension_weights(model, model._own(), model_dir / DEGLA_WEIGHTS)
         return model.eval()
 
 
