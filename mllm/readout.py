@@ -82,6 +82,13 @@ def check_readout(cfg: Any, fused: bool) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _check_number(key: str, value: Any, strict: bool) -> None:
+    """`model.readout.<key>` must be a finite number > 0 (strict) or >= 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (strict and value == 0):
+        raise ValueError(f"model.readout.{key} must be a number {'>' if strict else '>='} 0, got {value!r}")
+
+
 @register_readout("focus")
 class FocusReadout(nn.Module):
     """Multi-head attention pooling of one image's patch features with a query made from the question.
@@ -111,16 +118,12 @@ class FocusReadout(nn.Module):
         for key, size in (("heads", heads), ("dim", dim)):
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"model.readout.{key} must be a positive integer, got {size!r}")
-        ok = isinstance(ground, (int, float)) and not isinstance(ground, bool) and math.isfinite(ground)
-        if not ok or ground < 0:
-            raise ValueError(f"model.readout.ground must be a number >= 0, got {ground!r}")
+        _check_number("ground", ground, strict=False)
         if value not in ("features", "tokens"):
             raise ValueError(f"model.readout.value must be 'features' or 'tokens', got {value!r}")
         if words not in ("lm", "own"):
             raise ValueError(f"model.readout.words must be 'lm' or 'own', got {words!r}")
-        ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
-        if not ok or scale <= 0:
-            raise ValueError(f"model.readout.scale must be a number > 0, got {scale!r}")
+        _check_number("scale", scale, strict=True)
         self.scale = float(scale)
         # words "own": the question's words come from the readout's own table, not the LM's embeddings.
         # Why: after lm_pretrain the LM's colour words share most of their direction (cosine ~0.65), so a
@@ -138,9 +141,7 @@ class FocusReadout(nn.Module):
         # weight of the grounding loss (training with `look_targets`): cross-entropy of the heads' mean
         # attention against the question's referent patches; 0 = the LM's answer alone teaches the look
         self.ground = float(ground)
-        ok = isinstance(count, (int, float)) and not isinstance(count, bool) and math.isfinite(count)
-        if not ok or count < 0:
-            raise ValueError(f"model.readout.count must be a number >= 0, got {count!r}")
+        _check_number("count", count, strict=False)
         # count > 0: a per-patch "object centre" head c_p and, per head, n = sum_p sigmoid(s_p) c_p (how many
         # matching objects, not patches) as a fourth match statistic, trained (weight `count`) with a Huber
         # loss against the number of objects the question names (the 2s of its grounding targets)

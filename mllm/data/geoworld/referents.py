@@ -64,7 +64,6 @@ def referent_patches(scene: Scene, objects: list[int], grid: tuple[int, int]) ->
     for i in objects:
         s = scene.shapes[i]
         x1, y1, x2, y2 = s.box
-        before = float(out.sum())
         for r in range(gh):
             cy = (r + 0.5) * scene.height / gh
             if not y1 <= cy < y2:
@@ -75,5 +74,4 @@ def referent_patches(scene: Scene, objects: list[int], grid: tuple[int, int]) ->
                     out[r * gw + c] = 1.0
         r, c = min(int(s.y * gh / scene.height), gh - 1), min(int(s.x * gw / scene.width), gw - 1)
         out[r * gw + c] = 2.0  # its centre (also where a small object between patch centres is)
-        del before
     return out
