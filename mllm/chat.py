@@ -223,11 +223,16 @@ def encode_conversation(
     sample: str = "sample",
     for_generation: bool = False,
     look_token: str | None = None,
+    look_at: str = "question",
 ) -> dict[str, torch.Tensor]:
     """Token ids and labels for one conversation, with each `<image>` expanded to the tower's count.
 
-    `look_token` (a model with a readout, `meta.look_token`): appended to every user turn of a
-    conversation with an image, where the readout writes what the image says about that question.
+    `look_token` (a model with a readout, `meta.look_token`): where the readout writes what the image
+    says about each question of a conversation with an image. `look_at` (the readout's `at`,
+    mllm.readout.look_at): "question" appends it to every user turn; "answer" puts it as the first
+    token of every reply (and last of a generation prompt), so the position that predicts the answer's
+    first word is the look itself. Never a label. The plain template drops the questions, so it has no
+    looks at the answers.
 
     Returns `input_ids` and `labels` (IGNORE_INDEX outside assistant turns), 1-D long tensors.
     Raises SampleError (naming `sample`) for: no assistant turn (when training), a count of
@@ -242,10 +247,16 @@ def encode_conversation(
     markers = sum(len(_IMAGE_RE.findall(t)) for _, t in turns)
     if markers != num_images:
         raise SampleError(f"{sample}: {markers} <image> marker(s) in the text but {num_images} image(s)")
+    look_id = None
     if look_token and num_images:
         if any(look_token in t for _, t in turns):
             raise SampleError(f"{sample}: the text already holds the look token {look_token!r}")
-        turns = [(r, t + look_token if r == "user" else t) for r, t in turns]
+        if look_at == "question":
+            turns = [(r, t + look_token if r == "user" else t) for r, t in turns]
+        elif look_at != "answer":
+            raise ValueError(f"look_at must be 'question' or 'answer', got {look_at!r}")
+        elif template != "plain":
+            look_id = tokenizer.convert_tokens_to_ids(look_token)
     segs = get_template(template).render(turns, tokenizer, for_generation)
     ids: list[int] = []
     labels: list[int] = []
@@ -254,6 +265,9 @@ def encode_conversation(
         labels.append(IGNORE_INDEX)
     for seg in segs:
         piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+        if look_id is not None and seg.target:  # the reply is predicted from the look (never a label)
+            ids.append(look_id)
+            labels.append(IGNORE_INDEX)
         expanded: list[int] = []
         for t in piece:
             if t == image_token_id:
@@ -262,6 +276,9 @@ def encode_conversation(
                 expanded.append(t)
         ids.extend(expanded)
         labels.extend(expanded if seg.target else [IGNORE_INDEX] * len(expanded))
+    if look_id is not None and for_generation:
+        ids.append(look_id)
+        labels.append(IGNORE_INDEX)
     found = sum(1 for t in ids if t == image_token_id)
     if found != num_images * num_image_tokens:
         raise SampleError(

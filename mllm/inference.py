@@ -20,6 +20,7 @@ from mllm.data.conversations import left_pad
 from mllm.data.images import load_image
 from mllm.evaluation.agla import AglaConfig, agla_generate
 from mllm.model import MultimodalLM
+from mllm.readout import look_at
 
 
 def prompt_ids(model: MultimodalLM, turns: list[tuple[str, str]], num_images: int) -> torch.Tensor:
@@ -34,6 +35,7 @@ def prompt_ids(model: MultimodalLM, turns: list[tuple[str, str]], num_images: in
         sample="prompt",
         for_generation=True,
         look_token=model.meta.look_token,
+        look_at=look_at(model.meta.readout),
     )
     return enc["input_ids"]
 

@@ -259,6 +259,7 @@ def _targets(ds: ConversationDataset, i: int) -> tuple[str, torch.Tensor] | None
             max_length=ds.max_length,
             sample=name,
             look_token=ds.look_token,
+            look_at=ds.look_at,
         )
     except SampleError:
         if ds.skip_bad_samples:

@@ -9,9 +9,11 @@ query the image's pre-projector patch features, and the attention-pooled feature
 the best patches matched, become one more token at the end of the question. The LM then reads the
 referent from one known place, as it does in a one-object scene.
 
-Wire format: `mllm.chat.encode_conversation` appends `meta.look_token` to every user turn of a
-conversation that has an image (`look_token=model.meta.look_token`), so training, evaluation, chat and
-serving ask the same way. `MultimodalLM.embed` fills each look position from the most recent image in
+Wire format: `mllm.chat.encode_conversation` puts `meta.look_token` after every question of a
+conversation that has an image (`at: question`, the default) or first in every reply (`at: answer`:
+the position that predicts the answer's first word is then the look itself, so the LM need not learn
+to fetch it from a few tokens back); `look_token=model.meta.look_token, look_at=look_at(meta.readout)`,
+so training, evaluation, chat and serving ask the same way. `MultimodalLM.embed` fills each look position from the most recent image in
 its row; the question is the text since the previous look in the row (or the row start): the chat
 template's own tokens there are constants that the query learns to ignore.
 
@@ -34,8 +36,11 @@ __all__ = [
     "LOOK_TOKEN",
     "READOUTS",
     "FocusReadout",
+    "LOOK_PLACES",
     "build_readout",
+    "check_look_at",
     "check_readout",
+    "look_at",
     "grounding_loss",
     "look_inputs",
     "register_readout",
@@ -82,6 +87,23 @@ def check_readout(cfg: Any, fused: bool) -> None:
         raise ConfigError(str(e)) from None
 
 
+#: Where a look goes (`model.readout.at`): after each question, or first in each reply (mllm.chat).
+LOOK_PLACES: tuple[str, ...] = ("question", "answer")
+
+
+def check_look_at(at: Any) -> str:
+    """`at` if it names a LOOK_PLACES entry, else a ValueError naming `model.readout.at`."""
+    if at not in LOOK_PLACES:
+        raise ValueError(f"model.readout.at must be one of {', '.join(LOOK_PLACES)}, got {at!r}")
+    return at
+
+
+def look_at(readout: dict[str, Any] | None) -> str:
+    """Where a model's looks go, from its readout config (`meta.readout`); "question" by default, the
+    place every model saved before the option existed used."""
+    return check_look_at((readout or {}).get("at", "question"))
+
+
 def _check_number(key: str, value: Any, strict: bool) -> None:
     """`model.readout.<key>` must be a finite number > 0 (strict) or >= 0."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -113,8 +135,10 @@ class FocusReadout(nn.Module):
         scale: float = 1.0,
         gate: bool = False,
         count: float = 0.0,
+        at: str = "question",
     ) -> None:
         super().__init__()
+        self.at = check_look_at(at)
         for key, size in (("heads", heads), ("dim", dim)):
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"model.readout.{key} must be a positive integer, got {size!r}")

@@ -145,6 +145,57 @@ def test_encode_conversation_appends_a_look_to_every_user_turn(tokenizer):
         encode_conversation(bad, tok, "chatml", img, 4, 1, look_token=LOOK_TOKEN)
 
 
+@pytest.mark.parametrize("template", ["chatml", "vicuna_v1"])
+def test_looks_at_the_answer_open_every_reply_and_end_the_generation_prompt(tokenizer, template):
+    tok = copy.deepcopy(tokenizer)
+    from mllm.tokenizer import ensure_image_token, ensure_look_token
+
+    img = ensure_image_token(tok)
+    look = ensure_look_token(tok, LOOK_TOKEN)
+    conv = [
+        {"from": "human", "value": "<image>\nwhat color is the circle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "how many?"},
+        {"from": "gpt", "value": "2"},
+    ]
+    enc = encode_conversation(conv, tok, template, img, 4, 1, look_token=LOOK_TOKEN, look_at="answer")
+    ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
+    plain = encode_conversation(conv, tok, template, img, 4, 1)
+    at = [k for k, t in enumerate(ids) if t == look]
+    assert len(at) == 2 and len(ids) == len(plain["input_ids"]) + 2
+    for p in at:
+        assert labels[p] == -100  # never a target
+        assert labels[p + 1] != -100  # the reply's first token is predicted from the look itself
+        assert labels[p - 1] == -100  # and everything before it is prompt
+    # without the looks, the same ids and labels: nothing else moved
+    keep = [k for k in range(len(ids)) if k not in at]
+    assert [ids[k] for k in keep] == plain["input_ids"].tolist()
+    assert [labels[k] for k in keep] == plain["labels"].tolist()
+    # a generation prompt ends with the look: the first generated token is read from it
+    gen = encode_conversation(
+        conv[:1], tok, template, img, 4, 1, for_generation=True, look_token=LOOK_TOKEN, look_at="answer"
+    )
+    assert gen["input_ids"][-1] == look and int((gen["input_ids"] == look).sum()) == 1
+    # training prefix == generation prompt: the model is asked exactly as it was taught
+    assert ids[: at[0] + 1] == gen["input_ids"].tolist()
+
+
+def test_looks_at_the_answer_need_a_question(tokenizer):
+    """The plain template drops the question (alignment captions): no look there; a bad place is refused."""
+    tok = copy.deepcopy(tokenizer)
+    from mllm.tokenizer import ensure_image_token, ensure_look_token
+
+    img = ensure_image_token(tok)
+    look = ensure_look_token(tok, LOOK_TOKEN)
+    conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle"}]
+    enc = encode_conversation(conv, tok, "plain", img, 4, 1, look_token=LOOK_TOKEN, look_at="answer")
+    assert look not in enc["input_ids"].tolist()
+    with pytest.raises(ValueError, match="look_at"):
+        encode_conversation(conv, tok, "chatml", img, 4, 1, look_token=LOOK_TOKEN, look_at="middle")
+    with pytest.raises(ValueError, match="model.readout.at"):
+        build_readout({"type": "focus", "at": "middle"}, 8, 8)
+
+
 @pytest.fixture(
     params=[{}, {"words": "own", "value": "tokens", "scale": 4.0}], ids=["lm-features", "own-tokens"]
 )
@@ -313,3 +364,43 @@ def test_counting_readout_counts_objects_not_patches():
     assert torch.allclose(aux, want, atol=1e-6)
     with pytest.raises(ValueError, match="count"):
         FocusReadout(5, 7, count=-1)
+
+
+def test_a_model_looking_at_the_answer_generates_from_its_look(tokenizer, tmp_path):
+    """`at: answer` end to end: the generation prompt ends with the look, whose embedding is the readout's
+    (changing the image changes the first answer logits through it), and the placement survives save/load."""
+    from PIL import Image
+
+    from mllm.inference import answer_batch, prompt_ids
+    from mllm.model import MultimodalLM, build_lm
+    from mllm.tokenizer import ensure_look_token
+
+    tok = copy.deepcopy(tokenizer)
+    ensure_look_token(tok, LOOK_TOKEN)
+    torch.manual_seed(0)
+    m = MultimodalLM.build(
+        TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
+        "mlp2x_gelu",
+        build_lm(None, TINY_LM, len(tok)),
+        tok,
+        template="chatml",
+        max_length=128,
+        readout={"type": "focus", "heads": 2, "dim": 8, "at": "answer"},
+    ).eval()
+    ids = prompt_ids(m, [("user", "<image>\nwhat color is the circle?")], 1)
+    assert ids[-1] == m.meta.look_token_id and int((ids == m.meta.look_token_id).sum()) == 1
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        e1 = m.embed(ids[None], px)
+        e2 = m.embed(ids[None], px + 1.0)
+    assert not torch.allclose(e1[0, -1], e2[0, -1]) and torch.allclose(
+        e1[0, :-1][ids[:-1] != m.image_token_id], e2[0, :-1][ids[:-1] != m.image_token_id]
+    )
+    out = answer_batch(
+        m, ["what color is the circle?"], [Image.new("RGB", (32, 32), "red")], max_new_tokens=3
+    )
+    assert len(out) == 1 and isinstance(out[0], str)
+    m.save_pretrained(tmp_path / "m")
+    again = MultimodalLM.from_pretrained(tmp_path / "m")
+    assert again.meta.readout["at"] == "answer"
+    assert torch.equal(prompt_ids(again, [("user", "<image>\nwhat color is the circle?")], 1), ids)

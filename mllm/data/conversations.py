@@ -64,6 +64,7 @@ class ConversationDataset(Dataset):
         self.load_errors: dict[int, str] = {}
         # A readout's look token (MultimodalLM.meta.look_token), set by the family that builds the task.
         self.look_token: str | None = None
+        self.look_at: str = "question"
         for i, rec in enumerate(self.records):
             try:
                 self._check_structure(i, rec)
@@ -111,6 +112,7 @@ class ConversationDataset(Dataset):
             max_length=self.max_length,
             sample=name,
             look_token=self.look_token,
+            look_at=self.look_at,
         )
         pixel_values = None
         features = None

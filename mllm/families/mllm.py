@@ -26,7 +26,7 @@ from mllm.families.base import Family, StageKind, TaskResult, register_family, r
 from mllm.feature_cache import cache_for_stage
 from mllm.hf_import import resolve_model_path
 from mllm.model import MultimodalLM, build_lm
-from mllm.readout import LOOK_TOKEN
+from mllm.readout import LOOK_TOKEN, look_at
 from mllm.tokenizer import ensure_image_token, ensure_look_token, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str) ->
             model.meta.image_placement,
         )
         live.look_token = model.meta.look_token
+        live.look_at = look_at(model.meta.readout)
         if model.readout is not None and (
             getattr(model.readout, "ground", 0) > 0 or getattr(model.readout, "count", 0) > 0
         ):
@@ -201,6 +202,7 @@ def _json_dataset(model: MultimodalLM, stage: StageConfig, template: str, what: 
         stage.data.skip_bad_samples,
     )
     ds.look_token = model.meta.look_token
+    ds.look_at = look_at(model.meta.readout)
     return ds
 
 

@@ -187,6 +187,7 @@ class LiveWorldDataset(Dataset):
         # and the tower's patch grid when the looks are supervised with the question's referents
         # (`look_targets`, mllm.data.geoworld.referents).
         self.look_token: str | None = None
+        self.look_at: str = "question"
         self.look_grid: tuple[int, int] | None = None
         self.redrawn = 0
         self.augment = (
@@ -256,6 +257,7 @@ class LiveWorldDataset(Dataset):
                     max_length=self.max_length,
                     sample=name,
                     look_token=self.look_token,
+                    look_at=self.look_at,
                 )
             except SampleError as e:
                 if "exceed max_length" not in str(e) or len(conv) <= 2:
