@@ -164,6 +164,10 @@ class LiveWorldConfig:
     existence: int = 2  # extra POPE-style existence probes per image
     paraphrase_frac: float = 0.3  # share of questions asked in a training-only wording
     mc_frac: float = 0.2  # share asked as "(a) X (b) Y" multiple choice
+    # How a multiple-choice question is answered in training: "letter" ("(b)", MMVP's own answer key),
+    # "option" (the chosen option's words, "orange": what MMVP's grading and mllm's extractor also accept)
+    # or "both" (the words, then the letter: "orange (b)")
+    mc_reply: str = "letter"
     heldout: str | None = None
     augment: dict | None = None
     # Scenes grow from one object to `max_shapes` over the first `curriculum` samples (0: no
@@ -203,6 +207,11 @@ class DataConfig:
     text_mask: float = 0.0
     image_augment: str | None = None
     sub_captions: int = 0
+    # `tower_warmup` on a GeoWorld scenes.jsonl: draw each row's image again from its scene graph with
+    # mllm.data.geoworld.augment (an AugmentConfig mapping, {} for its defaults: shades, anti-aliasing,
+    # sub-pixel placement, JPEG), one fixed drawing per row, so the tower's per-patch heads learn hue and
+    # form rather than the renderer's exact pixels. null: the image files as they are.
+    scene_augment: dict | None = None
 
     def __post_init__(self) -> None:
         """The caption options, refused when the recipe loads (one line naming the key)."""
@@ -481,6 +490,19 @@ class Recipe:
                 raise ConfigError(
                     f"stages.{s.name}.data.{used[0]}: read only by `contrastive` stages, this one is {s.kind!r}"
                 )
+            if s.data.scene_augment is not None:
+                if s.kind != "tower_warmup":
+                    raise ConfigError(
+                        f"stages.{s.name}.data.scene_augment: read only by `tower_warmup` stages, this one is {s.kind!r}"
+                    )
+                from mllm.data.geoworld.augment import AugmentConfig
+
+                try:
+                    from_dict(AugmentConfig, s.data.scene_augment, f"stages.{s.name}.data.scene_augment")
+                except ConfigError:  # an unknown key: named already
+                    raise
+                except ValueError as e:  # a bad value
+                    raise ConfigError(f"stages.{s.name}.data.scene_augment: {e}") from None
             if s.kind == "contrastive" and wants_sub != (s.data.sub_captions > 0):
                 what = "needs K > 0 sub-captions per image" if wants_sub else "reads none (DreamLIP's option)"
                 raise ConfigError(

@@ -119,7 +119,8 @@ class FocusReadout(nn.Module):
     embedding is MLP([v_1..v_H, max_p s, logsumexp_p s, sum_p sigmoid(s_p)]). The pooled *features*
     (not projected tokens) keep the tower's own code for colour, shape and position; the three match
     statistics say how well and how widely the question matched, which existence and counting need
-    and a softmax average alone hides.
+    and a softmax average alone hides. Options add statistics: `count` (how many matching objects),
+    `where` (the attended column and row); `value: tokens` pools the projected tokens instead (below).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class FocusReadout(nn.Module):
         gate: bool = False,
         count: float = 0.0,
         at: str = "question",
+        where: bool = False,
     ) -> None:
         super().__init__()
         self.at = check_look_at(at)
@@ -171,7 +173,13 @@ class FocusReadout(nn.Module):
         # loss against the number of objects the question names (the 2s of its grounding targets)
         self.count = float(count)
         self.centre = nn.Linear(feature_dim, 1) if count > 0 else None
-        n_stats = 4 if count > 0 else 3
+        if not isinstance(where, bool):
+            raise ValueError(f"model.readout.where must be true or false, got {where!r}")
+        # where: per head, the attention-weighted mean patch column and row (in [-1, 1]) as two more
+        # statistics, so "is the star on the left or the right?" is read from the look like its colour
+        # (the pooled tokens say *what* was found, not *where*)
+        self.where = where
+        n_stats = 3 + (count > 0) + 2 * where
         self.norm = nn.LayerNorm(feature_dim)
         # The question is a mean over a varying number of words: normalising it keeps the attention
         # logits' scale independent of the question's length (a 20-token mean is ~20x smaller than
@@ -218,6 +226,9 @@ class FocusReadout(nn.Module):
             centre = torch.sigmoid(self.centre(f)).squeeze(-1)  # [m, N]
             n_objects = (torch.sigmoid(s) * centre[:, None, :]).sum(-1)  # [m, H]
             parts.append(n_objects)
+        if self.where:
+            xs, ys = _patch_coordinates(f.shape[1], a.device, a.dtype)
+            parts += [(a * xs).sum(-1), (a * ys).sum(-1)]
         stats = torch.stack(parts, -1)  # [m, H, 3 or 4]
         if self.value == "tokens":
             if tokens is None:
@@ -238,6 +249,15 @@ class FocusReadout(nn.Module):
             want = (t == 2).sum(-1).to(a.dtype)  # objects named: one centre patch each
             aux = aux + self.count * F.huber_loss(n_objects.mean(1), want)
         return out, aux
+
+
+def _patch_coordinates(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and row of each of `n` row-major patches of a square grid, scaled to [-1, 1]."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"model.readout.where needs a square patch grid, got {n} patches")
+    c = (torch.arange(side, device=device, dtype=dtype) + 0.5) / side * 2 - 1
+    return c.repeat(side), c.repeat_interleave(side)
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

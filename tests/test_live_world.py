@@ -124,6 +124,29 @@ def test_two_options_contain_the_answer_once():
             assert [o for _, o in opts].count(a) == 1
 
 
+def test_multiple_choice_is_answered_by_letter_option_or_both(tok):
+    """mc_reply: the same questions, drawn from the same stream, answered with the letter ("(b)"), the
+    letter's option ("orange") or both ("orange (b)"); any other reply is refused."""
+    n_mc = 0
+    for seed in range(40):
+        scene = sample_scene(random.Random(seed), 64, max_shapes=5)
+        replies = {
+            m: qa_turns(scene, random.Random(seed), LiveWorldConfig(mc_frac=1.0, turns=(6, 6), mc_reply=m))
+            for m in ("letter", "option", "both")
+        }
+        assert len({tuple(q for q, _ in t) for t in replies.values()}) == 1
+        for (q, letter), (_, word), (_, both) in zip(*replies.values()):
+            opts = dict(re.findall(r"\((a|b)\) (\w+)", q))
+            if not opts:
+                assert letter == word == both  # not a two-option question (e.g. math)
+                continue
+            n_mc += 1
+            assert opts[letter.strip("()")] == word and both == f"{word} {letter}"
+    assert n_mc > 100
+    with pytest.raises(ValueError, match="mc_reply"):
+        _dataset(tok, mc_reply="word")
+
+
 def test_existence_probes_are_true_and_balanced():
     for seed in range(50):
         rng = random.Random(seed)

@@ -404,3 +404,38 @@ def test_a_model_looking_at_the_answer_generates_from_its_look(tokenizer, tmp_pa
     again = MultimodalLM.from_pretrained(tmp_path / "m")
     assert again.meta.readout["at"] == "answer"
     assert torch.equal(prompt_ids(again, [("user", "<image>\nwhat color is the circle?")], 1), ids)
+
+
+def test_where_adds_the_attended_place_to_the_statistics():
+    """where: true: per head, sum_p a_p x_p and sum_p a_p y_p over a square grid's centres in [-1, 1]."""
+    from mllm.readout import _patch_coordinates
+
+    xs, ys = _patch_coordinates(4, torch.device("cpu"), torch.float32)
+    assert xs.tolist() == [-0.5, 0.5, -0.5, 0.5] and ys.tolist() == [-0.5, -0.5, 0.5, 0.5]
+    torch.manual_seed(0)
+    r = FocusReadout(feature_dim=5, lm_dim=7, heads=2, dim=3, value="tokens", where=True)
+    torch.nn.init.normal_(r.out[-1].weight)  # the statistics' MLP starts at zero; make it count here
+    feats, tokens = torch.randn(1, 4, 5), torch.randn(1, 4, 7)
+    queries, index = torch.randn(3, 7), torch.tensor([0, 0, 0])
+    looks, _ = r(feats, queries, index, tokens=tokens)
+    f = r.norm(feats[0])
+    q = r.q(r.qnorm(queries)).view(3, 2, 1, 3)
+    k = r.k(f).view(4, 2, 3).transpose(0, 1)
+    s = (q * k[None]).sum(-1) / math.sqrt(3)  # [3, H, N]
+    a = s.softmax(-1)
+    stats = torch.stack(
+        [
+            s.amax(-1),
+            torch.logsumexp(s, -1) - math.log(4),
+            torch.sigmoid(s).sum(-1),
+            (a * xs).sum(-1),
+            (a * ys).sum(-1),
+        ],
+        -1,
+    )
+    want = torch.einsum("mhn,nd->md", a, tokens[0]) / 2 + r.out(stats.flatten(1))
+    assert torch.allclose(looks, want, atol=1e-5)
+    with pytest.raises(ValueError, match="square"):
+        r(torch.randn(1, 6, 5), queries, index, tokens=torch.randn(1, 6, 7))
+    with pytest.raises(ValueError, match="model.readout.where"):
+        FocusReadout(5, 7, where="yes")

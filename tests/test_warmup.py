@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from encoders.supervised import PatchSupervision, PatchTargets
@@ -121,3 +123,89 @@ def test_centre_head_only_when_asked():
         ],
     }
     assert set(patch_labels(scene, (2, 2), plain)) == {"colour", "shape", "size", "orientation"}
+
+
+def test_scene_augment_redraws_each_row_from_its_graph(tmp_path):
+    """data.scene_augment: a GeoWorld row's pixels are drawn again (shaded, anti-aliased), the same drawing
+    every time the row is read, with the file's labels; math figures stay files; off, the files as they are."""
+    import numpy as np
+
+    from mllm.data.geoworld import write_world
+    from mllm.data.geoworld.augment import AugmentConfig
+    from mllm.data.scene_labels import SceneLabelDataset
+
+    write_world(
+        tmp_path,
+        seed=0,
+        n=12,
+        size=64,
+        n_eval=2,
+        mmvp_pairs=1,
+        pope_questions=2,
+        refcoco_n=1,
+        mathverse_problems=1,
+        mmvp_vlm_pairs=1,
+    )
+
+    def pixels(im):
+        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)[None]
+
+    def ds(augment):
+        from mllm.data.geoworld.vocab import COLOR_NAMES, SHAPES
+
+        t = PatchTargets(colours=COLOR_NAMES, shapes=SHAPES)
+        return SceneLabelDataset(
+            tmp_path / "scenes.jsonl",
+            tmp_path,
+            t,
+            (8, 8),
+            lambda ims: torch.cat([pixels(i) for i in ims]),
+            augment=augment,
+        )
+
+    plain, aug = ds(None), ds(AugmentConfig(p=1.0))
+    changed = 0
+    for i in range(len(plain)):
+        a, b = plain[i], aug[i]
+        assert (
+            all(torch.equal(a["labels"][k], b["labels"][k]) for k in a["labels"]) and a["count"] == b["count"]
+        )
+        assert torch.equal(b["pixel_values"], aug[i]["pixel_values"])  # one fixed drawing per row
+        is_figure = plain.rows[i]["scene"].get("figure") is not None
+        same = torch.equal(a["pixel_values"], b["pixel_values"])
+        assert same or not is_figure
+        changed += not same
+    assert changed >= len(plain) // 2
+
+
+def test_scene_augment_is_refused_outside_the_warmup_and_with_bad_values(tmp_path):
+    import pytest
+    import yaml
+    from helpers import tiny_recipe, write_tiny_world
+
+    from encoders.common import ConfigError
+    from mllm.config import load_recipe
+
+    base = tiny_recipe(write_tiny_world(tmp_path / "w"), backend="torch", zero=None)
+    for stage, value, match in (
+        ("align", {}, "tower_warmup"),
+        (None, {"p": 2.0}, "scene_augment"),
+        (None, {"bogus": 1}, "bogus"),
+    ):
+        r = copy.deepcopy(base)
+        if stage is None:
+            r["stages"].insert(
+                0,
+                {
+                    "name": "warm",
+                    "kind": "tower_warmup",
+                    "data": {"json": "x", "scene_augment": value},
+                    "max_steps": 1,
+                },
+            )
+        else:
+            next(s for s in r["stages"] if s["name"] == stage)["data"]["scene_augment"] = value
+        p = tmp_path / "r.yaml"
+        p.write_text(yaml.safe_dump(r))
+        with pytest.raises(ConfigError, match=match):
+            load_recipe(p)

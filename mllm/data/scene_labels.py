@@ -13,6 +13,9 @@ from torch.utils.data import Dataset
 
 from encoders.supervised import IGNORE, PatchTargets
 from mllm.data.batch import Batch, Skip, skipped, start_batch
+from mllm.data.geoworld.augment import AugmentConfig, render_augmented
+from mllm.data.geoworld.sampling import stream
+from mllm.data.geoworld.scene import scene_from_dict
 from mllm.data.images import ImageError, load_image, resolve_image
 
 
@@ -61,8 +64,11 @@ class SceneLabelDataset(Dataset):
         grid: tuple[int, int],
         preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
         skip_bad_samples: bool = False,
+        augment: AugmentConfig | None = None,
     ):
         self.path = Path(scenes_path)
+        # GeoWorld rows drawn again from their scene graphs (data.scene_augment); math figures stay files
+        self.augment = augment
         self.root = Path(image_root) if image_root is not None else self.path.parent
         self.rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
         self.targets, self.grid, self.preprocess, self.skip = targets, grid, preprocess, skip_bad_samples
@@ -74,7 +80,13 @@ class SceneLabelDataset(Dataset):
         row = self.rows[i]
         name = f"{self.path} line {i + 1} (id {row.get('id')!r})"
         try:
-            image = load_image(resolve_image(self.root, row["image"]))
+            if self.augment is not None and row["scene"].get("figure") is None:
+                # one fixed drawing per row: the same sample for a resumed run, a new look for each row
+                image = render_augmented(
+                    scene_from_dict(row["scene"]), stream(0, "scene-augment", i), self.augment
+                )
+            else:
+                image = load_image(resolve_image(self.root, row["image"]))
         except ImageError as e:
             if self.skip:
                 return skipped(Skip(name, f"{name}: {e}"))

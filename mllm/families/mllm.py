@@ -15,9 +15,10 @@ from encoders.geo import GeoDetector
 from encoders.supervised import PatchSupervision, PatchTargets
 from mllm import prior as P
 from mllm.cgvlm import with_cgvlm
-from mllm.config import ConfigError, ModelConfig, StageConfig
+from mllm.config import ConfigError, ModelConfig, StageConfig, from_dict
 from mllm.data.conversations import Collator, ConversationDataset
 from mllm.data.corpus import corpus_from_records
+from mllm.data.geoworld.augment import AugmentConfig
 from mllm.data.geoworld.geo_targets import GeoFigureDataset, collate_geo
 from mllm.data.geoworld.live import LiveWorldDataset
 from mllm.data.geoworld.vocab import COLOR_NAMES, SHAPES
@@ -172,6 +173,11 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str) ->
         model.tower.grid,
         model.tower.preprocess,
         stage.data.skip_bad_samples,
+        augment=(
+            from_dict(AugmentConfig, stage.data.scene_augment, "data.scene_augment")
+            if stage.data.scene_augment is not None
+            else None
+        ),
     )
     readout = None
     if stage.readout_heads:

@@ -44,6 +44,9 @@ from .sampling import pixel_key, stream, world_scene
 from .scene import Scene, scene_from_dict
 from .vocab import COLOR_NAMES, SHAPES, with_article
 
+#: How a two-option question is answered in training (LiveWorldConfig.mc_reply).
+MC_REPLIES: tuple[str, ...] = ("letter", "option", "both")
+
 #: Benchmark folders of a written world whose scenes training must never draw.
 HELDOUT_SETS: tuple[str, ...] = ("eval", "mmvp", "mmvp_vlm", "pope", "refcoco", "mathverse")
 
@@ -135,7 +138,8 @@ def qa_turns(scene: Scene, rng: random.Random, cfg: LiveWorldConfig) -> list[QA]
         if rng.random() < cfg.paraphrase_frac:
             q, a = paraphrase(q, a) or (q, a)
         if rng.random() < cfg.mc_frac:
-            q, a = two_options(cat, q, a, rng) or (q, a)
+            q, letter = two_options(cat, q, a, rng) or (q, a)
+            a = {"letter": letter, "option": a, "both": f"{a} {letter}" if letter != a else a}[cfg.mc_reply]
         turns.append((q, a))
     return turns
 
@@ -169,6 +173,10 @@ class LiveWorldDataset(Dataset):
     ):
         if cfg.content not in ("qa", "caption"):
             raise ValueError(f"data.live.content must be 'qa' or 'caption', got {cfg.content!r}")
+        if cfg.mc_reply not in MC_REPLIES:
+            raise ValueError(
+                f"data.live.mc_reply must be one of {', '.join(MC_REPLIES)}, got {cfg.mc_reply!r}"
+            )
         if cfg.n < 1:
             raise ValueError(f"data.live.n must be positive, got {cfg.n}")
         lo, hi = cfg.turns
