@@ -34,9 +34,10 @@ from mllm.training.runner import train_recipe
 RECIPE = RECIPES_DIR / "tiny-geoworld.yaml"
 ENCODER_RECIPE = RECIPES_DIR / "clip-resnet-tiny.yaml"
 # CLIP and DCL tie on GeoWorld retrieval at equal compute (docs/results.md); the conv tower reaches mean
-# R@1 83.8 in 300 steps (the ViT: 58.2). 150 steps leave the 10-minute budget room for instruct; the
-# per-patch warm-up after it is what teaches shape (docs/results.md, "Models that see").
-ENCODER_STEPS = 150
+# R@1 83.8 in 300 steps (the ViT: 58.2). 120 steps leave the 10-minute budget room for instruct (with 150
+# the demo took 588 s of its 600); the per-patch warm-up after it is what teaches shape (docs/results.md,
+# "Models that see").
+ENCODER_STEPS = 120
 DEMO_N = 3000
 QUICK = [
     "stages.lm_pretrain.max_steps=6",
