@@ -260,7 +260,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     world, out = Path(args.world).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ensure_world(world, args.world_n)
-    jobs = [(plans[m], s) for s in args.seeds for m in methods]
+    # method-major: each method gets its seeds together, so a stopped run leaves whole rows
+    jobs = [(plans[m], s) for m in methods for s in args.seeds]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run_one, p, s, world, out, args.steps) for p, s in jobs]
         failed = 0
