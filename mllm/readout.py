@@ -13,8 +13,8 @@ Wire format: `mllm.chat.encode_conversation` puts `meta.look_token` after every 
 conversation that has an image (`at: question`, the default) or first in every reply (`at: answer`:
 the position that predicts the answer's first word is then the look itself, so the LM need not learn
 to fetch it from a few tokens back); `look_token=model.meta.look_token, look_at=look_at(meta.readout)`,
-so training, evaluation, chat and serving ask the same way. `MultimodalLM.embed` fills each look position from the most recent image in
-its row; the question is the text since the previous look in the row (or the row start): the chat
+so training, evaluation, chat and serving ask the same way. `MultimodalLM.embed` fills each look
+position from the most recent image in its row; the question is the text since the previous look in the row (or the row start): the chat
 template's own tokens there are constants that the query learns to ignore.
 
 Variants live in `READOUTS` (name -> factory(feature_dim, lm_dim, vocab_size, **options)).
@@ -140,7 +140,7 @@ class FocusReadout(nn.Module):
         where: bool = False,
     ) -> None:
         super().__init__()
-        self.at = check_look_at(at)
+        check_look_at(at)  # read by mllm.chat through meta.readout (look_at), not by the module
         for key, size in (("heads", heads), ("dim", dim)):
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"model.readout.{key} must be a positive integer, got {size!r}")

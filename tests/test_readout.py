@@ -116,18 +116,26 @@ def test_recipe_load_refuses_a_bad_readout(tmp_path):
             load_recipe(path)
 
 
-def test_encode_conversation_appends_a_look_to_every_user_turn(tokenizer):
-    tok = copy.deepcopy(tokenizer)
+#: A two-question conversation about one image.
+TWO_TURNS = [
+    {"from": "human", "value": "<image>\nwhat color is the circle?"},
+    {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "how many?"},
+    {"from": "gpt", "value": "2"},
+]
+
+
+def _look_tokenizer(tokenizer):
+    """A copy of the test tokenizer with the image and look tokens, and their ids."""
     from mllm.tokenizer import ensure_image_token, ensure_look_token
 
-    img = ensure_image_token(tok)
-    look = ensure_look_token(tok, LOOK_TOKEN)
-    conv = [
-        {"from": "human", "value": "<image>\nwhat color is the circle?"},
-        {"from": "gpt", "value": "red"},
-        {"from": "human", "value": "how many?"},
-        {"from": "gpt", "value": "2"},
-    ]
+    tok = copy.deepcopy(tokenizer)
+    return tok, ensure_image_token(tok), ensure_look_token(tok, LOOK_TOKEN)
+
+
+def test_encode_conversation_appends_a_look_to_every_user_turn(tokenizer):
+    tok, img, look = _look_tokenizer(tokenizer)
+    conv = TWO_TURNS
     enc = encode_conversation(conv, tok, "chatml", img, 4, 1, look_token=LOOK_TOKEN)
     ids = enc["input_ids"].tolist()
     assert ids.count(look) == 2
@@ -147,17 +155,8 @@ def test_encode_conversation_appends_a_look_to_every_user_turn(tokenizer):
 
 @pytest.mark.parametrize("template", ["chatml", "vicuna_v1"])
 def test_looks_at_the_answer_open_every_reply_and_end_the_generation_prompt(tokenizer, template):
-    tok = copy.deepcopy(tokenizer)
-    from mllm.tokenizer import ensure_image_token, ensure_look_token
-
-    img = ensure_image_token(tok)
-    look = ensure_look_token(tok, LOOK_TOKEN)
-    conv = [
-        {"from": "human", "value": "<image>\nwhat color is the circle?"},
-        {"from": "gpt", "value": "red"},
-        {"from": "human", "value": "how many?"},
-        {"from": "gpt", "value": "2"},
-    ]
+    tok, img, look = _look_tokenizer(tokenizer)
+    conv = TWO_TURNS
     enc = encode_conversation(conv, tok, template, img, 4, 1, look_token=LOOK_TOKEN, look_at="answer")
     ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
     plain = encode_conversation(conv, tok, template, img, 4, 1)
@@ -182,11 +181,7 @@ def test_looks_at_the_answer_open_every_reply_and_end_the_generation_prompt(toke
 
 def test_looks_at_the_answer_need_a_question(tokenizer):
     """The plain template drops the question (alignment captions): no look there; a bad place is refused."""
-    tok = copy.deepcopy(tokenizer)
-    from mllm.tokenizer import ensure_image_token, ensure_look_token
-
-    img = ensure_image_token(tok)
-    look = ensure_look_token(tok, LOOK_TOKEN)
+    tok, img, look = _look_tokenizer(tokenizer)
     conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle"}]
     enc = encode_conversation(conv, tok, "plain", img, 4, 1, look_token=LOOK_TOKEN, look_at="answer")
     assert look not in enc["input_ids"].tolist()
