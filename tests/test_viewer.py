@@ -214,10 +214,14 @@ def test_three_thousand_items_open_quickly(tmp_path, tmp_path_factory):
         opened = time.perf_counter() - t0
         count = page.locator("#count")
         assert count.get_attribute("data-total") == "3000" and page.locator("article.card").count() == 50
+        # the page redraws after the event handler returns: wait (Playwright's web-first assertions, 5 s)
+        # for the same values rather than reading them before the redraw (CI saw "page 1 of 60" once)
+        from playwright.sync_api import expect
+
         page.click("#last")
-        assert page.locator("#page").inner_text() == "page 60 of 60"
+        expect(page.locator("#page")).to_have_text("page 60 of 60")
         page.select_option("#facet-split", "adversarial")
-        assert count.get_attribute("data-matching") == "1000"
+        expect(count).to_have_attribute("data-matching", "1000")
         page.screenshot(path=str(artefact_dir(tmp_path_factory) / "viewer-3000.png"))
         assert opened < 5.0, f"the 3,000-item report took {opened:.1f} s to open"
         assert page.errors == []
