@@ -33,18 +33,24 @@ from torch import nn
 from encoders.registry import Registry
 
 __all__ = [
+    "COUNT_CODE",
     "LOOK_TOKEN",
     "READOUTS",
     "FocusReadout",
     "LOOK_PLACES",
     "build_readout",
     "check_look_at",
+    "count_code",
+    "counting_loss",
     "check_readout",
     "look_at",
     "grounding_loss",
     "look_inputs",
     "register_readout",
 ]
+
+#: Length of the counter's triangular code (counts 0 .. COUNT_CODE - 1 each get a direction; more saturate).
+COUNT_CODE = 10
 
 #: The placeholder a readout fills; the tokenizer holds it as one unsplittable special token.
 LOOK_TOKEN = "<look>"
@@ -168,10 +174,20 @@ class FocusReadout(nn.Module):
         # attention against the question's referent patches; 0 = the LM's answer alone teaches the look
         self.ground = float(ground)
         _check_number("count", count, strict=False)
-        # count > 0: a per-patch "object centre" head c_p and, per head, n = sum_p sigmoid(s_p) c_p (how many
-        # matching objects, not patches) as a fourth match statistic, trained (weight `count`) with a Huber
-        # loss against the number of objects the question names (the 2s of its grounding targets)
+        # count > 0: counting by detection, beside the attention heads. A matcher of its own (query
+        # W_cq q, keys W_ck f_p) says per patch whether it belongs to what the question names, sigma(m_p),
+        # and a per-patch head whether it holds an object's centre, sigma(c_p); n = sum_p sigma(m_p) sigma(c_p)
+        # is the number of named objects, given to the look as n and as a triangular code
+        # relu(1 - |n - k|), k = 0..COUNT_CODE-1, so each integer is its own direction and "2" is one
+        # linear read away. Both factors are supervised directly from the look's targets (weight `count`):
+        # BCE of m against the referent patches, BCE of c against the referents' centre patches (2s)
+        # among their patches, and a Huber loss of n against the number of centres. Why not the heads'
+        # own scores: a softmax-trained score is calibrated for ranking patches, not for summing them, and
+        # a sum trained only through the answer (the earlier form, look11 / cw1 in docs/results.md) did
+        # not count better than the pooled tokens.
         self.count = float(count)
+        self.count_q = nn.Linear(lm_dim, dim) if count > 0 else None
+        self.count_k = nn.Linear(feature_dim, dim) if count > 0 else None
         self.centre = nn.Linear(feature_dim, 1) if count > 0 else None
         if not isinstance(where, bool):
             raise ValueError(f"model.readout.where must be true or false, got {where!r}")
@@ -179,7 +195,8 @@ class FocusReadout(nn.Module):
         # statistics, so "is the star on the left or the right?" is read from the look like its colour
         # (the pooled tokens say *what* was found, not *where*)
         self.where = where
-        n_stats = 3 + (count > 0) + 2 * where
+        n_stats = 3 + 2 * where
+        n_count = COUNT_CODE + 1 if count > 0 else 0
         self.norm = nn.LayerNorm(feature_dim)
         # The question is a mean over a varying number of words: normalising it keeps the attention
         # logits' scale independent of the question's length (a 20-token mean is ~20x smaller than
@@ -191,7 +208,7 @@ class FocusReadout(nn.Module):
         # tokens* (what the projector made of each patch, the vectors the LM already reads; with an
         # anchored projector, the referent's attribute words), plus MLP(match statistics), which starts
         # at zero so a look starts as exactly that mixture.
-        width = heads * (feature_dim + n_stats) if value == "features" else heads * n_stats
+        width = (heads * (feature_dim + n_stats) if value == "features" else heads * n_stats) + n_count
         self.out = nn.Sequential(nn.Linear(width, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
         if value == "tokens":
             nn.init.zeros_(self.out[-1].weight)
@@ -222,33 +239,56 @@ class FocusReadout(nn.Module):
         s = self.scale * (q * k).sum(-1) / math.sqrt(self.dim)  # [m, H, N]
         a = s.softmax(-1)
         parts = [s.amax(-1), torch.logsumexp(s, -1) - math.log(s.shape[-1]), torch.sigmoid(s).sum(-1)]
-        if self.centre is not None:
-            centre = torch.sigmoid(self.centre(f)).squeeze(-1)  # [m, N]
-            n_objects = (torch.sigmoid(s) * centre[:, None, :]).sum(-1)  # [m, H]
-            parts.append(n_objects)
         if self.where:
             xs, ys = _patch_coordinates(f.shape[1], a.device, a.dtype)
             parts += [(a * xs).sum(-1), (a * ys).sum(-1)]
-        stats = torch.stack(parts, -1)  # [m, H, 3 or 4]
+        stats = torch.stack(parts, -1)  # [m, H, 3 or 5]
+        extra: list[torch.Tensor] = []
+        if self.count_q is not None:
+            qc = self.count_q(self.qnorm(queries[has]))  # [m, d]
+            match = torch.einsum("md,mnd->mn", qc, self.count_k(f)) / math.sqrt(self.dim)  # [m, N]
+            centre = self.centre(f).squeeze(-1)  # [m, N]
+            n_objects = (torch.sigmoid(match) * torch.sigmoid(centre)).sum(-1)  # [m]
+            extra = [n_objects[:, None], count_code(n_objects)]
         if self.value == "tokens":
             if tokens is None:
                 raise ValueError("readout value 'tokens' needs the projected image tokens")
             pooled = torch.einsum("mhn,mnd->md", a, tokens[image_index[has]].to(a.dtype)) / self.heads
             if self.gate is not None:
                 pooled = 2 * torch.sigmoid(self.gate(self.qnorm(queries[has]))) * pooled  # starts at 1
-            look = pooled + self.out(stats.flatten(1))
+            look = pooled + self.out(torch.cat([stats.flatten(1), *extra], -1))
         else:
             pooled = torch.einsum("mhn,mnd->mhd", a, f)  # [m, H, D]
-            look = self.out(torch.cat([pooled, stats], -1).flatten(1))
+            look = self.out(torch.cat([torch.cat([pooled, stats], -1).flatten(1), *extra], -1))
         out[has] = look.to(out.dtype)
         if targets is None:
             return out, None
         t = targets[has].to(a.dtype)
         aux = self.ground * grounding_loss(a, t)
-        if self.centre is not None:
-            want = (t == 2).sum(-1).to(a.dtype)  # objects named: one centre patch each
-            aux = aux + self.count * F.huber_loss(n_objects.mean(1), want)
+        if self.count_q is not None:
+            aux = aux + self.count * counting_loss(match, centre, n_objects, t)
         return out, aux
+
+
+def count_code(n: torch.Tensor) -> torch.Tensor:
+    """[m] counts -> [m, COUNT_CODE] triangular code relu(1 - |n - k|): an integer n is the k-th unit vector."""
+    k = torch.arange(COUNT_CODE, device=n.device, dtype=n.dtype)
+    return (1 - (n[:, None] - k).abs()).clamp_min(0)
+
+
+def counting_loss(
+    match: torch.Tensor, centre: torch.Tensor, n: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The counter's supervision from the looks' target rows (0 off, 1 referent patch, 2 a referent's centre):
+    BCE of the match logits [m, N] against the referent patches (every look: a row of zeros says nothing
+    matches), BCE of the centre logits [m, N] on the referent patches only (1 at centres; elsewhere the
+    row does not say), and Huber of the counts n [m] against the number of centres."""
+    on = (targets > 0).to(match.dtype)
+    loss = F.binary_cross_entropy_with_logits(match, on)
+    if bool(on.any()):
+        c = F.binary_cross_entropy_with_logits(centre, (targets == 2).to(centre.dtype), reduction="none")
+        loss = loss + (c * on).sum() / on.sum()
+    return loss + F.huber_loss(n, (targets == 2).sum(-1).to(n.dtype))
 
 
 def _patch_coordinates(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,15 @@ from encoders.common import ConfigError
 from encoders.towers import TowerConfig
 from mllm.chat import SampleError, encode_conversation
 from mllm.config import load_recipe
-from mllm.readout import LOOK_TOKEN, FocusReadout, build_readout, grounding_loss, look_inputs
+from mllm.readout import (
+    COUNT_CODE,
+    LOOK_TOKEN,
+    FocusReadout,
+    build_readout,
+    count_code,
+    grounding_loss,
+    look_inputs,
+)
 
 IMG, LOOK, PAD = 90, 91, 0
 
@@ -339,24 +347,41 @@ def test_a_look_model_is_not_exported_to_llava(look_model):
 
 
 def test_counting_readout_counts_objects_not_patches():
-    """count > 0: the fourth statistic is sum_p sigmoid(s_p) c_p and its Huber loss is against the number
-    of centre patches (2s) in the look's target row."""
+    """count > 0: n = sum_p sigmoid(m_p) sigmoid(c_p) from the counter's own matcher and the centre head,
+    fed to the look as n and its triangular code; its loss is BCE(match, referent patches) + BCE(centre,
+    2s) over the referent patches + Huber(n, number of 2s), by the formula written out here."""
     torch.manual_seed(0)
     r = FocusReadout(feature_dim=5, lm_dim=7, heads=2, dim=3, ground=0.5, count=2.0)
     feats = torch.randn(1, 4, 5)
     queries = torch.randn(2, 7)
     index = torch.tensor([0, 0])
     targets = torch.tensor([[1.0, 2, 0, 2], [0, 0, 0, 0]])
-    _, aux = r(feats, queries, index, targets)
+    look, aux = r(feats, queries, index, targets)
     f = r.norm(feats[0])
     q = r.q(r.qnorm(queries)).view(2, 2, 1, 3)
     k = r.k(f).view(4, 2, 3).transpose(0, 1)
     s = (q * k[None]).sum(-1) / math.sqrt(3)  # [2, H, N]
-    n = (torch.sigmoid(s) * torch.sigmoid(r.centre(f)).squeeze(-1)).sum(-1).mean(1)
-    want = 0.5 * grounding_loss(s.softmax(-1), targets) + 2.0 * torch.nn.functional.huber_loss(
-        n, torch.tensor([2.0, 0.0])
-    )
+    m = r.count_q(r.qnorm(queries)) @ r.count_k(f).T / math.sqrt(3)  # [2, N]
+    c = r.centre(f).squeeze(-1)  # [N]
+    n = (torch.sigmoid(m) * torch.sigmoid(c)).sum(-1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    on = (targets > 0).float()
+    centre_loss = (bce(c.expand(2, 4), (targets == 2).float(), reduction="none") * on).sum() / on.sum()
+    counting = bce(m, on) + centre_loss + torch.nn.functional.huber_loss(n, torch.tensor([2.0, 0.0]))
+    want = 0.5 * grounding_loss(s.softmax(-1), targets) + 2.0 * counting
     assert torch.allclose(aux, want, atol=1e-6)
+    # the code: an integer count is one unit vector, a fraction between two neighbours
+    code = count_code(torch.tensor([2.0, 0.25, 12.0]))
+    assert code.shape == (3, COUNT_CODE)
+    assert code[0].tolist() == [0, 0, 1] + [0] * (COUNT_CODE - 3)
+    assert torch.allclose(code[1, :2], torch.tensor([0.75, 0.25])) and code[2].sum() == 0
+    # the look reads n: changing the centre head's bias moves every look's count and so the look
+    torch.nn.init.normal_(r.out[-1].weight)
+    before, _ = r(feats, queries, index)
+    with torch.no_grad():
+        r.centre.bias += 3.0
+    after, _ = r(feats, queries, index)
+    assert not torch.allclose(before, after)
     with pytest.raises(ValueError, match="count"):
         FocusReadout(5, 7, count=-1)
 
