@@ -345,7 +345,13 @@ class MultimodalLM(nn.Module):
                 f"look_targets has {targets.shape[0]} rows but the batch has {index.shape[0]} looks"
             )
         rp = self._param_dtype(self.readout)
-        looks, ground = self.readout(features.to(rp), queries.to(rp), index, targets, tokens)
+        extra = {}
+        if getattr(self.readout, "count", 0) > 0 and hasattr(self.projector, "centre_probability"):
+            # a counting readout sums the warm-up's per-patch centre head where one exists (mllm.readout)
+            centre = self.projector.centre_probability(features.to(self._param_dtype(self.projector)))
+            if centre is not None:
+                extra["centre"] = centre.to(rp)
+        looks, ground = self.readout(features.to(rp), queries.to(rp), index, targets, tokens, **extra)
         return embeds.masked_scatter(is_look.unsqueeze(-1), looks.to(embeds.dtype)), ground
 
     def forward(

@@ -196,6 +196,14 @@ class AnchoredProjector(nn.Module):
         silent = (first.argmax(-1, keepdim=True) != 0).to(x.dtype)
         return silent * (seen * self.body(x) + probs @ self.table(embedding))
 
+    def centre_probability(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per patch, P(an object's centre is here) from the warm-up's centre head ([..., N]); None
+        without one. A readout that counts (mllm.readout, `count`) sums it over the patches it matches."""
+        if "centre" not in self.words:
+            return None
+        start = sum(self.sizes[: list(self.words).index("centre")])
+        return self.heads(x)[..., start : start + 2].softmax(-1)[..., 1]
+
     @torch.no_grad()
     def anchor(self, embedding: nn.Embedding, tokenizer) -> int:
         """Tie each named class to its word's first token, alone (an answer) and after a space (inside a

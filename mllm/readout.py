@@ -176,7 +176,9 @@ class FocusReadout(nn.Module):
         _check_number("count", count, strict=False)
         # count > 0: counting by detection, beside the attention heads. A matcher of its own (query
         # W_cq q, keys W_ck f_p) says per patch whether it belongs to what the question names, sigma(m_p),
-        # and a per-patch head whether it holds an object's centre, sigma(c_p); n = sum_p sigma(m_p) sigma(c_p)
+        # and a per-patch head whether it holds an object's centre, P_p (the anchored projector's centre
+        # head, trained by the tower warm-up, where the model has one: `centre` in forward; else a head of
+        # its own, sigma(c_p), trained here); n = sum_p sigma(m_p) P_p
         # is the number of named objects, given to the look as n and as a triangular code
         # relu(1 - |n - k|), k = 0..COUNT_CODE-1, so each integer is its own direction and "2" is one
         # linear read away. Both factors are supervised directly from the look's targets (weight `count`):
@@ -222,10 +224,13 @@ class FocusReadout(nn.Module):
         image_index: torch.Tensor,
         targets: torch.Tensor | None = None,
         tokens: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features [n_images, N, D]; queries [n_looks, d_lm]; image_index [n_looks] (-1: no image);
         targets [n_looks, N] (optional): each look's referent patches (an all-zero row: none);
-        tokens [n_images, N, d_lm]: the projected image tokens (needed by value "tokens").
+        tokens [n_images, N, d_lm]: the projected image tokens (needed by value "tokens");
+        centre [n_images, N] (optional, `count`): P(object centre) per patch from a head trained before
+        (the anchored projector's, by the tower warm-up), used instead of the readout's own centre head.
 
         Returns the look embeddings [n_looks, d_lm] and, with targets, the grounding loss (else None)."""
         n = queries.shape[0]
@@ -247,8 +252,12 @@ class FocusReadout(nn.Module):
         if self.count_q is not None:
             qc = self.count_q(self.qnorm(queries[has]))  # [m, d]
             match = torch.einsum("md,mnd->mn", qc, self.count_k(f)) / math.sqrt(self.dim)  # [m, N]
-            centre = self.centre(f).squeeze(-1)  # [m, N]
-            n_objects = (torch.sigmoid(match) * torch.sigmoid(centre)).sum(-1)  # [m]
+            if centre is None:
+                centre_logit = self.centre(f).squeeze(-1)  # [m, N]
+                p_centre = torch.sigmoid(centre_logit)
+            else:
+                centre_logit, p_centre = None, centre[image_index[has]].to(match.dtype)
+            n_objects = (torch.sigmoid(match) * p_centre).sum(-1)  # [m]
             extra = [n_objects[:, None], count_code(n_objects)]
         if self.value == "tokens":
             if tokens is None:
@@ -266,7 +275,7 @@ class FocusReadout(nn.Module):
         t = targets[has].to(a.dtype)
         aux = self.ground * grounding_loss(a, t)
         if self.count_q is not None:
-            aux = aux + self.count * counting_loss(match, centre, n_objects, t)
+            aux = aux + self.count * counting_loss(match, centre_logit, n_objects, t)
         return out, aux
 
 
@@ -277,15 +286,16 @@ def count_code(n: torch.Tensor) -> torch.Tensor:
 
 
 def counting_loss(
-    match: torch.Tensor, centre: torch.Tensor, n: torch.Tensor, targets: torch.Tensor
+    match: torch.Tensor, centre: torch.Tensor | None, n: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """The counter's supervision from the looks' target rows (0 off, 1 referent patch, 2 a referent's centre):
     BCE of the match logits [m, N] against the referent patches (every look: a row of zeros says nothing
     matches), BCE of the centre logits [m, N] on the referent patches only (1 at centres; elsewhere the
-    row does not say), and Huber of the counts n [m] against the number of centres."""
+    row does not say; None: the centres come from a head trained elsewhere), and Huber of the counts n [m]
+    against the number of centres."""
     on = (targets > 0).to(match.dtype)
     loss = F.binary_cross_entropy_with_logits(match, on)
-    if bool(on.any()):
+    if centre is not None and bool(on.any()):
         c = F.binary_cross_entropy_with_logits(centre, (targets == 2).to(centre.dtype), reduction="none")
         loss = loss + (c * on).sum() / on.sum()
     return loss + F.huber_loss(n, (targets == 2).sum(-1).to(n.dtype))

@@ -147,3 +147,10 @@ def test_anchored_registry_entry_uses_geoworld_words() -> None:
     assert list(proj.words) == ["colour", "shape", "size", "orientation", "centre"]
     assert "circle" in proj.words["shape"] and proj.words["colour"][0] is None
     assert proj(torch.randn(2, 3, 16)).shape == (2, 3, 12)
+    # the warm-up's centre head as a probability per patch (what a counting readout sums)
+    x = torch.randn(2, 3, 16)
+    logits = proj.heads(x)[..., -2:]
+    assert torch.allclose(proj.centre_probability(x), logits.softmax(-1)[..., 1])
+    from mllm.projectors import AnchoredProjector
+
+    assert AnchoredProjector(16, 12, 2, {"colour": (None, "red")}).centre_probability(x) is None

@@ -382,6 +382,14 @@ def test_counting_readout_counts_objects_not_patches():
         r.centre.bias += 3.0
     after, _ = r(feats, queries, index)
     assert not torch.allclose(before, after)
+    # a centre probability from elsewhere (the warm-up's head) replaces the own head, and its BCE term
+    given = torch.tensor([[0.9, 0.1, 0.0, 0.8]])
+    _, aux2 = r(feats, queries, index, targets, centre=given)
+    n2 = (torch.sigmoid(m) * given).sum(-1)
+    want2 = 0.5 * grounding_loss(s.softmax(-1), targets) + 2.0 * (
+        bce(m, on) + torch.nn.functional.huber_loss(n2, torch.tensor([2.0, 0.0]))
+    )
+    assert torch.allclose(aux2, want2, atol=1e-6)
     with pytest.raises(ValueError, match="count"):
         FocusReadout(5, 7, count=-1)
 
