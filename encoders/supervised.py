@@ -103,13 +103,6 @@ class PatchSupervision(nn.Module):
                 )
         if count is not None:
             losses["count"] = F.cross_entropy(self.count(tokens.mean(1)).float(), count, ignore_index=IGNORE)
-            if self.targets.centre and bool((count != IGNORE).any()):
-                # the centre head's probabilities summed over the patches are the scene's object count:
-                # a readout counts by summing them (mllm.readout, `count`), so train that sum as well as
-                # each patch (per-patch CE alone left sums 0.5-1 off on 2-5 objects; docs/results.md)
-                known = count != IGNORE
-                p = self._logits("centre", tokens).float().softmax(-1)[..., 1].sum(1)
-                losses["centre_sum"] = F.huber_loss(p[known], count[known].float())
         loss = sum(losses.values()) if losses else None
         return SupervisionOutput(loss, {k: v.detach() for k, v in losses.items()})
 
