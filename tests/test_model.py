@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,47 +154,6 @@ def test_anchored_projector_anchors_at_the_first_conversation_stage_and_round_tr
     assert bool(again.projector.anchored)
     with torch.no_grad():
         assert torch.allclose(again.encode_images(pix), want, atol=1e-6)
-
-
-def test_a_counting_readout_sums_the_projectors_centre_head(tokenizer):
-    """With an anchored projector, `readout.count` gets the projector's per-patch P(centre) (the head the
-    tower warm-up trains) for its images, not a head of its own."""
-    from conftest import TINY_LM, TINY_TOWER
-
-    from encoders.towers import TowerConfig
-    from mllm.model import build_lm
-    from mllm.readout import LOOK_TOKEN
-    from mllm.tokenizer import ensure_look_token
-
-    tok = copy.deepcopy(tokenizer)
-    ensure_look_token(tok, LOOK_TOKEN)
-    torch.manual_seed(0)
-    model = MultimodalLM.build(
-        TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
-        "anchored_mlp2x_gelu",
-        build_lm(None, TINY_LM, len(tok)),
-        tok,
-        template="chatml",
-        max_length=128,
-        readout={"type": "focus", "heads": 2, "dim": 8, "count": 1.0, "value": "tokens"},
-    )
-    conv = [{"from": "human", "value": "<image>\nHow many circles are there?"}, {"from": "gpt", "value": "2"}]
-    enc = encode_conversation(
-        conv, tok, "chatml", model.image_token_id, model.num_image_tokens, 1, look_token=LOOK_TOKEN
-    )
-    pix = torch.randn(1, 3, 32, 32)
-    got = {}
-    original = model.readout.forward
-
-    def spy(*args, **kwargs):
-        got.update(kwargs)
-        return original(*args, **kwargs)
-
-    model.readout.forward = spy
-    with torch.no_grad():
-        model(input_ids=enc["input_ids"][None], pixel_values=pix)
-        want = model.projector.centre_probability(model.tower_features(pix))
-    assert torch.allclose(got["centre"], want)
 
 
 def test_image_placement_is_saved_only_when_not_llavas(tiny_model, tmp_path):

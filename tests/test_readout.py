@@ -199,26 +199,30 @@ def test_looks_at_the_answer_need_a_question(tokenizer):
         build_readout({"type": "focus", "at": "middle"}, 8, 8)
 
 
-@pytest.fixture(
-    params=[{}, {"words": "own", "value": "tokens", "scale": 4.0}], ids=["lm-features", "own-tokens"]
-)
-def look_model(tokenizer, request):
+def _build_look_model(tokenizer, projector: str = "mlp2x_gelu", **readout):
+    """A tiny CLIP-tower + Llama model with a focus readout (2 heads of 8) and `readout`'s options."""
     from mllm.model import MultimodalLM, build_lm
     from mllm.tokenizer import ensure_look_token
 
     tok = copy.deepcopy(tokenizer)
     ensure_look_token(tok, LOOK_TOKEN)
     torch.manual_seed(0)
-    lm = build_lm(None, TINY_LM, len(tok))
     return MultimodalLM.build(
         TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
-        "mlp2x_gelu",
-        lm,
+        projector,
+        build_lm(None, TINY_LM, len(tok)),
         tok,
         template="chatml",
         max_length=128,
-        readout={"type": "focus", "heads": 2, "dim": 8, **request.param},
+        readout={"type": "focus", "heads": 2, "dim": 8, **readout},
     )
+
+
+@pytest.fixture(
+    params=[{}, {"words": "own", "value": "tokens", "scale": 4.0}], ids=["lm-features", "own-tokens"]
+)
+def look_model(tokenizer, request):
+    return _build_look_model(tokenizer, **request.param)
 
 
 def _batch(model, questions):
@@ -400,21 +404,9 @@ def test_a_model_looking_at_the_answer_generates_from_its_look(tokenizer, tmp_pa
     from PIL import Image
 
     from mllm.inference import answer_batch, prompt_ids
-    from mllm.model import MultimodalLM, build_lm
-    from mllm.tokenizer import ensure_look_token
+    from mllm.model import MultimodalLM
 
-    tok = copy.deepcopy(tokenizer)
-    ensure_look_token(tok, LOOK_TOKEN)
-    torch.manual_seed(0)
-    m = MultimodalLM.build(
-        TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
-        "mlp2x_gelu",
-        build_lm(None, TINY_LM, len(tok)),
-        tok,
-        template="chatml",
-        max_length=128,
-        readout={"type": "focus", "heads": 2, "dim": 8, "at": "answer"},
-    ).eval()
+    m = _build_look_model(tokenizer, at="answer").eval()
     ids = prompt_ids(m, [("user", "<image>\nwhat color is the circle?")], 1)
     assert ids[-1] == m.meta.look_token_id and int((ids == m.meta.look_token_id).sum()) == 1
     px = torch.randn(1, 3, 32, 32)
@@ -432,6 +424,35 @@ def test_a_model_looking_at_the_answer_generates_from_its_look(tokenizer, tmp_pa
     again = MultimodalLM.from_pretrained(tmp_path / "m")
     assert again.meta.readout["at"] == "answer"
     assert torch.equal(prompt_ids(again, [("user", "<image>\nwhat color is the circle?")], 1), ids)
+
+
+def test_a_counting_readout_sums_the_projectors_centre_head(tokenizer):
+    """With an anchored projector, `readout.count` gets the projector's per-patch P(centre) (the head the
+    tower warm-up trains) for its images, not a head of its own."""
+    model = _build_look_model(tokenizer, "anchored_mlp2x_gelu", count=1.0, value="tokens")
+    conv = [{"from": "human", "value": "<image>\nHow many circles are there?"}, {"from": "gpt", "value": "2"}]
+    enc = encode_conversation(
+        conv,
+        model.tokenizer,
+        "chatml",
+        model.image_token_id,
+        model.num_image_tokens,
+        1,
+        look_token=LOOK_TOKEN,
+    )
+    pix = torch.randn(1, 3, 32, 32)
+    got = {}
+    original = model.readout.forward
+
+    def spy(*args, **kwargs):
+        got.update(kwargs)
+        return original(*args, **kwargs)
+
+    model.readout.forward = spy
+    with torch.no_grad():
+        model(input_ids=enc["input_ids"][None], pixel_values=pix)
+        want = model.projector.centre_probability(model.tower_features(pix))
+    assert torch.allclose(got["centre"], want)
 
 
 def test_where_adds_the_attended_place_to_the_statistics():
