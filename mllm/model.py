@@ -32,7 +32,7 @@ from mllm.data.packing import check_packing_support
 from mllm.hf_import import is_llava_dir, read_llava
 from mllm.lm_init import apply_lm_init
 from mllm.projectors import build_projector
-from mllm.readout import LOOK_TOKEN, build_readout, look_inputs
+from mllm.readout import LOOK_TOKEN, build_readout, look_inputs, look_words
 from mllm.tokenizer import load_tokenizer
 from mllm.vision import Fusion, build_fusion, fusion_from_meta
 
@@ -166,7 +166,9 @@ class MultimodalLM(nn.Module):
             if fusion is not None:
                 raise ValueError("model.readout is not supported with model.fusion")
             vocab = lm.get_input_embeddings().num_embeddings
-            parts["readout"] = build_readout(readout, tower.hidden_size, d_llm, vocab)
+            parts["readout"] = build_readout(
+                readout, tower.hidden_size, d_llm, vocab, getattr(proj, "count_words", ())
+            )
             look_id = tokenizer.convert_tokens_to_ids(LOOK_TOKEN)
             if look_id is None or look_id == tokenizer.unk_token_id:
                 raise ValueError(
@@ -332,9 +334,10 @@ class MultimodalLM(nn.Module):
                 input_ids, torch.tensor(self.tokenizer.all_special_ids, device=input_ids.device)
             )
         table = getattr(self.readout, "words", None)  # a readout's own word table, else the LM's
+        text = table(input_ids.clamp(max=table.num_embeddings - 1)) if table is not None else embeds
         queries, index, is_look = look_inputs(
             input_ids,
-            table(input_ids.clamp(max=table.num_embeddings - 1)) if table is not None else embeds,
+            text,
             self.meta.look_token_id,
             self.image_token_id,
             self.num_image_tokens,
@@ -346,11 +349,14 @@ class MultimodalLM(nn.Module):
             )
         rp = self._param_dtype(self.readout)
         extra = {}
-        if getattr(self.readout, "count", 0) > 0 and hasattr(self.projector, "centre_probability"):
-            # a counting readout sums the warm-up's per-patch centre head where one exists (mllm.readout)
-            centre = self.projector.centre_probability(features.to(self._param_dtype(self.projector)))
-            if centre is not None:
-                extra["centre"] = centre.to(rp)
+        if getattr(self.readout, "count", 0) > 0:
+            # a counting readout sums the warm-up's per-patch heads (mllm.readout); read, not trained, here
+            with torch.no_grad():
+                maps = self.projector.count_maps(features.to(self._param_dtype(self.projector)))
+            extra["count_maps"] = (maps[0].to(rp), tuple(w.to(rp) for w in maps[1]))
+            # ... selecting what to count from the question's words one by one (mllm.readout)
+            look = look_words(input_ids, self.meta.look_token_id, self.image_token_id, words)
+            extra["words"] = (text[look >= 0].to(rp), look[look >= 0])
         looks, ground = self.readout(features.to(rp), queries.to(rp), index, targets, tokens, **extra)
         return embeds.masked_scatter(is_look.unsqueeze(-1), looks.to(embeds.dtype)), ground
 
@@ -508,7 +514,11 @@ class MultimodalLM(nn.Module):
         proj.load_state_dict(load_file(str(model_dir / "projector.safetensors")))
         if meta.readout is not None:
             readout = build_readout(
-                meta.readout, tower.hidden_size, d_llm, lm.get_input_embeddings().num_embeddings
+                meta.readout,
+                tower.hidden_size,
+                d_llm,
+                lm.get_input_embeddings().num_embeddings,
+                getattr(proj, "count_words", ()),
             )
             readout.load_state_dict(load_file(str(model_dir / "readout.safetensors")))
             parts["readout"] = readout

@@ -113,6 +113,10 @@ def _bn_mlp_gelu(match: re.Match[str], in_dim: int, out_dim: int) -> nn.Module:
     return _Standardised(in_dim, _mlp(int(match.group(1)), match.group(0), in_dim, out_dim))
 
 
+#: The head groups a counting readout selects words from (one word, or "any", per group).
+COUNT_GROUPS: tuple[str, ...] = ("colour", "shape")
+
+
 class AnchoredProjector(nn.Module):
     """Per-patch attribute heads whose class probabilities mix the LM's own embeddings of the class words,
     added to an mlp{N}x_gelu path for everything the heads do not name (position, figure detail).
@@ -188,6 +192,12 @@ class AnchoredProjector(nn.Module):
 
     def forward(self, x: torch.Tensor, embedding: nn.Embedding | None = None) -> torch.Tensor:
         groups = [g.softmax(-1) for g in self.heads(x).split(self.sizes, dim=-1)]
+        if "density" in self.words:
+            # The LM reads the density ("object") but does not retrain it: it is what a counting readout
+            # sums, and measured, training it through the answers took the warm-up's heads from counting
+            # 73 of 75 held-out questions to 8 (docs/results.md, "Eighth round").
+            i = list(self.words).index("density")
+            groups[i] = groups[i].detach()
         probs = torch.cat(groups, dim=-1)
         first = groups[0]
         seen = 1.0 - first[..., :1]  # P(an object covers this patch), from the first head
@@ -196,13 +206,23 @@ class AnchoredProjector(nn.Module):
         silent = (first.argmax(-1, keepdim=True) != 0).to(x.dtype)
         return silent * (seen * self.body(x) + probs @ self.table(embedding))
 
-    def centre_probability(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Per patch, P(an object's centre is here) from the warm-up's centre head ([..., N]); None
-        without one. A readout that counts (mllm.readout, `count`) sums it over the patches it matches."""
-        if "centre" not in self.words:
+    @property
+    def count_words(self) -> tuple[int, ...]:
+        """How many words `count_maps` gives per patch in each group (the named colours, the named
+        shapes); () without a density head, so a counting readout knows at build time what it selects."""
+        if "density" not in self.words:
+            return ()
+        return tuple(sum(w is not None for w in self.words[g]) for g in COUNT_GROUPS if g in self.words)
+
+    def count_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """What a counting readout (mllm.readout, `count`) sums, from the warm-up's heads: per patch the
+        object density ([..., N]; the "density" head's P, trained by the tower warm-up so that each object
+        adds 1 over its patches) and, per group of `count_words`, P(word) for its named words ([..., N, k]).
+        None without a density head."""
+        if not self.count_words:
             return None
-        start = sum(self.sizes[: list(self.words).index("centre")])
-        return self.heads(x)[..., start : start + 2].softmax(-1)[..., 1]
+        groups = dict(zip(self.words, (g.softmax(-1) for g in self.heads(x).split(self.sizes, dim=-1))))
+        return groups["density"][..., 1], tuple(groups[g][..., 1:] for g in COUNT_GROUPS if g in groups)
 
     @torch.no_grad()
     def anchor(self, embedding: nn.Embedding, tokenizer) -> int:
@@ -232,5 +252,5 @@ class AnchoredProjector(nn.Module):
 def _anchored(match: re.Match[str], in_dim: int, out_dim: int) -> nn.Module:
     """AnchoredProjector over GeoWorld's per-patch label words (the tower warm-up's targets)."""
     return AnchoredProjector(
-        in_dim, out_dim, int(match.group(1)), PatchTargets(COLOR_NAMES, SHAPES, centre=True).words()
+        in_dim, out_dim, int(match.group(1)), PatchTargets(COLOR_NAMES, SHAPES, density=True).words()
     )

@@ -46,6 +46,7 @@ __all__ = [
     "look_at",
     "grounding_loss",
     "look_inputs",
+    "look_words",
     "register_readout",
 ]
 
@@ -64,15 +65,24 @@ def register_readout(name: str) -> Callable[[ReadoutFactory], ReadoutFactory]:
     return READOUTS.register(name)
 
 
-def build_readout(cfg: dict[str, Any], feature_dim: int, lm_dim: int, vocab_size: int = 1) -> nn.Module:
+def build_readout(
+    cfg: dict[str, Any],
+    feature_dim: int,
+    lm_dim: int,
+    vocab_size: int = 1,
+    count_words: tuple[int, ...] = (),
+) -> nn.Module:
     """The readout `cfg["type"]` with the rest of `cfg` as its options (errors name the key); a factory
-    takes (feature_dim, lm_dim, vocab_size, **options)."""
+    takes (feature_dim, lm_dim, vocab_size, **options). `count_words`: how many per-patch words the
+    projector's heads give a counting readout (`AnchoredProjector.count_words`), passed only when set."""
     opts = dict(cfg)
     name = opts.pop("type", None)
     if not isinstance(name, str):
         raise ValueError(
             f"model.readout.type must name a readout ({', '.join(READOUTS.known())}), got {name!r}"
         )
+    if count_words:
+        opts["count_words"] = tuple(count_words)
     try:
         return READOUTS[name](feature_dim, lm_dim, vocab_size, **opts)
     except TypeError as e:  # an option the readout does not take
@@ -88,7 +98,7 @@ def check_readout(cfg: Any, fused: bool) -> None:
     if fused:
         raise ConfigError("model.readout is not supported with model.fusion (one tower's features only)")
     try:
-        build_readout(cfg, 8, 8, 8)
+        build_readout(cfg, 8, 8, 8, count_words=(2, 2))  # the projector's words are known only at build
     except (ValueError, KeyError) as e:
         raise ConfigError(str(e)) from None
 
@@ -144,6 +154,7 @@ class FocusReadout(nn.Module):
         count: float = 0.0,
         at: str = "question",
         where: bool = False,
+        count_words: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         check_look_at(at)  # read by mllm.chat through meta.readout (look_at), not by the module
@@ -174,23 +185,32 @@ class FocusReadout(nn.Module):
         # attention against the question's referent patches; 0 = the LM's answer alone teaches the look
         self.ground = float(ground)
         _check_number("count", count, strict=False)
-        # count > 0: counting by detection, beside the attention heads. A matcher of its own (query
-        # W_cq q, keys W_ck f_p) says per patch whether it belongs to what the question names, sigma(m_p),
-        # and a per-patch head whether it holds an object's centre, P_p (the anchored projector's centre
-        # head, trained by the tower warm-up, where the model has one: `centre` in forward; else a head of
-        # its own, sigma(c_p), trained here); n = sum_p sigma(m_p) P_p
-        # is the number of named objects, given to the look as n and as a triangular code
-        # relu(1 - |n - k|), k = 0..COUNT_CODE-1, so each integer is its own direction and "2" is one
-        # linear read away. Both factors are supervised directly from the look's targets (weight `count`):
-        # BCE of m against the referent patches, BCE of c against the referents' centre patches (2s)
-        # among their patches, and a Huber loss of n against the number of centres. Why not the heads'
-        # own scores: a softmax-trained score is calibrated for ranking patches, not for summing them, and
-        # a sum trained only through the answer (the earlier form, look11 / cw1 in docs/results.md) did
-        # not count better than the pooled tokens.
+        # count > 0: counting by detection, from the tower warm-up's per-patch heads (the anchored
+        # projector's `count_maps`: an object density d_p that adds 1 per object over its patches, and
+        # per group g (colour, shape) P_p(w) for its named words). The question picks, per group, one
+        # word or "any": u_g = softmax over the group's words, each scored by the most telling word of
+        # the question (max_t W_g LN(e_t)), and "any" (a learned constant), and a patch matches with
+        # m_p = prod_g (sum_w u_gw P_p(w) + u_g,any), so "red shapes", "circles", "red circles" and
+        # "shapes" are all one selection. n = sum_p d_p m_p is the number of named objects, given to the
+        # look as n and as a triangular code relu(1 - |n - k|), k = 0..COUNT_CODE-1, so each integer is
+        # its own direction and "2" is one linear read away. Trained (weight `count`) from the look's
+        # targets: BCE of m against the referent patches on the patches that show an object, and a
+        # Huber loss of n against the number of referents; the maps are read, not trained, here. Why
+        # the heads and not a matcher of the readout's own: measured (docs/results.md, "Eighth round"),
+        # the warm-up's heads count the held-out questions better than a matcher learned in instruct.
         self.count = float(count)
-        self.count_q = nn.Linear(lm_dim, dim) if count > 0 else None
-        self.count_k = nn.Linear(feature_dim, dim) if count > 0 else None
-        self.centre = nn.Linear(feature_dim, 1) if count > 0 else None
+        groups = tuple(count_words)
+        if count > 0 and (not groups or not all(isinstance(k, int) and k > 0 for k in groups)):
+            raise ValueError(
+                "model.readout.count needs per-patch word heads to count with: an anchored projector "
+                "(projector: anchored_mlp2x_gelu) whose heads the tower warm-up trains"
+            )
+        self.count_select = nn.ModuleList(nn.Linear(lm_dim, k) for k in groups) if count > 0 else None
+        # "any" is a learned constant per group, not a word's vote: a word max-pooled over the question
+        # would let the commonest words ("how", "many") decide it
+        self.count_any = nn.Parameter(torch.zeros(len(groups))) if count > 0 else None
+        # whether the selector's rows start from the words' own-table embeddings (`anchor_count`)
+        self.register_buffer("count_anchored", torch.zeros((), dtype=torch.bool) if count > 0 else None)
         if not isinstance(where, bool):
             raise ValueError(f"model.readout.where must be true or false, got {where!r}")
         # where: per head, the attention-weighted mean patch column and row (in [-1, 1]) as two more
@@ -217,6 +237,36 @@ class FocusReadout(nn.Module):
             nn.init.zeros_(self.out[-1].bias)
         self.empty = nn.Parameter(torch.zeros(lm_dim))  # a look with no image before it
 
+    @torch.no_grad()
+    def anchor_count(self, names: tuple[tuple[str, ...], ...], tokenizer: Any, logit: float = 5.0) -> int:
+        """Start the counter's selector lexical: row w of group g becomes `logit` x the mean of the
+        normalised own-table embeddings of the word's distinct first tokens in its forms (alone, after a
+        space, with an "s": the GeoWorld plural) / width, so a question word among j such tokens scores
+        ~logit / j and any other word ~0. Why: the plurals ("circles") occur only in count questions,
+        and a selector learned from random rows had, after the demo's instruct, still not learned
+        several of them (docs/results.md, "Eighth round"). `names`: per group, its words in
+        `count_maps` order. Returns the number of rows set; does nothing without an own word table, or
+        once anchored (a reloaded or resumed model keeps them)."""
+        if self.count_select is None or self.words is None or bool(self.count_anchored):
+            return 0
+        if len(names) != len(self.count_select):
+            raise ValueError(f"anchor_count: {len(names)} word groups for {len(self.count_select)} selectors")
+        n = 0
+        for select, group in zip(self.count_select, names):
+            if len(group) != select.out_features:
+                raise ValueError(f"anchor_count: {len(group)} words for a selector of {select.out_features}")
+            for k, word in enumerate(group):
+                forms = (word, " " + word, word + "s", " " + word + "s")
+                ids = sorted(
+                    {i for f in forms for i in tokenizer(f, add_special_tokens=False)["input_ids"][:1]}
+                )
+                rows = self.qnorm(self.words.weight[ids].to(select.weight.dtype))
+                select.weight[k] = logit * rows.mean(0) / rows.shape[-1]
+                select.bias[k] = 0.0
+                n += 1
+        self.count_anchored.fill_(True)
+        return n
+
     def forward(
         self,
         features: torch.Tensor,
@@ -224,13 +274,15 @@ class FocusReadout(nn.Module):
         image_index: torch.Tensor,
         targets: torch.Tensor | None = None,
         tokens: torch.Tensor | None = None,
-        centre: torch.Tensor | None = None,
+        count_maps: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None,
+        words: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features [n_images, N, D]; queries [n_looks, d_lm]; image_index [n_looks] (-1: no image);
         targets [n_looks, N] (optional): each look's referent patches (an all-zero row: none);
         tokens [n_images, N, d_lm]: the projected image tokens (needed by value "tokens");
-        centre [n_images, N] (optional, `count`): P(object centre) per patch from a head trained before
-        (the anchored projector's, by the tower warm-up), used instead of the readout's own centre head.
+        count_maps (`count`): per image the object density [n_images, N] and, per group, the word
+        probabilities [n_images, N, k] (`AnchoredProjector.count_maps`);
+        words (`count`): the questions' word embeddings [P, d_lm] and the look each is in [P] (`look_words`).
 
         Returns the look embeddings [n_looks, d_lm] and, with targets, the grounding loss (else None)."""
         n = queries.shape[0]
@@ -249,15 +301,20 @@ class FocusReadout(nn.Module):
             parts += [(a * xs).sum(-1), (a * ys).sum(-1)]
         stats = torch.stack(parts, -1)  # [m, H, 3 or 5]
         extra: list[torch.Tensor] = []
-        if self.count_q is not None:
-            qc = self.count_q(self.qnorm(queries[has]))  # [m, d]
-            match = torch.einsum("md,mnd->mn", qc, self.count_k(f)) / math.sqrt(self.dim)  # [m, N]
-            if centre is None:
-                centre_logit = self.centre(f).squeeze(-1)  # [m, N]
-                p_centre = torch.sigmoid(centre_logit)
-            else:
-                centre_logit, p_centre = None, centre[image_index[has]].to(match.dtype)
-            n_objects = (torch.sigmoid(match) * p_centre).sum(-1)  # [m]
+        if self.count_select is not None:
+            if count_maps is None:
+                raise ValueError("a counting readout (model.readout.count) needs the projector's count_maps")
+            if words is None:
+                raise ValueError("a counting readout (model.readout.count) needs the questions' words")
+            density = count_maps[0][image_index[has]].to(f.dtype)  # [m, N]
+            match = torch.ones_like(density)
+            for select, any_, group in zip(self.count_select, self.count_any, count_maps[1]):
+                vote = _word_max(select(self.qnorm(words[0])), words[1], n)[has]  # [m, k]
+                u = torch.cat([vote, any_.expand(vote.shape[0], 1)], -1).softmax(-1)  # [m, k + 1]
+                w = group[image_index[has]].to(f.dtype)  # [m, N, k]
+                match = match * (torch.einsum("mnk,mk->mn", w, u[:, :-1]) + u[:, -1:])
+            shown = count_maps[1][0][image_index[has]].to(f.dtype).sum(-1)  # P(an object) per patch
+            n_objects = (density * match).sum(-1)  # [m]
             extra = [n_objects[:, None], count_code(n_objects)]
         if self.value == "tokens":
             if tokens is None:
@@ -274,9 +331,18 @@ class FocusReadout(nn.Module):
             return out, None
         t = targets[has].to(a.dtype)
         aux = self.ground * grounding_loss(a, t)
-        if self.count_q is not None:
-            aux = aux + self.count * counting_loss(match, centre_logit, n_objects, t)
+        if self.count_select is not None:
+            aux = aux + self.count * counting_loss(match, shown, n_objects, t)
         return out, aux
+
+
+def _word_max(logits: torch.Tensor, look: torch.Tensor, n_looks: int) -> torch.Tensor:
+    """Per look, the maximum over its question's words of each selection logit ([P, C] -> [n_looks, C];
+    0 for a look with no words): a question selects "circle" when one of its words says so, however
+    long it is."""
+    out = logits.new_full((n_looks, logits.shape[-1]), float("-inf"))
+    out = out.scatter_reduce(0, look[:, None].expand_as(logits), logits, "amax")
+    return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 
 def count_code(n: torch.Tensor) -> torch.Tensor:
@@ -286,19 +352,19 @@ def count_code(n: torch.Tensor) -> torch.Tensor:
 
 
 def counting_loss(
-    match: torch.Tensor, centre: torch.Tensor | None, n: torch.Tensor, targets: torch.Tensor
+    match: torch.Tensor, shown: torch.Tensor, n: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """The counter's supervision from the looks' target rows (0 off, 1 referent patch, 2 a referent's centre):
-    BCE of the match logits [m, N] against the referent patches (every look: a row of zeros says nothing
-    matches), BCE of the centre logits [m, N] on the referent patches only (1 at centres; elsewhere the
-    row does not say; None: the centres come from a head trained elsewhere), and Huber of the counts n [m]
-    against the number of centres."""
-    on = (targets > 0).to(match.dtype)
-    loss = F.binary_cross_entropy_with_logits(match, on)
-    if centre is not None and bool(on.any()):
-        c = F.binary_cross_entropy_with_logits(centre, (targets == 2).to(centre.dtype), reduction="none")
-        loss = loss + (c * on).sum() / on.sum()
-    return loss + F.huber_loss(n, (targets == 2).sum(-1).to(n.dtype))
+    """The counter's supervision from the looks' target rows [m, N] (0 off, 1 referent patch, 2 a
+    referent's centre; a row of zeros: nothing named is there): BCE of the per-patch match m (a
+    probability) against the referent patches, weighted by P(an object) there (`shown`; a background
+    patch has no density to count and says nothing about the selection), plus Huber of the counts n [m]
+    against the number of referents (their centres)."""
+    on = (targets > 0).float()
+    m = match.float().clamp(1e-6, 1 - 1e-6)  # by hand: F.binary_cross_entropy refuses autocast
+    bce = -(on * m.log() + (1 - on) * (1 - m).log())
+    shown = shown.float()
+    selection = (bce * shown).sum() / shown.sum().clamp_min(1e-6)
+    return (selection + F.huber_loss(n.float(), (targets == 2).sum(-1).float())).to(match.dtype)
 
 
 def _patch_coordinates(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,6 +388,25 @@ def grounding_loss(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     t = on[keep] / mass[keep, None]
     a = attention[keep].mean(1).clamp_min(1e-9)
     return -(t * a.log()).sum(-1).mean()
+
+
+def look_words(
+    input_ids: torch.Tensor,
+    look_id: int,
+    image_id: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, T] long: for each text position, the (row-major) index of the look whose question it is in
+    (the text after the previous look of the row, as in `look_inputs`); -1 for image, look and padding
+    positions and for text after a row's last look."""
+    is_look = input_ids == look_id
+    text = (input_ids != image_id) & ~is_look
+    if attention_mask is not None:
+        text &= attention_mask.bool()
+    before = torch.cumsum(is_look.long(), dim=1) - is_look.long()  # looks strictly before each position
+    per_row = is_look.long().sum(1, keepdim=True)
+    offset = torch.cumsum(per_row, 0) - per_row
+    return torch.where(text & (before < per_row), offset + before, torch.full_like(before, -1))
 
 
 def look_inputs(

@@ -144,13 +144,30 @@ def test_anchored_projector_mixes_word_embeddings() -> None:
 
 def test_anchored_registry_entry_uses_geoworld_words() -> None:
     proj = build_projector("anchored_mlp2x_gelu", 16, 12)
-    assert list(proj.words) == ["colour", "shape", "size", "orientation", "centre"]
+    assert list(proj.words) == ["colour", "shape", "size", "orientation", "density"]
     assert "circle" in proj.words["shape"] and proj.words["colour"][0] is None
     assert proj(torch.randn(2, 3, 16)).shape == (2, 3, 12)
-    # the warm-up's centre head as a probability per patch (what a counting readout sums)
+    # what a counting readout sums: the density head's P and, per group, P(word) for its named words
     x = torch.randn(2, 3, 16)
-    logits = proj.heads(x)[..., -2:]
-    assert torch.allclose(proj.centre_probability(x), logits.softmax(-1)[..., 1])
+    logits = proj.heads(x)
+    density, (colours, shapes) = proj.count_maps(x)
+    assert torch.allclose(density, logits[..., -2:].softmax(-1)[..., 1])
+    nc, ns = len(proj.words["colour"]), len(proj.words["shape"])
+    assert proj.count_words == (nc - 1, ns - 1) == (colours.shape[-1], shapes.shape[-1])
+    assert torch.allclose(colours, logits[..., :nc].softmax(-1)[..., 1:])
+    assert torch.allclose(shapes, logits[..., nc : nc + ns].softmax(-1)[..., 1:])
     from mllm.projectors import AnchoredProjector
 
-    assert AnchoredProjector(16, 12, 2, {"colour": (None, "red")}).centre_probability(x) is None
+    no_density = AnchoredProjector(16, 12, 2, {"colour": (None, "red")})
+    assert no_density.count_words == () and no_density.count_maps(x) is None
+
+
+def test_the_lm_does_not_retrain_the_density_head() -> None:
+    """The anchored tokens read the density ("object") head but pass it no gradient: it is what a counting
+    readout sums, trained by the tower warm-up alone. The other heads still learn from the LM."""
+    proj = build_projector("anchored_mlp2x_gelu", 16, 12)
+    with torch.no_grad():
+        proj.anchors.normal_()  # make every word's row non-zero, so a gradient could reach every head
+    proj(torch.randn(2, 3, 16)).square().sum().backward()
+    g = proj.heads.weight.grad
+    assert g[-2:].abs().sum() == 0 and g[:-2].abs().sum() > 0

@@ -24,6 +24,7 @@ from mllm.readout import (
     count_code,
     grounding_loss,
     look_inputs,
+    look_words,
 )
 
 IMG, LOOK, PAD = 90, 91, 0
@@ -68,6 +69,12 @@ def test_look_inputs_match_the_loop_form():
     assert torch.allclose(q, nq, atol=1e-6)
     assert idx.tolist() == nidx.tolist() == [0, 0, -1, 1, 2, 3]
     assert int(is_look.sum()) == 6
+    # the same segmentation word by word: each text position's look, the mean of whose words is q
+    look = look_words(ids, LOOK, IMG, mask)
+    assert look[0].tolist() == [-1, -1, 0, -1, -1, 0, 0, -1, 1, 1, -1, -1]  # after the last look: none
+    assert look[1].tolist() == [2, -1, -1, -1, 3, -1, -1, -1, 4, 4, 4, -1]
+    for i in range(6):
+        assert torch.allclose(emb[look == i].mean(0), q[i], atol=1e-6)
 
 
 def test_focus_readout_formula_and_gradients():
@@ -351,51 +358,76 @@ def test_a_look_model_is_not_exported_to_llava(look_model):
 
 
 def test_counting_readout_counts_objects_not_patches():
-    """count > 0: n = sum_p sigmoid(m_p) sigmoid(c_p) from the counter's own matcher and the centre head,
-    fed to the look as n and its triangular code; its loss is BCE(match, referent patches) + BCE(centre,
-    2s) over the referent patches + Huber(n, number of 2s), by the formula written out here."""
+    """count > 0: per group the question picks a word or "any" (u_g = softmax over each word's max over
+    the question's words of W_g LN(e), and a learned "any"), a patch matches
+    with m_p = prod_g (sum_w u_gw P_p(w) + u_g,any), n = sum_p d_p m_p from the projector's maps, fed to
+    the look as n and its triangular code; its loss is BCE(m, referent patches) weighted by P(object)
+    plus Huber(n, number of 2s), by the formula written out here."""
     torch.manual_seed(0)
-    r = FocusReadout(feature_dim=5, lm_dim=7, heads=2, dim=3, ground=0.5, count=2.0)
+    r = FocusReadout(feature_dim=5, lm_dim=7, heads=2, dim=3, ground=0.5, count=2.0, count_words=(2, 3))
     feats = torch.randn(1, 4, 5)
     queries = torch.randn(2, 7)
     index = torch.tensor([0, 0])
     targets = torch.tensor([[1.0, 2, 0, 2], [0, 0, 0, 0]])
-    look, aux = r(feats, queries, index, targets)
+    density = torch.tensor([[0.5, 0.5, 0.0, 1.0]])
+    colours = torch.rand(1, 4, 3).softmax(-1)[..., 1:]  # index 0 (background) is not a word
+    shapes = torch.rand(1, 4, 4).softmax(-1)[..., 1:]
+    words = torch.randn(5, 7)  # the questions' words: three in look 0, two in look 1
+    which = torch.tensor([0, 0, 0, 1, 1])
+    look, aux = r(
+        feats, queries, index, targets, count_maps=(density, (colours, shapes)), words=(words, which)
+    )
     f = r.norm(feats[0])
     q = r.q(r.qnorm(queries)).view(2, 2, 1, 3)
     k = r.k(f).view(4, 2, 3).transpose(0, 1)
     s = (q * k[None]).sum(-1) / math.sqrt(3)  # [2, H, N]
-    m = r.count_q(r.qnorm(queries)) @ r.count_k(f).T / math.sqrt(3)  # [2, N]
-    c = r.centre(f).squeeze(-1)  # [N]
-    n = (torch.sigmoid(m) * torch.sigmoid(c)).sum(-1)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def pick(g):  # per look, the max over its words of each word's logit, and "any"; then a softmax
+        logits = r.count_select[g](r.qnorm(words))
+        votes = torch.stack([logits[:3].amax(0), logits[3:].amax(0)])
+        return torch.cat([votes, r.count_any[g].expand(2, 1)], -1).softmax(-1)
+
+    uc, us = pick(0), pick(1)  # [2, 3], [2, 4]
+    m = torch.stack(
+        [(colours[0] @ uc[i, :2] + uc[i, 2]) * (shapes[0] @ us[i, :3] + us[i, 3]) for i in range(2)]
+    )
+    n = (density * m).sum(-1)
     on = (targets > 0).float()
-    centre_loss = (bce(c.expand(2, 4), (targets == 2).float(), reduction="none") * on).sum() / on.sum()
-    counting = bce(m, on) + centre_loss + torch.nn.functional.huber_loss(n, torch.tensor([2.0, 0.0]))
+    shown = colours[0].sum(-1).expand(2, 4)
+    bce = -(on * m.log() + (1 - on) * (1 - m).log())
+    counting = (bce * shown).sum() / shown.sum() + torch.nn.functional.huber_loss(n, torch.tensor([2.0, 0.0]))
     want = 0.5 * grounding_loss(s.softmax(-1), targets) + 2.0 * counting
-    assert torch.allclose(aux, want, atol=1e-6)
+    assert torch.allclose(aux, want, atol=1e-5)
     # the code: an integer count is one unit vector, a fraction between two neighbours
     code = count_code(torch.tensor([2.0, 0.25, 12.0]))
     assert code.shape == (3, COUNT_CODE)
     assert code[0].tolist() == [0, 0, 1] + [0] * (COUNT_CODE - 3)
     assert torch.allclose(code[1, :2], torch.tensor([0.75, 0.25])) and code[2].sum() == 0
-    # the look reads n: changing the centre head's bias moves every look's count and so the look
+    # the look reads n: more density (more objects) changes every look
     torch.nn.init.normal_(r.out[-1].weight)
-    before, _ = r(feats, queries, index)
-    with torch.no_grad():
-        r.centre.bias += 3.0
-    after, _ = r(feats, queries, index)
+    before, _ = r(feats, queries, index, count_maps=(density, (colours, shapes)), words=(words, which))
+    after, _ = r(feats, queries, index, count_maps=(2 * density, (colours, shapes)), words=(words, which))
     assert not torch.allclose(before, after)
-    # a centre probability from elsewhere (the warm-up's head) replaces the own head, and its BCE term
-    given = torch.tensor([[0.9, 0.1, 0.0, 0.8]])
-    _, aux2 = r(feats, queries, index, targets, centre=given)
-    n2 = (torch.sigmoid(m) * given).sum(-1)
-    want2 = 0.5 * grounding_loss(s.softmax(-1), targets) + 2.0 * (
-        bce(m, on) + torch.nn.functional.huber_loss(n2, torch.tensor([2.0, 0.0]))
-    )
-    assert torch.allclose(aux2, want2, atol=1e-6)
+    # the selector learns what a question counts: "shape 1 of any colour" over patches showing shapes 0-2
+    one_hot = torch.eye(3)[None]
+    maps = (torch.ones(1, 3), (torch.full((1, 3, 2), 0.5), one_hot))
+    rows = torch.tensor([[0.0, 2, 0]])
+    opt = torch.optim.Adam([*r.count_select.parameters(), r.count_any], lr=0.1)
+    for _ in range(100):
+        opt.zero_grad()
+        _, loss = r(feats[:, :3], queries[:1], index[:1], rows, count_maps=maps, words=(words[:3], which[:3]))
+        loss.backward()
+        opt.step()
+    uc, us = pick(0), pick(1)
+    assert us[0].argmax() == 1 and uc[0].argmax() == 2  # shape 1, any colour
     with pytest.raises(ValueError, match="count"):
         FocusReadout(5, 7, count=-1)
+    with pytest.raises(ValueError, match="anchored projector"):
+        FocusReadout(5, 7, count=1.0)  # nothing to count with
+    with pytest.raises(ValueError, match="count_maps"):
+        r(feats, queries, index, words=(words, which))
+    with pytest.raises(ValueError, match="words"):
+        r(feats, queries, index, count_maps=(density, (colours, shapes)))
 
 
 def test_a_model_looking_at_the_answer_generates_from_its_look(tokenizer, tmp_path):
@@ -426,10 +458,15 @@ def test_a_model_looking_at_the_answer_generates_from_its_look(tokenizer, tmp_pa
     assert torch.equal(prompt_ids(again, [("user", "<image>\nwhat color is the circle?")], 1), ids)
 
 
-def test_a_counting_readout_sums_the_projectors_centre_head(tokenizer):
-    """With an anchored projector, `readout.count` gets the projector's per-patch P(centre) (the head the
-    tower warm-up trains) for its images, not a head of its own."""
+def test_a_counting_readout_sums_the_projectors_heads(tokenizer, tmp_path):
+    """With an anchored projector, `readout.count` gets the projector's per-patch density and word
+    probabilities (the heads the tower warm-up trains) for its images, and the model saves and loads
+    with the counter sized by the projector's words."""
+    from mllm.model import MultimodalLM
+
     model = _build_look_model(tokenizer, "anchored_mlp2x_gelu", count=1.0, value="tokens")
+    assert model.projector.count_words == (8, 8)
+    assert [sel.out_features for sel in model.readout.count_select] == [8, 8]
     conv = [{"from": "human", "value": "<image>\nHow many circles are there?"}, {"from": "gpt", "value": "2"}]
     enc = encode_conversation(
         conv,
@@ -451,8 +488,21 @@ def test_a_counting_readout_sums_the_projectors_centre_head(tokenizer):
     model.readout.forward = spy
     with torch.no_grad():
         model(input_ids=enc["input_ids"][None], pixel_values=pix)
-        want = model.projector.centre_probability(model.tower_features(pix))
-    assert torch.allclose(got["centre"], want)
+        density, words = model.projector.count_maps(model.tower_features(pix))
+    assert torch.allclose(got["count_maps"][0], density)
+    assert all(torch.allclose(a, b) for a, b in zip(got["count_maps"][1], words, strict=True))
+    # ... and the question's words one by one (the LM's embeddings here: `words: lm`), all in the one look
+    text, look = got["words"]
+    ids = enc["input_ids"]
+    want = look_words(ids[None], model.meta.look_token_id, model.image_token_id)[0]
+    special = torch.isin(ids, torch.tensor(model.tokenizer.all_special_ids))
+    kept = ids[(want >= 0) & ~special]
+    table = model.readout.words or model.lm.get_input_embeddings()
+    assert look.tolist() == [0] * len(kept) and torch.allclose(text, table(kept))
+    model.readout.forward = original
+    model.save_pretrained(tmp_path / "m")
+    again = MultimodalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(again.readout.count_select[1].weight, model.readout.count_select[1].weight)
 
 
 def test_where_adds_the_attended_place_to_the_statistics():
@@ -488,3 +538,32 @@ def test_where_adds_the_attended_place_to_the_statistics():
         r(torch.randn(1, 6, 5), queries, index, tokens=torch.randn(1, 6, 7))
     with pytest.raises(ValueError, match="model.readout.where"):
         FocusReadout(5, 7, where="yes")
+
+
+def test_the_counters_selector_starts_lexical(tokenizer):
+    """anchor_count: a selector row scores ~`logit` / j for a question word among its word's j distinct
+    form tokens (alone, after a space, plural) and ~0 for other words, once; reloads keep it (a buffer)."""
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    r = FocusReadout(5, 64, vocab, words="own", count=1.0, count_words=(2, 1))
+    assert r.anchor_count((("red", "blue"), ("circle",)), tokenizer, logit=10.0) == 3
+    first = tokenizer(" red", add_special_tokens=False)["input_ids"][0]
+    other = tokenizer(" blue", add_special_tokens=False)["input_ids"][0]
+    logits = r.count_select[0](r.qnorm(r.words.weight[[first, other]]))  # [2 tokens, 2 words]
+    assert logits[0, 0] > 3.0 and logits[1, 1] > 3.0 and logits[0, 1].abs() < 2.0 and logits[1, 0].abs() < 2.0
+    assert bool(r.count_anchored) and r.anchor_count((("red", "blue"), ("circle",)), tokenizer) == 0
+    again = FocusReadout(5, 64, vocab, words="own", count=1.0, count_words=(2, 1))
+    again.load_state_dict(r.state_dict())
+    assert bool(again.count_anchored) and again.anchor_count((("red", "blue"), ("circle",)), tokenizer) == 0
+    with pytest.raises(ValueError, match="groups"):
+        FocusReadout(5, 64, vocab, words="own", count=1.0, count_words=(2, 1)).anchor_count(
+            (("red",),), tokenizer
+        )
+    # no own word table, no counter: nothing to anchor
+    assert (
+        FocusReadout(5, 64, vocab, count=1.0, count_words=(2, 1)).anchor_count(
+            (("a", "b"), ("c",)), tokenizer
+        )
+        == 0
+    )
+    assert FocusReadout(5, 64, vocab, words="own").anchor_count((), tokenizer) == 0

@@ -9,7 +9,7 @@ import torch
 from encoders.supervised import PatchSupervision, PatchTargets
 from mllm.data.scene_labels import patch_labels
 
-T = PatchTargets(colours=("red", "blue"), shapes=("circle", "triangle"), centre=True)
+T = PatchTargets(colours=("red", "blue"), shapes=("circle", "triangle"), density=True)
 
 
 def test_patch_labels_by_hand():
@@ -44,10 +44,22 @@ def test_patch_labels_by_hand():
     # half-open box [8,12) -> still the triangle; everything else background.
     assert colour == [[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert lab["orientation"].view(4, 4)[0, 0] == 3  # "down"
-    # one centre patch per object: the triangle's (8, 8) and the circle's (10, 10) both lie in cell (1, 1)
-    assert lab["centre"].view(4, 4).tolist() == [[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
-    scene["shapes"][0].update(x=31, y=0)  # the image's edge still maps into the grid
-    assert lab["centre"].sum() == 1 and patch_labels(scene, (4, 4), T)["centre"].view(4, 4)[0, 3] == 1
+    # density: each object's unit mass, N(centre, 4 px) integrated over its own cells and renormalised;
+    # the circle owns no cell (its box holds no cell centre), so it adds nothing here
+    d = lab["density"].view(4, 4)
+    assert d.dtype == torch.float32 and abs(float(d.sum()) - 1.0) < 1e-6
+    assert d[2:].sum() == 0 and d[:, 2:].sum() == 0
+    # the triangle's centre (8, 8) sits on the corner of its four cells: a quarter each
+    assert torch.allclose(d[:2, :2], torch.full((2, 2), 0.25), atol=1e-6)
+    scene["shapes"][0].update(x=4, y=4)  # at cell (0, 0)'s centre: most mass there, mirrored elsewhere
+    m = patch_labels(scene, (4, 4), T)["density"].view(4, 4)
+    from math import erf, sqrt
+
+    inner = 0.5 * (1 + erf(4 / (4 * sqrt(2)))) - 0.5 * (1 + erf(-4 / (4 * sqrt(2))))  # mass of [0, 8)
+    outer = 0.5 * (1 + erf(12 / (4 * sqrt(2)))) - 0.5 * (1 + erf(4 / (4 * sqrt(2))))  # of [8, 16)
+    want = torch.tensor([[inner * inner, inner * outer], [outer * inner, outer * outer]])
+    assert torch.allclose(m[:2, :2], want / want.sum(), atol=1e-6) and abs(float(m.sum()) - 1) < 1e-6
+    scene["shapes"][0].update(x=8, y=8)
     scene["shapes"][1]["box"] = [8, 8, 16, 16]  # now covers (12,12): the smaller box wins there
     lab = patch_labels(scene, (4, 4), T)
     assert lab["colour"].view(4, 4)[1, 1] == 1 and lab["shape"].view(4, 4)[1, 1] == 1
@@ -69,7 +81,7 @@ def test_patch_supervision_learns_a_batch(tiny_model):
         opt.step()
         opt.zero_grad()
     assert float(out.loss) < 0.5 * first
-    assert set(out.stats) == {"colour", "shape", "size", "orientation", "centre", "count"}
+    assert set(out.stats) == {"colour", "shape", "size", "orientation", "density", "count"}
 
 
 def test_readout_heads_are_the_projectors_first_rows(tiny_model):
@@ -105,7 +117,7 @@ def test_readout_too_narrow_is_refused(tiny_model):
 
 def test_centre_head_only_when_asked():
     plain = PatchTargets(colours=("red",), shapes=("circle",))
-    assert "centre" not in plain.heads() and "centre" in T.heads()
+    assert "density" not in plain.heads() and "density" in T.heads()
     scene = {
         "width": 8,
         "height": 8,
@@ -209,3 +221,23 @@ def test_scene_augment_is_refused_outside_the_warmup_and_with_bad_values(tmp_pat
         p.write_text(yaml.safe_dump(r))
         with pytest.raises(ConfigError, match=match):
             load_recipe(p)
+
+
+def test_density_head_is_trained_towards_each_patchs_share(tiny_model):
+    """The density head's loss is DENSITY_WEIGHT x the soft-label cross-entropy of its 2-way softmax
+    against each patch's share d (P("object") -> d), with IGNORE patches (math figures) left out."""
+    from encoders.supervised import DENSITY_WEIGHT, IGNORE
+
+    torch.manual_seed(0)
+    sup = PatchSupervision(tiny_model.tower, T)
+    pix = torch.randn(2, 3, 32, 32)
+    labels = {k: torch.zeros(2, 16, dtype=torch.long) for k in T.heads()}
+    density = torch.zeros(2, 16)
+    density[0, :4] = 0.25  # one object over four patches
+    density[1] = IGNORE  # a figure
+    labels["density"] = density
+    out = sup(pix, labels)
+    logits = sup.heads["density"](sup.tower(pix).tokens)[0].log_softmax(-1)
+    d = density[0]
+    want = -(d * logits[:, 1] + (1 - d) * logits[:, 0]).mean()
+    assert torch.allclose(out.stats["density"], DENSITY_WEIGHT * want, atol=1e-5)

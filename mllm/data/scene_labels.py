@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,32 +22,60 @@ from mllm.data.images import ImageError, load_image, resolve_image
 
 def patch_labels(scene: dict, grid: tuple[int, int], targets: PatchTargets) -> dict[str, torch.Tensor]:
     """For each patch, the attributes of the object whose box holds the patch centre (smallest box
-    wins where boxes overlap); background patches get 0 for every attribute. `centre` is 1 on the patch
-    holding each object's centre point."""
+    wins where boxes overlap); background patches get 0 for every attribute. With `density`, the
+    "density" map (float) says how much of each object's unit mass each patch holds (`_density`)."""
     gh, gw = grid
     w, h = scene["width"], scene["height"]
-    out = {k: torch.zeros(gh * gw, dtype=torch.long) for k in targets.heads()}
-    shapes = sorted(
-        scene["shapes"], key=lambda s: (s["box"][2] - s["box"][0]) * (s["box"][3] - s["box"][1]), reverse=True
-    )
+    out = {k: torch.zeros(gh * gw, dtype=torch.long) for k in targets.heads() if k != "density"}
+    shapes = scene["shapes"]
+    owner = torch.full((gh * gw,), -1, dtype=torch.long)  # which of `shapes` each patch shows
+    largest_first = sorted(range(len(shapes)), key=lambda j: -_area(shapes[j]["box"]))
     for r in range(gh):
         cy = (r + 0.5) * h / gh
         for c in range(gw):
             cx = (c + 0.5) * w / gw
-            for s in shapes:  # largest first, so the smallest covering box is written last
-                x1, y1, x2, y2 = s["box"]
+            for j in largest_first:  # so the smallest covering box is written last
+                x1, y1, x2, y2 = shapes[j]["box"]
                 if x1 <= cx < x2 and y1 <= cy < y2:
-                    i = r * gw + c
-                    out["colour"][i] = targets.colours.index(s["color"]) + 1
-                    out["shape"][i] = targets.shapes.index(s["kind"]) + 1
-                    out["size"][i] = targets.sizes.index(s["size"]) + 1
-                    o = s.get("orientation")
-                    out["orientation"][i] = targets.orientations.index(o) + 1 if o else 0
-    if "centre" in out:
-        for s in shapes:
-            r, c = min(int(s["y"] * gh / h), gh - 1), min(int(s["x"] * gw / w), gw - 1)
-            out["centre"][r * gw + c] = 1
+                    owner[r * gw + c] = j
+    for i in torch.nonzero(owner >= 0).flatten().tolist():
+        s = shapes[int(owner[i])]
+        out["colour"][i] = targets.colours.index(s["color"]) + 1
+        out["shape"][i] = targets.shapes.index(s["kind"]) + 1
+        out["size"][i] = targets.sizes.index(s["size"]) + 1
+        o = s.get("orientation")
+        out["orientation"][i] = targets.orientations.index(o) + 1 if o else 0
+    if targets.density:
+        out["density"] = _density(scene, grid, owner)
     return out
+
+
+def _area(box: list[int]) -> int:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _density(scene: dict, grid: tuple[int, int], owner: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """Per patch, a share of each object's unit mass: a Gaussian (sigma in patches) around its centre
+    point, integrated over each patch cell and kept on the patches the object owns, renormalised. Every
+    object adds exactly 1, wherever the grid cuts it, so summing the map over the patches that show a
+    word counts the objects with that word; the share depends on where the centre lies, not on the
+    object's size or shape."""
+    gh, gw = grid
+    w, h = scene["width"], scene["height"]
+    out = torch.zeros(gh * gw)
+    for j, s in enumerate(scene["shapes"]):
+        cy = _cell_mass(float(s["y"]), sigma * h / gh, h, gh)
+        cx = _cell_mass(float(s["x"]), sigma * w / gw, w, gw)
+        g = (cy[:, None] * cx[None, :]).flatten() * (owner == j)
+        if g.sum() > 0:
+            out += g / g.sum()
+    return out
+
+
+def _cell_mass(mu: float, sigma: float, extent: int, cells: int) -> torch.Tensor:
+    """The mass of N(mu, sigma) in each of `cells` equal cells of [0, extent]."""
+    cdf = [0.5 * (1 + math.erf((k * extent / cells - mu) / (sigma * math.sqrt(2)))) for k in range(cells + 1)]
+    return torch.tensor(cdf).diff()
 
 
 class SceneLabelDataset(Dataset):
@@ -93,7 +122,14 @@ class SceneLabelDataset(Dataset):
             raise
         scene = row["scene"]
         if scene.get("figure") is not None:
-            labels = {k: torch.full((self.grid[0] * self.grid[1],), IGNORE) for k in self.targets.heads()}
+            labels = {  # the density map is float (shares of objects); the others are class indices
+                k: torch.full(
+                    (self.grid[0] * self.grid[1],),
+                    IGNORE,
+                    dtype=torch.float if k == "density" else torch.long,
+                )
+                for k in self.targets.heads()
+            }
             count = IGNORE
         else:
             labels = patch_labels(scene, self.grid, self.targets)

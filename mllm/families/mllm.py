@@ -27,6 +27,7 @@ from mllm.families.base import Family, StageKind, TaskResult, register_family, r
 from mllm.feature_cache import cache_for_stage
 from mllm.hf_import import resolve_model_path
 from mllm.model import MultimodalLM, build_lm
+from mllm.projectors import COUNT_GROUPS
 from mllm.readout import LOOK_TOKEN, look_at
 from mllm.tokenizer import ensure_image_token, ensure_look_token, load_tokenizer, train_tokenizer
 
@@ -141,6 +142,17 @@ def _anchor_projector(model: MultimodalLM, stage: StageConfig) -> None:
         n = anchor(model.lm.get_input_embeddings(), model.tokenizer)
         if n:
             log.info("stage %s: projector anchors set from the LM's embeddings of %d words", stage.name, n)
+        # a counting readout's selector starts from the same words (mllm.readout.FocusReadout.anchor_count)
+        anchor_count = getattr(model.readout, "anchor_count", None)
+        if anchor_count is not None:
+            names = tuple(
+                tuple(w for w in model.projector.words[g] if w is not None)
+                for g in COUNT_GROUPS
+                if g in model.projector.words
+            )
+            n = anchor_count(names, model.tokenizer)
+            if n:
+                log.info("stage %s: the counter's selector starts from %d words", stage.name, n)
 
 
 def _speed_switches(model: MultimodalLM, stage: StageConfig, ds: ConversationDataset | None) -> Collator:
@@ -162,9 +174,9 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str) ->
     """data.json is a GeoWorld `scenes.jsonl`; only the tower (and throwaway heads) train."""
     if not stage.data.json:
         raise ValueError(f"stage {stage.name!r}: data.json (a GeoWorld scenes.jsonl) is not set")
-    # The centre head exists where the projector reads it (an anchored projector's "object" word).
+    # The density head exists where the projector reads it (an anchored projector's "object" word).
     targets = PatchTargets(
-        colours=COLOR_NAMES, shapes=SHAPES, centre="centre" in getattr(model.projector, "words", {})
+        colours=COLOR_NAMES, shapes=SHAPES, density="density" in getattr(model.projector, "words", {})
     )
     ds = SceneLabelDataset(
         stage.data.json,

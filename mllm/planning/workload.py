@@ -348,7 +348,7 @@ def _warmup_module(model: nn.Module, stage: StageConfig) -> nn.Module:
     # Built as the task builds it (mllm.families.mllm.scene_labels_task), on the CPU: the heads are small
     # and PatchSupervision computes its row offsets with real tensors.
     targets = PatchTargets(
-        colours=COLOR_NAMES, shapes=SHAPES, centre="centre" in getattr(model.projector, "words", {})
+        colours=COLOR_NAMES, shapes=SHAPES, density="density" in getattr(model.projector, "words", {})
     )
     readout = None
     if stage.readout_heads:

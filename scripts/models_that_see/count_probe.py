@@ -4,11 +4,12 @@
 
 For each held-out count question of WORLD_DIR/eval (GeoWorld's "How many <kind>s / <colour> shapes /
 shapes are there?"):
-- heads: sum over patches of P(centre) x P(the named colour or shape) from the anchored projector's
-  per-patch heads (what the tower warm-up trains), no other part of the model;
-- counter (a readout with `count`): the readout's own n for that question, as the model computes it;
+- heads: sum over patches of density x P(the named colour or shape) from the anchored projector's
+  per-patch heads (what the tower warm-up trains; `AnchoredProjector.count_maps`), the word picked by
+  its name in the question, no other part of the model;
+- counter (a readout with `count`): the readout's own n for that question, its selector picking the words;
 - answer: the model's greedy answer.
-Prints how many of each round to the right count (docs/results.md, "Seventh round").
+Prints how many of each round to the right count (docs/results.md, "Eighth round").
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import torch
 from PIL import Image
 
-import mllm.readout as R
+from mllm.data.geoworld.vocab import PLURALS
 from mllm.inference import answer_batch
 from mllm.model import MultimodalLM
 
@@ -29,20 +30,19 @@ def main(model_dir: str, world: str) -> None:
     torch.set_num_threads(1)
     model = MultimodalLM.from_pretrained(model_dir).eval()
     proj = model.projector
-    names = [(g, w) for g, ws in proj.words.items() for w in ws]
+    named = [w for g in ("colour", "shape") for w in proj.words[g] if w is not None]  # count_maps' order
     counts: list[float] = []
-    original = R.FocusReadout.forward
+    counter = getattr(model.readout, "count_select", None)
+    if counter is not None:  # n is the first of the counter's statistics: read it where the code is made
+        import mllm.readout as R
 
-    def spy(self, features, queries, image_index, targets=None, tokens=None, centre=None):
-        if self.count_q is not None:
-            has = image_index >= 0
-            f = self.norm(features)[image_index[has]]
-            match = torch.einsum("md,mnd->mn", self.count_q(self.qnorm(queries[has])), self.count_k(f))
-            p = centre[image_index[has]] if centre is not None else torch.sigmoid(self.centre(f).squeeze(-1))
-            counts.append(float((torch.sigmoid(match / self.dim**0.5) * p).sum(-1)[0]))
-        return original(self, features, queries, image_index, targets, tokens, centre)
+        original = R.count_code
 
-    R.FocusReadout.forward = spy
+        def spy(n: torch.Tensor) -> torch.Tensor:
+            counts.extend(n.tolist())
+            return original(n)
+
+        R.count_code = spy
     rows = [json.loads(line) for line in open(f"{world}/eval/qa.jsonl")]
     rows = [r for r in rows if r["category"] == "count"]
     right = {"heads": 0, "counter": 0, "answer": 0}
@@ -50,26 +50,21 @@ def main(model_dir: str, world: str) -> None:
         image = Image.open(f"{world}/{r['image']}").convert("RGB")
         want = int(r["answer"])
         with torch.no_grad():
-            feats = model.tower_features(model.preprocess([image]))
-            groups = [g.softmax(-1) for g in proj.heads(feats).split(proj.sizes, dim=-1)]
-        probs = torch.cat(groups, -1)[0]
-        sel = torch.ones(probs.shape[0])
+            density, groups = proj.count_maps(model.tower_features(model.preprocess([image])))
+        words = torch.cat(groups, -1)
+        sel = torch.ones_like(density[0])
         q = r["question"].lower()
-        for i, (group, word) in enumerate(names):
-            if word and group in ("colour", "shape") and re.search(rf"\b{word}s?\b", q):
-                sel = probs[:, i]
-        right["heads"] += round(float((groups[-1][0, :, 1] * sel).sum())) == want
+        for i, word in enumerate(named):
+            if re.search(rf"\b({word}|{PLURALS.get(word, word)})\b", q):
+                sel = words[0, :, i]
+        right["heads"] += round(float((density[0] * sel).sum())) == want
         counts.clear()
         answer = answer_batch(model, [r["question"]], [image], max_new_tokens=4, batch_size=1)[0]
         right["answer"] += answer.strip() == r["answer"]
         if counts:
             right["counter"] += round(counts[0]) == want
     n = len(rows)
-    print(
-        ", ".join(
-            f"{k} {v}/{n}" for k, v in right.items() if k != "counter" or model.readout.count_q is not None
-        )
-    )
+    print(", ".join(f"{k} {v}/{n}" for k, v in right.items() if k != "counter" or counter is not None))
 
 
 if __name__ == "__main__":

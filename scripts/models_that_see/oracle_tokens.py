@@ -49,7 +49,7 @@ if os.environ.get("MIMETIC") == "1":
     from mllm.lm_init import apply_lm_init
 
     apply_lm_init(m.lm, "mimetic")
-T = PatchTargets(COLOR_NAMES, SHAPES, centre=True)
+T = PatchTargets(COLOR_NAMES, SHAPES, density=True)
 ds = LiveWorldDataset(
     LiveWorldConfig(turns=(1, 1), existence=0, seed=5),
     m.tokenizer,
