@@ -73,8 +73,9 @@ def build_readout(
     count_words: tuple[int, ...] = (),
 ) -> nn.Module:
     """The readout `cfg["type"]` with the rest of `cfg` as its options (errors name the key); a factory
-    takes (feature_dim, lm_dim, vocab_size, **options). `count_words`: how many per-patch words the
-    projector's heads give a counting readout (`AnchoredProjector.count_words`), passed only when set."""
+    takes (feature_dim, lm_dim, vocab_size, **options). `count_words`: per group, how many per-patch
+    words the projector's heads give a counting readout (`AnchoredProjector.count_words`), passed only
+    when set (a counter's selectors are sized by them)."""
     opts = dict(cfg)
     name = opts.pop("type", None)
     if not isinstance(name, str):

@@ -26,25 +26,28 @@ def patch_labels(scene: dict, grid: tuple[int, int], targets: PatchTargets) -> d
     "density" map (float) says how much of each object's unit mass each patch holds (`_density`)."""
     gh, gw = grid
     w, h = scene["width"], scene["height"]
-    out = {k: torch.zeros(gh * gw, dtype=torch.long) for k in targets.heads() if k != "density"}
     shapes = scene["shapes"]
+    # patch centres, row-major
+    cy = ((torch.arange(gh, dtype=torch.float64) + 0.5) * h / gh).repeat_interleave(gw)
+    cx = ((torch.arange(gw, dtype=torch.float64) + 0.5) * w / gw).repeat(gh)
     owner = torch.full((gh * gw,), -1, dtype=torch.long)  # which of `shapes` each patch shows
-    largest_first = sorted(range(len(shapes)), key=lambda j: -_area(shapes[j]["box"]))
-    for r in range(gh):
-        cy = (r + 0.5) * h / gh
-        for c in range(gw):
-            cx = (c + 0.5) * w / gw
-            for j in largest_first:  # so the smallest covering box is written last
-                x1, y1, x2, y2 = shapes[j]["box"]
-                if x1 <= cx < x2 and y1 <= cy < y2:
-                    owner[r * gw + c] = j
-    for i in torch.nonzero(owner >= 0).flatten().tolist():
-        s = shapes[int(owner[i])]
-        out["colour"][i] = targets.colours.index(s["color"]) + 1
-        out["shape"][i] = targets.shapes.index(s["kind"]) + 1
-        out["size"][i] = targets.sizes.index(s["size"]) + 1
-        o = s.get("orientation")
-        out["orientation"][i] = targets.orientations.index(o) + 1 if o else 0
+    for j in sorted(range(len(shapes)), key=lambda j: -_area(shapes[j]["box"])):
+        x1, y1, x2, y2 = shapes[j]["box"]  # largest first, so the smallest covering box is written last
+        owner[(x1 <= cx) & (cx < x2) & (y1 <= cy) & (cy < y2)] = j
+    attrs = {
+        "colour": [targets.colours.index(s["color"]) + 1 for s in shapes],
+        "shape": [targets.shapes.index(s["kind"]) + 1 for s in shapes],
+        "size": [targets.sizes.index(s["size"]) + 1 for s in shapes],
+        "orientation": [
+            targets.orientations.index(o) + 1 if (o := s.get("orientation")) else 0 for s in shapes
+        ],
+    }
+    shown = owner >= 0
+    out = {}
+    for k in targets.heads():
+        if k != "density":
+            table = torch.tensor([0, *attrs[k]], dtype=torch.long)  # index 0: background
+            out[k] = table[torch.where(shown, owner + 1, 0)]
     if targets.density:
         out["density"] = _density(scene, grid, owner)
     return out
@@ -74,8 +77,8 @@ def _density(scene: dict, grid: tuple[int, int], owner: torch.Tensor, sigma: flo
 
 def _cell_mass(mu: float, sigma: float, extent: int, cells: int) -> torch.Tensor:
     """The mass of N(mu, sigma) in each of `cells` equal cells of [0, extent]."""
-    cdf = [0.5 * (1 + math.erf((k * extent / cells - mu) / (sigma * math.sqrt(2)))) for k in range(cells + 1)]
-    return torch.tensor(cdf).diff()
+    edges = torch.arange(cells + 1, dtype=torch.float64) * extent / cells
+    return (0.5 * (1 + torch.special.erf((edges - mu) / (sigma * math.sqrt(2))))).diff().float()
 
 
 class SceneLabelDataset(Dataset):
