@@ -623,7 +623,11 @@ def test_logit_scale_clamped_after_the_step_as_open_clip(b):
         init.clamp_log_scale_(ours)
         with torch.no_grad():
             ref.clamp_(0, math.log(100))
-        torch.testing.assert_close(ours.detach(), ref.detach())
+        # the gradients agree to rtol 1e-4 (the fused objective and the naive formula sum in different
+        # orders, and CPUs differ in how), and lr 50 carries that into the parameter: compare it at the
+        # tolerance the gradient check grants, times the step (measured: 4.9e-5 apart on an Intel Xeon
+        # with AMX, where float32's default 1e-5 failed; the bounds it checks are whole units apart)
+        torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-4, atol=50 * 1e-5)
         seen.add(round(ours.item(), 4))
     if b > 1:
         assert {0.0, round(math.log(100), 4)} <= seen  # it hit both bounds and left each again
