@@ -207,12 +207,19 @@ class AnchoredProjector(nn.Module):
         return silent * (seen * self.body(x) + probs @ self.table(embedding))
 
     @property
-    def count_words(self) -> tuple[int, ...]:
-        """How many words `count_maps` gives per patch in each group (the named colours, the named
-        shapes); () without a density head, so a counting readout knows at build time what it selects."""
+    def count_names(self) -> tuple[tuple[str, ...], ...]:
+        """The words `count_maps` gives per patch, per group (the named colours, the named shapes); ()
+        without a density head. A counting readout is sized by them and starts its selector from them."""
         if "density" not in self.words:
             return ()
-        return tuple(sum(w is not None for w in self.words[g]) for g in COUNT_GROUPS if g in self.words)
+        return tuple(
+            tuple(w for w in self.words[g] if w is not None) for g in COUNT_GROUPS if g in self.words
+        )
+
+    @property
+    def count_words(self) -> tuple[int, ...]:
+        """How many words `count_maps` gives per patch in each group (`count_names`' sizes)."""
+        return tuple(len(g) for g in self.count_names)
 
     def count_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
         """What a counting readout (mllm.readout, `count`) sums, from the warm-up's heads: per patch the

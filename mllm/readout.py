@@ -314,7 +314,6 @@ class FocusReadout(nn.Module):
                 u = torch.cat([vote, any_.expand(vote.shape[0], 1)], -1).softmax(-1)  # [m, k + 1]
                 w = group[image_index[has]].to(f.dtype)  # [m, N, k]
                 match = match * (torch.einsum("mnk,mk->mn", w, u[:, :-1]) + u[:, -1:])
-            shown = count_maps[1][0][image_index[has]].to(f.dtype).sum(-1)  # P(an object) per patch
             n_objects = (density * match).sum(-1)  # [m]
             extra = [n_objects[:, None], count_code(n_objects)]
         if self.value == "tokens":
@@ -333,6 +332,7 @@ class FocusReadout(nn.Module):
         t = targets[has].to(a.dtype)
         aux = self.ground * grounding_loss(a, t)
         if self.count_select is not None:
+            shown = count_maps[1][0][image_index[has]].to(match.dtype).sum(-1)  # P(an object) per patch
             aux = aux + self.count * counting_loss(match, shown, n_objects, t)
         return out, aux
 
@@ -427,22 +427,14 @@ def look_inputs(
     """
     is_look = input_ids == look_id
     is_image = input_ids == image_id
-    text = ~is_image & ~is_look
-    if attention_mask is not None:
-        text &= attention_mask.bool()
-    w = text.to(embeds.dtype).unsqueeze(-1)
-    csum = torch.cumsum(embeds * w, dim=1)  # [B, T, d]
-    ccnt = torch.cumsum(w, dim=1)  # [B, T, 1]
     rows, cols = is_look.nonzero(as_tuple=True)
-    here_s, here_c = csum[rows, cols], ccnt[rows, cols]
-    # the previous look of the same row: shift the per-look values by one within each row
-    prev_s, prev_c = torch.zeros_like(here_s), torch.zeros_like(here_c)
-    same_row = torch.zeros_like(rows, dtype=torch.bool)
-    if rows.numel() > 1:
-        same_row[1:] = rows[1:] == rows[:-1]
-    prev_s[1:] = torch.where(same_row[1:, None], here_s[:-1], prev_s[1:])
-    prev_c[1:] = torch.where(same_row[1:, None], here_c[:-1], prev_c[1:])
-    queries = (here_s - prev_s) / (here_c - prev_c).clamp_min(1.0)
+    # the question of each look: the mean of its words (the same segmentation as `look_words`)
+    look = look_words(input_ids, look_id, image_id, attention_mask)
+    mine = look >= 0
+    n_looks = rows.numel()
+    sums = embeds.new_zeros(n_looks, embeds.shape[-1]).index_add_(0, look[mine], embeds[mine])
+    counts = torch.bincount(look[mine], minlength=n_looks).to(embeds.dtype)
+    queries = sums / counts.clamp_min(1.0)[:, None]
     # image index: complete images before the look in its row, offset by the images of earlier rows
     img_before = torch.cumsum(is_image.long(), dim=1)[rows, cols] // tokens_per_image
     per_row = is_image.long().sum(1) // tokens_per_image

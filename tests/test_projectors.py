@@ -154,12 +154,13 @@ def test_anchored_registry_entry_uses_geoworld_words() -> None:
     assert torch.allclose(density, logits[..., -2:].softmax(-1)[..., 1])
     nc, ns = len(proj.words["colour"]), len(proj.words["shape"])
     assert proj.count_words == (nc - 1, ns - 1) == (colours.shape[-1], shapes.shape[-1])
+    assert proj.count_names == (proj.words["colour"][1:], proj.words["shape"][1:])
     assert torch.allclose(colours, logits[..., :nc].softmax(-1)[..., 1:])
     assert torch.allclose(shapes, logits[..., nc : nc + ns].softmax(-1)[..., 1:])
     from mllm.projectors import AnchoredProjector
 
     no_density = AnchoredProjector(16, 12, 2, {"colour": (None, "red")})
-    assert no_density.count_words == () and no_density.count_maps(x) is None
+    assert no_density.count_words == () == no_density.count_names and no_density.count_maps(x) is None
 
 
 def test_the_lm_does_not_retrain_the_density_head() -> None:

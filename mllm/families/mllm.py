@@ -27,7 +27,6 @@ from mllm.families.base import Family, StageKind, TaskResult, register_family, r
 from mllm.feature_cache import cache_for_stage
 from mllm.hf_import import resolve_model_path
 from mllm.model import MultimodalLM, build_lm
-from mllm.projectors import COUNT_GROUPS
 from mllm.readout import LOOK_TOKEN, look_at
 from mllm.tokenizer import ensure_image_token, ensure_look_token, load_tokenizer, train_tokenizer
 
@@ -145,12 +144,7 @@ def _anchor_projector(model: MultimodalLM, stage: StageConfig) -> None:
         # a counting readout's selector starts from the same words (mllm.readout.FocusReadout.anchor_count)
         anchor_count = getattr(model.readout, "anchor_count", None)
         if anchor_count is not None:
-            names = tuple(
-                tuple(w for w in model.projector.words[g] if w is not None)
-                for g in COUNT_GROUPS
-                if g in model.projector.words
-            )
-            n = anchor_count(names, model.tokenizer)
+            n = anchor_count(model.projector.count_names, model.tokenizer)
             if n:
                 log.info("stage %s: the counter's selector starts from %d words", stage.name, n)
 

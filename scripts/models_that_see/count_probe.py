@@ -30,7 +30,7 @@ def main(model_dir: str, world: str) -> None:
     torch.set_num_threads(1)
     model = MultimodalLM.from_pretrained(model_dir).eval()
     proj = model.projector
-    named = [w for g in ("colour", "shape") for w in proj.words[g] if w is not None]  # count_maps' order
+    named = [w for group in proj.count_names for w in group]  # count_maps' order
     counts: list[float] = []
     counter = getattr(model.readout, "count_select", None)
     if counter is not None:  # n is the first of the counter's statistics: read it where the code is made
