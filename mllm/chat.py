@@ -263,8 +263,10 @@ def encode_conversation(
     if template != "tokenizer" and adds_bos(tokenizer):
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
-    for seg in segs:
-        piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+    # one call for every segment: the tokenizer's per-call overhead, not the tokenising, was most of
+    # a live training sample's cost (bench/bench_live_loader.py)
+    pieces = tokenizer([seg.text for seg in segs], add_special_tokens=False)["input_ids"] if segs else []
+    for seg, piece in zip(segs, pieces):
         if look_id is not None and seg.target:  # the reply is predicted from the look (never a label)
             ids.append(look_id)
             labels.append(IGNORE_INDEX)

@@ -212,6 +212,11 @@ class DataConfig:
     # sub-pixel placement, JPEG), one fixed drawing per row, so the tower's per-patch heads learn hue and
     # form rather than the renderer's exact pixels. null: the image files as they are.
     scene_augment: dict | None = None
+    # `tower_warmup`: keep each sample in memory once made (mllm.data.memo). Its samples are a pure
+    # function of the row (one fixed drawing each), so from the second epoch on this repeats the same
+    # batches without drawing, labelling and preprocessing them again; costs the decoded pixels of
+    # every row in memory (~50 kB a row at 64 px).
+    cache_samples: bool = False
 
     def __post_init__(self) -> None:
         """The caption options, refused when the recipe loads (one line naming the key)."""
@@ -489,6 +494,11 @@ class Recipe:
             if s.kind != "contrastive" and used:
                 raise ConfigError(
                     f"stages.{s.name}.data.{used[0]}: read only by `contrastive` stages, this one is {s.kind!r}"
+                )
+            if s.data.cache_samples and s.kind != "tower_warmup":
+                raise ConfigError(
+                    f"stages.{s.name}.data.cache_samples: only `tower_warmup` samples are known to be the "
+                    f"same at every epoch, this stage is {s.kind!r}"
                 )
             if s.data.scene_augment is not None:
                 if s.kind != "tower_warmup":

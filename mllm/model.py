@@ -357,6 +357,8 @@ class MultimodalLM(nn.Module):
             # ... selecting what to count from the question's words one by one (mllm.readout)
             look = look_words(input_ids, self.meta.look_token_id, self.image_token_id, words)
             extra["words"] = (text[look >= 0].to(rp), look[look >= 0])
+        if getattr(self.readout, "where_gate", None) is not None:  # the attended side as words
+            extra["where_rows"] = self.readout.where_table(self.lm.get_input_embeddings()).to(rp)
         looks, ground = self.readout(features.to(rp), queries.to(rp), index, targets, tokens, **extra)
         return embeds.masked_scatter(is_look.unsqueeze(-1), looks.to(embeds.dtype)), ground
 

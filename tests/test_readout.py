@@ -567,3 +567,74 @@ def test_the_counters_selector_starts_lexical(tokenizer):
         == 0
     )
     assert FocusReadout(5, 64, vocab, words="own").anchor_count((), tokenizer) == 0
+
+
+def test_where_words_add_the_attended_side_as_the_lms_words():
+    """where_words: look += sigmoid(w . LN(q) + b) * sum over (axis, side) of
+    sigmoid(+-k * mean_h sum_p a_p coord_p) * row, the rows tied to the LM's embeddings of both forms of
+    each word minus the axis mean, plus offsets; refused without `where` or with other than four words."""
+    from mllm.readout import _patch_coordinates
+
+    torch.manual_seed(0)
+    r = FocusReadout(5, 7, heads=2, dim=3, value="tokens", where=True, where_words=["l", "r", "t", "b"])
+    emb = torch.nn.Embedding(10, 7)
+    r.where_ids.copy_(torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]]))  # what anchor_where records
+    torch.nn.init.normal_(r.where_offsets)
+    torch.nn.init.normal_(r.where_gate.weight)
+    rows = r.where_table(emb)
+    w = emb.weight[1:9].view(2, 2, 2, 7).sum(2)  # [axis, side, d]: the word plus its spaced form
+    assert torch.allclose(rows, (w - w.mean(1, keepdim=True)).reshape(4, 7) + r.where_offsets)
+    feats, tokens = torch.randn(1, 4, 5), torch.randn(1, 4, 7)
+    queries, index = torch.randn(3, 7), torch.tensor([0, 0, 0])
+    base = FocusReadout(5, 7, heads=2, dim=3, value="tokens", where=True)
+    base.load_state_dict(
+        {k: v for k, v in r.state_dict().items() if not k.startswith("where_")}, strict=True
+    )
+    looks, _ = r(feats, queries, index, tokens=tokens, where_rows=rows)
+    plain, _ = base(feats, queries, index, tokens=tokens)
+    f = r.norm(feats[0])
+    q = r.q(r.qnorm(queries)).view(3, 2, 1, 3)
+    k = r.k(f).view(4, 2, 3).transpose(0, 1)
+    a = ((q * k[None]).sum(-1) / math.sqrt(3)).softmax(-1)  # [3, H, N]
+    xs, ys = _patch_coordinates(4, torch.device("cpu"), torch.float32)
+    x, y = (a * xs).sum(-1).mean(1), (a * ys).sum(-1).mean(1)
+    p = torch.sigmoid(4.0 * torch.stack([-x, x, -y, y], -1))
+    gate = torch.sigmoid(r.where_gate(r.qnorm(queries)))
+    assert torch.allclose(looks, plain + gate * (p @ rows), atol=1e-5)
+    with pytest.raises(ValueError, match="where_rows|where_table"):
+        r(feats, queries, index, tokens=tokens)
+    with pytest.raises(ValueError, match="needs where: true"):
+        FocusReadout(5, 7, where_words=["l", "r", "t", "b"])
+    with pytest.raises(ValueError, match="four words"):
+        FocusReadout(5, 7, where=True, where_words=["left", "right"])
+
+
+def test_where_words_are_tied_when_the_projector_is_anchored(tokenizer, tmp_path):
+    """The model passes the where rows from the LM's live embeddings; anchor_where records the words'
+    first tokens (alone and after a space) once, and a reloaded model keeps them."""
+    from mllm.model import MultimodalLM
+
+    model = _build_look_model(
+        tokenizer, "anchored_mlp2x_gelu", value="tokens", where=True, where_words=["left", "right", "top", "bottom"]
+    )
+    assert not bool((model.readout.where_ids >= 0).any())
+    emb = model.lm.get_input_embeddings()
+    assert model.readout.anchor_where(emb, model.tokenizer) == 4
+    first = model.tokenizer(" top", add_special_tokens=False)["input_ids"][0]
+    assert model.readout.where_ids[2, 1] == first and model.readout.anchor_where(emb, model.tokenizer) == 0
+    got = {}
+    original = model.readout.forward
+
+    def spy(*args, **kwargs):
+        got.update(kwargs)
+        return original(*args, **kwargs)
+
+    model.readout.forward = spy
+    batch = _batch(model, ["Is the circle at the top or the bottom?"])
+    with torch.no_grad():
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    assert torch.allclose(got["where_rows"], model.readout.where_table(emb))
+    model.readout.forward = original
+    model.save_pretrained(tmp_path / "m")
+    again = MultimodalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(again.readout.where_ids, model.readout.where_ids)

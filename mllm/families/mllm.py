@@ -22,6 +22,7 @@ from mllm.data.geoworld.augment import AugmentConfig
 from mllm.data.geoworld.geo_targets import GeoFigureDataset, collate_geo
 from mllm.data.geoworld.live import LiveWorldDataset
 from mllm.data.geoworld.vocab import COLOR_NAMES, SHAPES
+from mllm.data.memo import MemoDataset
 from mllm.data.scene_labels import SceneLabelDataset, collate_scene_labels
 from mllm.families.base import Family, StageKind, TaskResult, register_family, resolve_trainable
 from mllm.feature_cache import cache_for_stage
@@ -142,6 +143,9 @@ def _anchor_projector(model: MultimodalLM, stage: StageConfig) -> None:
         if n:
             log.info("stage %s: projector anchors set from the LM's embeddings of %d words", stage.name, n)
         # a counting readout's selector starts from the same words (mllm.readout.FocusReadout.anchor_count)
+        anchor_where = getattr(model.readout, "anchor_where", None)  # its where words, the same way
+        if anchor_where is not None and anchor_where(model.lm.get_input_embeddings(), model.tokenizer):
+            log.info("stage %s: the readout's where words tied to the LM's embeddings", stage.name)
         anchor_count = getattr(model.readout, "anchor_count", None)
         if anchor_count is not None:
             n = anchor_count(model.projector.count_names, model.tokenizer)
@@ -195,7 +199,11 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str) ->
                 f"got {type(model.projector).__name__}"
             )
         readout = first
-    return PatchSupervision(model.tower, targets, readout), ds, collate_scene_labels
+    return (
+        PatchSupervision(model.tower, targets, readout),
+        MemoDataset(ds) if stage.data.cache_samples else ds,
+        collate_scene_labels,
+    )
 
 
 def _json_dataset(model: MultimodalLM, stage: StageConfig, template: str, what: str) -> ConversationDataset:

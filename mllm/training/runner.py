@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from encoders.common import seed_everything
 from mllm.config import ConfigError, Recipe, StageConfig, save_recipe
 from mllm.families import get_family, get_stage_kind, get_task, resolve_template, resolve_trainable
 from mllm.families.mllm import build_model as build_model
@@ -55,6 +56,10 @@ def run_stage(
     kind = get_stage_kind(stage.kind)
     meta = getattr(model, "meta", None)  # models without a chat template (encoders) train on "plain"
     template = resolve_template(stage, getattr(meta, "template", None) or "plain")
+    # What the stage initialises (LoRA adapters, a task's throwaway heads) is drawn from the recipe's
+    # seed, not from whatever earlier stages in this process left in the RNG: a run resumed at this
+    # stage, or one stage run alone (--stage), starts it exactly as the uninterrupted run did.
+    seed_everything(recipe.engine.seed)
     if stage.lora is not None:  # before the task and the engine, so names match on resume (mllm.lora)
         apply_lora(model, stage.lora)
     module, dataset, collate = get_task(kind.task)(model, stage, template)

@@ -2,11 +2,11 @@
 # One ablation row of "Models that see" (docs/results.md): the demo recipe with OVERRIDES, every stage
 # from lm_pretrain, on the world, tower and live stream of `mllm demo --seed S --out runs/demo_fS`, then
 # the full held-out QA, POPE and MMVP-style sets. One thread, so two rows can run side by side.
-#   [RECIPE=other.yaml] bash scripts/models_that_see/exp_run.sh NAME SEED [key=value ...]
+#   [RECIPE=other.yaml] [DEMO=runs/other_demo] bash scripts/models_that_see/exp_run.sh NAME SEED [key=value ...]
 set -euo pipefail
 name=$1 seed=$2
 shift 2
-demo=runs/demo_f$seed
+demo=${DEMO:-runs/demo_f$seed}
 out=runs/exp8/$name
 mkdir -p runs/exp8
 OMP_NUM_THREADS=1 mllm train --recipe "${RECIPE:-mllm/recipes/tiny-geoworld.yaml}" --out "$out" \
