@@ -264,7 +264,7 @@ def encode_conversation(
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
     # one call for every segment: the tokenizer's per-call overhead, not the tokenising, was most of
-    # a live training sample's cost (bench/bench_live_loader.py)
+    # a live training sample's cost (bench/loader_memo.py)
     pieces = tokenizer([seg.text for seg in segs], add_special_tokens=False)["input_ids"] if segs else []
     for seg, piece in zip(segs, pieces):
         if look_id is not None and seg.target:  # the reply is predicted from the look (never a label)

@@ -2,7 +2,7 @@
 
 Why: the tower warm-up draws, labels and preprocesses each GeoWorld row the same way every time (one
 fixed drawing per row), and doing it again was half of a warm-up step on two CPU cores
-(bench/bench_memo.py). Only for datasets whose item `i` is a pure function of `i`: one that draws
+(bench/loader_memo.py). Only for datasets whose item `i` is a pure function of `i`: one that draws
 anew per fetch (random captions, masks, augmentations) would be frozen by it.
 """
 
