@@ -158,8 +158,6 @@ class FocusReadout(nn.Module):
         count_words: tuple[int, ...] = (),
         where_words: tuple[str, ...] | list[str] = (),
         where_bias: bool = False,
-        order: float = 0.0,
-        roles: bool = False,
     ) -> None:
         super().__init__()
         check_look_at(at)  # read by mllm.chat through meta.readout (look_at), not by the module
@@ -256,23 +254,6 @@ class FocusReadout(nn.Module):
         if self.where_bias is not None:
             nn.init.zeros_(self.where_bias.weight)
             nn.init.zeros_(self.where_bias.bias)
-        _check_number("order", order, strict=False)
-        # order > 0: each head's query weighs the question's words by where they stand in it,
-        # softmax_t(g_h r_t) with r_t from -1 (first word) to 1 (last), g_h learned and starting spread
-        # over [-order, order], so one head can read "is the red square" and another "the black square"
-        # in "is the red square above the black square?". Why: a mean of the words is the same for both
-        # orders, and the held-out "above" / "left of" questions stayed at 40-67% (docs/results.md,
-        # "Ninth round"). 0: every head reads the plain mean.
-        self.order = nn.Parameter(torch.linspace(-order, order, heads)) if order > 0 else None
-        if not isinstance(roles, bool):
-            raise ValueError(f"model.readout.roles must be true or false, got {roles!r}")
-        if roles and (order <= 0 or heads % 2):
-            raise ValueError("model.readout.roles needs order > 0 and an even number of heads")
-        # roles: a question relating two objects ("is A above B?") grounds the first half of the heads
-        # (which `order` starts reading the first words) on A and the second half on B, so their
-        # attended places (`where`) say which is where; other questions ground both halves on all their
-        # referents (`role_grounding_loss`)
-        self.roles = roles
         n_stats = 3 + 2 * where
         n_count = COUNT_CODE + 1 if count > 0 else 0
         self.norm = nn.LayerNorm(feature_dim)
@@ -323,19 +304,6 @@ class FocusReadout(nn.Module):
         self.count_anchored.fill_(True)
         return n
 
-    def _ordered_queries(self, text: torch.Tensor, look: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """[n_looks, H, d_lm]: per head, the question's words weighted by softmax_t(g_h r_t) (`order`); a
-        look with no words keeps the mean query (`mean`, [n_looks, d_lm])."""
-        n = mean.shape[0]
-        if look.numel() == 0:
-            return mean[:, None, :].expand(n, self.heads, mean.shape[-1])
-        logit = _word_ranks(look, n).to(text.dtype)[:, None] * self.order.to(text.dtype)  # [P, H]
-        w = torch.exp(logit - logit.detach().amax())
-        num = text.new_zeros(n, self.heads, text.shape[-1]).index_add_(0, look, w[:, :, None] * text[:, None])
-        den = text.new_zeros(n, self.heads).index_add_(0, look, w)
-        q = num / den.clamp_min(1e-12)[..., None]
-        return torch.where(den[..., None] > 0, q, mean[:, None, :].to(q.dtype))
-
     @torch.no_grad()
     def anchor_where(self, embedding: nn.Embedding, tokenizer: Any) -> int:
         """Tie each where word to its first token alone (an answer) and after a space (in a question), as
@@ -385,14 +353,7 @@ class FocusReadout(nn.Module):
         if not bool(has.any()):
             return out, None
         f = self.norm(features)[image_index[has]]  # [m, N, D]
-        if self.order is not None:
-            if words is None:
-                raise ValueError("a readout with `order` needs the questions' words")
-            per_head = self._ordered_queries(words[0], words[1], queries)[has]  # [m, H, d_lm]
-            q = self.q(self.qnorm(per_head)).view(-1, self.heads, self.heads, self.dim)
-            q = torch.diagonal(q, dim1=1, dim2=2).transpose(1, 2).unsqueeze(2)  # head h's own query
-        else:
-            q = self.q(self.qnorm(queries[has])).view(-1, self.heads, 1, self.dim)  # [m, H, 1, d]
+        q = self.q(self.qnorm(queries[has])).view(-1, self.heads, 1, self.dim)  # [m, H, 1, d]
         k = self.k(f).view(f.shape[0], f.shape[1], self.heads, self.dim).transpose(1, 2)  # [m, H, N, d]
         s = self.scale * (q * k).sum(-1) / math.sqrt(self.dim)  # [m, H, N]
         if self.where_bias is not None:
@@ -442,20 +403,11 @@ class FocusReadout(nn.Module):
         if targets is None:
             return out, None
         t = targets[has].to(a.dtype)
-        aux = self.ground * (role_grounding_loss(a, t) if self.roles else grounding_loss(a, t))
+        aux = self.ground * grounding_loss(a, t)
         if self.count_select is not None:
             shown = count_maps[1][0][image_index[has]].to(match.dtype).sum(-1)  # P(an object) per patch
             aux = aux + self.count * counting_loss(match, shown, n_objects, t)
         return out, aux
-
-
-def _word_ranks(look: torch.Tensor, n_looks: int) -> torch.Tensor:
-    """[P] look index of each word (grouped, in sequence order) -> its place in its question, from -1
-    (first word) to 1 (last); a one-word question's word is -1."""
-    counts = torch.bincount(look, minlength=n_looks)
-    start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(look.numel(), device=look.device) - start[look]
-    return 2 * rank / (counts[look] - 1).clamp_min(1) - 1
 
 
 def _word_max(logits: torch.Tensor, look: torch.Tensor, n_looks: int) -> torch.Tensor:
@@ -486,8 +438,7 @@ def counting_loss(
     bce = -(on * m.log() + (1 - on) * (1 - m).log())
     shown = shown.float()
     selection = (bce * shown).sum() / shown.sum().clamp_min(1e-6)
-    centres = ((targets == 2) | (targets == 4)).sum(-1).float()  # 4: a relation's object's centre
-    return (selection + F.huber_loss(n.float(), centres)).to(match.dtype)
+    return (selection + F.huber_loss(n.float(), (targets == 2).sum(-1).float())).to(match.dtype)
 
 
 def _patch_coordinates(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,20 +462,6 @@ def grounding_loss(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     t = on[keep] / mass[keep, None]
     a = attention[keep].mean(1).clamp_min(1e-9)
     return -(t * a.log()).sum(-1).mean()
-
-
-def role_grounding_loss(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`grounding_loss` per half of the heads: on a row with a relation's object (targets 3 and 4), the
-    first half on the subject (1, 2) and the second on the object; on any other row both halves on all
-    its referents. The mean of the two halves' losses."""
-    half = attention.shape[1] // 2
-    second = targets >= 3
-    has_second = second.any(-1, keepdim=True)
-    first_t = torch.where(has_second, (targets > 0) & ~second, targets > 0).to(targets.dtype)
-    second_t = torch.where(has_second, second, targets > 0).to(targets.dtype)
-    return 0.5 * (
-        grounding_loss(attention[:, :half], first_t) + grounding_loss(attention[:, half:], second_t)
-    )
 
 
 def look_words(
