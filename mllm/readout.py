@@ -137,7 +137,8 @@ class FocusReadout(nn.Module):
     (not projected tokens) keep the tower's own code for colour, shape and position; the three match
     statistics say how well and how widely the question matched, which existence and counting need
     and a softmax average alone hides. Options add statistics: `count` (how many matching objects),
-    `where` (the attended column and row); `value: tokens` pools the projected tokens instead (below).
+    `where` (the attended column and row), `where_words` (that side as the LM's words), `where_bias`
+    (place in the attention scores); `value: tokens` pools the projected tokens instead (below).
     """
 
     def __init__(

@@ -136,21 +136,24 @@ def conversation_task(model: MultimodalLM, stage: StageConfig, template: str) ->
 def _anchor_projector(model: MultimodalLM, stage: StageConfig) -> None:
     """An anchored projector (mllm.projectors.AnchoredProjector) takes its word anchors from the LM at
     the first conversation stage that trains the projector: by then `lm_pretrain` (which does not) has
-    taught the LM its words."""
+    taught the LM its words. A readout's where words are tied at the same stage, whatever the projector."""
+    if not any(k.split(".")[0] == "projector" for k in resolve_trainable(stage, model)):
+        return
+    embedding = model.lm.get_input_embeddings()
     anchor = getattr(model.projector, "anchor", None)
-    if anchor is not None and any(k.split(".")[0] == "projector" for k in resolve_trainable(stage, model)):
-        n = anchor(model.lm.get_input_embeddings(), model.tokenizer)
+    if anchor is not None:
+        n = anchor(embedding, model.tokenizer)
         if n:
             log.info("stage %s: projector anchors set from the LM's embeddings of %d words", stage.name, n)
         # a counting readout's selector starts from the same words (mllm.readout.FocusReadout.anchor_count)
-        anchor_where = getattr(model.readout, "anchor_where", None)  # its where words, the same way
-        if anchor_where is not None and anchor_where(model.lm.get_input_embeddings(), model.tokenizer):
-            log.info("stage %s: the readout's where words tied to the LM's embeddings", stage.name)
         anchor_count = getattr(model.readout, "anchor_count", None)
         if anchor_count is not None:
             n = anchor_count(model.projector.count_names, model.tokenizer)
             if n:
                 log.info("stage %s: the counter's selector starts from %d words", stage.name, n)
+    anchor_where = getattr(model.readout, "anchor_where", None)  # mllm.readout.FocusReadout.where_words
+    if anchor_where is not None and anchor_where(embedding, model.tokenizer):
+        log.info("stage %s: the readout's where words tied to the LM's embeddings", stage.name)
 
 
 def _speed_switches(model: MultimodalLM, stage: StageConfig, ds: ConversationDataset | None) -> Collator:
