@@ -354,11 +354,15 @@ class MultimodalLM(nn.Module):
             with torch.no_grad():
                 maps = self.projector.count_maps(features.to(self._param_dtype(self.projector)))
             extra["count_maps"] = (maps[0].to(rp), tuple(w.to(rp) for w in maps[1]))
-            # ... selecting what to count from the question's words one by one (mllm.readout)
+        if getattr(self.readout, "count", 0) > 0 or getattr(self.readout, "order", None) is not None:
+            # the question's words one by one (mllm.readout): what a counter selects with, and what an
+            # ordered readout weighs by place
             look = look_words(input_ids, self.meta.look_token_id, self.image_token_id, words)
             extra["words"] = (text[look >= 0].to(rp), look[look >= 0])
         if getattr(self.readout, "where_gate", None) is not None:  # the attended side as words
             extra["where_rows"] = self.readout.where_table(self.lm.get_input_embeddings()).to(rp)
+        if getattr(self.readout, "relation_gate", None) is not None:  # the two roles' places as words
+            extra["relation_rows"] = self.readout.relation_table(self.lm.get_input_embeddings()).to(rp)
         looks, ground = self.readout(features.to(rp), queries.to(rp), index, targets, tokens, **extra)
         return embeds.masked_scatter(is_look.unsqueeze(-1), looks.to(embeds.dtype)), ground
 

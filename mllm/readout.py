@@ -159,6 +159,9 @@ class FocusReadout(nn.Module):
         count_words: tuple[int, ...] = (),
         where_words: tuple[str, ...] | list[str] = (),
         where_bias: bool = False,
+        order: float = 0.0,
+        roles: bool = False,
+        relation_words: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__()
         check_look_at(at)  # read by mllm.chat through meta.readout (look_at), not by the module
@@ -255,6 +258,46 @@ class FocusReadout(nn.Module):
         if self.where_bias is not None:
             nn.init.zeros_(self.where_bias.weight)
             nn.init.zeros_(self.where_bias.bias)
+        _check_number("order", order, strict=False)
+        # order > 0: each head's query weighs the question's words by where they stand in it,
+        # softmax_t(g_h r_t) with r_t from -1 (first word) to 1 (last), g_h learned and starting spread
+        # over [-order, order], so one head can read "is the red square" and another "the black square"
+        # in "is the red square above the black square?". Why: a mean of the words is the same for both
+        # orders, and the held-out "above" / "left of" questions stayed at 40-67% (docs/results.md,
+        # "Ninth round"). 0: every head reads the plain mean.
+        self.order = nn.Parameter(torch.linspace(-order, order, heads)) if order > 0 else None
+        if not isinstance(roles, bool):
+            raise ValueError(f"model.readout.roles must be true or false, got {roles!r}")
+        if roles and (order <= 0 or heads % 2):
+            raise ValueError("model.readout.roles needs order > 0 and an even number of heads")
+        # roles: a question relating two objects ("is A above B?") grounds the first half of the heads
+        # (which `order` starts reading the first words) on A and the second half on B, so their
+        # attended places (`where`) say which is where; other questions ground both halves on all their
+        # referents (`role_grounding_loss`)
+        self.roles = roles
+        # relation_words (left, right, above, below; needs roles): where the subject's heads looked
+        # against where the object's did, as the LM's words: P(left) = sigmoid(k (x_object - x_subject)),
+        # P(above) = sigmoid(k (y_object - y_subject)), mixing rows tied like `where_words`', gated by the
+        # question. So "is A to the left of B?" finds "left" or "right" in its look, as "is there a red
+        # circle?" finds red or not. Why: with the two places only as numbers, the LM had not learned to
+        # compare them in the demo's budget (docs/results.md, "Ninth round").
+        rel = tuple(relation_words)
+        if rel and (len(rel) != 4 or not all(isinstance(w, str) and w for w in rel)):
+            raise ValueError(
+                f"model.readout.relation_words must be four words (left, right, above, below), got {list(rel)!r}"
+            )
+        if rel and not roles:
+            raise ValueError(
+                "model.readout.relation_words needs roles: true (a subject's and an object's heads)"
+            )
+        self.relation_words = rel
+        self.register_buffer("relation_ids", torch.full((4, 2), -1, dtype=torch.long) if rel else None)
+        self.relation_offsets = nn.Parameter(torch.zeros(4, lm_dim)) if rel else None
+        self.relation_sharpness = nn.Parameter(torch.tensor(4.0)) if rel else None
+        self.relation_gate = nn.Linear(lm_dim, 1) if rel else None
+        if self.relation_gate is not None:
+            nn.init.zeros_(self.relation_gate.weight)
+            nn.init.zeros_(self.relation_gate.bias)
         n_stats = 3 + 2 * where
         n_count = COUNT_CODE + 1 if count > 0 else 0
         self.norm = nn.LayerNorm(feature_dim)
@@ -305,28 +348,45 @@ class FocusReadout(nn.Module):
         self.count_anchored.fill_(True)
         return n
 
+    def _ordered_queries(self, text: torch.Tensor, look: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """[n_looks, H, d_lm]: per head, the question's words weighted by softmax_t(g_h r_t) (`order`); a
+        look with no words keeps the mean query (`mean`, [n_looks, d_lm])."""
+        n = mean.shape[0]
+        if look.numel() == 0:
+            return mean[:, None, :].expand(n, self.heads, mean.shape[-1])
+        logit = _word_ranks(look, n).to(text.dtype)[:, None] * self.order.to(text.dtype)  # [P, H]
+        w = torch.exp(logit - logit.detach().amax())
+        num = text.new_zeros(n, self.heads, text.shape[-1]).index_add_(0, look, w[:, :, None] * text[:, None])
+        den = text.new_zeros(n, self.heads).index_add_(0, look, w)
+        q = num / den.clamp_min(1e-12)[..., None]
+        return torch.where(den[..., None] > 0, q, mean[:, None, :].to(q.dtype))
+
     @torch.no_grad()
     def anchor_where(self, embedding: nn.Embedding, tokenizer: Any) -> int:
-        """Tie each where word to its first token alone (an answer) and after a space (in a question), as
-        `AnchoredProjector.anchor` ties its words. Returns the number tied; nothing once anchored."""
-        if self.where_ids is None or bool((self.where_ids >= 0).all()):
-            return 0
-        for i, word in enumerate(self.where_words):
-            for j, form in enumerate((word, " " + word)):
-                ids = tokenizer(form, add_special_tokens=False)["input_ids"]
-                if not ids or ids[0] >= embedding.num_embeddings:
-                    raise ValueError(f"where word {form!r}: no token the LM embeds (ids {ids})")
-                self.where_ids[i, j] = ids[0]
-        return len(self.where_words)
+        """Tie each where (and relation) word to its first token alone (an answer) and after a space (in
+        a question), as `AnchoredProjector.anchor` ties its words. Returns the number tied; nothing once
+        anchored."""
+        n = 0
+        for words, ids in ((self.where_words, self.where_ids), (self.relation_words, self.relation_ids)):
+            if ids is None or bool((ids >= 0).all()):
+                continue
+            for i, word in enumerate(words):
+                for j, form in enumerate((word, " " + word)):
+                    got = tokenizer(form, add_special_tokens=False)["input_ids"]
+                    if not got or got[0] >= embedding.num_embeddings:
+                        raise ValueError(f"readout word {form!r}: no token the LM embeds (ids {got})")
+                    ids[i, j] = got[0]
+            n += len(words)
+        return n
 
     def where_table(self, embedding: nn.Embedding) -> torch.Tensor:
         """[4, lm_dim]: the where words' rows (the LM's embeddings of both forms, each minus its axis'
         mean, once anchored) plus the learned offsets."""
-        rows = self.where_offsets
-        if bool((self.where_ids >= 0).all()):
-            w = embedding(self.where_ids).sum(1).to(rows.dtype).view(2, 2, -1)  # [axis, side, d]
-            rows = rows + (w - w.mean(1, keepdim=True)).reshape(4, -1)
-        return rows
+        return _word_rows(self.where_ids, self.where_offsets, embedding)
+
+    def relation_table(self, embedding: nn.Embedding) -> torch.Tensor:
+        """[4, lm_dim]: the relation words' rows, as `where_table`."""
+        return _word_rows(self.relation_ids, self.relation_offsets, embedding)
 
     def forward(
         self,
@@ -338,6 +398,7 @@ class FocusReadout(nn.Module):
         count_maps: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None,
         words: tuple[torch.Tensor, torch.Tensor] | None = None,
         where_rows: torch.Tensor | None = None,
+        relation_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features [n_images, N, D]; queries [n_looks, d_lm]; image_index [n_looks] (-1: no image);
         targets [n_looks, N] (optional): each look's referent patches (an all-zero row: none);
@@ -345,7 +406,8 @@ class FocusReadout(nn.Module):
         count_maps (`count`): per image the object density [n_images, N] and, per group, the word
         probabilities [n_images, N, k] (`AnchoredProjector.count_maps`);
         words (`count`): the questions' word embeddings [P, d_lm] and the look each is in [P] (`look_words`);
-        where_rows (`where_words`): `where_table` [4, d_lm].
+        where_rows (`where_words`): `where_table` [4, d_lm]; relation_rows (`relation_words`):
+        `relation_table` [4, d_lm].
 
         Returns the look embeddings [n_looks, d_lm] and, with targets, the grounding loss (else None)."""
         n = queries.shape[0]
@@ -354,7 +416,14 @@ class FocusReadout(nn.Module):
         if not bool(has.any()):
             return out, None
         f = self.norm(features)[image_index[has]]  # [m, N, D]
-        q = self.q(self.qnorm(queries[has])).view(-1, self.heads, 1, self.dim)  # [m, H, 1, d]
+        if self.order is not None:
+            if words is None:
+                raise ValueError("a readout with `order` needs the questions' words")
+            per_head = self._ordered_queries(words[0], words[1], queries)[has]  # [m, H, d_lm]
+            q = self.q(self.qnorm(per_head)).view(-1, self.heads, self.heads, self.dim)
+            q = torch.diagonal(q, dim1=1, dim2=2).transpose(1, 2).unsqueeze(2)  # head h's own query
+        else:
+            q = self.q(self.qnorm(queries[has])).view(-1, self.heads, 1, self.dim)  # [m, H, 1, d]
         k = self.k(f).view(f.shape[0], f.shape[1], self.heads, self.dim).transpose(1, 2)  # [m, H, N, d]
         s = self.scale * (q * k).sum(-1) / math.sqrt(self.dim)  # [m, H, N]
         if self.where_bias is not None:
@@ -400,15 +469,44 @@ class FocusReadout(nn.Module):
             p = torch.sigmoid(self.where_sharpness * torch.stack([-side, side], -1))  # [m, axis, side]
             gate = torch.sigmoid(self.where_gate(self.qnorm(queries[has])))  # [m, 1]
             look = look + gate * (p.flatten(1) @ where_rows.to(p.dtype))
+        if self.relation_gate is not None:
+            if relation_rows is None:
+                raise ValueError("a readout with relation_words needs their rows (relation_table)")
+            half = self.heads // 2
+            px, py = _patch_coordinates(f.shape[1], a.device, a.dtype)
+            place = torch.stack([(a * px).sum(-1), (a * py).sum(-1)], -1)  # [m, H, 2]
+            ahead = place[:, half:].mean(1) - place[:, :half].mean(1)  # object minus subject, [m, 2]
+            p = torch.sigmoid(self.relation_sharpness * torch.stack([ahead, -ahead], -1))  # [m, axis, side]
+            gate = torch.sigmoid(self.relation_gate(self.qnorm(queries[has])))
+            look = look + gate * (p.flatten(1) @ relation_rows.to(p.dtype))
         out[has] = look.to(out.dtype)
         if targets is None:
             return out, None
         t = targets[has].to(a.dtype)
-        aux = self.ground * grounding_loss(a, t)
+        aux = self.ground * (role_grounding_loss(a, t) if self.roles else grounding_loss(a, t))
         if self.count_select is not None:
             shown = count_maps[1][0][image_index[has]].to(match.dtype).sum(-1)  # P(an object) per patch
             aux = aux + self.count * counting_loss(match, shown, n_objects, t)
         return out, aux
+
+
+def _word_rows(ids: torch.Tensor, offsets: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+    """Two axes of two words each ([4, 2] ids of each word's two forms): the embeddings' sums, each minus
+    its axis' mean once tied (ids >= 0), plus the learned `offsets` [4, d]."""
+    rows = offsets
+    if bool((ids >= 0).all()):
+        w = embedding(ids).sum(1).to(rows.dtype).view(2, 2, -1)  # [axis, side, d]
+        rows = rows + (w - w.mean(1, keepdim=True)).reshape(4, -1)
+    return rows
+
+
+def _word_ranks(look: torch.Tensor, n_looks: int) -> torch.Tensor:
+    """[P] look index of each word (grouped, in sequence order) -> its place in its question, from -1
+    (first word) to 1 (last); a one-word question's word is -1."""
+    counts = torch.bincount(look, minlength=n_looks)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(look.numel(), device=look.device) - start[look]
+    return 2 * rank / (counts[look] - 1).clamp_min(1) - 1
 
 
 def _word_max(logits: torch.Tensor, look: torch.Tensor, n_looks: int) -> torch.Tensor:
@@ -439,7 +537,8 @@ def counting_loss(
     bce = -(on * m.log() + (1 - on) * (1 - m).log())
     shown = shown.float()
     selection = (bce * shown).sum() / shown.sum().clamp_min(1e-6)
-    return (selection + F.huber_loss(n.float(), (targets == 2).sum(-1).float())).to(match.dtype)
+    centres = ((targets == 2) | (targets == 4)).sum(-1).float()  # 4: a relation's object's centre
+    return (selection + F.huber_loss(n.float(), centres)).to(match.dtype)
 
 
 def _patch_coordinates(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,6 +562,20 @@ def grounding_loss(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     t = on[keep] / mass[keep, None]
     a = attention[keep].mean(1).clamp_min(1e-9)
     return -(t * a.log()).sum(-1).mean()
+
+
+def role_grounding_loss(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`grounding_loss` per half of the heads: on a row with a relation's object (targets 3 and 4), the
+    first half on the subject (1, 2) and the second on the object; on any other row both halves on all
+    its referents. The mean of the two halves' losses."""
+    half = attention.shape[1] // 2
+    second = targets >= 3
+    has_second = second.any(-1, keepdim=True)
+    first_t = torch.where(has_second, (targets > 0) & ~second, targets > 0).to(targets.dtype)
+    second_t = torch.where(has_second, second, targets > 0).to(targets.dtype)
+    return 0.5 * (
+        grounding_loss(attention[:, :half], first_t) + grounding_loss(attention[:, half:], second_t)
+    )
 
 
 def look_words(

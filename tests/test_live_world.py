@@ -280,7 +280,7 @@ def test_grounded_looks_get_one_target_row_per_look(tok):
     from mllm.data.conversations import Collator
     from mllm.data.geoworld.live import conversation as live_conversation
     from mllm.data.geoworld.live import qa_turns
-    from mllm.data.geoworld.referents import referent_patches, referents
+    from mllm.data.geoworld.referents import look_target
     from mllm.readout import LOOK_TOKEN
     from mllm.tokenizer import ensure_look_token
 
@@ -303,7 +303,7 @@ def test_grounded_looks_get_one_target_row_per_look(tok):
             assert it["look_targets"].shape == (n, 4) and n >= 1
             scene, rng = ds.scene(i)
             conv = live_conversation(qa_turns(scene, rng, ds.cfg), ds.placement)
-            want = [referent_patches(scene, referents(scene, c["value"]), (2, 2)) for c in conv[::2]][:n]
+            want = [look_target(scene, c["value"], (2, 2)) for c in conv[::2]][:n]
             assert torch.equal(it["look_targets"], torch.stack(want))
         batch = Collator(t.pad_token_id)(items)
         assert batch["look_targets"].shape[0] == int((batch["input_ids"] == look).sum())

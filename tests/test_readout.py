@@ -348,6 +348,41 @@ def test_referents_read_from_the_question():
     assert referents(scene, "What shape is the object in the top right? (a) circle (b) square") == [2]
     p = referent_patches(scene, [0], (8, 8))
     assert p.shape == (64,) and p[0] == 1 and p[9] == 2 and p[63] == 0 and p.sum() == 5  # 2: its centre
+    # a relation: each side filtered on its own (mixed, "red" and "blue" would filter nothing)
+    from mllm.data.geoworld.referents import look_target, relation_roles
+
+    q = "<image>\nIs the red circle above the blue circle?"
+    assert relation_roles(scene, q) == ([0], [1]) and referents(scene, q) == [0, 1]
+    assert relation_roles(scene, "Is the square to the left of the large circle?") == ([2], [0])
+    assert relation_roles(scene, "What color is the circle at the top left?") is None
+    t = look_target(scene, q, (8, 8))  # the object's patches 3, its centre 4; the subject's as before
+    assert torch.equal(t[t <= 2], p[t <= 2]) and int((t == 2).sum()) == 1
+    assert torch.equal(t >= 3, referent_patches(scene, [1], (8, 8)) > 0) and int((t == 4).sum()) == 1
+    assert torch.equal(
+        look_target(scene, "How many circles are there?", (8, 8)), referent_patches(scene, [0, 1], (8, 8))
+    )
+
+
+def test_role_grounding_grounds_each_half_of_the_heads_on_its_side():
+    """roles: a relation's subject (1, 2) grounds the first half of the heads and its object (3, 4) the
+    second; any other row grounds both halves on all its referents."""
+    from mllm.readout import grounding_loss, role_grounding_loss
+
+    torch.manual_seed(0)
+    a = torch.randn(2, 4, 6).softmax(-1)
+    t = torch.tensor([[1.0, 2.0, 0.0, 0.0, 3.0, 4.0], [1.0, 2.0, 2.0, 0.0, 0.0, 0.0]])
+    sub, obj, both = (
+        torch.tensor([[1.0, 1, 0, 0, 0, 0]]),
+        torch.tensor([[0.0, 0, 0, 0, 1, 1]]),
+        torch.tensor([[1.0, 1, 1, 0, 0, 0]]),
+    )
+    first = 0.5 * (grounding_loss(a[:1, :2], sub) + grounding_loss(a[:1, 2:], obj))
+    second = 0.5 * (grounding_loss(a[1:, :2], both) + grounding_loss(a[1:, 2:], both))
+    assert torch.allclose(role_grounding_loss(a, t), (first + second) / 2)
+    with pytest.raises(ValueError, match="roles needs order"):
+        FocusReadout(5, 7, heads=2, roles=True)
+    with pytest.raises(ValueError, match="even number"):
+        FocusReadout(5, 7, heads=3, order=1.0, roles=True)
 
 
 def test_a_look_model_is_not_exported_to_llava(look_model):
@@ -682,3 +717,72 @@ def test_where_bias_shapes_the_attention_by_place():
     assert torch.allclose(looks, want, atol=1e-5)
     with pytest.raises(ValueError, match="where_bias"):
         FocusReadout(5, 7, where_bias="yes")
+
+
+def test_order_gives_each_head_the_words_weighed_by_their_place():
+    """order: head h's query is sum_t softmax_t(g_h r_t) e_t over its question's words, r from -1 (first)
+    to 1 (last), g spread over [-order, order] at the start; a look without words keeps the mean."""
+    torch.manual_seed(0)
+    r = FocusReadout(5, 7, heads=2, dim=3, value="tokens", order=2.0)
+    assert r.order.tolist() == [-2.0, 2.0]
+    text, look = torch.randn(5, 7), torch.tensor([0, 0, 0, 2, 2])  # look 1 has no words
+    queries = torch.randn(3, 7)
+    ranks = {0: torch.tensor([-1.0, 0.0, 1.0]), 2: torch.tensor([-1.0, 1.0])}
+    words = {0: text[:3], 2: text[3:]}
+    per_head = r._ordered_queries(text, look, queries)
+    for j in (0, 2):
+        for h, g in enumerate((-2.0, 2.0)):
+            want = (torch.softmax(g * ranks[j], 0)[:, None] * words[j]).sum(0)
+            assert torch.allclose(per_head[j, h], want, atol=1e-6)
+    assert torch.allclose(per_head[1], queries[1].expand(2, 7))
+    # the look: each head attends with its own query (head h's slice of W_q applied to its words)
+    feats, tokens, index = torch.randn(1, 4, 5), torch.randn(1, 4, 7), torch.tensor([0, 0, 0])
+    looks, _ = r(feats, queries, index, tokens=tokens, words=(text, look))
+    k = r.k(r.norm(feats[0])).view(4, 2, 3).transpose(0, 1)  # [H, N, d]
+    for j in range(3):
+        q = torch.stack([r.q(r.qnorm(per_head[j, h])).view(2, 3)[h] for h in range(2)])  # [H, d]
+        s = (q[:, None] * k).sum(-1) / math.sqrt(3)  # [H, N]
+        a = s.softmax(-1)
+        stats = torch.stack([s.amax(-1), torch.logsumexp(s, -1) - math.log(4), torch.sigmoid(s).sum(-1)], -1)
+        want = (a @ tokens[0]).sum(0) / 2 + r.out(stats.flatten()[None])[0]
+        assert torch.allclose(looks[j], want, atol=1e-5)
+    with pytest.raises(ValueError, match="words"):
+        r(feats, queries, index, tokens=tokens)
+
+
+def test_relation_words_say_where_the_object_heads_looked_against_the_subject_heads():
+    """relation_words: look += sigmoid(w . LN(q) + b) * sum over (axis, side) of
+    sigmoid(+-k * (mean place of the second half of the heads - of the first half)) * row; left and above
+    when the object lies right of / below the subject. Refused without roles."""
+    from mllm.readout import _patch_coordinates
+
+    torch.manual_seed(0)
+    kw = dict(heads=2, dim=3, value="tokens", order=1.0, roles=True)
+    r = FocusReadout(5, 7, relation_words=["left", "right", "above", "below"], **kw)
+    emb = torch.nn.Embedding(10, 7)
+    r.relation_ids.copy_(torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]]))
+    torch.nn.init.normal_(r.relation_gate.weight)
+    rows = r.relation_table(emb)
+    w = emb.weight[1:9].view(2, 2, 2, 7).sum(2)
+    assert torch.allclose(rows, (w - w.mean(1, keepdim=True)).reshape(4, 7))
+    text, look = torch.randn(4, 7), torch.tensor([0, 0, 1, 1])
+    feats, tokens = torch.randn(1, 4, 5), torch.randn(1, 4, 7)
+    queries, index = torch.randn(2, 7), torch.tensor([0, 0])
+    base = FocusReadout(5, 7, **kw)
+    base.load_state_dict({k: v for k, v in r.state_dict().items() if not k.startswith("relation_")})
+    looks, _ = r(feats, queries, index, tokens=tokens, words=(text, look), relation_rows=rows)
+    plain, _ = base(feats, queries, index, tokens=tokens, words=(text, look))
+    per_head = r._ordered_queries(text, look, queries)
+    k = r.k(r.norm(feats[0])).view(4, 2, 3).transpose(0, 1)
+    xs, ys = _patch_coordinates(4, torch.device("cpu"), torch.float32)
+    for j in range(2):
+        q = torch.stack([r.q(r.qnorm(per_head[j, h])).view(2, 3)[h] for h in range(2)])
+        a = ((q[:, None] * k).sum(-1) / math.sqrt(3)).softmax(-1)  # [H, N]
+        dx, dy = (a[1] * xs).sum() - (a[0] * xs).sum(), (a[1] * ys).sum() - (a[0] * ys).sum()
+        p = torch.sigmoid(4.0 * torch.stack([dx, -dx, dy, -dy]))
+        gate = torch.sigmoid(r.relation_gate(r.qnorm(queries[j])))
+        assert torch.allclose(looks[j], plain[j] + gate * (p @ rows), atol=1e-5)
+    with pytest.raises(ValueError, match="relation_rows|relation_table"):
+        r(feats, queries, index, tokens=tokens, words=(text, look))
+    with pytest.raises(ValueError, match="needs roles"):
+        FocusReadout(5, 7, relation_words=["left", "right", "above", "below"])

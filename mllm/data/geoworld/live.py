@@ -38,7 +38,7 @@ from mllm.config import LiveWorldConfig, from_dict
 from .augment import AugmentConfig, render_augmented
 from .files import read_jsonl
 from .language import ALIGN_PROMPTS, QA, align_caption, multiple_choice, pick_turns, qa_pool
-from .referents import referent_patches, referents
+from .referents import look_target
 from .render import render
 from .sampling import pixel_key, stream, world_scene
 from .scene import Scene, scene_from_dict
@@ -243,7 +243,7 @@ class LiveWorldDataset(Dataset):
         if self.look_grid is not None and self.look_token is not None:
             # one row per look that survived `_encode` (it drops whole trailing turns), in turn order
             out["look_targets"] = torch.stack(
-                [referent_patches(scene, referents(scene, t["value"]), self.look_grid) for t in conv[::2]]
+                [look_target(scene, t["value"], self.look_grid) for t in conv[::2]]
             )[: self._looks(enc)]
         return out
 
