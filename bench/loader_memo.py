@@ -25,7 +25,7 @@ import torch
 from _common import alternate, machine, median, result
 
 from encoders.supervised import PatchTargets
-from encoders.towers import TowerConfig, build_tower
+from encoders.towers import TINY_CONFIGS, TowerConfig, build_tower
 from mllm.chat import IGNORE_INDEX, encode_conversation, get_template
 from mllm.data.geoworld import write_world
 from mllm.data.geoworld.augment import AugmentConfig
@@ -35,15 +35,6 @@ from mllm.data.geoworld.vocab import COLOR_NAMES, SHAPES
 from mllm.data.memo import MemoDataset
 from mllm.data.scene_labels import SceneLabelDataset
 from mllm.tokenizer import ensure_image_token, train_tokenizer
-
-DEMO_TOWER = {
-    "image_size": 64,
-    "embedding_size": 32,
-    "hidden_sizes": [64, 128],
-    "depths": [1, 1],
-    "layer_type": "basic",
-    "hidden_act": "relu",
-}  # train/recipes/clip-resnet-tiny.yaml
 
 
 def per_segment(conv, tok, image_id: int, n_image: int) -> list[int]:
@@ -76,7 +67,9 @@ def main() -> None:
             mathverse_problems=1,
             mmvp_vlm_pairs=1,
         )
-        tower = build_tower(TowerConfig(type="resnet", config=DEMO_TOWER, select_layer=-1))
+        tower = build_tower(
+            TowerConfig(type="resnet", config=TINY_CONFIGS["resnet"], select_layer=-1)
+        )  # the demo's
         targets = PatchTargets(colours=COLOR_NAMES, shapes=SHAPES, density=True)
         made = SceneLabelDataset(
             root / "scenes.jsonl", root, targets, tower.grid, tower.preprocess, augment=AugmentConfig()

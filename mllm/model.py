@@ -335,6 +335,9 @@ class MultimodalLM(nn.Module):
             )
         table = getattr(self.readout, "words", None)  # a readout's own word table, else the LM's
         text = table(input_ids.clamp(max=table.num_embeddings - 1)) if table is not None else embeds
+        # which look's question each position is in: what the queries average, and (below) the words a
+        # counter or an ordered readout reads one by one
+        look = look_words(input_ids, self.meta.look_token_id, self.image_token_id, words)
         queries, index, is_look = look_inputs(
             input_ids,
             text,
@@ -342,6 +345,7 @@ class MultimodalLM(nn.Module):
             self.image_token_id,
             self.num_image_tokens,
             words,
+            look,
         )
         if targets is not None and targets.shape[0] != index.shape[0]:
             raise ValueError(
@@ -357,7 +361,6 @@ class MultimodalLM(nn.Module):
         if getattr(self.readout, "count", 0) > 0 or getattr(self.readout, "order", None) is not None:
             # the question's words one by one (mllm.readout): what a counter selects with, and what an
             # ordered readout weighs by place
-            look = look_words(input_ids, self.meta.look_token_id, self.image_token_id, words)
             extra["words"] = (text[look >= 0].to(rp), look[look >= 0])
         if getattr(self.readout, "where_gate", None) is not None:  # the attended side as words
             extra["where_rows"] = self.readout.where_table(self.lm.get_input_embeddings()).to(rp)

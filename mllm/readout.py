@@ -232,21 +232,9 @@ class FocusReadout(nn.Module):
         # mean attended coordinate) mixes the two words' rows (tied to the LM's input embeddings, each
         # minus the axis mean, plus learned offsets from zero); the question gates how much of it the look
         # carries (sigmoid(w . LN(q) + b), from one half).
-        words_ = tuple(where_words)
-        if words_ and (len(words_) != 4 or not all(isinstance(w, str) and w for w in words_)):
-            raise ValueError(
-                f"model.readout.where_words must be four words (left, right, top, bottom), got {list(words_)!r}"
-            )
-        if words_ and not where:
+        self._word_axes("where", where_words, "left, right, top, bottom", lm_dim)
+        if self.where_words and not where:
             raise ValueError("model.readout.where_words needs where: true (it words the attended side)")
-        self.where_words = words_
-        self.register_buffer("where_ids", torch.full((4, 2), -1, dtype=torch.long) if words_ else None)
-        self.where_offsets = nn.Parameter(torch.zeros(4, lm_dim)) if words_ else None
-        self.where_sharpness = nn.Parameter(torch.tensor(4.0)) if words_ else None
-        self.where_gate = nn.Linear(lm_dim, 1) if words_ else None
-        if self.where_gate is not None:
-            nn.init.zeros_(self.where_gate.weight)
-            nn.init.zeros_(self.where_gate.bias)
         if not isinstance(where_bias, bool):
             raise ValueError(f"model.readout.where_bias must be true or false, got {where_bias!r}")
         # where_bias: the question also shapes the attention by place, s_p += sum_j c_hj(q) phi_j(p) with
@@ -281,23 +269,11 @@ class FocusReadout(nn.Module):
         # question. So "is A to the left of B?" finds "left" or "right" in its look, as "is there a red
         # circle?" finds red or not. Why: with the two places only as numbers, the LM had not learned to
         # compare them in the demo's budget (docs/results.md, "Ninth round").
-        rel = tuple(relation_words)
-        if rel and (len(rel) != 4 or not all(isinstance(w, str) and w for w in rel)):
-            raise ValueError(
-                f"model.readout.relation_words must be four words (left, right, above, below), got {list(rel)!r}"
-            )
-        if rel and not roles:
+        self._word_axes("relation", relation_words, "left, right, above, below", lm_dim)
+        if self.relation_words and not roles:
             raise ValueError(
                 "model.readout.relation_words needs roles: true (a subject's and an object's heads)"
             )
-        self.relation_words = rel
-        self.register_buffer("relation_ids", torch.full((4, 2), -1, dtype=torch.long) if rel else None)
-        self.relation_offsets = nn.Parameter(torch.zeros(4, lm_dim)) if rel else None
-        self.relation_sharpness = nn.Parameter(torch.tensor(4.0)) if rel else None
-        self.relation_gate = nn.Linear(lm_dim, 1) if rel else None
-        if self.relation_gate is not None:
-            nn.init.zeros_(self.relation_gate.weight)
-            nn.init.zeros_(self.relation_gate.bias)
         n_stats = 3 + 2 * where
         n_count = COUNT_CODE + 1 if count > 0 else 0
         self.norm = nn.LayerNorm(feature_dim)
@@ -348,6 +324,13 @@ class FocusReadout(nn.Module):
         self.count_anchored.fill_(True)
         return n
 
+    def _say(self, rows: torch.Tensor, name: str, toward: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
+        """Two axes' words as a look term: per axis, sigmoid(+-k * toward) (the first word where `toward`
+        [m, 2] is positive) mixes its two rows [4, d_lm]; the question (`qn`) gates the sum."""
+        p = torch.sigmoid(getattr(self, f"{name}_sharpness") * torch.stack([toward, -toward], -1))
+        gate = torch.sigmoid(getattr(self, f"{name}_gate")(qn))  # [m, 1]
+        return gate * (p.flatten(1) @ rows.to(p.dtype))
+
     def _ordered_queries(self, text: torch.Tensor, look: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """[n_looks, H, d_lm]: per head, the question's words weighted by softmax_t(g_h r_t) (`order`); a
         look with no words keeps the mean query (`mean`, [n_looks, d_lm])."""
@@ -360,6 +343,25 @@ class FocusReadout(nn.Module):
         den = text.new_zeros(n, self.heads).index_add_(0, look, w)
         q = num / den.clamp_min(1e-12)[..., None]
         return torch.where(den[..., None] > 0, q, mean[:, None, :].to(q.dtype))
+
+    def _word_axes(self, name: str, words: tuple[str, ...] | list[str], meaning: str, lm_dim: int) -> None:
+        """`{name}_words`, `{name}_ids` (buffer, -1 until tied), `{name}_offsets`, `{name}_sharpness`
+        and `{name}_gate` (from zero) for two axes of two words each (`where_words`, `relation_words`);
+        all None when `words` is empty."""
+        words = tuple(words)
+        if words and (len(words) != 4 or not all(isinstance(w, str) and w for w in words)):
+            raise ValueError(
+                f"model.readout.{name}_words must be four words ({meaning}), got {list(words)!r}"
+            )
+        setattr(self, f"{name}_words", words)
+        self.register_buffer(f"{name}_ids", torch.full((4, 2), -1, dtype=torch.long) if words else None)
+        setattr(self, f"{name}_offsets", nn.Parameter(torch.zeros(4, lm_dim)) if words else None)
+        setattr(self, f"{name}_sharpness", nn.Parameter(torch.tensor(4.0)) if words else None)
+        gate = nn.Linear(lm_dim, 1) if words else None
+        if gate is not None:
+            nn.init.zeros_(gate.weight)
+            nn.init.zeros_(gate.bias)
+        setattr(self, f"{name}_gate", gate)
 
     @torch.no_grad()
     def anchor_where(self, embedding: nn.Embedding, tokenizer: Any) -> int:
@@ -416,6 +418,7 @@ class FocusReadout(nn.Module):
         if not bool(has.any()):
             return out, None
         f = self.norm(features)[image_index[has]]  # [m, N, D]
+        qn = self.qnorm(queries[has])  # the question, for the query and every gate
         if self.order is not None:
             if words is None:
                 raise ValueError("a readout with `order` needs the questions' words")
@@ -423,19 +426,21 @@ class FocusReadout(nn.Module):
             q = self.q(self.qnorm(per_head)).view(-1, self.heads, self.heads, self.dim)
             q = torch.diagonal(q, dim1=1, dim2=2).transpose(1, 2).unsqueeze(2)  # head h's own query
         else:
-            q = self.q(self.qnorm(queries[has])).view(-1, self.heads, 1, self.dim)  # [m, H, 1, d]
+            q = self.q(qn).view(-1, self.heads, 1, self.dim)  # [m, H, 1, d]
         k = self.k(f).view(f.shape[0], f.shape[1], self.heads, self.dim).transpose(1, 2)  # [m, H, N, d]
         s = self.scale * (q * k).sum(-1) / math.sqrt(self.dim)  # [m, H, N]
         if self.where_bias is not None:
             px, py = _patch_coordinates(f.shape[1], s.device, s.dtype)
             phi = torch.stack([px, py, px * px, py * py], -1)  # [N, 4]
-            c = self.where_bias(self.qnorm(queries[has])).view(-1, self.heads, 4)
+            c = self.where_bias(qn).view(-1, self.heads, 4)
             s = s + torch.einsum("mhj,nj->mhn", c, phi)
         a = s.softmax(-1)
         parts = [s.amax(-1), torch.logsumexp(s, -1) - math.log(s.shape[-1]), torch.sigmoid(s).sum(-1)]
-        if self.where:
+        if self.where or self.relation_gate is not None:
             xs, ys = _patch_coordinates(f.shape[1], a.device, a.dtype)
-            parts += [(a * xs).sum(-1), (a * ys).sum(-1)]
+            place = torch.stack([(a * xs).sum(-1), (a * ys).sum(-1)], -1)  # each head's column, row [m, H, 2]
+        if self.where:
+            parts += [place[..., 0], place[..., 1]]
         stats = torch.stack(parts, -1)  # [m, H, 3 or 5]
         extra: list[torch.Tensor] = []
         if self.count_select is not None:
@@ -457,7 +462,7 @@ class FocusReadout(nn.Module):
                 raise ValueError("readout value 'tokens' needs the projected image tokens")
             pooled = torch.einsum("mhn,mnd->md", a, tokens[image_index[has]].to(a.dtype)) / self.heads
             if self.gate is not None:
-                pooled = 2 * torch.sigmoid(self.gate(self.qnorm(queries[has]))) * pooled  # starts at 1
+                pooled = 2 * torch.sigmoid(self.gate(qn)) * pooled  # starts at 1
             look = pooled + self.out(torch.cat([stats.flatten(1), *extra], -1))
         else:
             pooled = torch.einsum("mhn,mnd->mhd", a, f)  # [m, H, D]
@@ -465,20 +470,14 @@ class FocusReadout(nn.Module):
         if self.where_gate is not None:
             if where_rows is None:
                 raise ValueError("a readout with where_words needs their rows (where_table)")
-            side = torch.stack([(a * xs).sum(-1).mean(1), (a * ys).sum(-1).mean(1)], -1)  # [m, 2]
-            p = torch.sigmoid(self.where_sharpness * torch.stack([-side, side], -1))  # [m, axis, side]
-            gate = torch.sigmoid(self.where_gate(self.qnorm(queries[has])))  # [m, 1]
-            look = look + gate * (p.flatten(1) @ where_rows.to(p.dtype))
+            # left / top where the heads' mean place is negative
+            look = look + self._say(where_rows, "where", -place.mean(1), qn)
         if self.relation_gate is not None:
             if relation_rows is None:
                 raise ValueError("a readout with relation_words needs their rows (relation_table)")
             half = self.heads // 2
-            px, py = _patch_coordinates(f.shape[1], a.device, a.dtype)
-            place = torch.stack([(a * px).sum(-1), (a * py).sum(-1)], -1)  # [m, H, 2]
             ahead = place[:, half:].mean(1) - place[:, :half].mean(1)  # object minus subject, [m, 2]
-            p = torch.sigmoid(self.relation_sharpness * torch.stack([ahead, -ahead], -1))  # [m, axis, side]
-            gate = torch.sigmoid(self.relation_gate(self.qnorm(queries[has])))
-            look = look + gate * (p.flatten(1) @ relation_rows.to(p.dtype))
+            look = look + self._say(relation_rows, "relation", ahead, qn)
         out[has] = look.to(out.dtype)
         if targets is None:
             return out, None
@@ -604,8 +603,10 @@ def look_inputs(
     image_id: int,
     tokens_per_image: int,
     attention_mask: torch.Tensor | None = None,
+    look: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every look position (row-major): its question query, its image's index, and the position mask.
+    `look`: `look_words` of the same arguments, when the caller has it already.
 
     The query is the mean input embedding of the text positions after the previous look of the row (or
     the row start) up to the look itself, image and padding positions excluded. The image is the most
@@ -616,7 +617,8 @@ def look_inputs(
     is_image = input_ids == image_id
     rows, cols = is_look.nonzero(as_tuple=True)
     # the question of each look: the mean of its words (the same segmentation as `look_words`)
-    look = look_words(input_ids, look_id, image_id, attention_mask)
+    if look is None:
+        look = look_words(input_ids, look_id, image_id, attention_mask)
     mine = look >= 0
     n_looks = rows.numel()
     sums = embeds.new_zeros(n_looks, embeds.shape[-1]).index_add_(0, look[mine], embeds[mine])

@@ -540,6 +540,17 @@ def test_a_counting_readout_sums_the_projectors_heads(tokenizer, tmp_path):
     assert torch.equal(again.readout.count_select[1].weight, model.readout.count_select[1].weight)
 
 
+def _tokens_look(r, s, tokens, where=None):
+    """The look of a `value: tokens` readout `r` written out from its attention scores s [m, H, N]: the
+    heads' mean of the attention-pooled tokens [N, d] plus r.out of the match statistics (max,
+    log-mean-exp, sigmoid sum and, with `where` = (xs, ys), the attended column and row)."""
+    a = s.softmax(-1)
+    parts = [s.amax(-1), torch.logsumexp(s, -1) - math.log(s.shape[-1]), torch.sigmoid(s).sum(-1)]
+    if where is not None:
+        parts += [(a * where[0]).sum(-1), (a * where[1]).sum(-1)]
+    return torch.einsum("mhn,nd->md", a, tokens) / s.shape[1] + r.out(torch.stack(parts, -1).flatten(1))
+
+
 def test_where_adds_the_attended_place_to_the_statistics():
     """where: true: per head, sum_p a_p x_p and sum_p a_p y_p over a square grid's centres in [-1, 1]."""
     from mllm.readout import _patch_coordinates
@@ -556,18 +567,7 @@ def test_where_adds_the_attended_place_to_the_statistics():
     q = r.q(r.qnorm(queries)).view(3, 2, 1, 3)
     k = r.k(f).view(4, 2, 3).transpose(0, 1)
     s = (q * k[None]).sum(-1) / math.sqrt(3)  # [3, H, N]
-    a = s.softmax(-1)
-    stats = torch.stack(
-        [
-            s.amax(-1),
-            torch.logsumexp(s, -1) - math.log(4),
-            torch.sigmoid(s).sum(-1),
-            (a * xs).sum(-1),
-            (a * ys).sum(-1),
-        ],
-        -1,
-    )
-    want = torch.einsum("mhn,nd->md", a, tokens[0]) / 2 + r.out(stats.flatten(1))
+    want = _tokens_look(r, s, tokens[0], (xs, ys))
     assert torch.allclose(looks, want, atol=1e-5)
     with pytest.raises(ValueError, match="square"):
         r(torch.randn(1, 6, 5), queries, index, tokens=torch.randn(1, 6, 7))
@@ -702,18 +702,7 @@ def test_where_bias_shapes_the_attention_by_place():
     c = r.where_bias(r.qnorm(queries)).view(3, 2, 4)
     bias = c[..., 0:1] * xs + c[..., 1:2] * ys + c[..., 2:3] * xs**2 + c[..., 3:4] * ys**2  # [3, H, N]
     s = (q * k[None]).sum(-1) / math.sqrt(3) + bias
-    a = s.softmax(-1)
-    stats = torch.stack(
-        [
-            s.amax(-1),
-            torch.logsumexp(s, -1) - math.log(4),
-            torch.sigmoid(s).sum(-1),
-            (a * xs).sum(-1),
-            (a * ys).sum(-1),
-        ],
-        -1,
-    )
-    want = torch.einsum("mhn,nd->md", a, tokens[0]) / 2 + r.out(stats.flatten(1))
+    want = _tokens_look(r, s, tokens[0], (xs, ys))
     assert torch.allclose(looks, want, atol=1e-5)
     with pytest.raises(ValueError, match="where_bias"):
         FocusReadout(5, 7, where_bias="yes")
@@ -742,9 +731,7 @@ def test_order_gives_each_head_the_words_weighed_by_their_place():
     for j in range(3):
         q = torch.stack([r.q(r.qnorm(per_head[j, h])).view(2, 3)[h] for h in range(2)])  # [H, d]
         s = (q[:, None] * k).sum(-1) / math.sqrt(3)  # [H, N]
-        a = s.softmax(-1)
-        stats = torch.stack([s.amax(-1), torch.logsumexp(s, -1) - math.log(4), torch.sigmoid(s).sum(-1)], -1)
-        want = (a @ tokens[0]).sum(0) / 2 + r.out(stats.flatten()[None])[0]
+        want = _tokens_look(r, s[None], tokens[0])[0]
         assert torch.allclose(looks[j], want, atol=1e-5)
     with pytest.raises(ValueError, match="words"):
         r(feats, queries, index, tokens=tokens)
