@@ -364,6 +364,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evidence(args: argparse.Namespace) -> int:
+    from mllm.evidence.claims import CLAIMS, get_claim
+    from mllm.evidence.runner import BlockedClaim, run_claim
+
+    if args.claim == "list":
+        for c in CLAIMS.values():
+            state = (
+                f"blocked: {c.blocked}" if c.blocked else f"{len(c.arms)} arms, {len(c.budgets)} budget(s)"
+            )
+            print(f"{c.name:11s} {c.title} [{state}]")
+        return 0
+    try:
+        summary = run_claim(
+            get_claim(args.claim),
+            args.seeds,
+            args.out or f"runs/evidence/{args.claim}",
+            bases=args.bases,
+            budget=args.budget,
+            scale=args.scale,
+            quick=args.quick,
+        )
+    except BlockedClaim as e:
+        print(f"mllm evidence: {e}", file=sys.stderr)
+        return 2
+    for lv in summary["levels"]:
+        print(f"budget {lv['budget']} ({lv['describe']}): {lv['table']}")
+        for comp, v in lv["verdicts"].items():
+            print(f"  {comp}: {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mllm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -380,6 +411,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     d.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser(
+        "evidence",
+        help="a seed paper's claim measured on GeoWorld: arms at equal compute, seeds, paired intervals",
+    )
+    ev.add_argument("claim", help="agla | prior | objectives | tips | cloc | mof | svemath, or `list`")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ev.add_argument("--out", default=None, help="the claim's folder (default runs/evidence/CLAIM)")
+    ev.add_argument(
+        "--bases",
+        default=None,
+        help="where each seed's base (`mllm demo --seed S`) lives or is built "
+        "(default: OUT/../bases, shared by the claims)",
+    )
+    ev.add_argument("--budget", type=int, default=0, help="the budget level to run (0: the claim's first)")
+    ev.add_argument(
+        "--scale",
+        action="store_true",
+        help="while a comparison is unresolved, run the next budget, to the cap",
+    )
+    ev.add_argument("--quick", action="store_true", help="tiny sizes for tests (no evidence at all)")
+    ev.set_defaults(func=cmd_evidence)
 
     s = sub.add_parser("synth", help="write a GeoWorld dataset and its benchmark sets")
     s.add_argument("--out", required=True)

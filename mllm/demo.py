@@ -87,6 +87,35 @@ def write_text_corpus(world: Path) -> Path:
     return out
 
 
+def ensure_world(world: Path, seed: int, n: int | None = None, quick: bool = False, log=print) -> Path:
+    """The demo's GeoWorld (written once; an existing one is kept) and its text-only corpus."""
+    if not (world / "manifest.json").is_file():
+        n_scenes = n or (200 if quick else DEMO_N)
+        log(f"[synth] GeoWorld: {n_scenes} training scenes -> {world}")
+        kw = (
+            dict(n_eval=64, mmvp_pairs=8, pope_questions=24, mathverse_problems=4, refcoco_n=16)
+            if quick
+            else {}
+        )
+        write_world(world, seed=seed, n=n_scenes, size=64, **kw)
+    write_text_corpus(world)
+    return world
+
+
+def demo_overrides(out: str | Path, seed: int, quick: bool = False) -> list[str]:
+    """The overrides that make the demo's recipe the run `run_demo(out, seed=seed)` trains: its world,
+    its encoder's tower, its seeds (and the quick sizes). Shared with `mllm evidence`, whose arms are
+    this recipe with one change, so an arm's unchanged stages are recognisably the demo's."""
+    out = Path(out)
+    return [
+        f"extra.world={out / 'world'}",
+        f"extra.tower={out / 'encoder' / 'contrastive' / 'final' / 'image_tower'}",
+        f"engine.seed={seed}",
+        f"extra.live_seed={seed + 1}",
+        *(QUICK if quick else []),
+    ]
+
+
 def run_demo(
     out: str | Path,
     overrides: list[str] | None = None,
@@ -100,16 +129,7 @@ def run_demo(
     world = out / "world"
     timings: dict[str, float] = {}
     t_start = t0 = time.time()
-    if not (world / "manifest.json").is_file():
-        n_scenes = n or (200 if quick else DEMO_N)
-        log(f"[synth] GeoWorld: {n_scenes} training scenes -> {world}")
-        kw = (
-            dict(n_eval=64, mmvp_pairs=8, pope_questions=24, mathverse_problems=4, refcoco_n=16)
-            if quick
-            else {}
-        )
-        write_world(world, seed=seed, n=n_scenes, size=64, **kw)
-    write_text_corpus(world)
+    ensure_world(world, seed, n, quick, log)
     timings["synth"] = round(time.time() - t0, 2)
 
     encoder = load_recipe(
@@ -123,19 +143,8 @@ def run_demo(
     )
     enc_summary = train_recipe(encoder, out / "encoder", log=log)
     timings["encoder"] = enc_summary["stages"]["contrastive"]["wall_s"]
-    tower = Path(enc_summary["final"]) / "image_tower"
 
-    recipe = load_recipe(
-        RECIPE,
-        [
-            f"extra.world={world}",
-            f"extra.tower={tower}",
-            f"engine.seed={seed}",
-            f"extra.live_seed={seed + 1}",
-            *(QUICK if quick else []),
-            *(overrides or []),
-        ],
-    )
+    recipe = load_recipe(RECIPE, [*demo_overrides(out, seed, quick), *(overrides or [])])
     summary = train_recipe(recipe, out / "run", log=log, evaluator=make_evaluator(recipe))
     for name, st in summary["stages"].items():
         timings[name] = st["wall_s"]

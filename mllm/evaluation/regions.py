@@ -83,6 +83,22 @@ def evaluate_regions(
 
     A plain ContrastiveModel (CLIP) gets region embeddings from crops; it has no grounding head.
     """
+    hits, iou = region_hits(model, rows, batch)
+    out = {"regions": len(hits), "phrases": len({reg["phrase"] for r in rows for reg in r["regions"]})}
+    out["region_r1"] = float(hits.float().mean())
+    if iou is not None:
+        out["ground_acc50"] = float((iou >= 0.5).float().mean())
+        out["ground_miou"] = float(iou.mean())
+    return out
+
+
+@torch.no_grad()
+def region_hits(
+    model: ContrastiveModel, rows: list[dict[str, Any]], batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per region, in the order of `rows`: whether its nearest phrase is its own ([R] bool), and for a
+    CLOC model the IoU of the box it grounds its phrase to ([R]; None for CLIP). Per-region values are
+    what a paired comparison of two models resamples (`mllm evidence cloc`)."""
     images = [load_image(r["image"]) for r in rows]
     boxes = torch.tensor([reg["box"] for r in rows for reg in r["regions"]], dtype=torch.float32)
     phrases = [reg["phrase"] for r in rows for reg in r["regions"]]
@@ -104,12 +120,8 @@ def evaluate_regions(
             emb.append(crop_region_embeddings(model, images[s : s + batch], boxes[sel], idx))
     region = torch.cat(emb)
     top1 = (region @ text.to(region.device).t()).argmax(1).cpu()
-    out = {"regions": len(phrases), "phrases": len(vocab), "region_r1": float((top1 == want).float().mean())}
-    if pred:
-        iou = box_iou(torch.cat(pred).cpu(), boxes)
-        out["ground_acc50"] = float((iou >= 0.5).float().mean())
-        out["ground_miou"] = float(iou.mean())
-    return out
+    iou = box_iou(torch.cat(pred).cpu(), boxes) if pred else None
+    return top1 == want, iou
 
 
 def mean_box_accuracy(rows: list[dict[str, Any]], train_regions: str | Path) -> dict[str, float]:

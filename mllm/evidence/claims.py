@@ -1,0 +1,331 @@
+"""The seed papers' claims as experiments: arms, what is measured, the direction each paper claims, and
+the budgets a claim escalates through when its interval spans zero (`mllm evidence CLAIM`).
+
+Two levels of experiment share one shape:
+- `mllm` claims train (or only decode with) the demo's MLLM. Every arm is the demo's recipe
+  (mllm/recipes/tiny-geoworld.yaml) with an edit; the stages an arm does not change (same model, same
+  engine, same stage settings up to and including that stage) are the base's finished stages, linked,
+  not retrained, so arms differ by exactly what the claim names. The base is `mllm demo --seed S`.
+- `encoder` claims pretrain image-text (or image-only) encoders on the base's world at equal steps,
+  batch and data order, and score them without an LLM.
+
+A claim that cannot run on the seeing base yet says why in `blocked`; the command then stops with that
+reason instead of measuring something else under the claim's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One number per arm and seed: `metric` (stats.REDUCERS) of benchmark `bench`'s units, restricted to
+    one `group` (a POPE split, an MMVP pattern, a QA category) or over all of them."""
+
+    bench: str
+    metric: str
+    group: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.bench}{'/' + self.group if self.group else ''} {self.metric}"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm. MLLM arms: `overrides` (key=value on the demo recipe), `edit` (a change to the recipe
+    tree that overrides cannot say, e.g. replacing a stage) and `decoding` (how evaluation answers).
+    Encoder arms: the packaged `recipe` trained, with `overrides`."""
+
+    name: str
+    describe: str
+    overrides: tuple[str, ...] = ()
+    edit: Callable[[dict[str, Any]], None] | None = None
+    decoding: str = "greedy"
+    recipe: str | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`arm` against `reference` on `measure`; `expect` +1 where the paper says the arm is higher,
+    -1 lower, 0 where it claims no direction (reported with its interval, no verdict)."""
+
+    arm: str
+    reference: str
+    measure: Measure
+    expect: int = 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget level: overrides applied to every arm alike (more steps), and what it is, in words."""
+
+    describe: str
+    overrides: tuple[str, ...] = ()
+    steps: int | None = None  # encoder claims: every arm's (single) training stage runs this many steps
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    title: str
+    paper: str
+    level: str  # "mllm" | "encoder"
+    arms: tuple[Arm, ...]
+    comparisons: tuple[Comparison, ...]
+    benches: tuple[str, ...]
+    budgets: tuple[Budget, ...]
+    extra_measures: tuple[Measure, ...] = ()  # reported per arm, not compared
+    blocked: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(f"claim {self.name!r} has no arm {name!r}; arms: {[a.name for a in self.arms]}")
+
+    @property
+    def measures(self) -> tuple[Measure, ...]:
+        seen: dict[str, Measure] = {}
+        for m in [c.measure for c in self.comparisons] + list(self.extra_measures):
+            seen.setdefault(m.name, m)
+        return tuple(seen.values())
+
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+def _pope_measures(metric: str) -> list[Measure]:
+    return [Measure("pope", metric, s) for s in POPE_SPLITS]
+
+
+def _prior_stages(tree: dict[str, Any]) -> None:
+    """The demo's `align` (projector on captions, plain loss) replaced by PRIOR's pair: a text-only
+    reference LM on the captions (`prior_ref`), then the same projector alignment with each caption token
+    weighed by how unpredictable the reference found it (`prior`; alpha 0 is exactly the plain loss).
+    The reference starts from the pretrained LM and `prior` from the warm-up, so the MLLM's LM is the
+    base LM, not the caption-tuned reference."""
+    stages = tree["stages"]
+    i = next(k for k, s in enumerate(stages) if s["name"] == "align")
+    align = stages[i]
+    ref = {
+        "name": "prior_ref",
+        "kind": "prior_ref",
+        "data": dict(align["data"]),
+        "lr": 5.0e-4,
+        "batch_size": 32,
+        "max_steps": 60,
+        "warmup_ratio": 0.1,
+    }
+    # the demo's align trains the projector and the readout; `prior`'s own default is the projector only
+    prior = dict(
+        align,
+        name="prior",
+        kind="prior",
+        init="tower_warmup",
+        trainable={"projector": align["lr"], "readout": align["lr"]},
+    )
+    prior["prior"] = {"alpha": 1.0, "floor": 0.0, "cap": 1.0e9, "ref": "stage:prior_ref"}
+    stages[i : i + 1] = [ref, prior]
+
+
+MLLM_BUDGETS = (
+    Budget("the demo's budget: align 30 steps, instruct 420"),
+    Budget(
+        "instruct doubled (840 steps), align doubled (60)",
+        ("stages.instruct.max_steps=840", "stages.align.max_steps=60", "stages.prior.max_steps=60"),
+    ),
+)
+
+
+def _encoder_budgets(*steps: int) -> tuple[Budget, ...]:
+    return tuple(Budget(f"{n} training steps per arm, batch 64", steps=n) for n in steps)
+
+
+AGLA = Claim(
+    name="agla",
+    title="AGLA: assembling global and local attention reduces hallucination",
+    paper="AGLA (An et al. 2024): POPE accuracy and F1 up over regular decoding on LLaVA-1.5 and others.",
+    level="mllm",
+    arms=(
+        Arm("greedy", "the demo model, greedy decoding"),
+        Arm("agla", "the same model, AGLA decoding (alpha 2, beta 0.5, keep 0.5)", decoding="agla"),
+    ),
+    comparisons=tuple(
+        [Comparison("agla", "greedy", m) for m in _pope_measures("accuracy") + _pope_measures("f1")]
+        + [
+            Comparison("agla", "greedy", Measure("qa", "accuracy")),
+            Comparison("agla", "greedy", Measure("mmvp", "accuracy")),
+        ]
+        + [Comparison("agla", "greedy", m, expect=0) for m in _pope_measures("yes_ratio")]
+    ),
+    benches=("pope", "qa", "mmvp"),
+    budgets=(Budget("decoding only: the demo model as trained"),),
+    notes=(
+        "No training: both arms are the base model; only the decoder differs, so the budget is fixed.",
+        "AGLA also reports gains on general perception benchmarks; QA and MMVP-style pairs are measured "
+        "because they are not at ceiling on the seeing base, where POPE may be.",
+    ),
+)
+
+PRIOR = Claim(
+    name="prior",
+    title="PRIOR: re-weighting alignment towards image-related tokens cuts hallucination",
+    paper="PRIOR (2025): about +19% average relative gain on hallucination benchmarks over plain NTP.",
+    level="mllm",
+    arms=(
+        Arm(
+            "ntp",
+            "align as prior_ref + prior with alpha 0 (exactly the plain next-token loss)",
+            overrides=("stages.prior.prior.alpha=0.0",),
+            edit=_prior_stages,
+        ),
+        Arm("prior", "align as prior_ref + prior with alpha 1", edit=_prior_stages),
+    ),
+    comparisons=tuple(
+        [Comparison("prior", "ntp", m) for m in _pope_measures("accuracy") + _pope_measures("f1")]
+        + [Comparison("prior", "ntp", Measure("qa", "accuracy"))]
+        + [Comparison("prior", "ntp", m, expect=0) for m in _pope_measures("yes_ratio")]
+    ),
+    benches=("pope", "qa"),
+    budgets=MLLM_BUDGETS,
+)
+
+_OBJECTIVES = ("clip", "siglip", "filip", "dcl", "negclip")
+
+OBJECTIVES = Claim(
+    name="objectives",
+    title="Contrastive objectives: FILIP / DCL / NegCLIP / SigLIP against CLIP",
+    paper=(
+        "FILIP: token-wise interaction helps fine-grained matching; DCL: removing the positive from the "
+        "denominator trains better at small batch; NegCLIP: hard negatives fix attribute/relation swaps "
+        "(ARO); SigLIP: the pairwise sigmoid matches or beats softmax CLIP."
+    ),
+    level="encoder",
+    arms=tuple(
+        Arm(
+            o,
+            f"clip-resnet-tiny (the demo's encoder) with objective {o}",
+            recipe="clip-resnet-tiny",
+            overrides=(f"model.encoder.objective={o}",),
+        )
+        for o in _OBJECTIVES
+    ),
+    comparisons=(
+        Comparison("filip", "clip", Measure("mmvp_vlm", "accuracy")),
+        Comparison("filip", "clip", Measure("retrieval", "R@1")),
+        Comparison("dcl", "clip", Measure("retrieval", "R@1")),
+        Comparison("negclip", "clip", Measure("swaps", "accuracy", "attribute")),
+        Comparison("negclip", "clip", Measure("swaps", "accuracy", "relation")),
+        Comparison("negclip", "clip", Measure("swaps", "accuracy", "order")),
+        Comparison("siglip", "clip", Measure("retrieval", "R@1")),
+    ),
+    extra_measures=(Measure("retrieval", "R@5"), Measure("swaps", "accuracy")),
+    benches=("retrieval", "mmvp_vlm", "swaps"),
+    budgets=_encoder_budgets(120, 300, 600),
+    notes=("The modality gap and uniformity/alignment of each arm are reported per seed (`geometry`).",),
+)
+
+TIPS = Claim(
+    name="tips",
+    title="TIPS: spatially-aware image-text pretraining gives better dense features",
+    paper="TIPS (Maninis et al. 2025): better dense prediction than CLIP-style models at equal data.",
+    level="encoder",
+    arms=(
+        Arm("clip", "clip-tiny (ViT, caption contrast)", recipe="clip-tiny"),
+        Arm(
+            "tips",
+            "tips-tiny (noisy + exact captions, masked modelling, self-distillation)",
+            recipe="tips-tiny",
+        ),
+        Arm("dino", "dino-tiny (self-supervised, no text)", recipe="dino-tiny"),
+    ),
+    comparisons=(
+        Comparison("tips", "clip", Measure("dense_probe", "accuracy", "colour")),
+        Comparison("tips", "clip", Measure("dense_probe", "accuracy", "shape")),
+        Comparison("dino", "clip", Measure("dense_probe", "accuracy", "shape")),
+    ),
+    benches=("dense_probe",),
+    budgets=_encoder_budgets(120, 300),
+    notes=(
+        "Dense probe: a linear probe per label on frozen patch tokens, foreground patches of the held-out scenes.",
+    ),
+)
+
+CLOC = Claim(
+    name="cloc",
+    title="CLOC: region-text contrast improves localisation",
+    paper="CLOC (Chen et al. 2024): region retrieval and grounding up over CLIP (Ferret 50.7 -> 56.9).",
+    level="encoder",
+    arms=(
+        Arm("clip", "clip-tiny (image-level contrast)", recipe="clip-tiny"),
+        Arm(
+            "cloc",
+            "cloc-tiny (the same, plus region-text contrast and the promptable prompter)",
+            recipe="cloc-tiny",
+        ),
+    ),
+    comparisons=(Comparison("cloc", "clip", Measure("regions", "accuracy", "region_r1")),),
+    benches=("regions",),
+    budgets=_encoder_budgets(120, 300),
+    notes=(
+        "Grounding through the MLLM (acc@0.5) needs an MLLM per tower; here the encoder-level region R@1 "
+        "(region -> phrase over every distinct phrase) is measured, CLIP from crops.",
+    ),
+)
+
+_FUSION_BLOCK = (
+    "the seeing demo reads its image through the question-conditioned readout (model.readout), which "
+    "mllm refuses together with model.fusion (mllm.readout.check_readout: one tower's features only); "
+    "fusing a second tower into the readout's grid is the missing piece"
+)
+
+MOF = Claim(
+    name="mof",
+    title="MoF: adding self-supervised features fixes CLIP's blind pairs",
+    paper="Eyes Wide Shut (Tong et al. 2024): MMVP 24.7 -> 28.0 with interleaved MoF.",
+    level="mllm",
+    arms=(
+        Arm("clip", "the demo (CLIP-style tower only)"),
+        Arm("additive", "additive MoF", overrides=("model.fusion.type=mof_additive",)),
+        Arm("interleaved", "interleaved MoF", overrides=("model.fusion.type=mof_interleaved",)),
+    ),
+    comparisons=(
+        Comparison("additive", "clip", Measure("mmvp", "accuracy")),
+        Comparison("interleaved", "clip", Measure("mmvp", "accuracy")),
+    ),
+    benches=("mmvp", "qa"),
+    budgets=MLLM_BUDGETS,
+    blocked=_FUSION_BLOCK,
+)
+
+SVE = Claim(
+    name="svemath",
+    title="SVE-Math: a perception-grounded router helps visual math",
+    paper="SVE-Math (2025): GeoQA 66.5 -> 67.0 with the router against constant weights.",
+    level="mllm",
+    arms=(
+        Arm("clip", "the demo (CLIP-style tower only)"),
+        Arm("constant", "+ geometric encoder, constant weights"),
+        Arm("router", "+ geometric encoder, learned router"),
+    ),
+    comparisons=(
+        Comparison("router", "constant", Measure("mathverse", "accuracy")),
+        Comparison("constant", "clip", Measure("mathverse", "accuracy")),
+    ),
+    benches=("mathverse",),
+    budgets=MLLM_BUDGETS,
+    blocked=_FUSION_BLOCK,
+)
+
+CLAIMS: dict[str, Claim] = {c.name: c for c in (AGLA, PRIOR, OBJECTIVES, TIPS, CLOC, MOF, SVE)}
+
+
+def get_claim(name: str) -> Claim:
+    if name not in CLAIMS:
+        raise KeyError(f"unknown claim {name!r}; known: {', '.join(CLAIMS)}")
+    return CLAIMS[name]

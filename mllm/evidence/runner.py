@@ -1,0 +1,256 @@
+"""`mllm evidence CLAIM`: build the shared base per seed once, train every arm at equal compute, evaluate,
+compare with paired bootstrap intervals, write the table and the figure; escalate the budget while a
+comparison is unresolved (`--scale`), up to the claim's last budget (its cap).
+
+Layout under OUT (the claim's folder):
+    b<K>/<arm>/s<seed>/run/            the arm's training run (MLLM: the demo's stages it shares are links)
+    b<K>/<arm>/s<seed>/eval/<bench>.json   metrics + units, written once; a re-run reads them
+    b<K>/<arm>/s<seed>/cost.json       the arm's own training CPU-seconds and wall seconds
+    b<K>/table.json, table.md, figure.png
+    summary.json                       every budget run, its verdicts, and the cap
+and under BASES (shared by every claim): s<seed>/ = `mllm demo --seed S --out BASES/s<seed>`.
+
+Finished stages are skipped and an interrupted stage resumes from its checkpoint (train_recipe), an
+evaluation written is never redone, so a killed run resumes where it stopped and a re-run is a report.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mllm.config import Recipe, find_recipe, load_recipe, recipe_from_dict
+from mllm.demo import RECIPE, demo_overrides, ensure_world, run_demo
+from mllm.evidence.claims import Arm, Budget, Claim
+from mllm.evidence.encoder_evals import ENCODER_EVALS
+from mllm.evidence.report import write_report
+from mllm.evidence.stats import UNRESOLVED
+from mllm.evidence.units import units_for
+from mllm.training.checkpoint import atomic_write_text
+
+#: MLLM benchmarks: where each one's data sits in a world.
+MLLM_DATA = {"qa": "", "pope": "pope", "mmvp": "mmvp", "mathverse": "mathverse"}
+#: Quick sizes for the stages an arm adds to the demo's recipe (tests, smoke runs).
+QUICK_ADDED = (
+    "stages.prior_ref.max_steps=3",
+    "stages.prior.max_steps=3",
+    "stages.prior_ref.batch_size=8",
+    "stages.prior.batch_size=8",
+)
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _present(overrides: list[str], tree: dict[str, Any]) -> list[str]:
+    """Overrides of `stages.NAME.*` only where the recipe has a stage NAME: a budget names every stage
+    any arm may have (align, or PRIOR's prior), and each arm takes those it has."""
+    names = {s["name"] for s in tree.get("stages", [])}
+    return [o for o in overrides if not o.startswith("stages.") or o.split(".")[1] in names]
+
+
+def mllm_recipe(arm: Arm | None, base: Path, seed: int, budget: Budget, quick: bool) -> Recipe:
+    """The demo's recipe for this base and seed, with the arm's edit and overrides and the budget's."""
+    tree = yaml.safe_load(RECIPE.read_text())
+    if arm is not None and arm.edit is not None:
+        arm.edit(tree)
+    overrides = demo_overrides(base, seed, quick) + (list(QUICK_ADDED) if quick else [])
+    overrides += list(arm.overrides if arm else ()) + list(budget.overrides)
+    return recipe_from_dict(tree, _present(overrides, tree))
+
+
+def link_shared(recipe: Recipe, reference: Recipe, reference_run: Path, run_dir: Path) -> list[str]:
+    """Link the reference run's finished stages that this recipe would train identically: same model,
+    same engine, and the same stage settings up to and including the stage. Returns their names."""
+    if recipe.model != reference.model or recipe.engine != reference.engine:
+        return []
+    shared = []
+    for i, stage in enumerate(recipe.stages):
+        if i >= len(reference.stages) or recipe.stages[: i + 1] != reference.stages[: i + 1]:
+            break
+        src = reference_run / stage.name / "final"
+        if not src.is_dir():
+            break
+        dst = run_dir / stage.name
+        if not dst.exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to((reference_run / stage.name).resolve(), target_is_directory=True)
+        shared.append(stage.name)
+    return shared
+
+
+def _train(recipe: Recipe, run_dir: Path, arm_dir: Path, shared: list[str], log) -> dict[str, Any]:
+    from mllm.evaluation.periodic import make_evaluator
+    from mllm.training.runner import train_recipe
+
+    cost_path = arm_dir / "cost.json"
+    if cost_path.is_file():
+        return json.loads(cost_path.read_text())
+    evaluator = make_evaluator(recipe) if any(s.eval_every for s in recipe.stages) else None
+    cpu0, t0 = _cpu_s(), time.time()
+    summary = train_recipe(recipe, run_dir, log=log, evaluator=evaluator)
+    trained = {k: v for k, v in summary.get("stages", {}).items() if k not in shared}
+    cost = {
+        "cpu_s": round(_cpu_s() - cpu0, 1),
+        "wall_s": round(time.time() - t0, 1),
+        "stages": {k: {"steps": v["steps"], "wall_s": v["wall_s"]} for k, v in trained.items()},
+        "shared_with_base": shared,
+        "final": summary.get("final") or str(run_dir / recipe.stages[-1].name / "final"),
+    }
+    atomic_write_text(cost_path, json.dumps(cost, indent=1))
+    return cost
+
+
+def _eval_file(arm_dir: Path, bench: str) -> Path:
+    return arm_dir / "eval" / f"{bench}.json"
+
+
+def _save_eval(path: Path, metrics: dict[str, Any], units: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"metrics": metrics, "units": units}))
+
+
+def run_mllm_arm(
+    claim: Claim, arm: Arm, seed: int, budget: Budget, base: Path, arm_dir: Path, quick: bool, log
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    from mllm.evaluation.agla import AglaConfig
+    from mllm.evaluation.runner import evaluate
+    from mllm.model import MultimodalLM
+
+    recipe = mllm_recipe(arm, base, seed, budget, quick)
+    reference = mllm_recipe(None, base, seed, Budget(""), quick)
+    run_dir = arm_dir / "run"
+    shared = link_shared(recipe, reference, base / "run", run_dir)
+    cost = _train(recipe, run_dir, arm_dir, shared, log)
+    world = base / "world"
+    units: dict[str, list[dict[str, Any]]] = {}
+    model = None
+    for bench in claim.benches:
+        path = _eval_file(arm_dir, bench)
+        if not path.is_file():
+            if model is None:
+                model = MultimodalLM.from_pretrained(cost["final"])
+            data = world / MLLM_DATA[bench]
+            agla = AglaConfig() if arm.decoding == "agla" else None
+            metrics, records = evaluate(model, bench, data, batch_size=32, decoding=arm.decoding, agla=agla)
+            _save_eval(path, metrics, units_for(bench, records, data))
+            log(f"[{claim.name}] {arm.name} s{seed}: {bench} done")
+        units[bench] = json.loads(path.read_text())["units"]
+    return cost, units
+
+
+def encoder_recipe(arm: Arm, world: Path, seed: int, budget: Budget, quick: bool) -> Recipe:
+    tree = yaml.safe_load(find_recipe(arm.recipe).read_text())
+    stage = tree["stages"][0]["name"]
+    steps = 4 if quick else budget.steps
+    overrides = [f"extra.world={world}", f"engine.seed={seed}", *arm.overrides, *budget.overrides]
+    if steps is not None:
+        overrides.append(f"stages.{stage}.max_steps={steps}")
+    if quick:
+        overrides += [f"stages.{stage}.batch_size=8", "engine.checkpoint_every=4"]
+    return load_recipe(find_recipe(arm.recipe), overrides)
+
+
+def run_encoder_arm(
+    claim: Claim, arm: Arm, seed: int, budget: Budget, base: Path, arm_dir: Path, quick: bool, log
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    world = base / "world"
+    recipe = encoder_recipe(arm, world, seed, budget, quick)
+    cost = _train(recipe, arm_dir / "run", arm_dir, [], log)
+    units: dict[str, list[dict[str, Any]]] = {}
+    for bench in claim.benches:
+        path = _eval_file(arm_dir, bench)
+        if not path.is_file():
+            metrics, rows = ENCODER_EVALS[bench](Path(cost["final"]), recipe.model.tower.type, world)
+            _save_eval(path, metrics, units_for(bench, rows, world))
+            log(f"[{claim.name}] {arm.name} s{seed}: {bench} done")
+        units[bench] = json.loads(path.read_text())["units"]
+    return cost, units
+
+
+def ensure_base(claim: Claim, base: Path, seed: int, quick: bool, log) -> None:
+    """The demo run of this seed (MLLM claims), or only its world (encoder claims)."""
+    if claim.level == "mllm":
+        if not (base / "results.json").is_file():
+            log(f"[{claim.name}] building the base: mllm demo --seed {seed} --out {base}")
+            run_demo(base, seed=seed, quick=quick, log=log)
+    else:
+        ensure_world(base / "world", seed, quick=quick, log=log)
+
+
+def run_budget(
+    claim: Claim, level: int, seeds: list[int], out: Path, bases: Path, quick: bool, log
+) -> dict[str, Any]:
+    budget = claim.budgets[level]
+    arm_run = run_mllm_arm if claim.level == "mllm" else run_encoder_arm
+    costs: dict[str, dict[int, dict[str, Any]]] = {}
+    units: dict[str, dict[int, dict[str, list[dict[str, Any]]]]] = {}
+    for seed in seeds:
+        base = bases / f"s{seed}"
+        ensure_base(claim, base, seed, quick, log)
+        for arm in claim.arms:
+            arm_dir = out / f"b{level}" / arm.name / f"s{seed}"
+            cost, u = arm_run(claim, arm, seed, budget, base, arm_dir, quick, log)
+            costs.setdefault(arm.name, {})[seed] = cost
+            units.setdefault(arm.name, {})[seed] = u
+    return write_report(claim, level, seeds, units, costs, out / f"b{level}", bases, quick)
+
+
+def run_claim(
+    claim: Claim,
+    seeds: list[int],
+    out: str | Path,
+    bases: str | Path | None = None,
+    budget: int = 0,
+    scale: bool = False,
+    quick: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """Run `claim` at budget level `budget` (and, with `scale`, each next level while any directed
+    comparison's interval spans zero, up to the claim's last level: the cap). Returns the summary."""
+    if claim.blocked:
+        raise BlockedClaim(f"claim {claim.name!r} cannot run on the seeing base yet: {claim.blocked}")
+    if len(seeds) < 1:
+        raise ValueError("give at least one seed (the statistics want three or more)")
+    if not 0 <= budget < len(claim.budgets):
+        raise ValueError(f"claim {claim.name!r} has budgets 0..{len(claim.budgets) - 1}, got {budget}")
+    out = Path(out)
+    bases = Path(bases) if bases is not None else out.parent / "bases"
+    levels: list[dict[str, Any]] = []
+    level = budget
+    while True:
+        table = run_budget(claim, level, seeds, out, bases, quick, log)
+        open_ = [c["comparison"] for c in table["comparisons"] if c["verdict"] == UNRESOLVED]
+        levels.append(
+            {
+                "budget": level,
+                "describe": claim.budgets[level].describe,
+                "verdicts": {c["comparison"]: c["verdict"] for c in table["comparisons"]},
+                "table": str(out / f"b{level}" / "table.md"),
+                "figure": str(out / f"b{level}" / "figure.png"),
+            }
+        )
+        if not scale or not open_ or level + 1 >= len(claim.budgets):
+            break
+        log(f"[{claim.name}] {len(open_)} comparison(s) unresolved at budget {level}: scaling to {level + 1}")
+        level += 1
+    summary = {
+        "claim": claim.name,
+        "seeds": seeds,
+        "levels": levels,
+        "cap": {"budget": len(claim.budgets) - 1, "describe": claim.budgets[-1].describe},
+        "quick": quick,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+class BlockedClaim(RuntimeError):
+    """A claim whose arms cannot be built on the seeing base yet (the reason is its `blocked`)."""

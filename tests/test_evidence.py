@@ -1,0 +1,275 @@
+"""`mllm evidence`: the statistics say what the data can and cannot tell, the per-item units are made from
+records shaped as the scorers write them, the claims are well-formed, an arm trains only what its claim
+changes, and a claim runs end to end (quick sizes), writes its table and figure, and re-runs as a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mllm.evaluation.benchmarks import get_benchmark
+from mllm.evaluation.benchmarks.core import Item
+from mllm.evidence import claims as C
+from mllm.evidence.stats import (
+    OPPOSITE,
+    REDUCERS,
+    REPRODUCES,
+    UNDIRECTED,
+    UNRESOLVED,
+    Interval,
+    Table,
+    bootstrap_mean,
+    metric_value,
+    paired_bootstrap,
+    table_from_rows,
+    verdict,
+)
+from mllm.evidence.units import UNITS, units_for
+
+
+def _acc_table(correct: list[int], prefix: str = "q") -> Table:
+    return table_from_rows([{"id": f"{prefix}{i}", "correct": c} for i, c in enumerate(correct)], ["correct"])
+
+
+def _seeds(rates: list[float], n: int = 300, seed: int = 0) -> list[Table]:
+    rng = np.random.default_rng(seed)
+    return [_acc_table((rng.random(n) < r).astype(int).tolist()) for r in rates]
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_identical_arms_differ_by_zero_and_cannot_resolve():
+    ref = _seeds([0.6, 0.6, 0.6])
+    iv = paired_bootstrap(ref, ref, "accuracy")
+    assert iv.diff == 0 and iv.low == 0 and iv.high == 0
+    assert verdict(iv, +1) == UNRESOLVED
+
+
+def test_a_clear_gain_reproduces_and_its_opposite_claim_is_contradicted():
+    ref, arm = _seeds([0.5] * 3, seed=1), _seeds([0.8] * 3, seed=2)
+    iv = paired_bootstrap(ref, arm, "accuracy")
+    assert 20 < iv.diff < 40 and iv.low > 10
+    assert verdict(iv, +1) == REPRODUCES
+    assert verdict(iv, -1) == OPPOSITE
+    assert verdict(iv, 0) == UNDIRECTED
+
+
+def test_seeds_that_disagree_leave_the_claim_unresolved_though_each_seed_is_decisive():
+    """Per seed the arm is 20 points up, 20 down, 20 up (each far outside item noise): an items-only
+    interval would call this a gain; resampling seeds must not."""
+    ref = _seeds([0.5, 0.5, 0.5], n=400, seed=3)
+    arm = _seeds([0.7, 0.3, 0.7], n=400, seed=4)
+    iv = paired_bootstrap(ref, arm, "accuracy")
+    assert iv.low < 0 < iv.high
+    assert verdict(iv, +1) == UNRESOLVED
+
+
+def test_the_pairing_uses_the_same_items_for_both_arms():
+    """Arms that differ on exactly 10 of 1,000 items (always in the arm's favour) resolve, although
+    the items' own spread (50% accuracy) would swamp 1 point in an unpaired comparison."""
+    rng = np.random.default_rng(5)
+    base = (rng.random(1000) < 0.5).astype(int)
+    better = base.copy()
+    better[np.flatnonzero(base == 0)[:10]] = 1
+    iv = paired_bootstrap([_acc_table(base.tolist())], [_acc_table(better.tolist())], "accuracy")
+    assert iv.diff == pytest.approx(1.0)
+    assert iv.low > 0
+
+
+def test_arms_on_different_items_are_refused():
+    with pytest.raises(ValueError, match="different items"):
+        paired_bootstrap([_acc_table([1, 0, 1])], [_acc_table([1, 0, 1], prefix="x")], "accuracy")
+
+
+def test_f1_and_yes_ratio_match_the_pope_scorer():
+    from mllm.evaluation.benchmarks.pope import _split_metrics
+
+    preds = ["yes", "yes", "no", "no", "yes", None, "no", "yes"]
+    labels = ["yes", "no", "no", "yes", "yes", "yes", "no", "no"]
+    rows = [
+        {
+            "id": str(i),
+            "correct": int(p == y),
+            "yes": int(p == "yes"),
+            "tp": int(p == "yes" and y == "yes"),
+            "fp": int(p == "yes" and y == "no"),
+            "fn": int(p != "yes" and y == "yes"),
+        }
+        for i, (p, y) in enumerate(zip(preds, labels))
+    ]
+    t = table_from_rows(rows, ["correct", "yes", "tp", "fp", "fn"])
+    want = _split_metrics(preds, labels)
+    assert metric_value(t, "f1") == pytest.approx(want["f1"])
+    assert metric_value(t, "yes_ratio") == pytest.approx(want["yes_ratio"])
+    assert metric_value(t, "accuracy") == pytest.approx(want["accuracy"])
+
+
+def test_an_arms_interval_holds_its_mean():
+    tables = _seeds([0.7, 0.72, 0.68])
+    iv = bootstrap_mean(tables, "accuracy")
+    assert iv.low < iv.diff < iv.high
+    assert isinstance(iv, Interval) and iv.seeds == 3 and iv.items == 900
+
+
+# ---------------------------------------------------------------- units from real-shaped records
+
+
+def _pope_items(tmp_path: Path) -> list[Item]:
+    img = tmp_path / "x.png"
+    img.write_bytes(b"")
+    rows = [("adversarial", 1, "yes"), ("adversarial", 2, "no"), ("random", 1, "no"), ("random", 2, "yes")]
+    return [
+        Item(
+            id=f"{s}/{q}",
+            prompt="Is there a red circle in the image?",
+            image=img,
+            meta={"split": s, "question_id": q, "label": y, "image": "x.png"},
+        )
+        for s, q, y in rows
+    ]
+
+
+def test_pope_units_carry_what_f1_needs(tmp_path):
+    items = _pope_items(tmp_path)
+    responses = {"adversarial/1": "Yes.", "adversarial/2": "yes", "random/1": "No", "random/2": "It is not."}
+    metrics, records = get_benchmark("pope").score(items, responses)
+    rows = units_for("pope", records, tmp_path)
+    adv = table_from_rows(
+        [r for r in rows if r["group"] == "adversarial"], ["correct", "yes", "tp", "fp", "fn"]
+    )
+    assert metric_value(adv, "f1") == pytest.approx(metrics["adversarial"]["f1"])
+    assert metric_value(adv, "accuracy") == pytest.approx(metrics["adversarial"]["accuracy"])
+
+
+def test_mmvp_units_are_pairs_grouped_by_pattern(tmp_path):
+    """MMVP's records, one per question (Index 1..4 as strings, as the scorer writes them): a pair is
+    right only when both are; the world's patterns.json names each pair's pattern."""
+    (tmp_path / "patterns.json").write_text(
+        json.dumps({"1": "color", "2": "color", "3": "count", "4": "count"})
+    )
+    records = [
+        {"id": "1", "correct": True},
+        {"id": "2", "correct": True},
+        {"id": "3", "correct": True},
+        {"id": "4", "correct": False},
+    ]
+    rows = units_for("mmvp", records, tmp_path)
+    assert rows == [
+        {"id": "1-2", "group": "color", "correct": 1},
+        {"id": "3-4", "group": "count", "correct": 0},
+    ]
+
+
+def test_retrieval_units_read_the_rank_of_the_first_right_answer():
+    records = [
+        {"id": "a", "direction": "i2t", "rank_of_first_right": 1},
+        {"id": "b", "direction": "i2t", "rank_of_first_right": 4},
+        {"id": "c", "direction": "t2i", "rank_of_first_right": None},
+    ]
+    t = table_from_rows(units_for("retrieval", records, Path(".")), ["r1", "r5"])
+    assert metric_value(t, "R@1") == pytest.approx(100 / 3)
+    assert metric_value(t, "R@5") == pytest.approx(200 / 3)
+
+
+# ---------------------------------------------------------------- the claims
+
+
+@pytest.mark.parametrize("name", list(C.CLAIMS))
+def test_every_claim_is_well_formed(name):
+    claim = C.CLAIMS[name]
+    arms = {a.name for a in claim.arms}
+    assert len(arms) == len(claim.arms) >= 2
+    assert claim.budgets
+    for comp in claim.comparisons:
+        assert comp.arm in arms and comp.reference in arms and comp.arm != comp.reference
+        assert comp.measure.bench in claim.benches and comp.measure.bench in UNITS
+        assert comp.measure.metric in REDUCERS and comp.expect in (-1, 0, 1)
+    if claim.level == "encoder":
+        assert all(a.recipe for a in claim.arms)
+
+
+def test_a_prior_arm_replaces_align_and_shares_only_the_stages_before_it(tmp_path):
+    from mllm.evidence.runner import link_shared, mllm_recipe
+
+    base = tmp_path / "base"
+    budget = C.PRIOR.budgets[0]
+    ntp = mllm_recipe(C.PRIOR.arm("ntp"), base, 0, budget, quick=True)
+    prior = mllm_recipe(C.PRIOR.arm("prior"), base, 0, budget, quick=True)
+    reference = mllm_recipe(None, base, 0, budget, quick=True)
+    assert [s.name for s in prior.stages] == ["lm_pretrain", "tower_warmup", "prior_ref", "prior", "instruct"]
+    assert ntp.stages[3].prior.alpha == 0.0 and prior.stages[3].prior.alpha == 1.0
+    assert prior.stages[3].init == "tower_warmup"
+    for stage in reference.stages:  # the base run, finished
+        (base / "run" / stage.name / "final").mkdir(parents=True)
+    shared = link_shared(prior, reference, base / "run", tmp_path / "arm")
+    assert shared == ["lm_pretrain", "tower_warmup"]
+    assert (tmp_path / "arm" / "tower_warmup").is_symlink()
+    assert not (tmp_path / "arm" / "instruct").exists()
+    # the reference arm of a decoding-only claim is the base itself, every stage linked
+    same = link_shared(reference, reference, base / "run", tmp_path / "same")
+    assert same == [s.name for s in reference.stages]
+
+
+def test_a_budget_override_reaches_only_the_stages_an_arm_has(tmp_path):
+    from mllm.evidence.runner import mllm_recipe
+
+    big = C.PRIOR.budgets[1]
+    r = mllm_recipe(C.PRIOR.arm("prior"), tmp_path, 0, big, quick=False)
+    steps = {s.name: s.max_steps for s in r.stages}
+    assert steps["instruct"] == 840 and steps["prior"] == 60 and "align" not in steps
+
+
+def test_a_blocked_claim_refuses_to_run_and_says_why(tmp_path):
+    from mllm.evidence.runner import BlockedClaim, run_claim
+
+    with pytest.raises(BlockedClaim, match="readout"):
+        run_claim(C.MOF, [0], tmp_path / "mof", quick=True)
+
+
+# ---------------------------------------------------------------- end to end (quick sizes)
+
+
+def test_agla_runs_end_to_end_and_a_rerun_is_a_report(tmp_path):
+    from mllm.evidence.runner import run_claim
+
+    out = tmp_path / "agla"
+    summary = run_claim(C.AGLA, [0], out, bases=tmp_path / "bases", quick=True, log=lambda *_: None)
+    table = json.loads((out / "b0" / "table.json").read_text())
+    assert (out / "b0" / "figure.png").stat().st_size > 1000
+    md = (out / "b0" / "table.md").read_text()
+    assert "agla - greedy: pope/adversarial accuracy" in md and "mllm evidence agla --seeds 0" in md
+    assert table["cost"]["greedy"]["shared_with_base"] == ["lm_pretrain", "tower_warmup", "align", "instruct"]
+    assert set(table["measures"]["pope/adversarial accuracy"]) == {"greedy", "agla"}
+    assert summary["levels"][0]["verdicts"]
+    evals = sorted((out / "b0").rglob("eval/*.json"))
+    stamps = [p.stat().st_mtime_ns for p in evals]
+    again = run_claim(C.AGLA, [0], out, bases=tmp_path / "bases", quick=True, log=lambda *_: None)
+    assert [p.stat().st_mtime_ns for p in evals] == stamps  # nothing re-evaluated
+    assert again["levels"] == summary["levels"]
+
+
+def test_an_encoder_claim_trains_each_arm_at_the_same_steps(tmp_path):
+    from mllm.evidence.runner import run_claim
+
+    out = tmp_path / "cloc"
+    run_claim(C.CLOC, [0, 1], out, bases=tmp_path / "bases", quick=True, log=lambda *_: None)
+    table = json.loads((out / "b0" / "table.json").read_text())
+    steps = {a: table["cost"][a]["steps"] for a in ("clip", "cloc")}
+    assert steps == {"clip": {"contrastive": 4}, "cloc": {"cloc": 4}}
+    m = table["measures"]["regions/region_r1 accuracy"]
+    assert len(m["clip"]["per_seed"]) == 2 and m["clip"]["items_per_seed"] == m["cloc"]["items_per_seed"]
+    assert table["comparisons"][0]["seeds"] == 2
+
+
+def test_the_cli_lists_the_claims_and_a_blocked_one_exits_2_with_its_reason(capsys, tmp_path):
+    from mllm.cli import main
+
+    assert main(["evidence", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in C.CLAIMS)
+    assert main(["evidence", "mof", "--out", str(tmp_path / "mof"), "--quick"]) == 2
+    assert "readout" in capsys.readouterr().err
