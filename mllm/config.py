@@ -58,6 +58,11 @@ class TokenizerConfig:
     image_token: str = "<image>"
 
 
+#: Fusions that hand the LM more than one grid of image tokens (interleaved MoF: one stream per tower), so
+#: no single grid of pre-projector features exists for a readout to read (mllm.vision.Fusion.single_grid).
+MULTI_STREAM_FUSIONS: tuple[str, ...] = ("mof_interleaved",)
+
+
 @dataclass
 class FusionConfig:
     """A fused vision side (see mllm.vision): two towers (MoF) or CLIP + geometric encoder + router (SVE-Math).
@@ -107,7 +112,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.encoder = encoder_config_for(self.kind, self.encoder)
         if self.readout is not None:
-            check_readout(self.readout, self.fusion is not None)
+            check_readout(self.readout)
+            if self.fusion is not None and self.fusion.type in MULTI_STREAM_FUSIONS:
+                raise ConfigError(
+                    f"model.readout reads one grid of pre-projector features; fusion {self.fusion.type!r} "
+                    "gives the LM one stream per tower (mof_additive and router give one grid)"
+                )
 
 
 # model.kind -> the dataclass of its `model.encoder` section (a tagged union keyed by the kind). Here, not

@@ -12,7 +12,7 @@ tokenizer, and `mllm.json` (the folder's one meta file: kind `mllm`, format_vers
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +163,9 @@ class MultimodalLM(nn.Module):
             proj = build_projector(projector, tower.hidden_size, d_llm)
         look_id = -1
         if readout is not None:
-            if fusion is not None:
-                raise ValueError("model.readout is not supported with model.fusion")
             vocab = lm.get_input_embeddings().num_embeddings
             parts["readout"] = build_readout(
-                readout, tower.hidden_size, d_llm, vocab, getattr(proj, "count_words", ())
+                readout, _feature_dim(tower, fuse, parts), d_llm, vocab, getattr(proj, "count_words", ())
             )
             look_id = tokenizer.convert_tokens_to_ids(LOOK_TOKEN)
             if look_id is None or look_id == tokenizer.unk_token_id:
@@ -209,9 +207,17 @@ class MultimodalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> [n_images, N, d_llm] in the LM's dtype."""
-        if self.fusion is not None:
+        if self.fusion is not None and not self.fusion.single_grid:
             return self.fusion.encode(self, pixel_values)
-        return self.project_features(self.tower_features(pixel_values))
+        return self.project_features(self.grid_features(pixel_values))
+
+    def grid_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The pre-projector tokens on the tower's patch grid: the tower's own, or a single-grid fusion's
+        (additive MoF's mixture, SVE-Math's routed tokens). What a readout reads beside the projected
+        tokens. Unlike `tower_features` it is never cached: a fusion's parts may train (the router)."""
+        if self.fusion is not None:
+            return self.fusion.features(self, pixel_values)
+        return self.tower_features(pixel_values)
 
     def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> the pre-projector tokens [n_images, N, D].
@@ -297,7 +303,7 @@ class MultimodalLM(nn.Module):
             feats = image_features
             img = self.project_features(image_features)
         elif self.readout is not None:
-            feats = self.tower_features(pixel_values)
+            feats = self.grid_features(pixel_values)
             img = self.project_features(feats)
         else:
             img = self.encode_images(pixel_values)
@@ -457,6 +463,39 @@ class MultimodalLM(nn.Module):
         )
 
     # ------------------------------------------------------------------ persistence
+    def with_fusion(self, fusion: FusionConfig) -> MultimodalLM:
+        """This model with a second source of image features fused in (MoF's second tower, SVE-Math's
+        geometric encoder and router), sharing this model's modules.
+
+        Why: the fusion claims add to a vision side that already works; grafting the fusion onto a trained
+        single-tower model (its warmed-up tower, its anchored projector, its readout) makes a fused arm
+        differ from the single-tower one by the fusion alone. The projector and readout are kept where the
+        fused features keep the tower's width and grid (additive MoF); otherwise the fusion's fresh
+        projector is used, and a readout (built for the tower's width) is refused."""
+        if self.fusion is not None:
+            raise ValueError(f"the model is already fused ({self.meta.fusion['type']})")
+        fuse = build_fusion(fusion)
+        d_llm = self.lm.get_input_embeddings().embedding_dim
+        parts = fuse.build_parts(self.tower, self.meta.projector, d_llm)
+        fresh = parts.pop("projector")
+        keep = fuse.single_grid and fuse.feature_dim(self.tower, parts) == self.tower.hidden_size
+        if self.readout is not None:
+            if not fuse.single_grid:
+                raise ValueError(
+                    f"fusion {fusion.type!r} gives the LM one stream per tower; this model's readout reads "
+                    "one grid of features"
+                )
+            if not keep:
+                raise ValueError(
+                    f"fusion {fusion.type!r} changes the features' width or grid, which this model's readout "
+                    "was built for; graft it onto a model without a readout"
+                )
+            parts["readout"] = self.readout
+        meta = replace(self.meta, fusion=asdict(fusion))
+        return MultimodalLM(
+            self.tower, self.projector if keep else fresh, self.lm, meta, self.tokenizer, fuse, parts
+        )
+
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write every part to a temporary folder beside `out_dir`, then rename it into place.
 
@@ -524,7 +563,7 @@ class MultimodalLM(nn.Module):
         if meta.readout is not None:
             readout = build_readout(
                 meta.readout,
-                tower.hidden_size,
+                _feature_dim(tower, fuse, parts),
                 d_llm,
                 lm.get_input_embeddings().num_embeddings,
                 getattr(proj, "count_words", ()),
@@ -536,6 +575,18 @@ class MultimodalLM(nn.Module):
         if torch_dtype is not None:
             model.to(torch_dtype)
         return model.eval()
+
+
+def _feature_dim(tower: Tower, fuse: Fusion | None, parts: dict[str, nn.Module]) -> int:
+    """The width of the features a readout reads: the tower's, or a single-grid fusion's; a fusion that
+    gives several streams has none (ValueError)."""
+    if fuse is None:
+        return tower.hidden_size
+    if not fuse.single_grid:
+        raise ValueError(
+            f"model.readout reads one grid of features; fusion {fuse.cfg.type!r} gives one stream per tower"
+        )
+    return fuse.feature_dim(tower, parts)
 
 
 def load_llava(

@@ -90,14 +90,12 @@ def build_readout(
         raise ValueError(f"model.readout: {e}") from None
 
 
-def check_readout(cfg: Any, fused: bool) -> None:
+def check_readout(cfg: Any) -> None:
     """Refuse a bad `model.readout` when the recipe loads (ConfigError naming the key), not at step 1."""
     from encoders.common import ConfigError
 
     if not isinstance(cfg, dict):
         raise ConfigError(f"model.readout must be a mapping such as {{type: focus}}, got {cfg!r}")
-    if fused:
-        raise ConfigError("model.readout is not supported with model.fusion (one tower's features only)")
     try:
         build_readout(cfg, 8, 8, 8, count_words=(2, 2))  # the projector's words are known only at build
     except (ValueError, KeyError) as e:

@@ -119,6 +119,20 @@ class Fusion:
         """Canonical pixels [B, 3, S, S] -> image embeddings [B, N', d_llm]."""
         raise NotImplementedError
 
+    # -- one grid of fused features (what a readout reads) -------------------------------------------
+    #: whether the fused pre-projector tokens form one grid on the first tower's patches; where they do,
+    #: the model projects them itself (`MultimodalLM.grid_features`), so an anchored projector and a
+    #: question-conditioned readout work on a fused model as on a single tower
+    single_grid: ClassVar[bool] = False
+
+    def features(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Canonical pixels -> the fused pre-projector tokens [B, N, feature_dim] (single-grid fusions)."""
+        raise NotImplementedError(f"{self.cfg.type} fusion has no single grid of fused features")
+
+    def feature_dim(self, tower: Tower, parts: dict[str, nn.Module]) -> int:
+        """The width of `features` (the projector's and a readout's input)."""
+        return tower.hidden_size
+
     # -- pixels ---------------------------------------------------------------------------------------
     def image_size(self, model: MultimodalLM) -> int:
         return int(self.cfg.image_size or max(self.input_sizes(model)))
@@ -150,6 +164,19 @@ class MofFusion(Fusion):
         if cfg.tower2 is None:
             raise ValueError(f"fusion {cfg.type}: tower2 (the second tower's TowerConfig) is required")
         self.mof = MixtureOfFeatures(cfg.type.removeprefix("mof_"), cfg.alpha, cfg.resample)
+        self.single_grid = self.mof.mode == "additive"  # interleaved hands the LM two streams
+
+    def features(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not self.single_grid:
+            return super().features(model, pixel_values)
+        first, second = self._towers(model, pixel_values)
+        return self.mof.mix(first, second)
+
+    def _towers(self, model: MultimodalLM, pixel_values: torch.Tensor):
+        px = pixel_values.float()
+        first = model.tower(tower_input(model.tower, px).to(_dtype(model.tower)))
+        second = model.tower2(tower_input(model.tower2, px).to(_dtype(model.tower2)))
+        return first, second
 
     def build_parts(
         self,
@@ -188,9 +215,7 @@ class MofFusion(Fusion):
         return self.mof.num_tokens(model.tower.num_tokens)
 
     def encode(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
-        px = pixel_values.float()
-        first = model.tower(tower_input(model.tower, px).to(_dtype(model.tower)))
-        second = model.tower2(tower_input(model.tower2, px).to(_dtype(model.tower2)))
+        first, second = self._towers(model, pixel_values)
         projectors = (
             list(model.projector) if isinstance(model.projector, StreamProjectors) else [model.projector]
         )
@@ -234,6 +259,14 @@ class RouterFusion(Fusion):
             router.load_state_dict(load_file(str(model_dir / "router.safetensors")))
         proj = build_projector(projector, router.out_dim, d_llm)
         return {"geo": geo, "router": router, "projector": proj}
+
+    single_grid = True  # the routed pyramid is resized onto the CLIP patch grid
+
+    def features(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.routed(model, pixel_values).tokens
+
+    def feature_dim(self, tower: Tower, parts: dict[str, nn.Module]) -> int:
+        return parts["router"].out_dim
 
     def input_sizes(self, model: MultimodalLM) -> list[int]:
         return [model.tower.image_size, model.geo.config.image_size]

@@ -773,3 +773,68 @@ def test_relation_words_say_where_the_object_heads_looked_against_the_subject_he
         r(feats, queries, index, tokens=tokens, words=(text, look))
     with pytest.raises(ValueError, match="needs roles"):
         FocusReadout(5, 7, relation_words=["left", "right", "above", "below"])
+
+
+# ---------------------------------------------------------------- a readout on a fused model (MoF graft)
+
+
+def _mof(alpha: float):
+    from mllm.config import FusionConfig
+
+    dino = TowerConfig(type="dinov2", config=dict(TINY_TOWER), select_layer=-1)
+    return FusionConfig(type="mof_additive", alpha=alpha, tower2=dino)
+
+
+def _pictures(n: int = 2):
+    from PIL import Image
+
+    ims = []
+    for i in range(n):
+        im = Image.new("RGB", (64, 64), "white")
+        im.paste((200, 40 * i, 30), (6 + 9 * i, 8, 34 + 9 * i, 40))
+        ims.append(im)
+    return ims
+
+
+def _look_logits(model, images):
+    """The embedded sequence (image tokens and looks filled) and the loss on it, for two questions."""
+    b = _batch(model, ["what color is the circle?", "is there a star?"])
+    b["pixel_values"] = model.preprocess(images)
+    with torch.no_grad():
+        embeds = model.embed(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
+        return torch.cat([embeds.flatten(), model(**b).loss.reshape(1)])
+
+
+def test_additive_mof_grafted_at_alpha_one_answers_as_the_single_tower_model(tokenizer):
+    """alpha 1 keeps only the model's own tower: the graft (projector and readout kept, the fused model
+    fed canonical pixels and normalising per tower) must not change a logit; alpha 0.5 must."""
+    m = _build_look_model(tokenizer, **{"words": "own", "value": "tokens"}).eval()
+    images = _pictures()
+    want = _look_logits(m, images)
+    same = m.with_fusion(_mof(1.0)).eval()
+    assert same.readout is m.readout and same.projector is m.projector
+    torch.testing.assert_close(_look_logits(same, images), want, atol=1e-4, rtol=1e-4)
+    mixed = m.with_fusion(_mof(0.5)).eval()
+    assert not torch.allclose(_look_logits(mixed, images), want, atol=1e-3)
+
+
+def test_a_grafted_look_model_saves_and_loads_identically(tokenizer, tmp_path):
+    from mllm.model import MultimodalLM
+
+    fused = _build_look_model(tokenizer).with_fusion(_mof(0.5)).eval()
+    images = _pictures()
+    fused.save_pretrained(tmp_path / "m")
+    back = MultimodalLM.from_pretrained(tmp_path / "m")
+    assert back.meta.fusion["type"] == "mof_additive" and back.readout is not None
+    torch.testing.assert_close(_look_logits(back, images), _look_logits(fused, images))
+
+
+def test_a_readout_refuses_a_fusion_that_gives_two_streams(tokenizer):
+    from mllm.config import FusionConfig, ModelConfig
+
+    m = _build_look_model(tokenizer)
+    inter = FusionConfig(type="mof_interleaved", tower2=_mof(0.5).tower2)
+    with pytest.raises(ValueError, match="one stream per tower"):
+        m.with_fusion(inter)
+    with pytest.raises(ConfigError, match="one grid"):
+        ModelConfig(readout={"type": "focus"}, fusion=inter)

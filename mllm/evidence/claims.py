@@ -46,6 +46,22 @@ class Arm:
     edit: Callable[[dict[str, Any]], None] | None = None
     decoding: str = "greedy"
     recipe: str | None = None
+    # MLLM arms that fuse a second feature source into the base (`model.fusion`, a dict whose strings may
+    # name a claim's extras as "${name}"): the base's model after stage `graft_at`, with the fusion
+    # attached (MultimodalLM.with_fusion), is where the arm's later stages start
+    graft: dict[str, Any] | None = None
+    graft_at: str = "tower_warmup"
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A model a claim needs beside the base, trained once per seed on the base's world (MoF's
+    self-supervised tower): packaged `recipe`, `steps` of its single stage; arms name its image tower
+    as "${name}"."""
+
+    name: str
+    recipe: str
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ class Claim:
     benches: tuple[str, ...]
     budgets: tuple[Budget, ...]
     extra_measures: tuple[Measure, ...] = ()  # reported per arm, not compared
+    extras: tuple[Extra, ...] = ()
     blocked: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -278,29 +295,46 @@ CLOC = Claim(
     ),
 )
 
-_FUSION_BLOCK = (
-    "the seeing demo reads its image through the question-conditioned readout (model.readout), which "
-    "mllm refuses together with model.fusion (mllm.readout.check_readout: one tower's features only); "
-    "fusing a second tower into the readout's grid is the missing piece"
-)
+
+def _mof(alpha: float) -> dict[str, Any]:
+    return {
+        "type": "mof_additive",
+        "alpha": alpha,
+        "tower2": {"type": "dinov2", "path": "${dino}", "select_layer": -1},
+    }
+
 
 MOF = Claim(
     name="mof",
     title="MoF: adding self-supervised features fixes CLIP's blind pairs",
-    paper="Eyes Wide Shut (Tong et al. 2024): MMVP 24.7 -> 28.0 with interleaved MoF.",
+    paper="Eyes Wide Shut (Tong et al. 2024): MMVP 24.7 -> 28.0 with interleaved MoF (additive trades "
+    "instruction following for vision as alpha falls).",
     level="mllm",
     arms=(
-        Arm("clip", "the demo (CLIP-style tower only)"),
-        Arm("additive", "additive MoF", overrides=("model.fusion.type=mof_additive",)),
-        Arm("interleaved", "interleaved MoF", overrides=("model.fusion.type=mof_interleaved",)),
+        Arm("clip", "the demo (its contrastive tower, warmed up, only)"),
+        Arm(
+            "add75",
+            "additive MoF, 0.75 x the demo's tower + 0.25 x a DINO tower (dino-tiny, frozen)",
+            graft=_mof(0.75),
+        ),
+        Arm("add50", "additive MoF, 0.5 x the demo's tower + 0.5 x the DINO tower", graft=_mof(0.5)),
     ),
     comparisons=(
-        Comparison("additive", "clip", Measure("mmvp", "accuracy")),
-        Comparison("interleaved", "clip", Measure("mmvp", "accuracy")),
+        Comparison("add75", "clip", Measure("mmvp", "accuracy")),
+        Comparison("add50", "clip", Measure("mmvp", "accuracy")),
+        Comparison("add50", "clip", Measure("qa", "accuracy"), expect=0),
+        Comparison("add75", "clip", Measure("qa", "accuracy"), expect=0),
     ),
     benches=("mmvp", "qa"),
     budgets=MLLM_BUDGETS,
-    blocked=_FUSION_BLOCK,
+    extras=(Extra("dino", "dino-tiny", 150),),
+    notes=(
+        "A fused arm starts from the base's warmed-up model with the DINO tower attached "
+        "(MultimodalLM.with_fusion: the anchored projector and the readout read the mixture), then trains "
+        "the demo's align and instruct stages; the CLIP arm is the base itself at budget 0.",
+        "Interleaved MoF is not an arm: the readout reads one grid of features and interleaved MoF hands "
+        "the LM one stream per tower (mllm.config.MULTI_STREAM_FUSIONS).",
+    ),
 )
 
 SVE = Claim(
@@ -319,7 +353,13 @@ SVE = Claim(
     ),
     benches=("mathverse",),
     budgets=MLLM_BUDGETS,
-    blocked=_FUSION_BLOCK,
+    blocked=(
+        "the router's tokens are wider than the tower's (encoders.router.FeatureRouter.out_dim), so the "
+        "seeing demo's anchored projector and readout, built for the tower's width, cannot read them "
+        "(MultimodalLM.with_fusion refuses); router arms would restart both from scratch and no longer "
+        "differ from the demo by the router alone, and GeoWorld's math is at 11% on the demo (digits "
+        "read at 5 px), too near the floor to show a routing effect"
+    ),
 )
 
 CLAIMS: dict[str, Claim] = {c.name: c for c in (AGLA, PRIOR, OBJECTIVES, TIPS, CLOC, MOF, SVE)}

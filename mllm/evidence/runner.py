@@ -16,9 +16,11 @@ evaluation written is never redone, so a killed run resumes where it stopped and
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +58,23 @@ def _present(overrides: list[str], tree: dict[str, Any]) -> list[str]:
     return [o for o in overrides if not o.startswith("stages.") or o.split(".")[1] in names]
 
 
-def mllm_recipe(arm: Arm | None, base: Path, seed: int, budget: Budget, quick: bool) -> Recipe:
-    """The demo's recipe for this base and seed, with the arm's edit and overrides and the budget's."""
+def mllm_recipe(
+    arm: Arm | None,
+    base: Path,
+    seed: int,
+    budget: Budget,
+    quick: bool,
+    extras: dict[str, str] | None = None,
+) -> Recipe:
+    """The demo's recipe for this base and seed, with the arm's edit, fusion and overrides and the
+    budget's; `extras` are the claim's extra models by name (`${name}` in the arm's fusion)."""
     tree = yaml.safe_load(RECIPE.read_text())
     if arm is not None and arm.edit is not None:
         arm.edit(tree)
+    if arm is not None and arm.graft is not None:
+        tree["model"]["fusion"] = copy.deepcopy(arm.graft)
     overrides = demo_overrides(base, seed, quick) + (list(QUICK_ADDED) if quick else [])
+    overrides += [f"extra.{k}={v}" for k, v in (extras or {}).items()]
     overrides += list(arm.overrides if arm else ()) + list(budget.overrides)
     return recipe_from_dict(tree, _present(overrides, tree))
 
@@ -84,6 +97,54 @@ def link_shared(recipe: Recipe, reference: Recipe, reference_run: Path, run_dir:
             dst.symlink_to((reference_run / stage.name).resolve(), target_is_directory=True)
         shared.append(stage.name)
     return shared
+
+
+def graft_shared(recipe: Recipe, reference: Recipe, reference_run: Path, run_dir: Path, at: str) -> list[str]:
+    """For an arm that fuses a second feature source into the base: link the reference's stages before
+    `at`, and write stage `at`'s model as the reference's with the recipe's fusion attached
+    (MultimodalLM.with_fusion), so the arm's later stages start from it. The recipe must be the
+    reference's up to and including `at` but for `model.fusion`."""
+    from mllm.model import MultimodalLM
+
+    names = [s.name for s in recipe.stages]
+    if at not in names:
+        raise ValueError(f"graft stage {at!r} is not in the recipe ({names})")
+    k = names.index(at)
+    same = replace(recipe.model, fusion=None) == replace(reference.model, fusion=None)
+    if not same or recipe.engine != reference.engine or recipe.stages[: k + 1] != reference.stages[: k + 1]:
+        raise ValueError(f"a grafted arm must be the base up to {at!r}, but for its fusion")
+    shared = []
+    for stage in recipe.stages[:k]:
+        dst = run_dir / stage.name
+        if not dst.exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to((reference_run / stage.name).resolve(), target_is_directory=True)
+        shared.append(stage.name)
+    final = run_dir / at / "final"
+    if not (final / "mllm.json").is_file():
+        model = MultimodalLM.from_pretrained(reference_run / at / "final")
+        model.with_fusion(recipe.model.fusion).save_pretrained(final)
+    return [*shared, f"{at} (+ fusion)"]
+
+
+def ensure_extras(claim: Claim, base: Path, seed: int, quick: bool, log) -> dict[str, str]:
+    """Each of the claim's extra models, trained once per seed on the base's world; their image towers."""
+    from mllm.training.runner import train_recipe
+
+    paths = {}
+    for ex in claim.extras:
+        tree = yaml.safe_load(find_recipe(ex.recipe).read_text())
+        stage = tree["stages"][0]["name"]
+        steps = [f"stages.{stage}.max_steps={4 if quick else ex.steps}"]
+        if quick:
+            steps += [f"stages.{stage}.batch_size=8"]
+        recipe = load_recipe(
+            find_recipe(ex.recipe), [f"extra.world={base / 'world'}", f"engine.seed={seed}", *steps]
+        )
+        out = base / "extras" / ex.name
+        summary = train_recipe(recipe, out, log=log)
+        paths[ex.name] = str(Path(summary.get("final") or out / stage / "final") / "image_tower")
+    return paths
 
 
 def _train(recipe: Recipe, run_dir: Path, arm_dir: Path, shared: list[str], log) -> dict[str, Any]:
@@ -124,10 +185,14 @@ def run_mllm_arm(
     from mllm.evaluation.runner import evaluate
     from mllm.model import MultimodalLM
 
-    recipe = mllm_recipe(arm, base, seed, budget, quick)
+    extras = ensure_extras(claim, base, seed, quick, log)
+    recipe = mllm_recipe(arm, base, seed, budget, quick, extras)
     reference = mllm_recipe(None, base, seed, Budget(""), quick)
     run_dir = arm_dir / "run"
-    shared = link_shared(recipe, reference, base / "run", run_dir)
+    if arm.graft is not None:
+        shared = graft_shared(recipe, reference, base / "run", run_dir, arm.graft_at)
+    else:
+        shared = link_shared(recipe, reference, base / "run", run_dir)
     cost = _train(recipe, run_dir, arm_dir, shared, log)
     world = base / "world"
     units: dict[str, list[dict[str, Any]]] = {}
