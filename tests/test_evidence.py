@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mllm.evaluation.benchmarks import get_benchmark
 from mllm.evaluation.benchmarks.core import Item
@@ -226,18 +227,24 @@ def test_a_budget_override_reaches_only_the_stages_an_arm_has(tmp_path):
 def test_a_blocked_claim_refuses_to_run_and_says_why(tmp_path):
     from mllm.evidence.runner import BlockedClaim, run_claim
 
-    with pytest.raises(BlockedClaim, match="readout"):
-        run_claim(C.MOF, [0], tmp_path / "mof", quick=True)
+    with pytest.raises(BlockedClaim, match="router"):
+        run_claim(C.SVE, [0], tmp_path / "svemath", quick=True)
 
 
 # ---------------------------------------------------------------- end to end (quick sizes)
 
 
-def test_agla_runs_end_to_end_and_a_rerun_is_a_report(tmp_path):
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Quick demo bases, shared by the end-to-end tests below (each claim builds what is missing)."""
+    return tmp_path_factory.mktemp("bases")
+
+
+def test_agla_runs_end_to_end_and_a_rerun_is_a_report(tmp_path, bases):
     from mllm.evidence.runner import run_claim
 
     out = tmp_path / "agla"
-    summary = run_claim(C.AGLA, [0], out, bases=tmp_path / "bases", quick=True, log=lambda *_: None)
+    summary = run_claim(C.AGLA, [0], out, bases=bases, quick=True, log=lambda *_: None)
     table = json.loads((out / "b0" / "table.json").read_text())
     assert (out / "b0" / "figure.png").stat().st_size > 1000
     md = (out / "b0" / "table.md").read_text()
@@ -247,16 +254,36 @@ def test_agla_runs_end_to_end_and_a_rerun_is_a_report(tmp_path):
     assert summary["levels"][0]["verdicts"]
     evals = sorted((out / "b0").rglob("eval/*.json"))
     stamps = [p.stat().st_mtime_ns for p in evals]
-    again = run_claim(C.AGLA, [0], out, bases=tmp_path / "bases", quick=True, log=lambda *_: None)
+    again = run_claim(C.AGLA, [0], out, bases=bases, quick=True, log=lambda *_: None)
     assert [p.stat().st_mtime_ns for p in evals] == stamps  # nothing re-evaluated
     assert again["levels"] == summary["levels"]
 
 
-def test_an_encoder_claim_trains_each_arm_at_the_same_steps(tmp_path):
+def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):
+    """The fused arms link the base's first stages, start align from its warmed-up model with the
+    claim's DINO tower attached, and train the same stages as the base; the CLIP arm is the base."""
+    from mllm.evidence.runner import run_claim
+    from mllm.model import MultimodalLM
+
+    out = tmp_path / "mof"
+    run_claim(C.MOF, [0], out, bases=bases, quick=True, log=lambda *_: None)
+    table = json.loads((out / "b0" / "table.json").read_text())
+    assert table["cost"]["clip"]["shared_with_base"] == ["lm_pretrain", "tower_warmup", "align", "instruct"]
+    assert table["cost"]["add50"]["shared_with_base"] == ["lm_pretrain", "tower_warmup (+ fusion)"]
+    assert table["cost"]["add50"]["steps"] == {"align": 3, "instruct": 8}
+    fused = MultimodalLM.from_pretrained(out / "b0" / "add50" / "s0" / "run" / "instruct" / "final")
+    assert fused.meta.fusion["alpha"] == 0.5 and fused.readout is not None
+    warm = MultimodalLM.from_pretrained(bases / "s0" / "run" / "tower_warmup" / "final")
+    graft = MultimodalLM.from_pretrained(out / "b0" / "add50" / "s0" / "run" / "tower_warmup" / "final")
+    for name, p in warm.projector.state_dict().items():  # the grafted start keeps the warm-up's projector
+        assert torch.equal(p, graft.projector.state_dict()[name])
+
+
+def test_an_encoder_claim_trains_each_arm_at_the_same_steps(tmp_path, bases):
     from mllm.evidence.runner import run_claim
 
     out = tmp_path / "cloc"
-    run_claim(C.CLOC, [0, 1], out, bases=tmp_path / "bases", quick=True, log=lambda *_: None)
+    run_claim(C.CLOC, [0, 1], out, bases=bases, quick=True, log=lambda *_: None)
     table = json.loads((out / "b0" / "table.json").read_text())
     steps = {a: table["cost"][a]["steps"] for a in ("clip", "cloc")}
     assert steps == {"clip": {"contrastive": 4}, "cloc": {"cloc": 4}}
@@ -271,5 +298,5 @@ def test_the_cli_lists_the_claims_and_a_blocked_one_exits_2_with_its_reason(caps
     assert main(["evidence", "list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in C.CLAIMS)
-    assert main(["evidence", "mof", "--out", str(tmp_path / "mof"), "--quick"]) == 2
-    assert "readout" in capsys.readouterr().err
+    assert main(["evidence", "svemath", "--out", str(tmp_path / "svemath"), "--quick"]) == 2
+    assert "router" in capsys.readouterr().err
