@@ -65,6 +65,7 @@ def write_report(
     seeds: list[int],
     units: Units,
     costs: dict[str, dict[int, dict[str, Any]]],
+    metrics: dict[str, dict[int, dict[str, dict[str, Any]]]],
     out: Path,
     bases: Path,
     quick: bool,
@@ -112,6 +113,8 @@ def write_report(
         for a in arms
     }
     result = {
+        "groups": _groups(claim, seeds, units),
+        "scalars": _scalars(claim, seeds, metrics),
         "claim": claim.name,
         "title": claim.title,
         "paper": claim.paper,
@@ -132,6 +135,54 @@ def write_report(
     atomic_write_text(out / "table.md", markdown(claim, result))
     figure(claim, result, out / "figure.png")
     return result
+
+
+#: the figure a benchmark's per-group breakdown shows (the rest: accuracy)
+PRIMARY = {"retrieval": "R@1"}
+#: per-run numbers that are not per-item (the embedding geometry), reported as means over seeds
+SCALARS = ("modality_gap", "alignment", "uniformity_image", "uniformity_text")
+
+
+def _groups(claim: Claim, seeds: list[int], units: Units) -> dict[str, dict[str, dict[str, float]]]:
+    """bench -> group -> arm -> the primary metric's mean over seeds, for benchmarks with several groups
+    (MMVP's patterns, QA's categories, POPE's splits): the detail behind the compared measures."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    first = claim.arms[0].name
+    for bench in claim.benches:
+        groups = sorted({r["group"] for r in units[first][seeds[0]][bench]})
+        if len(groups) < 2:
+            continue
+        metric = PRIMARY.get(bench, "accuracy")
+        out[bench] = {
+            g: {
+                a.name: float(
+                    np.mean(
+                        [
+                            metric_value(
+                                measure_table(units[a.name][s][bench], Measure(bench, metric, g)), metric
+                            )
+                            for s in seeds
+                        ]
+                    )
+                )
+                for a in claim.arms
+            }
+            for g in groups
+        }
+    return out
+
+
+def _scalars(
+    claim: Claim, seeds: list[int], metrics: dict[str, dict[int, dict[str, dict[str, Any]]]]
+) -> dict[str, dict[str, list[float]]]:
+    out: dict[str, dict[str, list[float]]] = {}
+    for a in claim.arms:
+        for s in seeds:
+            for m in metrics[a.name][s].values():
+                for key in SCALARS:
+                    if key in m:
+                        out.setdefault(key, {}).setdefault(a.name, []).append(float(m[key]))
+    return out
 
 
 def _fmt(x: float) -> str:
@@ -182,6 +233,22 @@ def markdown(claim: Claim, r: dict[str, Any]) -> str:
             f"| {c['comparison']} | {claimed} | {c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}] | "
             f"{c['verdict']} |"
         )
+    for bench, groups in r.get("groups", {}).items():
+        metric = PRIMARY.get(bench, "accuracy")
+        lines += [
+            "",
+            f"{bench} by group ({metric}, mean over seeds):",
+            "",
+            "| group | " + " | ".join(arms) + " |",
+        ]
+        lines.append("|---|" + "---|" * len(arms))
+        lines += [f"| {g} | " + " | ".join(_fmt(v[a]) for a in arms) + " |" for g, v in groups.items()]
+    if r.get("scalars"):
+        lines += ["", "Embedding geometry on the held-out captions (mean over seeds):", ""]
+        lines += ["| arm | " + " | ".join(r["scalars"]) + " |", "|---|" + "---|" * len(r["scalars"])]
+        for a in arms:
+            cells = [f"{np.mean(v[a]):.3f}" if a in v else "-" for v in r["scalars"].values()]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     lines += ["", f"Bootstrap: {r['bootstrap']}."]
     lines += [f"Note: {n}" for n in claim.notes]
     return "\n".join(lines) + "\n"

@@ -257,6 +257,7 @@ def run_budget(
     arm_run = run_mllm_arm if claim.level == "mllm" else run_encoder_arm
     costs: dict[str, dict[int, dict[str, Any]]] = {}
     units: dict[str, dict[int, dict[str, list[dict[str, Any]]]]] = {}
+    metrics: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
     for seed in seeds:
         base = bases / f"s{seed}"
         ensure_base(claim, base, seed, quick, log)
@@ -265,7 +266,10 @@ def run_budget(
             cost, u = arm_run(claim, arm, seed, budget, base, arm_dir, quick, log)
             costs.setdefault(arm.name, {})[seed] = cost
             units.setdefault(arm.name, {})[seed] = u
-    return write_report(claim, level, seeds, units, costs, out / f"b{level}", bases, quick)
+            metrics.setdefault(arm.name, {})[seed] = {
+                b: json.loads(_eval_file(arm_dir, b).read_text())["metrics"] for b in claim.benches
+            }
+    return write_report(claim, level, seeds, units, costs, metrics, out / f"b{level}", bases, quick)
 
 
 def run_claim(
