@@ -368,6 +368,11 @@ def cmd_evidence(args: argparse.Namespace) -> int:
     from mllm.evidence.claims import CLAIMS, get_claim
     from mllm.evidence.runner import BlockedClaim, run_claim
 
+    if args.claim == "summary":
+        from mllm.evidence.report import summarize
+
+        print(summarize(Path(args.out or "runs/evidence")), end="")
+        return 0
     if args.claim == "list":
         for c in CLAIMS.values():
             state = (
@@ -416,7 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evidence",
         help="a seed paper's claim measured on GeoWorld: arms at equal compute, seeds, paired intervals",
     )
-    ev.add_argument("claim", help="agla | prior | objectives | tips | cloc | mof | svemath, or `list`")
+    ev.add_argument(
+        "claim",
+        help="agla | prior | mof | objectives | tips | cloc | svemath; `list` (the claims) or `summary` "
+        "(every claim's verdicts under --out, default runs/evidence)",
+    )
     ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ev.add_argument("--out", default=None, help="the claim's folder (default runs/evidence/CLAIM)")
     ev.add_argument(

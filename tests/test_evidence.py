@@ -257,6 +257,10 @@ def test_agla_runs_end_to_end_and_a_rerun_is_a_report(tmp_path, bases):
     again = run_claim(C.AGLA, [0], out, bases=bases, quick=True, log=lambda *_: None)
     assert [p.stat().st_mtime_ns for p in evals] == stamps  # nothing re-evaluated
     assert again["levels"] == summary["levels"]
+    from mllm.evidence.report import summarize
+
+    overview = summarize(tmp_path)
+    assert overview.count("| agla | agla - greedy:") == len(C.AGLA.comparisons)
 
 
 def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):
