@@ -4,7 +4,7 @@ one budget, from the arms' per-item units."""
 from __future__ import annotations
 
 import json
-import platform
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from mllm.evidence.stats import (
     table_from_rows,
     verdict,
 )
+from mllm.logging_backends import cpu_flags, cpu_name
 from mllm.training.checkpoint import atomic_write_text
 
 Units = dict[str, dict[int, dict[str, list[dict[str, Any]]]]]  # arm -> seed -> bench -> rows
@@ -42,14 +43,8 @@ def measure_table(rows: list[dict[str, Any]], m: Measure) -> Table:
     return table_from_rows(sel, COLUMNS[m.metric])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _machine() -> str:
+    return f"{cpu_name()} ({', '.join(cpu_flags()) or 'no avx2/avx512'}), {os.cpu_count()} cores"
 
 
 def command_line(claim: Claim, level: int, seeds: list[int], out: Path, bases: Path, quick: bool) -> str:
@@ -126,7 +121,7 @@ def write_report(
         "measures": per_arm,
         "comparisons": comparisons,
         "command": command_line(claim, level, seeds, out, bases, quick),
-        "machine": _cpu_model(),
+        "machine": _machine(),
         "bootstrap": "95% percentile interval, 2,000 draws of seeds (with replacement) and, within each, items "
         "(with replacement, the same items for both arms)",
     }
