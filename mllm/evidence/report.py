@@ -280,6 +280,8 @@ def figure(claim: Claim, r: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(range(len(arms)), arms, fontsize=8)
         ax.set_xlim(-0.5, len(arms) - 0.3)
         ax.set_title(name, fontsize=9)
+        if k % cols == 0:
+            ax.set_ylabel("percent", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
         f"{claim.name}, budget {r['budget']}: mean and 95% interval (blue), seeds (orange)", fontsize=10
