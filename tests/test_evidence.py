@@ -287,7 +287,11 @@ def test_an_encoder_claim_trains_each_arm_at_the_same_steps(tmp_path, bases):
     from mllm.evidence.runner import run_claim
 
     out = tmp_path / "cloc"
-    run_claim(C.CLOC, [0, 1], out, bases=bases, quick=True, log=lambda *_: None)
+    summary = run_claim(C.CLOC, [0, 1], out, bases=bases, scale=True, quick=True, log=lambda *_: None)
+    first = summary["levels"][0]["verdicts"]
+    # --scale goes on to the next budget (here the cap) exactly when a comparison is still open
+    assert len(summary["levels"]) == (2 if UNRESOLVED in first.values() else 1)
+    assert summary["cap"]["budget"] == len(C.CLOC.budgets) - 1
     table = json.loads((out / "b0" / "table.json").read_text())
     steps = {a: table["cost"][a]["steps"] for a in ("clip", "cloc")}
     assert steps == {"clip": {"contrastive": 4}, "cloc": {"cloc": 4}}
@@ -304,3 +308,11 @@ def test_the_cli_lists_the_claims_and_a_blocked_one_exits_2_with_its_reason(caps
     assert all(name in listed for name in C.CLAIMS)
     assert main(["evidence", "svemath", "--out", str(tmp_path / "svemath"), "--quick"]) == 2
     assert "router" in capsys.readouterr().err
+
+
+def test_scaling_reruns_only_the_unresolved_comparisons_and_their_arms():
+    open_ = {C.OBJECTIVES.comparisons[0].key}  # filip - clip on MMVP-VLM
+    sub = C.OBJECTIVES.narrowed(open_)
+    assert [a.name for a in sub.arms] == ["clip", "filip"]
+    assert [c.key for c in sub.comparisons] == list(open_)
+    assert sub.budgets == C.OBJECTIVES.budgets and not sub.extra_measures

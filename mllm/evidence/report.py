@@ -88,7 +88,7 @@ def write_report(
         )
         comparisons.append(
             {
-                "comparison": f"{c.arm} - {c.reference}: {c.measure.name}",
+                "comparison": c.key,
                 "arm": c.arm,
                 "reference": c.reference,
                 "measure": c.measure.name,

@@ -283,7 +283,8 @@ def run_claim(
     log=print,
 ) -> dict[str, Any]:
     """Run `claim` at budget level `budget` (and, with `scale`, each next level while any directed
-    comparison's interval spans zero, up to the claim's last level: the cap). Returns the summary."""
+    comparison's interval spans zero, up to the claim's last level: the cap; a larger budget reruns only
+    the comparisons still unresolved, and the arms they compare). Returns the summary."""
     if claim.blocked:
         raise BlockedClaim(f"claim {claim.name!r} cannot run on the seeing base yet: {claim.blocked}")
     if len(seeds) < 1:
@@ -294,8 +295,9 @@ def run_claim(
     bases = Path(bases) if bases is not None else out.parent / "bases"
     levels: list[dict[str, Any]] = []
     level = budget
+    running = claim
     while True:
-        table = run_budget(claim, level, seeds, out, bases, quick, log)
+        table = run_budget(running, level, seeds, out, bases, quick, log)
         open_ = [c["comparison"] for c in table["comparisons"] if c["verdict"] == UNRESOLVED]
         levels.append(
             {
@@ -309,6 +311,7 @@ def run_claim(
         if not scale or not open_ or level + 1 >= len(claim.budgets):
             break
         log(f"[{claim.name}] {len(open_)} comparison(s) unresolved at budget {level}: scaling to {level + 1}")
+        running = running.narrowed(set(open_))  # the next budget reruns only what is still open
         level += 1
     summary = {
         "claim": claim.name,
