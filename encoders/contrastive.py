@@ -363,6 +363,34 @@ class ContrastiveModel(nn.Module):
             out.append(self.encode_text(ids.to(device), mask.to(device)).float())
         return torch.cat(out) if out else torch.empty(0, self.cfg.embed_dim)
 
+    @torch.no_grad()
+    def match_scores(
+        self, images: Sequence[Image.Image], texts: Sequence[str], batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image->text [I, T], text->image [T, I]) scores, the way this model's objective compares a pair.
+
+        Why not always the global embeddings' cosine: an objective that scores pairs its own way
+        (`pair_scores`, e.g. FILIP's token-wise late interaction) never trains the global embeddings, so
+        ranking by them measures an untrained head, not the model. For every other objective the two
+        directions are the one cosine matrix and its transpose."""
+        pair = getattr(self.objective, "pair_scores", None)
+        if pair is None:
+            sim = self.embed_images(images, batch_size) @ self.embed_texts(texts).T
+            return sim, sim.T
+        device = self.image_tower.device
+        img_tok = []
+        for s in range(0, len(images), batch_size):
+            pv = self.image_tower.preprocess(images[s : s + batch_size])
+            img_tok.append(self.encode_image(pv, tokens=True)[1].float())
+        ids, mask = self.text_tower.tokenize(texts)  # one padding width for every caption
+        txt_tok = torch.cat(
+            [
+                self.encode_text(ids[s : s + 256].to(device), mask[s : s + 256].to(device), tokens=True)[1]
+                for s in range(0, len(texts), 256)
+            ]
+        ).float()
+        return pair(torch.cat(img_tok), txt_tok, mask.bool().to(device))
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write every part to a temporary folder beside `out_dir`, then rename it into place."""

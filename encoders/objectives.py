@@ -443,6 +443,17 @@ class FilipObjective(ContrastiveObjective):
         if empty:
             raise self._err(f"txt_mask has no real token in rows {empty[:10]} (every caption needs one)")
 
+    def pair_scores(
+        self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor, chunk: int = 8
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image->text [I, T], text->image [T, I]) late-interaction scores of normalised tokens: what
+        FILIP trains, so what its evaluation ranks by (the global embeddings are not trained).
+        A small `chunk` bounds the [chunk, T, N, L] block at evaluation sizes."""
+        return (
+            late_interaction(img_tokens, None, txt_tokens, txt_mask, chunk),
+            late_interaction(txt_tokens, txt_mask, img_tokens, None, chunk),
+        )
+
     def compute(self, img, txt, scale, bias, **extra):
         it, tt, tm = extra["img_tokens"], extra["txt_tokens"], extra["txt_mask"]
         rank, _ = dist_info()

@@ -136,6 +136,35 @@ def test_embeddings_are_normalised_and_padding_does_not_change_them(tokenizer):
     assert tok.shape[:2] == ids.shape and torch.allclose(batched.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def _pictures(n: int):
+    from PIL import Image
+
+    return [Image.new("RGB", (32, 32), (40 * i, 200 - 30 * i, 90)) for i in range(n)]
+
+
+def test_match_scores_rank_as_the_objective_compares_pairs(tokenizer):
+    """CLIP: the global cosine, both directions one matrix. FILIP: its token-wise late interaction (what
+    it trains; its global embeddings are not), each direction its own, and not the cosine."""
+    from encoders.objectives import late_interaction
+
+    texts = ["red", "a blue circle at the top", "green square"]
+    clip = _model(tokenizer, "clip").eval()
+    i2t, t2i = clip.match_scores(_pictures(2), texts)
+    want = clip.embed_images(_pictures(2)) @ clip.embed_texts(texts).T
+    torch.testing.assert_close(i2t, want)
+    torch.testing.assert_close(t2i, want.T)
+    filip = _model(tokenizer, "filip").eval()
+    i2t, t2i = filip.match_scores(_pictures(2), texts)
+    assert i2t.shape == (2, 3) and t2i.shape == (3, 2)
+    _, img_tok = filip.encode_image(filip.image_tower.preprocess(_pictures(2)), tokens=True)
+    ids, mask = filip.text_tower.tokenize(texts)
+    _, txt_tok = filip.encode_text(ids, mask, tokens=True)
+    torch.testing.assert_close(i2t, late_interaction(img_tok, None, txt_tok, mask.bool(), 4))
+    torch.testing.assert_close(t2i, late_interaction(txt_tok, mask.bool(), img_tok, None, 4))
+    cosine = filip.embed_images(_pictures(2)) @ filip.embed_texts(texts).T
+    assert not torch.allclose(i2t, cosine, atol=1e-3)
+
+
 def test_truncation_keeps_the_eos(tokenizer):
     model = _model(tokenizer)
     model.text_tower.config.max_length = 6

@@ -52,21 +52,22 @@ def swaps(model_dir: Path, tower_type: str, world: Path) -> tuple[dict[str, Any]
     RNG stream of its own; does the image score its true long caption above each negative? (Training
     captions carry such negatives and NegCLIP trains on them; the held-out scenes never appear in
     training.) Also the embedding space's geometry on the held-out captions: the modality gap (distance
-    between the image and text centroids) and Wang & Isola's alignment and uniformity."""
+    between the image and text centroids) and Wang & Isola's alignment and uniformity, of the global
+    embeddings (which FILIP does not train: its geometry says little)."""
     model = get_loader("contrastive").load(model_dir).eval()
     rows = [json.loads(ln) for ln in (world / "eval" / "scenes.jsonl").read_text().splitlines() if ln.strip()]
     scenes = [scene_from_dict(r["scene"]) for r in rows]
     negs = [hard_negatives(sc, stream(0, "evidence-swaps", k)) for k, sc in enumerate(scenes)]
-    img = model.embed_images([load_image(resolve_image(world, r["image"])) for r in rows])
+    images = [load_image(resolve_image(world, r["image"])) for r in rows]
     units: Rows = []
     for kind in SWAP_KINDS:
         keep = [k for k, n in enumerate(negs) if n.get(kind)]
         if not keep:
             continue
-        pos = model.embed_texts([long_caption(scenes[k]) for k in keep])
-        neg = model.embed_texts([negs[k][kind] for k in keep])
-        sel = img[keep]
-        ok = ((sel * pos).sum(1) > (sel * neg).sum(1)).tolist()
+        sel = [images[k] for k in keep]  # scored as the objective scores a pair (FILIP: token-wise)
+        pos = model.match_scores(sel, [long_caption(scenes[k]) for k in keep])[0].diagonal()
+        neg = model.match_scores(sel, [negs[k][kind] for k in keep])[0].diagonal()
+        ok = (pos > neg).tolist()
         units += [
             {"id": f"{rows[k]['id']}/{kind}", "group": kind, "correct": int(o)} for k, o in zip(keep, ok)
         ]

@@ -139,16 +139,14 @@ def score(items: list[Item], responses: dict[str, str], **opts: Any) -> tuple[di
 @torch.no_grad()
 def respond(model: Any, items: list[Item], batch_size: int = 64, **opts: Any) -> dict[str, str]:
     """The model's pick per statement (`model`: an encoders.ContrastiveModel)."""
-    img = torch.cat(
-        [
-            model.embed_images([load_image(it.image) for it in items[s : s + batch_size]], batch_size)
-            for s in range(0, len(items), batch_size)
-        ]
+    # each statement against the two images of its pair, scored as the model's objective scores pairs
+    _, t2i = model.match_scores(
+        [load_image(it.image) for it in items], [it.prompt for it in items], batch_size
     )
-    txt = model.embed_texts([it.prompt for it in items], batch_size)
-    scale = model.logit_scale().float().reshape(()).to(img.device)
-    img, txt = img.view(-1, 2, img.shape[-1]), txt.view(-1, 2, txt.shape[-1])
-    logits = scale * torch.einsum("psd,pid->psi", txt, img)  # [pairs, statement, image]
+    scale = model.logit_scale().float().reshape(()).to(t2i.device)
+    pairs = torch.arange(0, len(items), 2)
+    rows = torch.stack([pairs, pairs + 1], 1)  # [pairs, 2]: the items (statement k, image k) of a pair
+    logits = scale * t2i[rows[:, :, None], rows[:, None, :]]  # [pairs, statement, image]
     return {it.id: p for it, (p, _) in zip(items, pick(logits))}
 
 

@@ -80,14 +80,20 @@ def load(
     return items
 
 
-def rankings(sim: torch.Tensor, keys: list[str], k: int = max(KS)) -> dict[str, list[list[str]]]:
+def rankings(
+    sim: torch.Tensor, keys: list[str], k: int = max(KS), t2i: torch.Tensor | None = None
+) -> dict[str, list[list[str]]]:
     """sim [images, captions] (row i = image of keys[i], column j = caption of keys[j]) -> the top-k
-    keys per query: {"i2t": per image, "t2i": per caption}. Ties go to the lower index (stable)."""
-    if sim.dim() != 2 or sim.shape != (len(keys), len(keys)):
-        raise ValueError(f"expected a [{len(keys)}, {len(keys)}] similarity matrix, got {tuple(sim.shape)}")
+    keys per query: {"i2t": per image, "t2i": per caption}. Captions rank images by `t2i` [captions,
+    images] where the model scores that direction its own way (FILIP), else by sim's transpose. Ties go
+    to the lower index (stable)."""
+    t2i = sim.T if t2i is None else t2i
+    for name, m in (("sim", sim), ("t2i", t2i)):
+        if m.dim() != 2 or m.shape != (len(keys), len(keys)):
+            raise ValueError(f"expected a [{len(keys)}, {len(keys)}] {name} matrix, got {tuple(m.shape)}")
     k = min(k, len(keys))
     out = {}
-    for name, m in (("i2t", sim), ("t2i", sim.T)):
+    for name, m in (("i2t", sim), ("t2i", t2i)):
         order = torch.sort(m.float(), dim=1, descending=True, stable=True).indices[:, :k]
         out[name] = [[keys[j] for j in row] for row in order.tolist()]
     return out
@@ -126,14 +132,9 @@ def respond(model: Any, items: list[Item], batch_size: int = 64, **opts: Any) ->
     """Rank every caption for every image and back (`model`: an encoders.ContrastiveModel)."""
     queries = [it for it in items if it.meta["direction"] == "i2t"]
     keys = [it.meta["key"] for it in queries]
-    img = torch.cat(
-        [
-            model.embed_images([load_image(it.image) for it in queries[s : s + batch_size]], batch_size)
-            for s in range(0, len(queries), batch_size)
-        ]
-    )
-    txt = model.embed_texts([it.meta["text"] for it in queries], batch_size)
-    ranked = rankings(img @ txt.T, keys)
+    images = [load_image(it.image) for it in queries]
+    i2t, t2i = model.match_scores(images, [it.meta["text"] for it in queries], batch_size)
+    ranked = rankings(i2t, keys, t2i=t2i)
     out = {f"i2t/{key}": ",".join(r) for key, r in zip(keys, ranked["i2t"])}
     out.update({f"t2i/{key}": ",".join(r) for key, r in zip(keys, ranked["t2i"])})
     return out
