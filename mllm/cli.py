@@ -380,9 +380,12 @@ def cmd_evidence(args: argparse.Namespace) -> int:
             )
             print(f"{c.name:11s} {c.title} [{state}]")
         return 0
+    claim = get_claim(args.claim)
+    if args.arms:
+        claim = claim.with_arms(args.arms)
     try:
         summary = run_claim(
-            get_claim(args.claim),
+            claim,
             args.seeds,
             args.out or f"runs/evidence/{args.claim}",
             bases=args.bases,
@@ -439,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale",
         action="store_true",
         help="while a comparison is unresolved, run the next budget, to the cap",
+    )
+    ev.add_argument(
+        "--arms", nargs="+", default=None, help="only these arms and the comparisons between them"
     )
     ev.add_argument("--quick", action="store_true", help="tiny sizes for tests (no evidence at all)")
     ev.set_defaults(func=cmd_evidence)

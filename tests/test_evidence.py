@@ -316,3 +316,13 @@ def test_scaling_reruns_only_the_unresolved_comparisons_and_their_arms():
     assert [a.name for a in sub.arms] == ["clip", "filip"]
     assert [c.key for c in sub.comparisons] == list(open_)
     assert sub.budgets == C.OBJECTIVES.budgets and not sub.extra_measures
+
+
+def test_arms_can_be_chosen_and_a_choice_without_a_comparison_is_refused():
+    sub = C.OBJECTIVES.with_arms(["clip", "dcl", "negclip"])
+    assert {c.arm for c in sub.comparisons} == {"dcl", "negclip"}
+    assert all(c.reference == "clip" for c in sub.comparisons)
+    with pytest.raises(ValueError, match="no comparison"):
+        C.OBJECTIVES.with_arms(["dcl", "negclip"])
+    with pytest.raises(KeyError, match="no arm"):
+        C.OBJECTIVES.with_arms(["clip", "coca"])

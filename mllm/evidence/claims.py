@@ -109,6 +109,16 @@ class Claim:
                 return a
         raise KeyError(f"claim {self.name!r} has no arm {name!r}; arms: {[a.name for a in self.arms]}")
 
+    def with_arms(self, names: list[str]) -> Claim:
+        """This claim restricted to the arms `names` (each must exist; at least two) and the comparisons
+        between them: a larger budget spent where it is needed."""
+        for n in names:
+            self.arm(n)
+        comps = tuple(c for c in self.comparisons if c.arm in names and c.reference in names)
+        if len(set(names)) < 2 or not comps:
+            raise ValueError(f"arms {names} leave claim {self.name!r} no comparison")
+        return replace(self, arms=tuple(a for a in self.arms if a.name in names), comparisons=comps)
+
     def narrowed(self, keys: set[str]) -> Claim:
         """This claim with only the comparisons named by `keys` and the arms they compare: what a larger
         budget reruns when only those were unresolved (the rest already have their verdict)."""
