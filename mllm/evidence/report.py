@@ -292,19 +292,19 @@ def figure(claim: Claim, r: dict[str, Any], path: Path) -> Path:
 
 
 def summarize(root: Path) -> str:
-    """One markdown table of every claim's comparisons under `root` (each claim's highest budget run),
-    for the overview in docs/evidence.md."""
+    """One markdown table of every claim's comparisons under `root`, each at the largest budget it was
+    run at (a larger budget may rerun only some comparisons), for the overview in docs/evidence.md."""
     lines = [
         "| claim | comparison | budget | difference [95% interval] | verdict |",
         "|---|---|---|---|---|",
     ]
     for summary_path in sorted(root.glob("*/summary.json")):
-        claim_dir = summary_path.parent
-        tables = sorted(claim_dir.glob("b*/table.json"), key=lambda p: int(p.parent.name[1:]))
-        if not tables:
-            continue
-        r = json.loads(tables[-1].read_text())
-        for c in r["comparisons"]:
+        latest: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        for path in sorted(summary_path.parent.glob("b*/table.json"), key=lambda p: int(p.parent.name[1:])):
+            r = json.loads(path.read_text())
+            for c in r["comparisons"]:
+                latest[c["comparison"]] = (r, c)
+        for r, c in latest.values():
             lines.append(
                 f"| {r['claim']} | {c['comparison']} | {r['budget']} ({len(r['seeds'])} seeds) | "
                 f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}] | {c['verdict']} |"
