@@ -313,6 +313,11 @@ def run_claim(
         log(f"[{claim.name}] {len(open_)} comparison(s) unresolved at budget {level}: scaling to {level + 1}")
         running = running.narrowed(set(open_))  # the next budget reruns only what is still open
         level += 1
+    path = out / "summary.json"
+    if path.is_file():  # budgets run before (e.g. by an earlier --budget) stay listed
+        ran = {lv["budget"] for lv in levels}
+        earlier = [lv for lv in json.loads(path.read_text()).get("levels", []) if lv["budget"] not in ran]
+        levels = sorted(earlier + levels, key=lambda lv: lv["budget"])
     summary = {
         "claim": claim.name,
         "seeds": seeds,
@@ -320,7 +325,7 @@ def run_claim(
         "cap": {"budget": len(claim.budgets) - 1, "describe": claim.budgets[-1].describe},
         "quick": quick,
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(path, json.dumps(summary, indent=1))
     return summary
 
 
