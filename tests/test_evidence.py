@@ -326,3 +326,13 @@ def test_arms_can_be_chosen_and_a_choice_without_a_comparison_is_refused():
         C.OBJECTIVES.with_arms(["dcl", "negclip"])
     with pytest.raises(KeyError, match="no arm"):
         C.OBJECTIVES.with_arms(["clip", "coca"])
+
+
+def test_an_arm_override_naming_a_stage_it_lacks_is_an_error_not_dropped(tmp_path):
+    from mllm.evidence.runner import mllm_recipe
+
+    typo = C.Arm(
+        "bad", "alpha on a stage the demo does not have", overrides=("stages.prior.prior.alpha=0.5",)
+    )
+    with pytest.raises(Exception, match="prior"):
+        mllm_recipe(typo, tmp_path, 0, C.PRIOR.budgets[0], quick=False)

@@ -52,8 +52,9 @@ def _cpu_s() -> float:
 
 
 def _present(overrides: list[str], tree: dict[str, Any]) -> list[str]:
-    """Overrides of `stages.NAME.*` only where the recipe has a stage NAME: a budget names every stage
-    any arm may have (align, or PRIOR's prior), and each arm takes those it has."""
+    """Overrides of `stages.NAME.*` only where the recipe has a stage NAME: a budget (and the quick
+    sizes) name every stage any arm may have (align, or PRIOR's prior), and each arm takes those it has.
+    An arm's own overrides are not filtered: one naming a stage the arm lacks is an error."""
     names = {s["name"] for s in tree.get("stages", [])}
     return [o for o in overrides if not o.startswith("stages.") or o.split(".")[1] in names]
 
@@ -73,10 +74,9 @@ def mllm_recipe(
         arm.edit(tree)
     if arm is not None and arm.graft is not None:
         tree["model"]["fusion"] = copy.deepcopy(arm.graft)
-    overrides = demo_overrides(base, seed, quick) + (list(QUICK_ADDED) if quick else [])
-    overrides += [f"extra.{k}={v}" for k, v in (extras or {}).items()]
-    overrides += list(arm.overrides if arm else ()) + list(budget.overrides)
-    return recipe_from_dict(tree, _present(overrides, tree))
+    shared = demo_overrides(base, seed, quick) + (list(QUICK_ADDED) if quick else []) + list(budget.overrides)
+    own = [f"extra.{k}={v}" for k, v in (extras or {}).items()] + list(arm.overrides if arm else ())
+    return recipe_from_dict(tree, _present(shared, tree) + own)
 
 
 def link_shared(recipe: Recipe, reference: Recipe, reference_run: Path, run_dir: Path) -> list[str]:
