@@ -79,6 +79,14 @@ def mllm_recipe(
     return recipe_from_dict(tree, _present(shared, tree) + own)
 
 
+def _link(reference_run: Path, run_dir: Path, stage: str) -> None:
+    """The reference run's stage folder, linked into this run (train_recipe then skips the stage)."""
+    dst = run_dir / stage
+    if not dst.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to((reference_run / stage).resolve(), target_is_directory=True)
+
+
 def link_shared(recipe: Recipe, reference: Recipe, reference_run: Path, run_dir: Path) -> list[str]:
     """Link the reference run's finished stages that this recipe would train identically: same model,
     same engine, and the same stage settings up to and including the stage. Returns their names."""
@@ -88,13 +96,9 @@ def link_shared(recipe: Recipe, reference: Recipe, reference_run: Path, run_dir:
     for i, stage in enumerate(recipe.stages):
         if i >= len(reference.stages) or recipe.stages[: i + 1] != reference.stages[: i + 1]:
             break
-        src = reference_run / stage.name / "final"
-        if not src.is_dir():
+        if not (reference_run / stage.name / "final").is_dir():
             break
-        dst = run_dir / stage.name
-        if not dst.exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to((reference_run / stage.name).resolve(), target_is_directory=True)
+        _link(reference_run, run_dir, stage.name)
         shared.append(stage.name)
     return shared
 
@@ -113,13 +117,9 @@ def graft_shared(recipe: Recipe, reference: Recipe, reference_run: Path, run_dir
     same = replace(recipe.model, fusion=None) == replace(reference.model, fusion=None)
     if not same or recipe.engine != reference.engine or recipe.stages[: k + 1] != reference.stages[: k + 1]:
         raise ValueError(f"a grafted arm must be the base up to {at!r}, but for its fusion")
-    shared = []
-    for stage in recipe.stages[:k]:
-        dst = run_dir / stage.name
-        if not dst.exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to((reference_run / stage.name).resolve(), target_is_directory=True)
-        shared.append(stage.name)
+    shared = [stage.name for stage in recipe.stages[:k]]
+    for name in shared:
+        _link(reference_run, run_dir, name)
     final = run_dir / at / "final"
     if not (final / "mllm.json").is_file():
         model = MultimodalLM.from_pretrained(reference_run / at / "final")
@@ -133,17 +133,12 @@ def ensure_extras(claim: Claim, base: Path, seed: int, quick: bool, log) -> dict
 
     paths = {}
     for ex in claim.extras:
-        tree = yaml.safe_load(find_recipe(ex.recipe).read_text())
-        stage = tree["stages"][0]["name"]
-        steps = [f"stages.{stage}.max_steps={4 if quick else ex.steps}"]
-        if quick:
-            steps += [f"stages.{stage}.batch_size=8"]
-        recipe = load_recipe(
-            find_recipe(ex.recipe), [f"extra.world={base / 'world'}", f"engine.seed={seed}", *steps]
-        )
+        recipe = single_stage_recipe(ex.recipe, base / "world", seed, ex.steps, quick)
         out = base / "extras" / ex.name
-        summary = train_recipe(recipe, out, log=log)
-        paths[ex.name] = str(Path(summary.get("final") or out / stage / "final") / "image_tower")
+        tower = out / recipe.stages[-1].name / "final" / "image_tower"
+        if not tower.is_dir():  # trained once: later arms and seeds read it
+            train_recipe(recipe, out, log=log)
+        paths[ex.name] = str(tower)
     return paths
 
 
@@ -169,18 +164,26 @@ def _train(recipe: Recipe, run_dir: Path, arm_dir: Path, shared: list[str], log)
     return cost
 
 
-def _eval_file(arm_dir: Path, bench: str) -> Path:
-    return arm_dir / "eval" / f"{bench}.json"
+Evaluation = dict[str, Any]  # {"metrics": ..., "units": [...]}, one benchmark of one arm and seed
 
 
-def _save_eval(path: Path, metrics: dict[str, Any], units: list[dict[str, Any]]) -> None:
+def _evaluated(arm_dir: Path, bench: str, compute, log) -> Evaluation:
+    """The arm's evaluation on `bench`: read if written before, else `compute()` -> (metrics, units),
+    written once (atomically) so a re-run never redoes it."""
+    path = arm_dir / "eval" / f"{bench}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    metrics, units = compute()
+    out = {"metrics": metrics, "units": units}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"metrics": metrics, "units": units}))
+    atomic_write_text(path, json.dumps(out))
+    log(f"{arm_dir}: {bench} done")
+    return out
 
 
 def run_mllm_arm(
     claim: Claim, arm: Arm, seed: int, budget: Budget, base: Path, arm_dir: Path, quick: bool, log
-) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+) -> tuple[dict[str, Any], dict[str, Evaluation]]:
     from mllm.evaluation.agla import AglaConfig
     from mllm.evaluation.runner import evaluate
     from mllm.model import MultimodalLM
@@ -195,49 +198,53 @@ def run_mllm_arm(
         shared = link_shared(recipe, reference, base / "run", run_dir)
     cost = _train(recipe, run_dir, arm_dir, shared, log)
     world = base / "world"
-    units: dict[str, list[dict[str, Any]]] = {}
-    model = None
-    for bench in claim.benches:
-        path = _eval_file(arm_dir, bench)
-        if not path.is_file():
-            if model is None:
-                model = MultimodalLM.from_pretrained(cost["final"])
-            data = world / MLLM_DATA[bench]
-            agla = AglaConfig() if arm.decoding == "agla" else None
-            metrics, records = evaluate(model, bench, data, batch_size=32, decoding=arm.decoding, agla=agla)
-            _save_eval(path, metrics, units_for(bench, records, data))
-            log(f"[{claim.name}] {arm.name} s{seed}: {bench} done")
-        units[bench] = json.loads(path.read_text())["units"]
-    return cost, units
+    agla = AglaConfig() if arm.decoding == "agla" else None
+    model: list[MultimodalLM] = []  # loaded at the first benchmark not yet evaluated
+
+    def answer(bench: str):
+        if not model:
+            model.append(MultimodalLM.from_pretrained(cost["final"]))
+        data = world / MLLM_DATA[bench]
+        metrics, records = evaluate(model[0], bench, data, batch_size=32, decoding=arm.decoding, agla=agla)
+        return metrics, units_for(bench, records, data)
+
+    return cost, {b: _evaluated(arm_dir, b, lambda b=b: answer(b), log) for b in claim.benches}
+
+
+def single_stage_recipe(
+    name: str, world: Path, seed: int, steps: int | None, quick: bool, overrides: tuple[str, ...] = ()
+) -> Recipe:
+    """A packaged one-stage recipe (an encoder arm, a claim's extra) on `world` for `steps` steps (None:
+    the recipe's own); quick: 4 steps at batch 8."""
+    path = find_recipe(name)
+    stage = yaml.safe_load(path.read_text())["stages"][0]["name"]
+    steps = 4 if quick else steps
+    out = [f"extra.world={world}", f"engine.seed={seed}", *overrides]
+    if steps is not None:
+        out.append(f"stages.{stage}.max_steps={steps}")
+    if quick:
+        out += [f"stages.{stage}.batch_size=8", "engine.checkpoint_every=4"]
+    return load_recipe(path, out)
 
 
 def encoder_recipe(arm: Arm, world: Path, seed: int, budget: Budget, quick: bool) -> Recipe:
-    tree = yaml.safe_load(find_recipe(arm.recipe).read_text())
-    stage = tree["stages"][0]["name"]
-    steps = 4 if quick else budget.steps
-    overrides = [f"extra.world={world}", f"engine.seed={seed}", *arm.overrides, *budget.overrides]
-    if steps is not None:
-        overrides.append(f"stages.{stage}.max_steps={steps}")
-    if quick:
-        overrides += [f"stages.{stage}.batch_size=8", "engine.checkpoint_every=4"]
-    return load_recipe(find_recipe(arm.recipe), overrides)
+    return single_stage_recipe(
+        arm.recipe, world, seed, budget.steps, quick, (*arm.overrides, *budget.overrides)
+    )
 
 
 def run_encoder_arm(
     claim: Claim, arm: Arm, seed: int, budget: Budget, base: Path, arm_dir: Path, quick: bool, log
-) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+) -> tuple[dict[str, Any], dict[str, Evaluation]]:
     world = base / "world"
     recipe = encoder_recipe(arm, world, seed, budget, quick)
     cost = _train(recipe, arm_dir / "run", arm_dir, [], log)
-    units: dict[str, list[dict[str, Any]]] = {}
-    for bench in claim.benches:
-        path = _eval_file(arm_dir, bench)
-        if not path.is_file():
-            metrics, rows = ENCODER_EVALS[bench](Path(cost["final"]), recipe.model.tower.type, world)
-            _save_eval(path, metrics, units_for(bench, rows, world))
-            log(f"[{claim.name}] {arm.name} s{seed}: {bench} done")
-        units[bench] = json.loads(path.read_text())["units"]
-    return cost, units
+
+    def answer(bench: str):
+        metrics, rows = ENCODER_EVALS[bench](Path(cost["final"]), recipe.model.tower.type, world)
+        return metrics, units_for(bench, rows, world)
+
+    return cost, {b: _evaluated(arm_dir, b, lambda b=b: answer(b), log) for b in claim.benches}
 
 
 def ensure_base(claim: Claim, base: Path, seed: int, quick: bool, log) -> None:
@@ -263,12 +270,10 @@ def run_budget(
         ensure_base(claim, base, seed, quick, log)
         for arm in claim.arms:
             arm_dir = out / f"b{level}" / arm.name / f"s{seed}"
-            cost, u = arm_run(claim, arm, seed, budget, base, arm_dir, quick, log)
+            cost, evals = arm_run(claim, arm, seed, budget, base, arm_dir, quick, log)
             costs.setdefault(arm.name, {})[seed] = cost
-            units.setdefault(arm.name, {})[seed] = u
-            metrics.setdefault(arm.name, {})[seed] = {
-                b: json.loads(_eval_file(arm_dir, b).read_text())["metrics"] for b in claim.benches
-            }
+            units.setdefault(arm.name, {})[seed] = {b: e["units"] for b, e in evals.items()}
+            metrics.setdefault(arm.name, {})[seed] = {b: e["metrics"] for b, e in evals.items()}
     return write_report(claim, level, seeds, units, costs, metrics, out / f"b{level}", bases, quick)
 
 
