@@ -58,11 +58,6 @@ class TokenizerConfig:
     image_token: str = "<image>"
 
 
-#: Fusions that hand the LM more than one grid of image tokens (interleaved MoF: one stream per tower), so
-#: no single grid of pre-projector features exists for a readout to read (mllm.vision.Fusion.single_grid).
-MULTI_STREAM_FUSIONS: tuple[str, ...] = ("mof_interleaved",)
-
-
 @dataclass
 class FusionConfig:
     """A fused vision side (see mllm.vision): two towers (MoF) or CLIP + geometric encoder + router (SVE-Math).
@@ -74,6 +69,9 @@ class FusionConfig:
     tower2: TowerConfig | None = None  # MoF: the second tower (e.g. DINOv2)
     alpha: float = 0.5  # mof_additive: F = alpha * tower + (1 - alpha) * tower2
     resample: str = "none"  # MoF: none | bilinear (second stream's grid resized to the first's)
+    # mof_interleaved: the second stream's projector (mllm.projectors); None: the model's `projector`. A
+    # readout reads the first stream, whose projector is the model's.
+    projector2: str | None = None
     geo: GeoConfig | None = None  # router: the geometric encoder's architecture (random init)
     geo_path: str | None = None  # router: a trained encoder folder (encoders.geo.GeoEncoder.save_pretrained)
     router_mode: str = "soft"  # router: soft (learned sigmoid weights) | constant (fixed equal weights)
@@ -113,11 +111,6 @@ class ModelConfig:
         self.encoder = encoder_config_for(self.kind, self.encoder)
         if self.readout is not None:
             check_readout(self.readout)
-            if self.fusion is not None and self.fusion.type in MULTI_STREAM_FUSIONS:
-                raise ConfigError(
-                    f"model.readout reads one grid of pre-projector features; fusion {self.fusion.type!r} "
-                    "gives the LM one stream per tower (mof_additive and router give one grid)"
-                )
 
 
 # model.kind -> the dataclass of its `model.encoder` section (a tagged union keyed by the kind). Here, not

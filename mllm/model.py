@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.utils import logging as hf_logging
 
 from encoders.common import KIND_KEY, atomic_dir, read_meta, write_meta
+from encoders.fusion import StreamProjectors
 from encoders.towers import Tower, TowerConfig, build_tower
 from mllm.chat import IGNORE_INDEX, check_image_placement
 from mllm.config import FusionConfig
@@ -164,9 +165,7 @@ class MultimodalLM(nn.Module):
         look_id = -1
         if readout is not None:
             vocab = lm.get_input_embeddings().num_embeddings
-            parts["readout"] = build_readout(
-                readout, _feature_dim(tower, fuse, parts), d_llm, vocab, getattr(proj, "count_words", ())
-            )
+            parts["readout"] = _build_readout(readout, tower, fuse, parts, proj, d_llm, vocab)
             look_id = tokenizer.convert_tokens_to_ids(LOOK_TOKEN)
             if look_id is None or look_id == tokenizer.unk_token_id:
                 raise ValueError(
@@ -212,12 +211,28 @@ class MultimodalLM(nn.Module):
         return self.project_features(self.grid_features(pixel_values))
 
     def grid_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The pre-projector tokens on the tower's patch grid: the tower's own, or a single-grid fusion's
-        (additive MoF's mixture, SVE-Math's routed tokens). What a readout reads beside the projected
-        tokens. Unlike `tower_features` it is never cached: a fusion's parts may train (the router)."""
+        """The pre-projector tokens on the tower's patch grid: the tower's own, a single-grid fusion's
+        (additive MoF's mixture, SVE-Math's routed tokens), or interleaved MoF's first stream. What a
+        readout reads beside the projected tokens. Unlike `tower_features` it is never cached: a fusion's
+        parts may train (the router)."""
         if self.fusion is not None:
             return self.fusion.features(self, pixel_values)
         return self.tower_features(pixel_values)
+
+    @property
+    def grid_projector(self) -> nn.Module:
+        """The projector of `grid_features`: `projector`, or interleaved MoF's first stream's. Where an
+        anchored projector's heads, anchors and counts are read."""
+        return self.fusion.grid_projector(self) if self.fusion is not None else self.projector
+
+    def encode_with_grid(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image embeddings for the LM, `grid_features`, the grid's projected tokens), each computed
+        once: what `embed` needs when a readout reads the grid."""
+        if self.fusion is not None:
+            return self.fusion.encode_with_grid(self, pixel_values)
+        feats = self.tower_features(pixel_values)
+        img = self.project_features(feats)
+        return img, feats, img
 
     def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> the pre-projector tokens [n_images, N, D].
@@ -234,10 +249,15 @@ class MultimodalLM(nn.Module):
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-projector tokens (computed now or read from the feature cache) -> image embeddings."""
-        x = features.to(self._param_dtype(self.projector))
-        if getattr(self.projector, "reads_lm_embeddings", False):  # mllm.projectors.AnchoredProjector
-            return self.projector(x, self.lm.get_input_embeddings())
-        return self.projector(x)
+        return self.project_with(self.projector, features)
+
+    def project_with(self, projector: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """`features` through `projector` (this model's, or one stream's of a fused model), in its dtype,
+        with the LM's input embeddings where the projector reads them (mllm.projectors.AnchoredProjector)."""
+        x = features.to(self._param_dtype(projector))
+        if getattr(projector, "reads_lm_embeddings", False):
+            return projector(x, self.lm.get_input_embeddings())
+        return projector(x)
 
     def gradient_checkpointing_enable(self) -> list[str]:
         """Recompute layer activations in backward in every Hugging Face model inside (LM, towers).
@@ -298,13 +318,12 @@ class MultimodalLM(nn.Module):
             if n_slots:
                 raise ValueError(f"{n_slots} image positions in the batch but no pixel_values")
             return embeds, None
-        feats = None
+        feats = tokens = None
         if image_features is not None:
             feats = image_features
-            img = self.project_features(image_features)
+            img = tokens = self.project_features(image_features)
         elif self.readout is not None:
-            feats = self.grid_features(pixel_values)
-            img = self.project_features(feats)
+            img, feats, tokens = self.encode_with_grid(pixel_values)
         else:
             img = self.encode_images(pixel_values)
         if img.shape[0] * img.shape[1] != n_slots:
@@ -314,7 +333,7 @@ class MultimodalLM(nn.Module):
             )
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), img.to(embeds.dtype))
         if self.readout is not None and feats is not None:
-            return self._fill_looks(input_ids, embeds, feats, attention_mask, look_targets, img)
+            return self._fill_looks(input_ids, embeds, feats, attention_mask, look_targets, tokens)
         return embeds, None
 
     def _fill_looks(
@@ -362,7 +381,8 @@ class MultimodalLM(nn.Module):
         if getattr(self.readout, "count", 0) > 0:
             # a counting readout sums the warm-up's per-patch heads (mllm.readout); read, not trained, here
             with torch.no_grad():
-                maps = self.projector.count_maps(features.to(self._param_dtype(self.projector)))
+                proj = self.grid_projector
+                maps = proj.count_maps(features.to(self._param_dtype(proj)))
             extra["count_maps"] = (maps[0].to(rp), tuple(w.to(rp) for w in maps[1]))
         if getattr(self.readout, "count", 0) > 0 or getattr(self.readout, "order", None) is not None:
             # the question's words one by one (mllm.readout): what a counter selects with, and what an
@@ -469,32 +489,39 @@ class MultimodalLM(nn.Module):
 
         Why: the fusion claims add to a vision side that already works; grafting the fusion onto a trained
         single-tower model (its warmed-up tower, its anchored projector, its readout) makes a fused arm
-        differ from the single-tower one by the fusion alone. The projector and readout are kept where the
-        fused features keep the tower's width and grid (additive MoF); otherwise the fusion's fresh
-        projector is used, and a readout (built for the tower's width) is refused."""
+        differ from the single-tower one by the fusion alone. So:
+        - additive MoF (the tower's width and grid): the projector and readout read the mixture;
+        - interleaved MoF: the first stream is this model's tower, projector and readout, unchanged; the
+          second stream's fresh projector starts silent (its last layer zero: zero tokens have zero keys
+          and values after the LM's RMSNorm), so the LM starts from what it had learned, plus as many
+          silent positions per image as the second stream adds. `max_length` grows by those positions,
+          so a one-image conversation keeps the text budget it had;
+        - a fusion that changes the grid's width (the router) takes its fresh projector, and a readout
+          (built for the tower's width) is refused."""
         if self.fusion is not None:
             raise ValueError(f"the model is already fused ({self.meta.fusion['type']})")
         fuse = build_fusion(fusion)
         d_llm = self.lm.get_input_embeddings().embedding_dim
         parts = fuse.build_parts(self.tower, self.meta.projector, d_llm)
         fresh = parts.pop("projector")
-        keep = fuse.single_grid and fuse.feature_dim(self.tower, parts) == self.tower.hidden_size
+        same_grid = fuse.feature_dim(self.tower, parts) == self.tower.hidden_size
+        if isinstance(fresh, StreamProjectors):
+            _silence(fresh[1])
+            projector: nn.Module = StreamProjectors([self.projector, fresh[1]])
+        else:
+            projector = self.projector if same_grid else fresh
         if self.readout is not None:
-            if not fuse.single_grid:
-                raise ValueError(
-                    f"fusion {fusion.type!r} gives the LM one stream per tower; this model's readout reads "
-                    "one grid of features"
-                )
-            if not keep:
+            if not same_grid:
                 raise ValueError(
                     f"fusion {fusion.type!r} changes the features' width or grid, which this model's readout "
                     "was built for; graft it onto a model without a readout"
                 )
             parts["readout"] = self.readout
         meta = replace(self.meta, fusion=asdict(fusion))
-        return MultimodalLM(
-            self.tower, self.projector if keep else fresh, self.lm, meta, self.tokenizer, fuse, parts
-        )
+        out = MultimodalLM(self.tower, projector, self.lm, meta, self.tokenizer, fuse, parts)
+        added = out.num_image_tokens - self.num_image_tokens
+        out.meta = replace(meta, max_length=meta.max_length + added)
+        return out
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write every part to a temporary folder beside `out_dir`, then rename it into place.
@@ -561,13 +588,8 @@ class MultimodalLM(nn.Module):
             proj = build_projector(meta.projector, tower.hidden_size, d_llm)
         proj.load_state_dict(load_file(str(model_dir / "projector.safetensors")))
         if meta.readout is not None:
-            readout = build_readout(
-                meta.readout,
-                _feature_dim(tower, fuse, parts),
-                d_llm,
-                lm.get_input_embeddings().num_embeddings,
-                getattr(proj, "count_words", ()),
-            )
+            vocab = lm.get_input_embeddings().num_embeddings
+            readout = _build_readout(meta.readout, tower, fuse, parts, proj, d_llm, vocab)
             readout.load_state_dict(load_file(str(model_dir / "readout.safetensors")))
             parts["readout"] = readout
         tok = load_tokenizer(model_dir / "tokenizer") if (model_dir / "tokenizer").is_dir() else None
@@ -577,16 +599,30 @@ class MultimodalLM(nn.Module):
         return model.eval()
 
 
-def _feature_dim(tower: Tower, fuse: Fusion | None, parts: dict[str, nn.Module]) -> int:
-    """The width of the features a readout reads: the tower's, or a single-grid fusion's; a fusion that
-    gives several streams has none (ValueError)."""
-    if fuse is None:
-        return tower.hidden_size
-    if not fuse.single_grid:
-        raise ValueError(
-            f"model.readout reads one grid of features; fusion {fuse.cfg.type!r} gives one stream per tower"
-        )
-    return fuse.feature_dim(tower, parts)
+def _build_readout(
+    cfg: dict[str, Any],
+    tower: Tower,
+    fuse: Fusion | None,
+    parts: dict[str, nn.Module],
+    projector: nn.Module,
+    d_llm: int,
+    vocab: int,
+) -> nn.Module:
+    """The readout over the grid it reads: the tower's, a single-grid fusion's, or a multi-stream
+    fusion's first stream (whose projector's heads a counting readout sums)."""
+    width = tower.hidden_size if fuse is None else fuse.feature_dim(tower, parts)
+    grid = projector[0] if isinstance(projector, StreamProjectors) else projector
+    return build_readout(cfg, width, d_llm, vocab, getattr(grid, "count_words", ()))
+
+
+def _silence(projector: nn.Module) -> None:
+    """Zero a fresh projector's last Linear, so the stream it projects starts as zero tokens."""
+    last = [m for m in projector.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError(f"cannot start {type(projector).__name__} silent: it has no Linear layer")
+    nn.init.zeros_(last[-1].weight)
+    if last[-1].bias is not None:
+        nn.init.zeros_(last[-1].bias)
 
 
 def load_llava(

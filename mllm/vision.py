@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoders.fusion import MixtureOfFeatures, StreamProjectors
+from encoders.fusion import MixtureOfFeatures, StreamProjectors, interleave
 from encoders.geo import GeoEncoder, to_canonical
 from encoders.registry import Registry
 from encoders.router import FeatureRouter
@@ -119,19 +119,34 @@ class Fusion:
         """Canonical pixels [B, 3, S, S] -> image embeddings [B, N', d_llm]."""
         raise NotImplementedError
 
-    # -- one grid of fused features (what a readout reads) -------------------------------------------
+    # -- the grid a readout reads ---------------------------------------------------------------------
     #: whether the fused pre-projector tokens form one grid on the first tower's patches; where they do,
     #: the model projects them itself (`MultimodalLM.grid_features`), so an anchored projector and a
-    #: question-conditioned readout work on a fused model as on a single tower
+    #: question-conditioned readout work on a fused model as on a single tower. A multi-stream fusion
+    #: (interleaved MoF) projects its streams itself and a readout reads its first stream (`features`).
     single_grid: ClassVar[bool] = False
 
     def features(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Canonical pixels -> the fused pre-projector tokens [B, N, feature_dim] (single-grid fusions)."""
-        raise NotImplementedError(f"{self.cfg.type} fusion has no single grid of fused features")
+        """Canonical pixels -> the pre-projector tokens [B, N, feature_dim] a readout reads: the fused grid
+        (single-grid fusions) or the first stream (multi-stream fusions)."""
+        raise NotImplementedError(f"{self.cfg.type} fusion has no grid of features for a readout")
 
     def feature_dim(self, tower: Tower, parts: dict[str, nn.Module]) -> int:
-        """The width of `features` (the projector's and a readout's input)."""
+        """The width of `features` (the grid projector's and a readout's input)."""
         return tower.hidden_size
+
+    def grid_projector(self, model: MultimodalLM) -> nn.Module:
+        """The projector of the grid `features` gives (what a readout's `tokens` and counts come from)."""
+        return model.projector
+
+    def encode_with_grid(
+        self, model: MultimodalLM, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image embeddings for the LM [B, N', d_llm], the grid a readout reads [B, N, D], that grid's
+        projected tokens [B, N, d_llm]) from one pass of every part: a readout needs all three."""
+        feats = self.features(model, pixel_values)
+        img = model.project_with(self.grid_projector(model), feats)
+        return img, feats, img
 
     # -- pixels ---------------------------------------------------------------------------------------
     def image_size(self, model: MultimodalLM) -> int:
@@ -165,18 +180,41 @@ class MofFusion(Fusion):
             raise ValueError(f"fusion {cfg.type}: tower2 (the second tower's TowerConfig) is required")
         self.mof = MixtureOfFeatures(cfg.type.removeprefix("mof_"), cfg.alpha, cfg.resample)
         self.single_grid = self.mof.mode == "additive"  # interleaved hands the LM two streams
+        if cfg.projector2 is not None and self.single_grid:
+            raise ValueError("fusion mof_additive has one projector; projector2 is for mof_interleaved")
 
     def features(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
-        if not self.single_grid:
-            return super().features(model, pixel_values)
-        first, second = self._towers(model, pixel_values)
-        return self.mof.mix(first, second)
+        # interleaved: a readout reads the first tower's stream; the second reaches the LM as its tokens
+        first, second = self._towers(model, pixel_values, second=self.single_grid)
+        return self.mof.mix(first, second) if self.single_grid else first.tokens
 
-    def _towers(self, model: MultimodalLM, pixel_values: torch.Tensor):
+    def grid_projector(self, model: MultimodalLM) -> nn.Module:
+        return model.projector if self.single_grid else model.projector[0]
+
+    def encode_with_grid(
+        self, model: MultimodalLM, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.single_grid:
+            return super().encode_with_grid(model, pixel_values)
+        first, second = self._towers(model, pixel_values)
+        e1, img = self._interleaved(model, first, second)
+        return img, first.tokens, e1
+
+    def _towers(self, model: MultimodalLM, pixel_values: torch.Tensor, second: bool = True):
         px = pixel_values.float()
         first = model.tower(tower_input(model.tower, px).to(_dtype(model.tower)))
-        second = model.tower2(tower_input(model.tower2, px).to(_dtype(model.tower2)))
-        return first, second
+        if not second:
+            return first, None
+        other = model.tower2(tower_input(model.tower2, px).to(_dtype(model.tower2)))
+        return first, other
+
+    def _interleaved(self, model: MultimodalLM, first, second) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the first stream's projected tokens, both streams projected and interleaved). Each stream goes
+        through `MultimodalLM.project_with`, so an anchored projector reads the LM's embeddings here too."""
+        p1, p2 = model.projector
+        e1 = model.project_with(p1, first.tokens)
+        e2 = model.project_with(p2, self.mof.align(first, second))
+        return e1, interleave(e1, e2.to(e1.dtype))
 
     def build_parts(
         self,
@@ -203,7 +241,7 @@ class MofFusion(Fusion):
             proj = StreamProjectors(
                 [
                     build_projector(projector, tower.hidden_size, d_llm),
-                    build_projector(projector, tower2.hidden_size, d_llm),
+                    build_projector(self.cfg.projector2 or projector, tower2.hidden_size, d_llm),
                 ]
             )
         return {"tower2": tower2, "projector": proj}
@@ -216,10 +254,9 @@ class MofFusion(Fusion):
 
     def encode(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
         first, second = self._towers(model, pixel_values)
-        projectors = (
-            list(model.projector) if isinstance(model.projector, StreamProjectors) else [model.projector]
-        )
-        return self.mof(first, second, projectors)
+        if self.single_grid:
+            return model.project_with(model.projector, self.mof.mix(first, second))
+        return self._interleaved(model, first, second)[1]
 
     def save_parts(self, model: MultimodalLM, out: Path) -> dict[str, Any]:
         model.tower2.save_pretrained(out / "tower2")
@@ -282,8 +319,7 @@ class RouterFusion(Fusion):
         return model.router(clip, levels)
 
     def encode(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
-        tokens = self.routed(model, pixel_values).tokens
-        return model.projector(tokens.to(_dtype(model.projector)))
+        return model.project_with(model.projector, self.routed(model, pixel_values).tokens)
 
     def save_parts(self, model: MultimodalLM, out: Path) -> dict[str, Any]:
         model.geo.save_pretrained(out / "geo")

@@ -281,6 +281,40 @@ def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):
     graft = MultimodalLM.from_pretrained(out / "b0" / "add50" / "s0" / "run" / "tower_warmup" / "final")
     for name, p in warm.projector.state_dict().items():  # the grafted start keeps the warm-up's projector
         assert torch.equal(p, graft.projector.state_dict()[name])
+    # interleaved: the warm-up's projector is the first stream's, the DINO stream's starts silent, and
+    # the token budget grows by the DINO positions
+    start = MultimodalLM.from_pretrained(out / "b0" / "inter" / "s0" / "run" / "tower_warmup" / "final")
+    for name, p in warm.projector.state_dict().items():
+        assert torch.equal(p, start.projector[0].state_dict()[name])
+    assert not start.projector[1][-1].weight.any()
+    inter = MultimodalLM.from_pretrained(out / "b0" / "inter" / "s0" / "run" / "instruct" / "final")
+    assert inter.num_image_tokens == 2 * warm.num_image_tokens and inter.projector[1][-1].weight.any()
+    assert inter.meta.max_length == warm.meta.max_length + warm.num_image_tokens
+    assert table["cost"]["inter"]["steps"] == {"align": 3, "instruct": 8}
+
+
+def test_a_tower_arm_trains_the_whole_demo_on_the_claims_tower(tmp_path, bases):
+    """tips-qa: each arm is the demo on an extra's pretrained tower (trained once per seed); nothing is
+    linked from the base (whose tower differs), and the tower the MLLM starts from is the extra's."""
+    from mllm.evidence.runner import run_claim
+    from mllm.model import MultimodalLM
+
+    claim = C.TIPS_QA.with_arms(["clip", "tips"])
+    out = tmp_path / "tips-qa"
+    run_claim(claim, [0], out, bases=bases, quick=True, log=lambda *_: None)
+    table = json.loads((out / "b0" / "table.json").read_text())
+    for arm, kind in (("clip", "clip"), ("tips", "dinov2_registers")):
+        cost = table["cost"][arm]
+        assert cost["shared_with_base"] == [] and set(cost["steps"]) == {
+            "lm_pretrain",
+            "tower_warmup",
+            "align",
+            "instruct",
+        }
+        model = MultimodalLM.from_pretrained(out / "b0" / arm / "s0" / "run" / "instruct" / "final")
+        assert model.tower.config.type == kind
+    assert (bases / "s0" / "extras" / "tips_tower").is_dir()
+    assert "tips - clip: qa accuracy" in (out / "b0" / "table.md").read_text()
 
 
 def test_an_encoder_claim_trains_each_arm_at_the_same_steps(tmp_path, bases):

@@ -829,12 +829,89 @@ def test_a_grafted_look_model_saves_and_loads_identically(tokenizer, tmp_path):
     torch.testing.assert_close(_look_logits(back, images), _look_logits(fused, images))
 
 
-def test_a_readout_refuses_a_fusion_that_gives_two_streams(tokenizer):
-    from mllm.config import FusionConfig, ModelConfig
+def _interleaved(**kw):
+    from mllm.config import FusionConfig
 
-    m = _build_look_model(tokenizer)
-    inter = FusionConfig(type="mof_interleaved", tower2=_mof(0.5).tower2)
-    with pytest.raises(ValueError, match="one stream per tower"):
-        m.with_fusion(inter)
-    with pytest.raises(ConfigError, match="one grid"):
-        ModelConfig(readout={"type": "focus"}, fusion=inter)
+    return FusionConfig(type="mof_interleaved", tower2=_mof(0.5).tower2, **kw)
+
+
+def _embedded(model, images):
+    """(image tokens [B, N', d], looks [n_looks, d]) of two questions on `images`, as `embed` fills them."""
+    b = _batch(model, ["what color is the circle?", "how many squares are there?"])
+    with torch.no_grad():
+        e = model.embed(b["input_ids"], model.preprocess(images), attention_mask=b["attention_mask"])
+    ids = b["input_ids"]
+    return e[ids == model.image_token_id].view(len(images), model.num_image_tokens, -1), e[
+        ids == model.meta.look_token_id
+    ]
+
+
+def _counting_look_model(tokenizer):
+    """The demo's shape: an anchored projector (anchored to the LM's words) and a counting readout."""
+    m = _build_look_model(tokenizer, "anchored_mlp2x_gelu", count=1.0, value="tokens").eval()
+    torch.nn.init.normal_(m.projector.body[-1].weight, std=0.1)  # a trained projector's body is not silent
+    m.projector.anchor(m.lm.get_input_embeddings(), m.tokenizer)
+    return m
+
+
+def test_interleaved_mof_graft_keeps_the_first_stream_and_starts_the_second_silent(tokenizer):
+    """Grafted interleaved MoF: the first stream is the model's own (projector, readout, looks unchanged),
+    the second stream's tokens start at zero, and max_length grows by the positions it adds. Once the
+    second stream's projector has trained, its tokens speak, and the looks still read the first stream."""
+    m = _counting_look_model(tokenizer)
+    fused = m.with_fusion(_interleaved(projector2="mlp2x_gelu")).eval()
+    assert fused.projector[0] is m.projector and fused.readout is m.readout
+    assert fused.grid_projector is m.projector and not hasattr(fused.projector[1], "anchor")
+    n = m.num_image_tokens
+    assert fused.num_image_tokens == 2 * n and fused.meta.max_length == m.meta.max_length + n
+    images = _pictures()
+    img, looks = _embedded(m, images)
+    img_f, looks_f = _embedded(fused, images)
+    torch.testing.assert_close(img_f[:, 0::2], img)
+    assert img.abs().sum() > 0 and torch.count_nonzero(img_f[:, 1::2]) == 0
+    torch.testing.assert_close(looks_f, looks)
+    torch.nn.init.normal_(fused.projector[1][-1].weight)
+    img_t, looks_t = _embedded(fused, images)
+    assert img_t[:, 1::2].abs().sum() > 0
+    torch.testing.assert_close(img_t[:, 0::2], img)
+    torch.testing.assert_close(looks_t, looks)
+
+
+def test_an_interleaved_look_model_builds_trains_saves_and_loads(tokenizer, tmp_path):
+    """A readout with interleaved MoF is a valid recipe (it reads the first stream); grafted or built
+    fresh, the model's loss backpropagates into both streams' projectors, and a saved model reloads with
+    each stream's own projector type and the same outputs."""
+    from mllm.config import ModelConfig
+    from mllm.model import MultimodalLM, build_lm
+    from mllm.tokenizer import ensure_look_token
+
+    inter = _interleaved(projector2="mlp2x_gelu")
+    ModelConfig(readout={"type": "focus"}, fusion=inter)  # accepted at recipe load
+    fused = _counting_look_model(tokenizer).with_fusion(inter)
+    torch.nn.init.normal_(fused.projector[1][-1].weight)
+    b = _batch(fused, ["what color is the circle?", "is there a star?"])
+    b["pixel_values"] = fused.preprocess(_pictures())
+    fused(**b).loss.backward()
+    assert fused.projector[0].body[0].weight.grad.abs().sum() > 0
+    assert fused.projector[1][0].weight.grad.abs().sum() > 0
+    fused.eval().save_pretrained(tmp_path / "m")
+    back = MultimodalLM.from_pretrained(tmp_path / "m")
+    assert back.meta.fusion["projector2"] == "mlp2x_gelu" and back.meta.max_length == fused.meta.max_length
+    assert bool(back.projector[0].anchored) and isinstance(back.projector[1], torch.nn.Sequential)
+    torch.testing.assert_close(_look_logits(back, _pictures()), _look_logits(fused, _pictures()))
+    tok = copy.deepcopy(tokenizer)
+    ensure_look_token(tok, LOOK_TOKEN)
+    fresh = MultimodalLM.build(
+        TowerConfig(type="clip", config=TINY_TOWER, select_layer=-1),
+        "anchored_mlp2x_gelu",
+        build_lm(None, TINY_LM, len(tok)),
+        tok,
+        template="chatml",
+        max_length=256,
+        fusion=inter,
+        readout={"type": "focus", "heads": 2, "dim": 8, "count": 1.0, "value": "tokens"},
+    )
+    assert fresh.readout.count_select[0].out_features == 8  # sized by the first stream's heads
+    b = _batch(fresh, ["how many circles are there?"])
+    b["pixel_values"] = fresh.preprocess(_pictures(1))
+    assert torch.isfinite(fresh(**b).loss)

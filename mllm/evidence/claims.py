@@ -299,6 +299,44 @@ TIPS = Claim(
     ),
 )
 
+
+def _tower_arm(name: str, extra: str, tower_type: str, describe: str) -> Arm:
+    """The demo with its tower replaced by a claim's extra (a packaged encoder's image tower): every
+    stage, the tower warm-up included, trains on that tower."""
+    return Arm(name, describe, overrides=(f"model.tower.type={tower_type}", f"model.tower.path=${{{extra}}}"))
+
+
+TIPS_QA = Claim(
+    name="tips-qa",
+    title="TIPS: the seeing MLLM's QA with each tower",
+    paper="TIPS (Maninis et al. 2025): spatially-aware image-text features serve dense and "
+    "fine-grained tasks better than CLIP's.",
+    level="mllm",
+    arms=(
+        _tower_arm("clip", "clip_tower", "clip", "the demo on clip-tiny's tower (ViT, caption contrast)"),
+        _tower_arm("tips", "tips_tower", "dinov2_registers", "the demo on tips-tiny's tower"),
+        _tower_arm("dino", "dino_tower", "dinov2", "the demo on dino-tiny's tower (no text)"),
+    ),
+    comparisons=(
+        Comparison("tips", "clip", Measure("qa", "accuracy")),
+        Comparison("dino", "clip", Measure("qa", "accuracy")),
+        Comparison("tips", "clip", Measure("mmvp", "accuracy")),
+    ),
+    benches=("qa", "mmvp"),
+    budgets=MLLM_BUDGETS,
+    extras=(
+        Extra("clip_tower", "clip-tiny", 120),
+        Extra("tips_tower", "tips-tiny", 120),
+        Extra("dino_tower", "dino-tiny", 120),
+    ),
+    notes=(
+        "Each tower is pretrained 120 steps at batch 64 on the seed's world (the tips claim's first "
+        "budget), then the whole demo trains on it: the LM's text pretraining, the tower's per-patch "
+        "warm-up (which fine-tunes the tower), align and instruct. The base (the demo's ResNet tower) is "
+        "not an arm: the three arms share the ViT size and differ by the tower's pretraining alone.",
+    ),
+)
+
 CLOC = Claim(
     name="cloc",
     title="CLOC: region-text contrast improves localisation",
@@ -322,12 +360,16 @@ CLOC = Claim(
 )
 
 
+_DINO = {"type": "dinov2", "path": "${dino}", "select_layer": -1}
+
+
 def _mof(alpha: float) -> dict[str, Any]:
-    return {
-        "type": "mof_additive",
-        "alpha": alpha,
-        "tower2": {"type": "dinov2", "path": "${dino}", "select_layer": -1},
-    }
+    return {"type": "mof_additive", "alpha": alpha, "tower2": dict(_DINO)}
+
+
+# The DINO stream's own projector: a plain MLP (the paper's adapter); the anchored projector's heads are
+# the warm-up's for the demo's tower and mean nothing on DINO's features
+_INTERLEAVED = {"type": "mof_interleaved", "tower2": dict(_DINO), "projector2": "mlp2x_gelu"}
 
 
 MOF = Claim(
@@ -344,22 +386,32 @@ MOF = Claim(
             graft=_mof(0.75),
         ),
         Arm("add50", "additive MoF, 0.5 x the demo's tower + 0.5 x the DINO tower", graft=_mof(0.5)),
+        Arm(
+            "inter",
+            "interleaved MoF: the demo's tower's tokens and the DINO tower's (own MLP projector, starting "
+            "silent), alternating, 2 x 64 per image; the readout reads the demo's tower",
+            graft=_INTERLEAVED,
+        ),
     ),
     comparisons=(
         Comparison("add75", "clip", Measure("mmvp", "accuracy")),
         Comparison("add50", "clip", Measure("mmvp", "accuracy")),
+        Comparison("inter", "clip", Measure("mmvp", "accuracy")),
         Comparison("add50", "clip", Measure("qa", "accuracy"), expect=0),
         Comparison("add75", "clip", Measure("qa", "accuracy"), expect=0),
+        Comparison("inter", "clip", Measure("qa", "accuracy"), expect=0),
     ),
     benches=("mmvp", "qa"),
     budgets=MLLM_BUDGETS,
     extras=(Extra("dino", "dino-tiny", 150),),
     notes=(
         "A fused arm starts from the base's warmed-up model with the DINO tower attached "
-        "(MultimodalLM.with_fusion: the anchored projector and the readout read the mixture), then trains "
-        "the demo's align and instruct stages; the CLIP arm is the base itself at budget 0.",
-        "Interleaved MoF is not an arm: the readout reads one grid of features and interleaved MoF hands "
-        "the LM one stream per tower (mllm.config.MULTI_STREAM_FUSIONS).",
+        "(MultimodalLM.with_fusion: additive, the anchored projector and the readout read the mixture; "
+        "interleaved, they read the demo's tower as before and the DINO stream's projector starts silent, "
+        "max_length + 64 so that each conversation keeps its text), then trains the demo's align and "
+        "instruct stages; the CLIP arm is the base itself at budget 0.",
+        "Interleaved, DINO reaches the answer only through the LM's attention over its tokens; additive, "
+        "also through the readout's look.",
     ),
 )
 
@@ -388,7 +440,7 @@ SVE = Claim(
     ),
 )
 
-CLAIMS: dict[str, Claim] = {c.name: c for c in (AGLA, PRIOR, OBJECTIVES, TIPS, CLOC, MOF, SVE)}
+CLAIMS: dict[str, Claim] = {c.name: c for c in (AGLA, PRIOR, OBJECTIVES, TIPS, TIPS_QA, CLOC, MOF, SVE)}
 
 
 def get_claim(name: str) -> Claim:

@@ -140,7 +140,7 @@ def _anchor_projector(model: MultimodalLM, stage: StageConfig) -> None:
     if not any(k.split(".")[0] == "projector" for k in resolve_trainable(stage, model)):
         return
     embedding = model.lm.get_input_embeddings()
-    anchor = getattr(model.projector, "anchor", None)
+    anchor = getattr(model.grid_projector, "anchor", None)  # interleaved MoF: the first stream's
     if anchor is not None:
         n = anchor(embedding, model.tokenizer)
         if n:
@@ -148,7 +148,7 @@ def _anchor_projector(model: MultimodalLM, stage: StageConfig) -> None:
         # a counting readout's selector starts from the same words (mllm.readout.FocusReadout.anchor_count)
         anchor_count = getattr(model.readout, "anchor_count", None)
         if anchor_count is not None:
-            n = anchor_count(model.projector.count_names, model.tokenizer)
+            n = anchor_count(model.grid_projector.count_names, model.tokenizer)
             if n:
                 log.info("stage %s: the counter's selector starts from %d words", stage.name, n)
     anchor_where = getattr(model.readout, "anchor_where", None)  # mllm.readout.FocusReadout.where_words
@@ -177,7 +177,7 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str) ->
         raise ValueError(f"stage {stage.name!r}: data.json (a GeoWorld scenes.jsonl) is not set")
     # The density head exists where the projector reads it (an anchored projector's "object" word).
     targets = PatchTargets(
-        colours=COLOR_NAMES, shapes=SHAPES, density="density" in getattr(model.projector, "words", {})
+        colours=COLOR_NAMES, shapes=SHAPES, density="density" in getattr(model.grid_projector, "words", {})
     )
     ds = SceneLabelDataset(
         stage.data.json,
@@ -194,12 +194,13 @@ def scene_labels_task(model: MultimodalLM, stage: StageConfig, template: str) ->
     )
     readout = None
     if stage.readout_heads:
-        first = model.projector[0] if isinstance(model.projector, nn.Sequential) else model.projector
+        proj = model.grid_projector  # interleaved MoF: the first stream's, the one the readout reads
+        first = proj[0] if isinstance(proj, nn.Sequential) else proj
         first = getattr(first, "heads", first)  # an AnchoredProjector's heads are its readout
         if not isinstance(first, nn.Linear):
             raise ValueError(
                 f"stage {stage.name!r}: readout_heads needs a projector that starts with a Linear, "
-                f"got {type(model.projector).__name__}"
+                f"got {type(proj).__name__}"
             )
         readout = first
     return (
