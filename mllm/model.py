@@ -223,14 +223,14 @@ class MultimodalLM(nn.Module):
     def grid_projector(self) -> nn.Module:
         """The projector of `grid_features`: `projector`, or interleaved MoF's first stream's. Where an
         anchored projector's heads, anchors and counts are read."""
-        return self.fusion.grid_projector(self) if self.fusion is not None else self.projector
+        return self.fusion.grid_projector(self.projector) if self.fusion is not None else self.projector
 
     def encode_with_grid(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image embeddings for the LM, `grid_features`, the grid's projected tokens), each computed
         once: what `embed` needs when a readout reads the grid."""
-        if self.fusion is not None:
+        if self.fusion is not None and not self.fusion.single_grid:
             return self.fusion.encode_with_grid(self, pixel_values)
-        feats = self.tower_features(pixel_values)
+        feats = self.grid_features(pixel_values)
         img = self.project_features(feats)
         return img, feats, img
 
@@ -610,8 +610,10 @@ def _build_readout(
 ) -> nn.Module:
     """The readout over the grid it reads: the tower's, a single-grid fusion's, or a multi-stream
     fusion's first stream (whose projector's heads a counting readout sums)."""
-    width = tower.hidden_size if fuse is None else fuse.feature_dim(tower, parts)
-    grid = projector[0] if isinstance(projector, StreamProjectors) else projector
+    if fuse is None:
+        width, grid = tower.hidden_size, projector
+    else:
+        width, grid = fuse.feature_dim(tower, parts), fuse.grid_projector(projector)
     return build_readout(cfg, width, d_llm, vocab, getattr(grid, "count_words", ()))
 
 

@@ -135,18 +135,18 @@ class Fusion:
         """The width of `features` (the grid projector's and a readout's input)."""
         return tower.hidden_size
 
-    def grid_projector(self, model: MultimodalLM) -> nn.Module:
-        """The projector of the grid `features` gives (what a readout's `tokens` and counts come from)."""
-        return model.projector
+    def grid_projector(self, projector: nn.Module) -> nn.Module:
+        """Of the model's `projector`, the one that projects the grid `features` gives (what a readout's
+        `tokens` and counts come from): all of it, or a multi-stream fusion's first stream's."""
+        return projector
 
     def encode_with_grid(
         self, model: MultimodalLM, pixel_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image embeddings for the LM [B, N', d_llm], the grid a readout reads [B, N, D], that grid's
-        projected tokens [B, N, d_llm]) from one pass of every part: a readout needs all three."""
-        feats = self.features(model, pixel_values)
-        img = model.project_with(self.grid_projector(model), feats)
-        return img, feats, img
+        """Multi-stream fusions: (image embeddings for the LM [B, N', d_llm], the grid a readout reads
+        [B, N, D], that grid's projected tokens [B, N, d_llm]) from one pass of every part. A single-grid
+        fusion's are `features` and its projection (MultimodalLM.encode_with_grid)."""
+        raise NotImplementedError(f"{self.cfg.type} fusion projects one grid; the model does that")
 
     # -- pixels ---------------------------------------------------------------------------------------
     def image_size(self, model: MultimodalLM) -> int:
@@ -188,14 +188,12 @@ class MofFusion(Fusion):
         first, second = self._towers(model, pixel_values, second=self.single_grid)
         return self.mof.mix(first, second) if self.single_grid else first.tokens
 
-    def grid_projector(self, model: MultimodalLM) -> nn.Module:
-        return model.projector if self.single_grid else model.projector[0]
+    def grid_projector(self, projector: nn.Module) -> nn.Module:
+        return projector if self.single_grid else projector[0]
 
     def encode_with_grid(
         self, model: MultimodalLM, pixel_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.single_grid:
-            return super().encode_with_grid(model, pixel_values)
         first, second = self._towers(model, pixel_values)
         e1, img = self._interleaved(model, first, second)
         return img, first.tokens, e1
