@@ -165,6 +165,9 @@ class LiveWorldConfig:
     content: str = "qa"  # "qa" (many QA turns per image) | "caption" (alignment captions)
     turns: tuple[int, int] = (6, 10)  # GeoWorld questions per image, drawn in [lo, hi]
     existence: int = 2  # extra POPE-style existence probes per image
+    # referring-expression turns per image, asked in LLaVA-1.5's grounding prompt and answered with the
+    # object's box in 0-1 of the image (mllm.data.grounding): what the RefCOCO benchmark asks. 0: none
+    grounding: int = 0
     paraphrase_frac: float = 0.3  # share of questions asked in a training-only wording
     mc_frac: float = 0.2  # share asked as "(a) X (b) Y" multiple choice
     # How a multiple-choice question is answered in training: "letter" ("(b)", MMVP's own answer key),

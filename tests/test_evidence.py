@@ -317,6 +317,32 @@ def test_a_tower_arm_trains_the_whole_demo_on_the_claims_tower(tmp_path, bases):
     assert "tips - clip: qa accuracy" in (out / "b0" / "table.md").read_text()
 
 
+def test_cloc_qa_trains_grounding_turns_on_each_tower_and_scores_refcoco_through_the_mllm(tmp_path, bases):
+    """cloc-qa: the demo on clip-tiny's and cloc-tiny's towers, instruct with one RefCOCO-style turn per
+    image and room for it; the held-out referring expressions are answered by the MLLM, one unit each."""
+    from mllm.evidence.runner import mllm_recipe, run_claim
+    from mllm.model import MultimodalLM
+
+    recipe = mllm_recipe(
+        C.CLOC_QA.arm("cloc"), bases / "s0", 0, C.CLOC_QA.budgets[0], True, {"cloc_tower": "T"}
+    )
+    instruct = next(s for s in recipe.stages if s.name == "instruct")
+    assert instruct.data.live.grounding == 1 and recipe.model.max_length == 320
+    assert recipe.model.tower.path == "T"
+    out = tmp_path / "cloc-qa"
+    run_claim(C.CLOC_QA, [0], out, bases=bases, quick=True, log=lambda *_: None)
+    table = json.loads((out / "b0" / "table.json").read_text())
+    assert table["cost"]["cloc"]["shared_with_base"] == []
+    model = MultimodalLM.from_pretrained(out / "b0" / "cloc" / "s0" / "run" / "instruct" / "final")
+    assert model.meta.max_length == 320
+    evaluated = json.loads((out / "b0" / "cloc" / "s0" / "eval" / "refcoco.json").read_text())
+    refs = (bases / "s0" / "world" / "refcoco" / "refcoco_val.jsonl").read_text().splitlines()
+    assert len(evaluated["units"]) == len(refs) and "acc@0.5" in evaluated["metrics"]
+    hits = sum(u["correct"] for u in evaluated["units"])
+    assert hits == round(evaluated["metrics"]["acc@0.5"] * len(refs) / 100)
+    assert "cloc - clip: refcoco accuracy" in (out / "b0" / "table.md").read_text()
+
+
 def test_an_encoder_claim_trains_each_arm_at_the_same_steps(tmp_path, bases):
     from mllm.evidence.runner import run_claim
 

@@ -307,3 +307,40 @@ def test_grounded_looks_get_one_target_row_per_look(tok):
             assert torch.equal(it["look_targets"], torch.stack(want))
         batch = Collator(t.pad_token_id)(items)
         assert batch["look_targets"].shape[0] == int((batch["input_ids"] == look).sum())
+
+
+def test_grounding_turns_ask_refcocos_prompt_and_answer_the_named_objects_box():
+    """What the RefCOCO benchmark asks (its prompt, a phrase naming one object), answered with that
+    object's box in 0-1 of the image, which the benchmark's norm1 reading turns back into the box."""
+    from mllm.data.geoworld.live import grounding_turns
+    from mllm.data.geoworld.referents import referents
+    from mllm.data.grounding import PROMPT
+    from mllm.evaluation.extract import extract_box, iou
+
+    head = PROMPT.split("{sentence}")[0]
+    asked = 0
+    for seed in range(60):
+        rng = random.Random(seed)
+        scene = sample_scene(rng, 64, min_shapes=2, max_shapes=5)
+        for q, a in grounding_turns(scene, rng, 2):
+            asked += 1
+            assert q.startswith(head)
+            (index,) = referents(scene, q[len(head) :])  # the phrase names exactly one object
+            box = extract_box(a, "norm1", scene.width, scene.height)
+            assert iou(box, scene.shapes[index].box) >= 0.8, (q, a, scene.shapes[index].box)
+    assert asked >= 100  # nearly every object has a unique phrase
+
+
+def test_grounding_turns_are_asked_only_when_configured(tok):
+    from mllm.data.grounding import PROMPT
+
+    head = PROMPT.split("{sentence}")[0]
+    for grounding, want in ((0, 0), (1, 1)):
+        cfg = LiveWorldConfig(grounding=grounding, paraphrase_frac=0.0, mc_frac=0.5)
+        for seed in range(20):
+            rng = random.Random(seed)
+            scene = sample_scene(rng, 64, max_shapes=5)
+            turns = qa_turns(scene, rng, cfg)
+            assert sum(q.startswith(head) for q, _ in turns) == want  # never turned into multiple choice
+    with pytest.raises(ValueError, match="grounding"):
+        _dataset(tok, grounding=-1)

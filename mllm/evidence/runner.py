@@ -36,7 +36,7 @@ from mllm.evidence.units import units_for
 from mllm.training.checkpoint import atomic_write_text
 
 #: MLLM benchmarks: where each one's data sits in a world.
-MLLM_DATA = {"qa": "", "pope": "pope", "mmvp": "mmvp", "mathverse": "mathverse"}
+MLLM_DATA = {"qa": "", "pope": "pope", "mmvp": "mmvp", "mathverse": "mathverse", "refcoco": "refcoco"}
 #: Quick sizes for the stages an arm adds to the demo's recipe (tests, smoke runs).
 QUICK_ADDED = (
     "stages.prior_ref.max_steps=3",

@@ -102,6 +102,7 @@ UNITS: dict[str, UnitMaker] = {
     "dense_probe": _correct,
     "regions": _correct,
     "grounding": _correct,
+    "refcoco": _correct,  # a referring expression through the MLLM, right at IoU >= 0.5 (acc@0.5)
     "swaps": _correct,
 }
 

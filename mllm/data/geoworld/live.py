@@ -17,6 +17,8 @@ What a sample says (`content`):
   POPE-style existence probes with near-miss negatives, training-only paraphrases (MMVP's wording:
   "Which direction ...", "... side of the image?", "... to the left or to the right of ...") and a
   share asked as two-option multiple choice.
+  With `grounding`, RefCOCO-style turns too: a referring phrase in LLaVA-1.5's grounding prompt, answered
+  with the object's box (`grounding_turns`).
 - "caption": an alignment caption (`language.align_caption`), as in `align.json`.
 """
 
@@ -34,10 +36,12 @@ from torch.utils.data import Dataset
 
 from mllm.chat import SampleError, check_image_placement, encode_conversation, with_image
 from mllm.config import LiveWorldConfig, from_dict
+from mllm.data.grounding import PROMPT as GROUNDING_PROMPT
+from mllm.data.grounding import box_answer
 
 from .augment import AugmentConfig, render_augmented
 from .files import read_jsonl
-from .language import ALIGN_PROMPTS, QA, align_caption, multiple_choice, pick_turns, qa_pool
+from .language import ALIGN_PROMPTS, QA, align_caption, multiple_choice, pick_turns, qa_pool, refer_all
 from .referents import look_target
 from .render import render
 from .sampling import pixel_key, stream, world_scene
@@ -126,12 +130,28 @@ def existence_probes(scene: Scene, rng: random.Random, k: int) -> list[QA]:
     return out
 
 
+def grounding_turns(scene: Scene, rng: random.Random, k: int) -> list[QA]:
+    """`k` RefCOCO-style turns: a phrase naming exactly one object (`language.refer_all`, minimal and
+    over-specified phrases alike, as the benchmark's are drawn), asked in LLaVA-1.5's grounding prompt and
+    answered with that object's box in 0-1 of the image. Objects no phrase singles out are not asked."""
+    out: list[QA] = []
+    for _ in range(k):
+        index = rng.randrange(len(scene.shapes))
+        phrases = refer_all(scene, index)
+        if phrases:
+            box = box_answer(scene.shapes[index].box, scene.width, scene.height)
+            out.append((GROUNDING_PROMPT.format(sentence=rng.choice(phrases)), box))
+    return out
+
+
 def qa_turns(scene: Scene, rng: random.Random, cfg: LiveWorldConfig) -> list[QA]:
     """The question/answer turns of one live sample (see the module docstring)."""
     lo, hi = cfg.turns
     picks = pick_turns(qa_pool(scene, rng), rng, lo, hi)
     if scene.figure is None and cfg.existence:
         picks += [("existence", qa) for qa in existence_probes(scene, rng, cfg.existence)]
+    if scene.figure is None and cfg.grounding:
+        picks += [("grounding", qa) for qa in grounding_turns(scene, rng, cfg.grounding)]
     rng.shuffle(picks)
     turns: list[QA] = []
     for cat, (q, a) in picks:
@@ -177,6 +197,8 @@ class LiveWorldDataset(Dataset):
             raise ValueError(
                 f"data.live.mc_reply must be one of {', '.join(MC_REPLIES)}, got {cfg.mc_reply!r}"
             )
+        if cfg.grounding < 0:
+            raise ValueError(f"data.live.grounding must be 0 or more turns per image, got {cfg.grounding}")
         if cfg.n < 1:
             raise ValueError(f"data.live.n must be positive, got {cfg.n}")
         lo, hi = cfg.turns

@@ -33,12 +33,12 @@ from typing import Any
 from PIL import Image
 
 from encoders.registry import Registry
+from mllm.data.grounding import PROMPT
 from mllm.data.images import ImageError, resolve_image
 
 from .core import BenchmarkError, Item, image_file, need_keys, read_json_lines
 from .plain_pickle import load_plain
 
-PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {sentence}"
 SPLITS = ("val", "test", "testA", "testB", "train")
 REFER_SPLIT_BYS = ("unc", "google", "umd")
 
