@@ -37,18 +37,20 @@ from mllm.model import MultimodalLM
 PER_IMAGE = 3
 
 
-def binding_negatives(present: set[str], k: int, rng: random.Random) -> list[str]:
+def _binding_candidates(present: set[str]) -> list[str]:
     """Absent objects made of a present colour and a present shape."""
     colours = {o.split(" ", 1)[0] for o in present}
     kinds = {o.split(" ", 1)[1] for o in present}
-    cand = sorted(f"{c} {s}" for c in colours for s in kinds if f"{c} {s}" not in present)
-    return rng.sample(cand, k)
+    return sorted(f"{c} {s}" for c in colours for s in kinds if f"{c} {s}" not in present)
+
+
+def binding_negatives(present: set[str], k: int, rng: random.Random) -> list[str]:
+    """`k` of the absent objects made of a present colour and a present shape."""
+    return rng.sample(_binding_candidates(present), k)
 
 
 def _bindable(present: set[str]) -> bool:
-    colours = {o.split(" ", 1)[0] for o in present}
-    kinds = {o.split(" ", 1)[1] for o in present}
-    return sum(f"{c} {s}" not in present for c in colours for s in kinds) >= PER_IMAGE
+    return len(_binding_candidates(present)) >= PER_IMAGE
 
 
 def _crowded(seed: int, i: int) -> tuple[Image.Image, set[str]]:
