@@ -8,7 +8,16 @@ Per level l (feature maps [B, C, h_l, w_l], coarse to fine):
      not forced to compete, each can be switched on or off by the image;
   5. routed_l = w_l · MLP(LN(level tokens)).
 The output concatenates [CLIP | routed_1 | … | routed_L] along channels ([B, N, (1+L)·D]) for one
-projector, so the LLM sees exactly as many image tokens as with CLIP alone.
+projector, so the LLM sees exactly as many image tokens as with CLIP alone (`merge="concat"`, the
+paper's layout).
+
+`merge="residual"` adds the routed levels to the CLIP tokens instead (CLIP + Σ routed_l, [B, N, D]), with
+the shared output MLP's last layer starting at zero. Why: a router grafted onto a trained single-tower
+model (the seeing demo's anchored projector and question-conditioned readout, both built for the tower's
+width) must leave that model's input unchanged at the start, so that the fused model differs from the
+tower-only one by what the router learns and by nothing else. A linear first projector layer on the
+concatenation is W₁·CLIP + Σ W_l·routed_l; the residual form is that with the level blocks factored
+through the tower's width (W₁·(CLIP + Σ P_l·…)), so the routed levels still reach every projector unit.
 
 The paper writes "weighted levels -> LN -> MLP". Taken literally the LayerNorm would divide the scalar
 weight w_l right out again (LN(w·x) = LN(x)), making the router a no-op; the weight is therefore applied
@@ -29,14 +38,17 @@ from torch import nn
 
 from encoders.towers import VisionFeatures
 
-__all__ = ["ROUTER_MODES", "FeatureRouter", "RouterOutput"]
+__all__ = ["ROUTER_MERGES", "ROUTER_MODES", "FeatureRouter", "RouterOutput"]
 
 ROUTER_MODES = ("soft", "constant")
+ROUTER_MERGES = ("concat", "residual")
 
 
 @dataclass
 class RouterOutput:
-    tokens: torch.Tensor  # [B, N, (1 + L) * D]: CLIP tokens then each routed level
+    tokens: (
+        torch.Tensor
+    )  # concat: [B, N, (1 + L) * D], CLIP tokens then each routed level; residual: [B, N, D]
     weights: torch.Tensor  # [B, L] routing weights in (0, 1)
 
 
@@ -48,15 +60,23 @@ class FeatureRouter(nn.Module):
     """Route `num_levels` feature maps of width `level_dim` onto a CLIP grid of width `clip_dim`."""
 
     def __init__(
-        self, clip_dim: int, level_dim: int, num_levels: int, mode: str = "soft", constant_weight: float = 0.5
+        self,
+        clip_dim: int,
+        level_dim: int,
+        num_levels: int,
+        mode: str = "soft",
+        constant_weight: float = 0.5,
+        merge: str = "concat",
     ) -> None:
         super().__init__()
         if mode not in ROUTER_MODES:
             raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {mode!r}")
+        if merge not in ROUTER_MERGES:
+            raise ValueError(f"router merge must be one of {ROUTER_MERGES}, got {merge!r}")
         if num_levels < 1:
             raise ValueError(f"the router needs at least one level, got {num_levels}")
         self.clip_dim, self.level_dim, self.num_levels = clip_dim, level_dim, num_levels
-        self.mode = mode
+        self.mode, self.merge = mode, merge
         self.constant_weight = float(constant_weight)
         d = clip_dim
         self.level_mlps = nn.ModuleList([_mlp(level_dim, d, d) for _ in range(num_levels)])
@@ -67,14 +87,17 @@ class FeatureRouter(nn.Module):
             self.gate = _mlp(2 * d, d, 1)
         self.post_norm = nn.LayerNorm(d)
         self.post_mlp = _mlp(d, d, d)
+        if merge == "residual":  # the routed branch starts silent: CLIP's tokens pass through unchanged
+            nn.init.zeros_(self.post_mlp[-1].weight)
+            nn.init.zeros_(self.post_mlp[-1].bias)
 
     @property
     def out_dim(self) -> int:
-        """Width of the concatenated tokens the projector receives."""
-        return (1 + self.num_levels) * self.clip_dim
+        """Width of the tokens the projector receives."""
+        return self.clip_dim if self.merge == "residual" else (1 + self.num_levels) * self.clip_dim
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, levels={self.num_levels}, level_dim={self.level_dim}, clip_dim={self.clip_dim}"
+        return f"mode={self.mode}, merge={self.merge}, levels={self.num_levels}, level_dim={self.level_dim}, clip_dim={self.clip_dim}"
 
     def forward(self, clip: VisionFeatures, levels: Sequence[torch.Tensor]) -> RouterOutput:
         if len(levels) != self.num_levels:
@@ -104,4 +127,5 @@ class FeatureRouter(nn.Module):
                 w = torch.full((b, 1), self.constant_weight, dtype=dtype, device=tokens.device)
             routed.append(w.unsqueeze(1) * self.post_mlp(self.post_norm(feats)))
             weights.append(w)
-        return RouterOutput(torch.cat([tokens, *routed], dim=-1), torch.cat(weights, dim=-1))
+        merged = tokens + sum(routed) if self.merge == "residual" else torch.cat([tokens, *routed], dim=-1)
+        return RouterOutput(merged, torch.cat(weights, dim=-1))

@@ -424,9 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evidence",
         help="a seed paper's claim measured on GeoWorld: arms at equal compute, seeds, paired intervals",
     )
+    from mllm.evidence.claims import CLAIMS  # plain data: cheap to import
+
     ev.add_argument(
         "claim",
-        help="agla | prior | mof | objectives | tips | cloc | svemath; `list` (the claims) or `summary` "
+        help=f"{' | '.join(CLAIMS)}; `list` (the claims) or `summary` "
         "(every claim's verdicts under --out, default runs/evidence)",
     )
     ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

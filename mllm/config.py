@@ -75,6 +75,9 @@ class FusionConfig:
     geo: GeoConfig | None = None  # router: the geometric encoder's architecture (random init)
     geo_path: str | None = None  # router: a trained encoder folder (encoders.geo.GeoEncoder.save_pretrained)
     router_mode: str = "soft"  # router: soft (learned sigmoid weights) | constant (fixed equal weights)
+    # router: concat ([CLIP | routed levels], the paper's layout, a wider projector input) | residual (CLIP +
+    # routed levels, starting at zero: the tower's width, so it grafts onto a model's projector and readout)
+    router_merge: str = "concat"
     image_size: int | None = None  # canonical input size both parts resample from; None: the largest input
 
 

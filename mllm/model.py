@@ -496,8 +496,10 @@ class MultimodalLM(nn.Module):
           and values after the LM's RMSNorm), so the LM starts from what it had learned, plus as many
           silent positions per image as the second stream adds. `max_length` grows by those positions,
           so a one-image conversation keeps the text budget it had;
-        - a fusion that changes the grid's width (the router) takes its fresh projector, and a readout
-          (built for the tower's width) is refused."""
+        - the residual router (tower width, its branch starting at zero) keeps the projector and readout,
+          and the grafted model answers exactly as this one did until the router trains;
+        - a fusion that changes the grid's width (the concatenating router) takes its fresh projector,
+          and a readout (built for the tower's width) is refused."""
         if self.fusion is not None:
             raise ValueError(f"the model is already fused ({self.meta.fusion['type']})")
         fuse = build_fusion(fusion)

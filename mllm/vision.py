@@ -6,6 +6,7 @@ CLIP-style tower) and `projector` under the same names — so stage declarations
 
     MoF:     tower2 (HF dir `tower2/`); projector = one projector, or `StreamProjectors` (interleaved)
     router:  geo (`geo/`, frozen), router (`router.safetensors`); projector over [CLIP | routed levels]
+             (or over CLIP + routed levels: `router_merge: residual`)
 
 **One image, every part.** The parts may want different sizes and normalisations (CLIP 336 px with
 OpenAI statistics, DINOv2 224 px with ImageNet ones, the geometric encoder its own). A fused model
@@ -265,7 +266,8 @@ class MofFusion(Fusion):
 
 @register_fusion("router")
 class RouterFusion(Fusion):
-    """SVE-Math: CLIP tokens + the geometric encoder's routed pyramid, channel-concatenated."""
+    """SVE-Math: CLIP tokens + the geometric encoder's routed pyramid, channel-concatenated (the paper) or
+    added on the tower's width (`router_merge: residual`, what a graft onto a trained model needs)."""
 
     def build_parts(
         self,
@@ -289,7 +291,13 @@ class RouterFusion(Fusion):
             geo = GeoEncoder(self.cfg.geo)
         else:
             raise ValueError("fusion router: set geo (an architecture) or geo_path (a trained encoder)")
-        router = FeatureRouter(tower.hidden_size, geo.level_dim, geo.num_levels, self.cfg.router_mode)
+        router = FeatureRouter(
+            tower.hidden_size,
+            geo.level_dim,
+            geo.num_levels,
+            self.cfg.router_mode,
+            merge=self.cfg.router_merge,
+        )
         if model_dir is not None:
             router.load_state_dict(load_file(str(model_dir / "router.safetensors")))
         proj = build_projector(projector, router.out_dim, d_llm)

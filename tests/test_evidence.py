@@ -5,6 +5,7 @@ changes, and a claim runs end to end (quick sizes), writes its table and figure,
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -224,11 +225,16 @@ def test_a_budget_override_reaches_only_the_stages_an_arm_has(tmp_path):
     assert steps["instruct"] == 840 and steps["prior"] == 60 and "align" not in steps
 
 
+def _blocked() -> C.Claim:
+    return replace(C.AGLA, name="blocked-agla", blocked="its decoder is not written yet")
+
+
 def test_a_blocked_claim_refuses_to_run_and_says_why(tmp_path):
     from mllm.evidence.runner import BlockedClaim, run_claim
 
-    with pytest.raises(BlockedClaim, match="router"):
-        run_claim(C.SVE, [0], tmp_path / "svemath", quick=True)
+    with pytest.raises(BlockedClaim, match="decoder is not written"):
+        run_claim(_blocked(), [0], tmp_path / "blocked", quick=True)
+    assert not (tmp_path / "blocked").exists()  # nothing built or trained under its name
 
 
 # ---------------------------------------------------------------- end to end (quick sizes)
@@ -291,6 +297,38 @@ def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):
     assert inter.num_image_tokens == 2 * warm.num_image_tokens and inter.projector[1][-1].weight.any()
     assert inter.meta.max_length == warm.meta.max_length + warm.num_image_tokens
     assert table["cost"]["inter"]["steps"] == {"align": 3, "instruct": 8}
+
+
+def test_a_svemath_arm_is_the_base_with_a_geometric_encoder_and_a_silent_router_grafted_on(tmp_path, bases):
+    """svemath: the geometric encoder is an extra built around the base's model (trained once per seed);
+    the router arms start from the base's warmed-up model with it attached, keep its projector and
+    readout, answer exactly as it did at the graft, and train the router in align and instruct."""
+    from mllm.evidence.runner import run_claim
+    from mllm.model import MultimodalLM
+
+    out = tmp_path / "svemath"
+    run_claim(C.SVE, [0], out, bases=bases, quick=True, log=lambda *_: None)
+    geo = bases / "s0" / "extras" / "geo" / "geoglip" / "final" / "geo"
+    assert (geo / "geo_config.json").is_file()
+    table = json.loads((out / "b0" / "table.json").read_text())
+    assert table["cost"]["clip"]["shared_with_base"] == ["lm_pretrain", "tower_warmup", "align", "instruct"]
+    for arm in ("constant", "router"):
+        assert table["cost"][arm]["shared_with_base"] == ["lm_pretrain", "tower_warmup (+ fusion)"]
+        assert table["cost"][arm]["steps"] == {"align": 3, "instruct": 8}
+    assert set(table["measures"]["mathverse/Vision Only accuracy"]) == {"clip", "constant", "router"}
+    warm = MultimodalLM.from_pretrained(bases / "s0" / "run" / "tower_warmup" / "final")
+    start = MultimodalLM.from_pretrained(out / "b0" / "router" / "s0" / "run" / "tower_warmup" / "final")
+    assert start.readout is not None and start.meta.fusion["router_merge"] == "residual"
+    px = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # the graft's image embeddings are the base's, exactly
+        assert torch.equal(start.encode_images(px), warm.encode_images(px))
+    final = MultimodalLM.from_pretrained(out / "b0" / "router" / "s0" / "run" / "instruct" / "final")
+    assert final.router.post_mlp[-1].weight.any()  # the router trained
+    assert final.router.mode == "soft" and hasattr(final.router, "gate")
+    const = MultimodalLM.from_pretrained(out / "b0" / "constant" / "s0" / "run" / "instruct" / "final")
+    assert const.router.mode == "constant"
+    for name, p in const.geo.state_dict().items():  # the encoder stays frozen
+        assert torch.equal(p, start.geo.state_dict()[name])
 
 
 def test_a_tower_arm_trains_the_whole_demo_on_the_claims_tower(tmp_path, bases):
@@ -360,14 +398,15 @@ def test_an_encoder_claim_trains_each_arm_at_the_same_steps(tmp_path, bases):
     assert table["comparisons"][0]["seeds"] == 2
 
 
-def test_the_cli_lists_the_claims_and_a_blocked_one_exits_2_with_its_reason(capsys, tmp_path):
+def test_the_cli_lists_the_claims_and_a_blocked_one_exits_2_with_its_reason(capsys, tmp_path, monkeypatch):
     from mllm.cli import main
 
     assert main(["evidence", "list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in C.CLAIMS)
-    assert main(["evidence", "svemath", "--out", str(tmp_path / "svemath"), "--quick"]) == 2
-    assert "router" in capsys.readouterr().err
+    monkeypatch.setitem(C.CLAIMS, "blocked-agla", _blocked())
+    assert main(["evidence", "blocked-agla", "--out", str(tmp_path / "blocked"), "--quick"]) == 2
+    assert "decoder is not written" in capsys.readouterr().err
 
 
 def test_scaling_reruns_only_the_unresolved_comparisons_and_their_arms():

@@ -73,6 +73,33 @@ def test_bad_inputs_are_clear_errors():
         router(clip, [torch.randn(3, 8, 2, 2)] * 4)
     with pytest.raises(ValueError, match="mode"):
         FeatureRouter(32, 16, 4, mode="softmax")
+    with pytest.raises(ValueError, match="merge"):
+        FeatureRouter(32, 16, 4, merge="sum")
+
+
+@pytest.mark.parametrize("mode", ["soft", "constant"])
+def test_the_residual_router_starts_silent_on_the_towers_width_and_then_learns(mode):
+    """Residual merge (a graft onto a trained model): CLIP's width, CLIP's tokens exactly at the start,
+    and one optimiser step makes the routed levels reach the output (and, soft, moves the gate too)."""
+    torch.manual_seed(0)
+    router = FeatureRouter(clip_dim=32, level_dim=16, num_levels=4, mode=mode, merge="residual")
+    clip, levels = _inputs(0)
+    out = router(clip, levels)
+    assert router.out_dim == 32 and out.tokens.shape == (3, 64, 32)
+    assert torch.equal(out.tokens, clip.tokens)
+    opt = torch.optim.SGD(router.parameters(), lr=0.1)
+    target = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(5))
+    for _ in range(2):  # the first step opens the branch, the second reaches the gate through it
+        opt.zero_grad()
+        ((router(clip, levels).tokens - target) ** 2).mean().backward()
+        opt.step()
+    moved = router(clip, levels).tokens - clip.tokens
+    assert moved.abs().mean() > 1e-4
+    if mode == "soft":
+        assert router.gate[-1].weight.grad.abs().sum() > 0
+    # the routed part still depends on the levels (not a learned constant)
+    _, other = _inputs(3)
+    assert not torch.allclose(router(clip, other).tokens, router(clip, levels).tokens)
 
 
 def test_router_reads_the_geometric_encoder_pyramid():

@@ -56,12 +56,16 @@ class Arm:
 @dataclass(frozen=True)
 class Extra:
     """A model a claim needs beside the base, trained once per seed on the base's world (MoF's
-    self-supervised tower): packaged `recipe`, `steps` of its single stage; arms name its image tower
-    as "${name}"."""
+    self-supervised tower, SVE-Math's geometric encoder): packaged `recipe`, `steps` of its single stage;
+    arms name its `output` (a folder of the stage's final checkpoint: an image tower, or `geo`) as
+    "${name}". `overrides` are applied to the recipe, "{run}" standing for the base's run folder (an
+    extra built around the base's own model)."""
 
     name: str
     recipe: str
     steps: int
+    output: str = "image_tower"
+    overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -451,28 +455,77 @@ MOF = Claim(
     ),
 )
 
+
+def _router(mode: str) -> dict[str, Any]:
+    """SVE-Math's fusion as a graft: the claim's geometric encoder (frozen) and a router whose routed
+    levels are added to the tower's tokens from zero (`router_merge: residual`), so the anchored projector
+    and the readout read them and the grafted model starts out as the base."""
+    return {"type": "router", "geo_path": "${geo}", "router_mode": mode, "router_merge": "residual"}
+
+
+#: the router trains with the projector in instruct (the demo's instruct names its trainable modules;
+#: align resolves its stage kind's optional `router` by itself)
+_ROUTER_TRAINS = ("stages.instruct.trainable.router=1.0e-3",)
+_VISION_VERSIONS = ("Vision Dominant", "Vision Only")
+
 SVE = Claim(
     name="svemath",
     title="SVE-Math: a perception-grounded router helps visual math",
-    paper="SVE-Math (2025): GeoQA 66.5 -> 67.0 with the router against constant weights.",
+    paper="SVE-Math (2025): GeoQA 66.5 -> 67.0 with the router against constant weights; the geometric "
+    "encoder's features help most where the facts are only in the figure (MathVerse vision-dominant, "
+    "vision-only).",
     level="mllm",
     arms=(
-        Arm("clip", "the demo (CLIP-style tower only)"),
-        Arm("constant", "+ geometric encoder, constant weights"),
-        Arm("router", "+ geometric encoder, learned router"),
+        Arm("clip", "the demo (its contrastive tower, warmed up, only)"),
+        Arm(
+            "constant",
+            "+ a GeoGLIP-style geometric encoder (geoglip-tiny, frozen), its levels added to the tower's "
+            "tokens with constant weights 0.5",
+            overrides=_ROUTER_TRAINS,
+            graft=_router("constant"),
+        ),
+        Arm(
+            "router",
+            "+ the same geometric encoder, its levels weighed by the learned soft router",
+            overrides=_ROUTER_TRAINS,
+            graft=_router("soft"),
+        ),
     ),
-    comparisons=(
-        Comparison("router", "constant", Measure("mathverse", "accuracy")),
-        Comparison("constant", "clip", Measure("mathverse", "accuracy")),
+    comparisons=tuple(
+        [
+            Comparison("router", "constant", Measure("mathverse", "accuracy")),
+            Comparison("constant", "clip", Measure("mathverse", "accuracy")),
+        ]
+        + [Comparison("router", "constant", Measure("mathverse", "accuracy", v)) for v in _VISION_VERSIONS]
+        + [
+            Comparison("router", "clip", Measure("qa", "accuracy"), expect=0),
+            Comparison("constant", "clip", Measure("qa", "accuracy"), expect=0),
+        ]
     ),
-    benches=("mathverse",),
+    extra_measures=tuple(
+        Measure("mathverse", "accuracy", v) for v in ("Text Dominant", "Text Lite", "Vision Intensive")
+    ),
+    benches=("mathverse", "qa"),
     budgets=MLLM_BUDGETS,
-    blocked=(
-        "the router's tokens are wider than the tower's (encoders.router.FeatureRouter.out_dim), so the "
-        "seeing demo's anchored projector and readout, built for the tower's width, cannot read them "
-        "(MultimodalLM.with_fusion refuses); router arms would restart both from scratch and no longer "
-        "differ from the demo by the router alone, and GeoWorld's math is at 11% on the demo (digits "
-        "read at 5 px), too near the floor to show a routing effect"
+    extras=(
+        Extra(
+            "geo",
+            "geoglip-tiny",
+            400,
+            output="geo",
+            # the recipe builds its encoder inside a router-fused copy of a finished demo model
+            overrides=("extra.base={run}/instruct/final", "model.tower.type=resnet"),
+        ),
+    ),
+    notes=(
+        "The geometric encoder (geoglip-tiny: boxes, junctions and boundaries from the scene graphs) is "
+        "trained 400 steps at batch 32 per seed on the seed's world, then frozen. A fused arm starts from "
+        "the base's warmed-up model with the encoder and a router attached (MultimodalLM.with_fusion; the "
+        "router's branch starts at zero, so the graft answers as the base), then trains the demo's align "
+        "and instruct with the router beside the projector; the CLIP arm is the base itself at budget 0.",
+        "MathVerse: the world's 40 labelled-triangle problems in five versions (figures drawn at 256 px, "
+        "seen at 64); free-form answers are integers, multi-choice ones letters. QA (no direction claimed) "
+        "says whether the router costs the model its everyday sight.",
     ),
 )
 

@@ -128,17 +128,21 @@ def graft_shared(recipe: Recipe, reference: Recipe, reference_run: Path, run_dir
 
 
 def ensure_extras(claim: Claim, base: Path, seed: int, quick: bool, log) -> dict[str, str]:
-    """Each of the claim's extra models, trained once per seed on the base's world; their image towers."""
+    """Each of the claim's extra models, trained once per seed on the base's world: the folder of each
+    that arms read (its image tower, or its geometric encoder)."""
     from mllm.training.runner import train_recipe
 
     paths = {}
     for ex in claim.extras:
-        recipe = single_stage_recipe(ex.recipe, base / "world", seed, ex.steps, quick)
+        overrides = tuple(o.replace("{run}", str(base / "run")) for o in ex.overrides)
+        recipe = single_stage_recipe(ex.recipe, base / "world", seed, ex.steps, quick, overrides)
         out = base / "extras" / ex.name
-        tower = out / recipe.stages[-1].name / "final" / "image_tower"
-        if not tower.is_dir():  # trained once: later arms and seeds read it
+        part = out / recipe.stages[-1].name / "final" / ex.output
+        if not part.is_dir():  # trained once: later arms and seeds read it
             train_recipe(recipe, out, log=log)
-        paths[ex.name] = str(tower)
+        if not part.is_dir():
+            raise FileNotFoundError(f"extra {ex.name!r} ({ex.recipe}) finished without {part}")
+        paths[ex.name] = str(part)
     return paths
 
 
