@@ -329,6 +329,19 @@ def test_a_svemath_arm_is_the_base_with_a_geometric_encoder_and_a_silent_router_
     assert const.router.mode == "constant"
     for name, p in const.geo.state_dict().items():  # the encoder stays frozen
         assert torch.equal(p, start.geo.state_dict()[name])
+    # scripts/router_weights.py reads what each router learned: a grafted start's branch is zero
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "router_weights", Path(__file__).resolve().parents[1] / "scripts" / "router_weights.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    images = sorted((bases / "s0" / "world" / "eval" / "images").glob("*.png"))[:4]
+    assert mod.router_stats(start, images)["branch_over_tower"] == 0.0
+    trained = mod.router_stats(final, images)
+    assert trained["branch_over_tower"] > 0 and len(trained["weight_mean"]) == final.router.num_levels
+    assert mod.router_stats(const, images)["weight_mean"] == [0.5] * const.router.num_levels
 
 
 def test_a_tower_arm_trains_the_whole_demo_on_the_claims_tower(tmp_path, bases):

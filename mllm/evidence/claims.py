@@ -502,8 +502,11 @@ SVE = Claim(
             Comparison("constant", "clip", Measure("qa", "accuracy"), expect=0),
         ]
     ),
+    # QA's math questions are the world's own 64 px figures (the training scale): reading a drawn value,
+    # or a problem's answer; shape is where geometric perception should show first
     extra_measures=tuple(
-        Measure("mathverse", "accuracy", v) for v in ("Text Dominant", "Text Lite", "Vision Intensive")
+        [Measure("mathverse", "accuracy", v) for v in ("Text Dominant", "Text Lite", "Vision Intensive")]
+        + [Measure("qa", "accuracy", "math"), Measure("qa", "accuracy", "shape")]
     ),
     benches=("mathverse", "qa"),
     budgets=MLLM_BUDGETS,
