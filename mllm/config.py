@@ -72,6 +72,10 @@ class FusionConfig:
     # mof_interleaved: the second stream's projector (mllm.projectors); None: the model's `projector`. A
     # readout reads the first stream, whose projector is the model's.
     projector2: str | None = None
+    # mof_interleaved: the projected tokens a readout's look pools: "first" (the first stream's, which the
+    # look attends over) | "both" (at each grid cell, the first stream's plus the second's: the look still
+    # chooses where from the first stream, and what it carries from there also holds the second's)
+    look: str = "first"
     geo: GeoConfig | None = None  # router: the geometric encoder's architecture (random init)
     geo_path: str | None = None  # router: a trained encoder folder (encoders.geo.GeoEncoder.save_pretrained)
     router_mode: str = "soft"  # router: soft (learned sigmoid weights) | constant (fixed equal weights)

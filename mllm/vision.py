@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 FUSIONS: Registry[type[Fusion]] = Registry("fusion type")
+#: what an interleaved MoF model's look pools (FusionConfig.look)
+LOOKS = ("first", "both")
 
 
 def register_fusion(*names: str) -> Callable[[type[Fusion]], type[Fusion]]:
@@ -183,6 +185,12 @@ class MofFusion(Fusion):
         self.single_grid = self.mof.mode == "additive"  # interleaved hands the LM two streams
         if cfg.projector2 is not None and self.single_grid:
             raise ValueError("fusion mof_additive has one projector; projector2 is for mof_interleaved")
+        if cfg.look not in LOOKS:
+            raise ValueError(f"fusion {cfg.type}: look must be one of {LOOKS}, got {cfg.look!r}")
+        if cfg.look != "first" and self.single_grid:
+            raise ValueError(
+                "fusion mof_additive has one grid, which its look reads; look is for mof_interleaved"
+            )
 
     def features(self, model: MultimodalLM, pixel_values: torch.Tensor) -> torch.Tensor:
         # interleaved: a readout reads the first tower's stream; the second reaches the LM as its tokens
@@ -195,9 +203,15 @@ class MofFusion(Fusion):
     def encode_with_grid(
         self, model: MultimodalLM, pixel_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The look attends over the first stream's grid; it pools that stream's projected tokens, or
+        (`look: both`) those plus the second stream's at the same cells. Why both: a seeing model answers
+        from its look, so a second stream the LM can reach only by its own attention over the image
+        tokens barely moves the answers (docs/evidence.md, MoF); pooled into the look it reaches the
+        answer position directly. The second stream's projector starts silent, so a grafted model's
+        looks start as the original's."""
         first, second = self._towers(model, pixel_values)
-        e1, img = self._interleaved(model, first, second)
-        return img, first.tokens, e1
+        e1, e2, img = self._interleaved(model, first, second)
+        return img, first.tokens, e1 + e2.to(e1.dtype) if self.cfg.look == "both" else e1
 
     def _towers(self, model: MultimodalLM, pixel_values: torch.Tensor, second: bool = True):
         px = pixel_values.float()
@@ -207,13 +221,15 @@ class MofFusion(Fusion):
         other = model.tower2(tower_input(model.tower2, px).to(_dtype(model.tower2)))
         return first, other
 
-    def _interleaved(self, model: MultimodalLM, first, second) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the first stream's projected tokens, both streams projected and interleaved). Each stream goes
-        through `MultimodalLM.project_with`, so an anchored projector reads the LM's embeddings here too."""
+    def _interleaved(
+        self, model: MultimodalLM, first, second
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(each stream's projected tokens, both interleaved). Each stream goes through
+        `MultimodalLM.project_with`, so an anchored projector reads the LM's embeddings here too."""
         p1, p2 = model.projector
         e1 = model.project_with(p1, first.tokens)
         e2 = model.project_with(p2, self.mof.align(first, second))
-        return e1, interleave(e1, e2.to(e1.dtype))
+        return e1, e2, interleave(e1, e2.to(e1.dtype))
 
     def build_parts(
         self,
@@ -255,7 +271,7 @@ class MofFusion(Fusion):
         first, second = self._towers(model, pixel_values)
         if self.single_grid:
             return model.project_with(model.projector, self.mof.mix(first, second))
-        return self._interleaved(model, first, second)[1]
+        return self._interleaved(model, first, second)[2]
 
     def save_parts(self, model: MultimodalLM, out: Path) -> dict[str, Any]:
         model.tower2.save_pretrained(out / "tower2")

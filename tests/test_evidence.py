@@ -297,6 +297,10 @@ def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):
     assert inter.num_image_tokens == 2 * warm.num_image_tokens and inter.projector[1][-1].weight.any()
     assert inter.meta.max_length == warm.meta.max_length + warm.num_image_tokens
     assert table["cost"]["inter"]["steps"] == {"align": 3, "instruct": 8}
+    # inter_look: the same graft, its look pooling both streams (recorded in the model's fusion)
+    look = MultimodalLM.from_pretrained(out / "b0" / "inter_look" / "s0" / "run" / "instruct" / "final")
+    assert look.meta.fusion["look"] == "both" and inter.meta.fusion["look"] == "first"
+    assert table["cost"]["inter_look"]["shared_with_base"] == ["lm_pretrain", "tower_warmup (+ fusion)"]
 
 
 def test_a_svemath_arm_is_the_base_with_a_geometric_encoder_and_a_silent_router_grafted_on(tmp_path, bases):

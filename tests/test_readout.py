@@ -877,6 +877,46 @@ def test_interleaved_mof_graft_keeps_the_first_stream_and_starts_the_second_sile
     torch.testing.assert_close(looks_t, looks)
 
 
+def test_an_interleaved_look_of_both_streams_starts_as_the_original_and_then_carries_the_second(
+    tokenizer, tmp_path
+):
+    """look: both pools the second stream's projected tokens into the looks beside the first's: at the
+    graft (the second stream silent) the looks are the original's; once the second stream speaks, the
+    looks move (with look: first they did not), the loss reaches the second projector, and a saved model
+    keeps the choice. look is refused where there is one grid (additive)."""
+    from mllm.config import FusionConfig
+    from mllm.model import MultimodalLM
+
+    m = _counting_look_model(tokenizer)
+    images = _pictures()
+    img, looks = _embedded(m, images)
+    fused = m.with_fusion(_interleaved(projector2="mlp2x_gelu", look="both")).eval()
+    img_f, looks_f = _embedded(fused, images)
+    torch.testing.assert_close(looks_f, looks)
+    torch.testing.assert_close(img_f[:, 0::2], img)
+    torch.nn.init.normal_(fused.projector[1][-1].weight)
+    img_t, looks_t = _embedded(fused, images)
+    assert not torch.allclose(looks_t, looks, atol=1e-3)
+    # the looks' pooled value is the first stream's plus the second's at the same cells
+    px = fused.preprocess(images)
+    with torch.no_grad():
+        _, _, pooled = fused.encode_with_grid(px)
+    torch.testing.assert_close(pooled, img_t[:, 0::2] + img_t[:, 1::2])
+    b = _batch(fused, ["what color is the circle?"])
+    b["pixel_values"] = fused.preprocess(_pictures(1))
+    fused.train()
+    fused(**b).loss.backward()
+    assert fused.projector[1][-1].weight.grad.abs().sum() > 0
+    fused.eval().save_pretrained(tmp_path / "m")
+    back = MultimodalLM.from_pretrained(tmp_path / "m")
+    assert back.meta.fusion["look"] == "both"
+    torch.testing.assert_close(_embedded(back, images)[1], looks_t)
+    with pytest.raises(ValueError, match="look"):
+        m.with_fusion(FusionConfig(type="mof_additive", tower2=_mof(0.5).tower2, look="both"))
+    with pytest.raises(ValueError, match="look must be one of"):
+        m.with_fusion(_interleaved(look="second"))
+
+
 def test_an_interleaved_look_model_builds_trains_saves_and_loads(tokenizer, tmp_path):
     """A readout with interleaved MoF is a valid recipe (it reads the first stream); grafted or built
     fresh, the model's loss backpropagates into both streams' projectors, and a saved model reloads with

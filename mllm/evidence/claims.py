@@ -410,6 +410,9 @@ def _mof(alpha: float) -> dict[str, Any]:
 # The DINO stream's own projector: a plain MLP (the paper's adapter); the anchored projector's heads are
 # the warm-up's for the demo's tower and mean nothing on DINO's features
 _INTERLEAVED = {"type": "mof_interleaved", "tower2": dict(_DINO), "projector2": "mlp2x_gelu"}
+# ... and its look pooling both streams' tokens where it looks (FusionConfig.look): DINO reaches the
+# answer position directly, not only through the LM's attention over its tokens
+_INTERLEAVED_LOOK = {**_INTERLEAVED, "look": "both"}
 
 
 MOF = Claim(
@@ -432,14 +435,22 @@ MOF = Claim(
             "silent), alternating, 2 x 64 per image; the readout reads the demo's tower",
             graft=_INTERLEAVED,
         ),
+        Arm(
+            "inter_look",
+            "interleaved MoF as above, its look pooling both streams' tokens where it looks (the demo's "
+            "tower's plus DINO's at the same cells; DINO's starting silent)",
+            graft=_INTERLEAVED_LOOK,
+        ),
     ),
     comparisons=(
         Comparison("add75", "clip", Measure("mmvp", "accuracy")),
         Comparison("add50", "clip", Measure("mmvp", "accuracy")),
         Comparison("inter", "clip", Measure("mmvp", "accuracy")),
+        Comparison("inter_look", "clip", Measure("mmvp", "accuracy")),
         Comparison("add50", "clip", Measure("qa", "accuracy"), expect=0),
         Comparison("add75", "clip", Measure("qa", "accuracy"), expect=0),
         Comparison("inter", "clip", Measure("qa", "accuracy"), expect=0),
+        Comparison("inter_look", "clip", Measure("qa", "accuracy"), expect=0),
     ),
     benches=("mmvp", "qa"),
     budgets=MLLM_BUDGETS,
@@ -450,8 +461,8 @@ MOF = Claim(
         "interleaved, they read the demo's tower as before and the DINO stream's projector starts silent, "
         "max_length + 64 so that each conversation keeps its text), then trains the demo's align and "
         "instruct stages; the CLIP arm is the base itself at budget 0.",
-        "Interleaved, DINO reaches the answer only through the LM's attention over its tokens; additive, "
-        "also through the readout's look.",
+        "Interleaved, DINO reaches the answer only through the LM's attention over its tokens (inter), or "
+        "also through what the look pools (inter_look); additive, through the look's mixture.",
     ),
 )
 
