@@ -46,9 +46,8 @@ ROUTER_MERGES = ("concat", "residual")
 
 @dataclass
 class RouterOutput:
-    tokens: (
-        torch.Tensor
-    )  # concat: [B, N, (1 + L) * D], CLIP tokens then each routed level; residual: [B, N, D]
+    # concat: [B, N, (1 + L) * D], CLIP tokens then each routed level; residual: [B, N, D]
+    tokens: torch.Tensor
     weights: torch.Tensor  # [B, L] routing weights in (0, 1)
 
 
@@ -97,7 +96,10 @@ class FeatureRouter(nn.Module):
         return self.clip_dim if self.merge == "residual" else (1 + self.num_levels) * self.clip_dim
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, merge={self.merge}, levels={self.num_levels}, level_dim={self.level_dim}, clip_dim={self.clip_dim}"
+        return (
+            f"mode={self.mode}, merge={self.merge}, levels={self.num_levels}, "
+            f"level_dim={self.level_dim}, clip_dim={self.clip_dim}"
+        )
 
     def forward(self, clip: VisionFeatures, levels: Sequence[torch.Tensor]) -> RouterOutput:
         if len(levels) != self.num_levels:
