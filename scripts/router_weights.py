@@ -33,7 +33,8 @@ def router_stats(model: MultimodalLM, paths: list[Path]) -> dict[str, object]:
     px = model.preprocess([Image.open(p) for p in paths])
     out = model.fusion.routed(model, px)
     tower = model.tower(tower_input(model.tower, px.float())).tokens
-    routed = out.tokens[..., : tower.shape[-1]] - tower if model.router.merge == "residual" else None
+    # residual: the routed levels are what the router added to the tower's tokens (concat keeps them apart)
+    routed = out.tokens - tower if model.router.merge == "residual" else None
     stats: dict[str, object] = {
         "images": len(paths),
         "mode": model.router.mode,
