@@ -366,7 +366,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evidence(args: argparse.Namespace) -> int:
     from mllm.evidence.claims import CLAIMS, get_claim
-    from mllm.evidence.runner import BlockedClaim, run_claim
+    from mllm.evidence.runner import BlockedClaim, run_arms, run_claim
 
     if args.claim == "summary":
         from mllm.evidence.report import summarize
@@ -381,6 +381,28 @@ def cmd_evidence(args: argparse.Namespace) -> int:
             print(f"{c.name:11s} {c.title} [{state}]")
         return 0
     claim = get_claim(args.claim)
+    if args.arms and args.no_table:
+        try:
+            costs = run_arms(
+                claim,
+                args.arms,
+                args.seeds,
+                args.out or f"runs/evidence/{args.claim}",
+                bases=args.bases,
+                budget=args.budget,
+                quick=args.quick,
+            )
+        except BlockedClaim as e:
+            print(f"mllm evidence: {e}", file=sys.stderr)
+            return 2
+        for arm, by_seed in costs.items():
+            for seed, cost in by_seed.items():
+                print(f"{arm} s{seed}: trained in {cost['cpu_s']} CPU-s, evaluated")
+        print("no table written (--no-table): run again without --arms for the claim's table")
+        return 0
+    if args.no_table:
+        print("mllm evidence: --no-table needs --arms (the arms to train and evaluate)", file=sys.stderr)
+        return 2
     if args.arms:
         claim = claim.with_arms(args.arms)
     try:
@@ -447,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--arms", nargs="+", default=None, help="only these arms and the comparisons between them"
+    )
+    ev.add_argument(
+        "--no-table",
+        action="store_true",
+        help="with --arms: train and evaluate those arms (any, even one) and write no table, so that one "
+        "seed's arms can run in parallel processes; a later run without --arms writes the table",
     )
     ev.add_argument("--quick", action="store_true", help="tiny sizes for tests (no evidence at all)")
     ev.set_defaults(func=cmd_evidence)

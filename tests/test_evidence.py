@@ -415,6 +415,30 @@ def test_an_encoder_claim_trains_each_arm_at_the_same_steps(tmp_path, bases):
     assert table["comparisons"][0]["seeds"] == 2
 
 
+def test_one_seeds_arms_split_over_processes_make_the_same_table_as_one_run(capsys, tmp_path, bases):
+    """`--arms A --no-table` trains and evaluates A alone (no comparison needed), where the full run finds it:
+    the final run over every arm re-evaluates nothing and writes the table."""
+    from mllm.cli import main
+    from mllm.evidence.runner import run_claim
+
+    out = tmp_path / "cloc"
+    common = ["--seeds", "0", "--out", str(out), "--bases", str(bases), "--quick"]
+    assert main(["evidence", "cloc", "--no-table", *common]) == 2  # --no-table names no arms
+    assert "needs --arms" in capsys.readouterr().err
+    assert main(["evidence", "cloc", "--arms", "cloc", "--no-table", *common]) == 0
+    assert "no table written" in capsys.readouterr().out
+    assert not (out / "b0" / "table.json").exists() and not (out / "b0" / "clip").exists()
+    evals = sorted((out / "b0" / "cloc" / "s0" / "eval").glob("*.json"))
+    assert evals and (out / "b0" / "cloc" / "s0" / "cost.json").is_file()
+    stamps = [p.stat().st_mtime_ns for p in evals]
+    assert main(["evidence", "cloc", "--arms", "coca", "--no-table", *common]) != 0
+    assert "has no arm 'coca'" in capsys.readouterr().err
+    run_claim(C.CLOC, [0], out, bases=bases, quick=True, log=lambda *_: None)
+    assert [p.stat().st_mtime_ns for p in evals] == stamps  # the split-off arm was read, not redone
+    table = json.loads((out / "b0" / "table.json").read_text())
+    assert set(table["cost"]) == {"clip", "cloc"} and table["comparisons"]
+
+
 def test_the_cli_lists_the_claims_and_a_blocked_one_exits_2_with_its_reason(capsys, tmp_path, monkeypatch):
     from mllm.cli import main
 

@@ -338,5 +338,38 @@ def run_claim(
     return summary
 
 
+def run_arms(
+    claim: Claim,
+    names: list[str],
+    seeds: list[int],
+    out: str | Path,
+    bases: str | Path | None = None,
+    budget: int = 0,
+    quick: bool = False,
+    log=print,
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Train and evaluate only the arms `names` at budget level `budget`, writing their runs and
+    evaluations where `run_claim` would find them, and no table: one seed's arms can then be split over
+    several processes (no two on the same arm), and a final `run_claim` over every arm reads them all and
+    writes the table. Returns {arm: {seed: cost}}."""
+    if claim.blocked:
+        raise BlockedClaim(f"claim {claim.name!r} cannot run on the seeing base yet: {claim.blocked}")
+    if not 0 <= budget < len(claim.budgets):
+        raise ValueError(f"claim {claim.name!r} has budgets 0..{len(claim.budgets) - 1}, got {budget}")
+    arms = [claim.arm(n) for n in names]  # unknown names fail here, before any training
+    out = Path(out)
+    bases = Path(bases) if bases is not None else out.parent / "bases"
+    arm_run = run_mllm_arm if claim.level == "mllm" else run_encoder_arm
+    costs: dict[str, dict[int, dict[str, Any]]] = {}
+    for seed in seeds:
+        base = bases / f"s{seed}"
+        ensure_base(claim, base, seed, quick, log)
+        for arm in arms:
+            arm_dir = out / f"b{budget}" / arm.name / f"s{seed}"
+            cost, _ = arm_run(claim, arm, seed, claim.budgets[budget], base, arm_dir, quick, log)
+            costs.setdefault(arm.name, {})[seed] = cost
+    return costs
+
+
 class BlockedClaim(RuntimeError):
     """A claim whose arms cannot be built on the seeing base yet (the reason is its `blocked`)."""
