@@ -267,6 +267,12 @@ def test_agla_runs_end_to_end_and_a_rerun_is_a_report(tmp_path, bases):
 
     overview = summarize(tmp_path)
     assert overview.count("| agla | agla - greedy:") == len(C.AGLA.comparisons)
+    acc = table["measures"]["pope/adversarial accuracy"]
+    means = f"| {acc['agla']['mean']:.1f} / {acc['greedy']['mean']:.1f} |"
+    assert any(
+        row.startswith("| agla | agla - greedy: pope/adversarial accuracy |") and means in row
+        for row in overview.splitlines()
+    )
 
 
 def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):

@@ -293,10 +293,12 @@ def figure(claim: Claim, r: dict[str, Any], path: Path) -> Path:
 
 def summarize(root: Path) -> str:
     """One markdown table of every claim's comparisons under `root`, each at the largest budget it was
-    run at (a larger budget may rerun only some comparisons), for the overview in docs/evidence.md."""
+    run at (a larger budget may rerun only some comparisons), for the overview in docs/evidence.md. The
+    two arms' means stand beside the difference because an unresolved verdict reads differently at a
+    measure's floor or ceiling (nothing to move) than in its middle (a real tie, or too few items)."""
     lines = [
-        "| claim | comparison | budget | difference [95% interval] | verdict |",
-        "|---|---|---|---|---|",
+        "| claim | comparison | budget | arm / reference (means) | difference [95% interval] | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for summary_path in sorted(root.glob("*/summary.json")):
         latest: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -305,8 +307,10 @@ def summarize(root: Path) -> str:
             for c in r["comparisons"]:
                 latest[c["comparison"]] = (r, c)
         for r, c in latest.values():
+            means = r["measures"][c["measure"]]
             lines.append(
                 f"| {r['claim']} | {c['comparison']} | {r['budget']} ({len(r['seeds'])} seeds) | "
+                f"{means[c['arm']]['mean']:.1f} / {means[c['reference']]['mean']:.1f} | "
                 f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}] | {c['verdict']} |"
             )
     return "\n".join(lines) + "\n"
