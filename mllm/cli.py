@@ -381,43 +381,25 @@ def cmd_evidence(args: argparse.Namespace) -> int:
             print(f"{c.name:11s} {c.title} [{state}]")
         return 0
     claim = get_claim(args.claim)
-    if args.arms and args.no_table:
-        try:
-            costs = run_arms(
-                claim,
-                args.arms,
-                args.seeds,
-                args.out or f"runs/evidence/{args.claim}",
-                bases=args.bases,
-                budget=args.budget,
-                quick=args.quick,
-            )
-        except BlockedClaim as e:
-            print(f"mllm evidence: {e}", file=sys.stderr)
-            return 2
+    if args.no_table and not args.arms:
+        print("mllm evidence: --no-table needs --arms (the arms to train and evaluate)", file=sys.stderr)
+        return 2
+    where = dict(out=args.out or f"runs/evidence/{args.claim}", bases=args.bases, budget=args.budget)
+    try:
+        if args.no_table:
+            costs = run_arms(claim, args.arms, args.seeds, quick=args.quick, **where)
+        else:
+            claim = claim.with_arms(args.arms) if args.arms else claim
+            summary = run_claim(claim, args.seeds, scale=args.scale, quick=args.quick, **where)
+    except BlockedClaim as e:
+        print(f"mllm evidence: {e}", file=sys.stderr)
+        return 2
+    if args.no_table:
         for arm, by_seed in costs.items():
             for seed, cost in by_seed.items():
                 print(f"{arm} s{seed}: trained in {cost['cpu_s']} CPU-s, evaluated")
         print("no table written (--no-table): run again without --arms for the claim's table")
         return 0
-    if args.no_table:
-        print("mllm evidence: --no-table needs --arms (the arms to train and evaluate)", file=sys.stderr)
-        return 2
-    if args.arms:
-        claim = claim.with_arms(args.arms)
-    try:
-        summary = run_claim(
-            claim,
-            args.seeds,
-            args.out or f"runs/evidence/{args.claim}",
-            bases=args.bases,
-            budget=args.budget,
-            scale=args.scale,
-            quick=args.quick,
-        )
-    except BlockedClaim as e:
-        print(f"mllm evidence: {e}", file=sys.stderr)
-        return 2
     for lv in summary["levels"]:
         print(f"budget {lv['budget']} ({lv['describe']}): {lv['table']}")
         for comp, v in lv["verdicts"].items():
