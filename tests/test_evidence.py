@@ -464,6 +464,16 @@ def test_scaling_reruns_only_the_unresolved_comparisons_and_their_arms():
     assert sub.budgets == C.OBJECTIVES.budgets and not sub.extra_measures
 
 
+def test_a_tables_command_names_its_arms_when_they_are_only_some_of_the_claims(tmp_path):
+    from mllm.evidence.report import command_line
+
+    some = command_line(
+        C.OBJECTIVES.with_arms(["clip", "dcl"]), 2, [0, 1, 2], tmp_path / "b2", tmp_path, False
+    )
+    assert "--budget 2 --arms clip dcl --out" in some
+    assert "--arms" not in command_line(C.OBJECTIVES, 0, [0], tmp_path / "b0", tmp_path, False)
+
+
 def test_arms_can_be_chosen_and_a_choice_without_a_comparison_is_refused():
     sub = C.OBJECTIVES.with_arms(["clip", "dcl", "negclip"])
     assert {c.arm for c in sub.comparisons} == {"dcl", "negclip"}
