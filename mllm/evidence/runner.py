@@ -261,24 +261,52 @@ def ensure_base(claim: Claim, base: Path, seed: int, quick: bool, log) -> None:
         ensure_world(base / "world", seed, quick=quick, log=log)
 
 
-def run_budget(
-    claim: Claim, level: int, seeds: list[int], out: Path, bases: Path, quick: bool, log
-) -> dict[str, Any]:
-    budget = claim.budgets[level]
+def _run_arms(
+    claim: Claim, arms: list[Arm], level: int, seeds: list[int], out: Path, bases: Path, quick: bool, log
+) -> dict[str, dict[int, tuple[dict[str, Any], dict[str, Evaluation]]]]:
+    """Each arm trained and evaluated per seed at budget `level` (finished ones read back):
+    {arm: {seed: (cost, {bench: evaluation})}}."""
     arm_run = run_mllm_arm if claim.level == "mllm" else run_encoder_arm
-    costs: dict[str, dict[int, dict[str, Any]]] = {}
-    units: dict[str, dict[int, dict[str, list[dict[str, Any]]]]] = {}
-    metrics: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
+    done: dict[str, dict[int, tuple[dict[str, Any], dict[str, Evaluation]]]] = {}
     for seed in seeds:
         base = bases / f"s{seed}"
         ensure_base(claim, base, seed, quick, log)
-        for arm in claim.arms:
+        for arm in arms:
             arm_dir = out / f"b{level}" / arm.name / f"s{seed}"
-            cost, evals = arm_run(claim, arm, seed, budget, base, arm_dir, quick, log)
-            costs.setdefault(arm.name, {})[seed] = cost
-            units.setdefault(arm.name, {})[seed] = {b: e["units"] for b, e in evals.items()}
-            metrics.setdefault(arm.name, {})[seed] = {b: e["metrics"] for b, e in evals.items()}
+            done.setdefault(arm.name, {})[seed] = arm_run(
+                claim, arm, seed, claim.budgets[level], base, arm_dir, quick, log
+            )
+    return done
+
+
+def run_budget(
+    claim: Claim, level: int, seeds: list[int], out: Path, bases: Path, quick: bool, log
+) -> dict[str, Any]:
+    done = _run_arms(claim, list(claim.arms), level, seeds, out, bases, quick, log)
+    costs = {a: {s: cost for s, (cost, _) in by.items()} for a, by in done.items()}
+    units = {
+        a: {s: {b: e["units"] for b, e in ev.items()} for s, (_, ev) in by.items()} for a, by in done.items()
+    }
+    metrics = {
+        a: {s: {b: e["metrics"] for b, e in ev.items()} for s, (_, ev) in by.items()}
+        for a, by in done.items()
+    }
     return write_report(claim, level, seeds, units, costs, metrics, out / f"b{level}", bases, quick)
+
+
+def _checked(
+    claim: Claim, seeds: list[int], budget: int, out: str | Path, bases: str | Path | None
+) -> tuple[Path, Path]:
+    """Refuse what cannot run (a blocked claim, no seed, a budget the claim lacks) before anything trains;
+    the output folder and the bases folder (default: beside the output, shared by the claims)."""
+    if claim.blocked:
+        raise BlockedClaim(f"claim {claim.name!r} cannot run on the seeing base yet: {claim.blocked}")
+    if len(seeds) < 1:
+        raise ValueError("give at least one seed (the statistics want three or more)")
+    if not 0 <= budget < len(claim.budgets):
+        raise ValueError(f"claim {claim.name!r} has budgets 0..{len(claim.budgets) - 1}, got {budget}")
+    out = Path(out)
+    return out, Path(bases) if bases is not None else out.parent / "bases"
 
 
 def run_claim(
@@ -294,14 +322,7 @@ def run_claim(
     """Run `claim` at budget level `budget` (and, with `scale`, each next level while any directed
     comparison's interval spans zero, up to the claim's last level: the cap; a larger budget reruns only
     the comparisons still unresolved, and the arms they compare). Returns the summary."""
-    if claim.blocked:
-        raise BlockedClaim(f"claim {claim.name!r} cannot run on the seeing base yet: {claim.blocked}")
-    if len(seeds) < 1:
-        raise ValueError("give at least one seed (the statistics want three or more)")
-    if not 0 <= budget < len(claim.budgets):
-        raise ValueError(f"claim {claim.name!r} has budgets 0..{len(claim.budgets) - 1}, got {budget}")
-    out = Path(out)
-    bases = Path(bases) if bases is not None else out.parent / "bases"
+    out, bases = _checked(claim, seeds, budget, out, bases)
     levels: list[dict[str, Any]] = []
     level = budget
     running = claim
@@ -352,23 +373,10 @@ def run_arms(
     evaluations where `run_claim` would find them, and no table: one seed's arms can then be split over
     several processes (no two on the same arm), and a final `run_claim` over every arm reads them all and
     writes the table. Returns {arm: {seed: cost}}."""
-    if claim.blocked:
-        raise BlockedClaim(f"claim {claim.name!r} cannot run on the seeing base yet: {claim.blocked}")
-    if not 0 <= budget < len(claim.budgets):
-        raise ValueError(f"claim {claim.name!r} has budgets 0..{len(claim.budgets) - 1}, got {budget}")
+    out, bases = _checked(claim, seeds, budget, out, bases)
     arms = [claim.arm(n) for n in names]  # unknown names fail here, before any training
-    out = Path(out)
-    bases = Path(bases) if bases is not None else out.parent / "bases"
-    arm_run = run_mllm_arm if claim.level == "mllm" else run_encoder_arm
-    costs: dict[str, dict[int, dict[str, Any]]] = {}
-    for seed in seeds:
-        base = bases / f"s{seed}"
-        ensure_base(claim, base, seed, quick, log)
-        for arm in arms:
-            arm_dir = out / f"b{budget}" / arm.name / f"s{seed}"
-            cost, _ = arm_run(claim, arm, seed, claim.budgets[budget], base, arm_dir, quick, log)
-            costs.setdefault(arm.name, {})[seed] = cost
-    return costs
+    done = _run_arms(claim, arms, budget, seeds, out, bases, quick, log)
+    return {a: {s: cost for s, (cost, _) in by.items()} for a, by in done.items()}
 
 
 class BlockedClaim(RuntimeError):
