@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -104,7 +103,9 @@ def test_the_report_holds_every_item_with_its_image(results, tmp_path):
             a, b = c["ok"]
             assert c["rank"] == (2 if a == b else 0 if a else 1)
     for c in groups["pope"]["cards"]:
-        assert (tmp_path / "v" / c["items"][0]["thumb"]).is_file()
+        thumb = tmp_path / "v" / c["items"][0]["thumb"]
+        with Image.open(thumb) as im:  # the page reserves the thumbnail's own size before it loads
+            assert list(im.size) == list(c["items"][0]["thumb_size"])
     assert {"split"} == set(groups["pope"]["facets"]) and groups["qa"]["facets"].keys() == {"category"}
     assert set(groups["mathverse"]["facets"]["version"]) >= {"Text Dominant", "Vision Only"}
     # MMVP: a card is a pair, both images side by side, with the pattern the pair differs in
@@ -184,9 +185,9 @@ def test_report_in_a_browser(results, tmp_path, tmp_path_factory):
         assert page.errors == []
 
 
-def test_three_thousand_items_open_quickly(tmp_path, tmp_path_factory):
+def test_three_thousand_items_page_and_filter(tmp_path, tmp_path_factory):
     """A POPE run of 3,000 questions (1,000 a split) over 50 images, two results: the page draws one page
-    of cards, pages on, and filters, in well under a few seconds."""
+    of cards, pages to the last and filters. How fast it opens is bench/viewer_open.py's to measure."""
     data = tmp_path / "pope"
     (data / "images").mkdir(parents=True)
     for i in range(50):
@@ -203,19 +204,21 @@ def test_three_thousand_items_open_quickly(tmp_path, tmp_path_factory):
         ]
         (data / f"coco_pope_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs = [evaluate("pope", data, tmp_path / f"r{k}.json", 3 + k, k) for k in range(2)]
-    t0 = time.perf_counter()
     html = build_view(runs, tmp_path / "v")
-    built = time.perf_counter() - t0
-    assert built < 30 and html.stat().st_size < 3_000_000
+    assert html.stat().st_size < 3_000_000
     with browser_page() as page:
-        t0 = time.perf_counter()
         page.goto(html.as_uri())
         page.wait_for_selector("body[data-ready]")
-        opened = time.perf_counter() - t0
         count = page.locator("#count")
         assert count.get_attribute("data-total") == "3000" and page.locator("article.card").count() == 50
+        # every thumbnail holds its place before it loads (width and height from the thumbnail): CI saw
+        # the click on "last" miss twice ("page 1 of 60") while lazily loaded images moved the pager down
+        sizes = page.eval_on_selector_all(
+            "article.card img", "imgs => imgs.map(i => [i.getAttribute('width'), i.getAttribute('height')])"
+        )
+        assert len(sizes) == 50 and all(w and h and int(w) > 0 and int(h) > 0 for w, h in sizes), sizes[:3]
         # the page redraws after the event handler returns: wait (Playwright's web-first assertions, 5 s)
-        # for the same values rather than reading them before the redraw (CI saw "page 1 of 60" once)
+        # for the same values rather than reading them before the redraw
         from playwright.sync_api import expect
 
         page.click("#last")
@@ -223,5 +226,4 @@ def test_three_thousand_items_open_quickly(tmp_path, tmp_path_factory):
         page.select_option("#facet-split", "adversarial")
         expect(count).to_have_attribute("data-matching", "1000")
         page.screenshot(path=str(artefact_dir(tmp_path_factory) / "viewer-3000.png"))
-        assert opened < 5.0, f"the 3,000-item report took {opened:.1f} s to open"
         assert page.errors == []

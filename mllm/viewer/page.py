@@ -97,6 +97,7 @@ def build_group(
         item: dict[str, Any] = {
             "id": ident,
             "thumb": thumbs.get(info.image) if info is not None else None,
+            "thumb_size": thumbs.size(info.image) if info is not None else None,
             "prompt": str(base.get("prompt", "")),
             "gold": view.gold(base),
             "facets": view.facets(base, info, ctx),

@@ -112,7 +112,9 @@ function matches(c) {
 
 function figure(g, it) {
   if (!it.thumb) return el("figure", {}, el("div", { class: "none" }, "no image"));
-  const fig = el("figure", {}, el("img", { src: it.thumb, loading: "lazy", alt: it.id }));
+  // width and height hold the image's place before it loads, so nothing below it moves
+  const [tw, th] = it.thumb_size || [null, null];
+  const fig = el("figure", {}, el("img", { src: it.thumb, loading: "lazy", alt: it.id, width: tw, height: th }));
   if (g.boxes && it.size && it.gold_box) {
     const [w, h] = it.size;
     const s = svg("svg", { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none" });
