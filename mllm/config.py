@@ -172,6 +172,12 @@ class LiveWorldConfig:
     content: str = "qa"  # "qa" (many QA turns per image) | "caption" (alignment captions)
     turns: tuple[int, int] = (6, 10)  # GeoWorld questions per image, drawn in [lo, hi]
     existence: int = 2  # extra POPE-style existence probes per image
+    # The share of existence questions (GeoWorld's own and the probes) answered "yes", and the share of
+    # their "no" objects that are near misses (a present shape in another colour). 0.5 / 0.5 is the demo's
+    # balanced, visual mix; a yes-heavy mix with only easy negatives is LLaVA-Instruct's, the data the
+    # POPE paper blames for a "yes" bias: a base trained on it is where hallucination methods have room.
+    existence_yes: float = 0.5
+    existence_near: float = 0.5
     # referring-expression turns per image, asked in LLaVA-1.5's grounding prompt and answered with the
     # object's box in 0-1 of the image (mllm.data.grounding): what the RefCOCO benchmark asks. 0: none
     grounding: int = 0
@@ -186,6 +192,12 @@ class LiveWorldConfig:
     # Scenes grow from one object to `max_shapes` over the first `curriculum` samples (0: no
     # curriculum). Indices must arrive in order for this to be a curriculum: needs data.sampler sequential.
     curriculum: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("existence_yes", "existence_near"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ConfigError(f"data.live.{key} must be a share in [0, 1], got {v!r}")
 
 
 @dataclass

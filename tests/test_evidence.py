@@ -275,6 +275,43 @@ def test_agla_runs_end_to_end_and_a_rerun_is_a_report(tmp_path, bases):
     )
 
 
+def test_a_claim_on_a_base_variant_builds_it_once_and_its_arms_are_that_model(tmp_path, bases):
+    """agla-plain: the plain-yes base (the demo's recipe without its readout, instruct on a yes-heavy
+    existence mix) is built once per seed beside the demo's run, from the demo's world and encoder, and
+    both arms are that model, linked, not the demo's."""
+    from mllm.config import load_recipe
+    from mllm.evidence.runner import mllm_recipe, run_claim
+
+    out = tmp_path / "agla-plain"
+    run_claim(C.AGLA_PLAIN, [0], out, bases=bases, quick=True, log=lambda *_: None)
+    variant = bases / "s0" / "variants" / "plain-yes"
+    cost = json.loads((variant / "cost.json").read_text())
+    # the model differs from the demo's (no readout), so no stage of the demo's run can be reused
+    assert cost["shared_with_base"] == [] and all(v["steps"] > 0 for v in cost["stages"].values())
+    saved = load_recipe(variant / "run" / "recipe.yaml")
+    live = saved.stage("instruct").data.live
+    assert saved.model.readout is None and (live.existence_yes, live.existence_near, live.existence) == (
+        0.9,
+        0.0,
+        4,
+    )
+    assert saved.extra["world"] == str(bases / "s0" / "world")  # the demo's world and held-out sets
+    table = json.loads((out / "b0" / "table.json").read_text())
+    for arm in ("greedy", "agla"):
+        assert table["cost"][arm]["shared_with_base"] == ["lm_pretrain", "tower_warmup", "align", "instruct"]
+        linked = out / "b0" / arm / "s0" / "run" / "instruct"
+        assert linked.resolve() == (variant / "run" / "instruct").resolve()
+    stamp = (variant / "cost.json").stat().st_mtime_ns
+    run_claim(C.AGLA_PLAIN, [0], tmp_path / "again", bases=bases, quick=True, log=lambda *_: None)
+    assert (variant / "cost.json").stat().st_mtime_ns == stamp  # built once, shared
+    # a PRIOR arm on the variant starts from the variant's stages, not the demo's
+    prior = mllm_recipe(
+        C.PRIOR_PLAIN.arm("prior"), bases / "s0", 0, C.PRIOR_PLAIN.budgets[0], True, variant=C.PLAIN_YES
+    )
+    assert prior.model.readout is None and prior.stage("instruct").data.live.existence_yes == 0.9
+    assert prior.stage("prior").trainable == {"projector": 1.0e-3}
+
+
 def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):
     """The fused arms link the base's first stages, start align from its warmed-up model with the
     claim's DINO tower attached, and train the same stages as the base; the CLIP arm is the base."""

@@ -158,6 +158,55 @@ def test_existence_probes_are_true_and_balanced():
             assert (obj in scene.objects()) == (a == "yes")
 
 
+def _near_miss(scene, obj: str) -> bool:
+    colour, kind = obj.split()
+    return kind in {sh.kind for sh in scene.shapes} or colour in {sh.color for sh in scene.shapes}
+
+
+def _probe_stats(yes_share: float, near_share: float) -> tuple[float, float]:
+    """Over 300 scenes' probes: the share answered "yes", and the share of "no" objects that are near
+    misses (a present shape or colour); each answer checked true of its scene on the way."""
+    yes = total = near = 0
+    for seed in range(300):
+        rng = random.Random(seed)
+        scene = sample_scene(rng, 64, max_shapes=5)
+        for q, a in existence_probes(scene, rng, 4, yes_share, near_share):
+            obj = re.match(r"Is there an? (\w+ \w+) in the image\?", q)[1]
+            assert (obj in scene.objects()) == (a == "yes"), (seed, q, a)
+            yes += a == "yes"
+            total += 1
+            near += a == "no" and _near_miss(scene, obj)
+    return yes / total, near / (total - yes)
+
+
+def test_a_yes_heavy_mix_with_easy_negatives_is_what_it_asks_for():
+    """`existence_yes` / `existence_near` (LLaVA-Instruct's yes-heavy mix with easy negatives, for a base
+    with a "yes" bias): answers stay true, the yes share is the one asked for, and the "no" objects are
+    near misses only as often as chance makes them, where the demo's mix makes half of them so on purpose."""
+    yes_heavy, near_heavy = _probe_stats(0.9, 0.0)
+    yes_demo, near_demo = _probe_stats(0.5, 0.5)
+    assert 0.85 < yes_heavy < 0.95 and yes_demo == 0.5
+    assert near_heavy < near_demo - 0.15
+    rng = random.Random(0)  # the pool's existence question follows the same shares
+    answers = [
+        qa_turns(
+            sample_scene(rng, 64, max_shapes=5),
+            rng,
+            LiveWorldConfig(existence=0, existence_yes=1.0, turns=(12, 12), mc_frac=0.0, paraphrase_frac=0.0),
+        )
+        for _ in range(60)
+    ]
+    existence = [a for turns in answers for q, a in turns if q.startswith("Is there")]
+    assert existence and set(existence) == {"yes"}
+
+
+def test_existence_shares_are_checked_when_the_recipe_loads():
+    with pytest.raises(ValueError, match="existence_yes"):
+        LiveWorldConfig(existence_yes=1.5)
+    with pytest.raises(ValueError, match="existence_near"):
+        LiveWorldConfig(existence_near=-0.1)
+
+
 def _find(scene, phrase):
     """The one object an attribute phrase ("small red circle") names, or None."""
     words = phrase.split()

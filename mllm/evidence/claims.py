@@ -93,6 +93,18 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class BaseVariant:
+    """The base a claim's arms start from when it is not the demo itself: the demo's recipe with
+    `overrides`, built once per seed from the demo's own finished stages (those it would train alike are
+    linked, the rest trained) and shared by every claim that names it. Why: a method that fixes a fault
+    needs a base with the fault; the demo is built not to have it (hallucination: docs/evidence.md)."""
+
+    name: str
+    describe: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Claim:
     name: str
     title: str
@@ -104,6 +116,7 @@ class Claim:
     budgets: tuple[Budget, ...]
     extra_measures: tuple[Measure, ...] = ()  # reported per arm, not compared
     extras: tuple[Extra, ...] = ()
+    base: BaseVariant | None = None  # None: the demo model is the base
     blocked: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -236,6 +249,54 @@ PRIOR = Claim(
     ),
     benches=("pope", "qa"),
     budgets=MLLM_BUDGETS,
+)
+
+#: A base that sees yet hallucinates: LLaVA-1.5's shape and LLaVA-Instruct's existence questions. The demo
+#: answers from its readout, a look that pools what the question names at the answer (docs/results.md,
+#: "Fifth round" on), and says "yes" to under 1% of absent objects; a yes-heavy existence mix alone did not
+#: change that (docs/evidence.md). Without the readout the LM answers from the projected tokens in context,
+#: as LLaVA's does, and the POPE paper traces LVLMs' "yes" bias to instruction data whose existence
+#: questions are nearly all positive: 9 in 10 here, negatives never near misses by design.
+PLAIN_YES = BaseVariant(
+    "plain-yes",
+    "the demo without its readout (projector -> LM, as LLaVA-1.5) and with a yes-heavy existence mix in "
+    "instruct: 9 in 10 existence questions answered yes, negatives never near misses by design, four probes "
+    "an image",
+    overrides=(
+        "model.readout=null",
+        "stages.instruct.trainable={projector: 1.0e-3, lm: 1.0e-3}",
+        # PRIOR's alignment (prior-plain) trains the projector alone, there being no readout
+        "stages.prior.trainable={projector: 1.0e-3}",
+        "stages.instruct.data.live.existence_yes=0.9",
+        "stages.instruct.data.live.existence_near=0.0",
+        "stages.instruct.data.live.existence=4",
+    ),
+)
+
+AGLA_PLAIN = replace(
+    AGLA,
+    name="agla-plain",
+    title="AGLA on a base that hallucinates: does assembling global and local attention cut false yeses?",
+    base=PLAIN_YES,
+    budgets=(Budget("decoding only: the plain-yes base as trained"),),
+    notes=(
+        "Both arms are the plain-yes base model (the demo's recipe without its readout, instruct on a "
+        "yes-heavy existence mix, every stage trained once per seed); only the decoder differs, so the "
+        "budget is fixed.",
+        "The question the demo's base cannot answer (it says yes to under 1% of absent objects): whether "
+        "AGLA helps a model that hallucinates.",
+    ),
+)
+
+PRIOR_PLAIN = replace(
+    PRIOR,
+    name="prior-plain",
+    title="PRIOR on a base that hallucinates: does re-weighting alignment cut false yeses?",
+    base=PLAIN_YES,
+    notes=(
+        "Both arms are the plain-yes base's recipe with align replaced by PRIOR's pair (alpha 0 or 1), then "
+        "its instruct; the LM's pretraining and the warm-up are the plain-yes base's, linked.",
+    ),
 )
 
 _OBJECTIVES = ("clip", "siglip", "filip", "dcl", "negclip")
@@ -544,7 +605,8 @@ SVE = Claim(
 )
 
 CLAIMS: dict[str, Claim] = {
-    c.name: c for c in (AGLA, PRIOR, OBJECTIVES, TIPS, TIPS_QA, CLOC, CLOC_QA, MOF, SVE)
+    c.name: c
+    for c in (AGLA, AGLA_PLAIN, PRIOR, PRIOR_PLAIN, OBJECTIVES, TIPS, TIPS_QA, CLOC, CLOC_QA, MOF, SVE)
 }
 
 

@@ -8,7 +8,8 @@ Layout under OUT (the claim's folder):
     b<K>/<arm>/s<seed>/cost.json       the arm's own training CPU-seconds and wall seconds
     b<K>/table.json, table.md, figure.png
     summary.json                       every budget run, its verdicts, and the cap
-and under BASES (shared by every claim): s<seed>/ = `mllm demo --seed S --out BASES/s<seed>`.
+and under BASES (shared by every claim): s<seed>/ = `mllm demo --seed S --out BASES/s<seed>`, and
+s<seed>/variants/<name>/ for a claim whose base is the demo with a change (claims.BaseVariant).
 
 Finished stages are skipped and an interrupted stage resumes from its checkpoint (train_recipe), an
 evaluation written is never redone, so a killed run resumes where it stopped and a re-run is a report.
@@ -28,7 +29,7 @@ import yaml
 
 from mllm.config import Recipe, find_recipe, load_recipe, recipe_from_dict
 from mllm.demo import RECIPE, demo_overrides, ensure_world, run_demo
-from mllm.evidence.claims import Arm, Budget, Claim
+from mllm.evidence.claims import Arm, BaseVariant, Budget, Claim
 from mllm.evidence.encoder_evals import ENCODER_EVALS
 from mllm.evidence.report import write_report
 from mllm.evidence.stats import UNRESOLVED
@@ -66,15 +67,18 @@ def mllm_recipe(
     budget: Budget,
     quick: bool,
     extras: dict[str, str] | None = None,
+    variant: BaseVariant | None = None,
 ) -> Recipe:
-    """The demo's recipe for this base and seed, with the arm's edit, fusion and overrides and the
-    budget's; `extras` are the claim's extra models by name (`${name}` in the arm's fusion)."""
+    """The demo's recipe for this base and seed, with the base variant's overrides (a claim's own base),
+    the arm's edit, fusion and overrides and the budget's; `extras` are the claim's extra models by name
+    (`${name}` in the arm's fusion)."""
     tree = yaml.safe_load(RECIPE.read_text())
     if arm is not None and arm.edit is not None:
         arm.edit(tree)
     if arm is not None and arm.graft is not None:
         tree["model"]["fusion"] = copy.deepcopy(arm.graft)
     shared = demo_overrides(base, seed, quick) + (list(QUICK_ADDED) if quick else []) + list(budget.overrides)
+    shared += list(variant.overrides if variant else ())
     own = [f"extra.{k}={v}" for k, v in (extras or {}).items()] + list(arm.overrides if arm else ())
     return recipe_from_dict(tree, _present(shared, tree) + own)
 
@@ -193,13 +197,14 @@ def run_mllm_arm(
     from mllm.model import MultimodalLM
 
     extras = ensure_extras(claim, base, seed, quick, log)
-    recipe = mllm_recipe(arm, base, seed, budget, quick, extras)
-    reference = mllm_recipe(None, base, seed, Budget(""), quick)
+    recipe = mllm_recipe(arm, base, seed, budget, quick, extras, claim.base)
+    reference = mllm_recipe(None, base, seed, Budget(""), quick, variant=claim.base)
+    reference_run = variant_run(base, claim.base)
     run_dir = arm_dir / "run"
     if arm.graft is not None:
-        shared = graft_shared(recipe, reference, base / "run", run_dir, arm.graft_at)
+        shared = graft_shared(recipe, reference, reference_run, run_dir, arm.graft_at)
     else:
-        shared = link_shared(recipe, reference, base / "run", run_dir)
+        shared = link_shared(recipe, reference, reference_run, run_dir)
     cost = _train(recipe, run_dir, arm_dir, shared, log)
     world = base / "world"
     agla = AglaConfig() if arm.decoding == "agla" else None
@@ -251,12 +256,33 @@ def run_encoder_arm(
     return cost, {b: _evaluated(arm_dir, b, lambda b=b: answer(b), log) for b in claim.benches}
 
 
+def variant_run(base: Path, variant: BaseVariant | None) -> Path:
+    """The run the arms start from: the demo's (`base/run`), or the claim's base variant's."""
+    return base / "run" if variant is None else base / "variants" / variant.name / "run"
+
+
+def ensure_variant(variant: BaseVariant, base: Path, seed: int, quick: bool, log) -> dict[str, Any]:
+    """The base variant of this seed, built once beside the demo's run: the demo's stages it would train
+    alike are linked, the rest trained (their CPU-seconds in its `cost.json`); the world, the encoder and
+    the extras stay the demo's."""
+    recipe = mllm_recipe(None, base, seed, Budget(""), quick, variant=variant)
+    demo = mllm_recipe(None, base, seed, Budget(""), quick)
+    run_dir = variant_run(base, variant)
+    if not (run_dir.parent / "cost.json").is_file():
+        log(f"building the base variant {variant.name!r} of seed {seed}: {', '.join(variant.overrides)}")
+    shared = link_shared(recipe, demo, base / "run", run_dir)
+    return _train(recipe, run_dir, run_dir.parent, shared, log)
+
+
 def ensure_base(claim: Claim, base: Path, seed: int, quick: bool, log) -> None:
-    """The demo run of this seed (MLLM claims), or only its world (encoder claims)."""
+    """The demo run of this seed and the claim's base variant (MLLM claims), or only the world (encoder
+    claims)."""
     if claim.level == "mllm":
         if not (base / "results.json").is_file():
             log(f"[{claim.name}] building the base: mllm demo --seed {seed} --out {base}")
             run_demo(base, seed=seed, quick=quick, log=log)
+        if claim.base is not None:
+            ensure_variant(claim.base, base, seed, quick, log)
     else:
         ensure_world(base / "world", seed, quick=quick, log=log)
 

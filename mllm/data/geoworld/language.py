@@ -235,8 +235,11 @@ def _far_from_mid(v: int, extent: int) -> bool:
     return abs(v - (extent - 1) / 2) >= 0.12 * extent
 
 
-def qa_pool(scene: Scene, rng: random.Random) -> dict[str, list[QA]]:
-    """All unambiguous questions about a scene, by category (some categories may be empty)."""
+def qa_pool(
+    scene: Scene, rng: random.Random, existence_yes: float = 0.5, existence_near: float = 0.5
+) -> dict[str, list[QA]]:
+    """All unambiguous questions about a scene, by category (some categories may be empty); the
+    existence question is "yes" with probability `existence_yes` (`_existence`)."""
     pool: dict[str, list[QA]] = {c: [] for c in CATEGORIES}
     fig = scene.figure
     if fig is not None:
@@ -298,16 +301,18 @@ def qa_pool(scene: Scene, rng: random.Random) -> dict[str, list[QA]]:
     if absent_kinds and rng.random() < 0.3:
         pool["count"].append((f"How many {PLURALS[rng.choice(absent_kinds)]} are there?", "0"))
 
-    pool["existence"].append(_existence(scene, rng))
+    pool["existence"].append(_existence(scene, rng, existence_yes, existence_near))
     return pool
 
 
-def _existence(scene: Scene, rng: random.Random) -> QA:
-    """One yes/no existence probe, yes and no equally likely; "no" objects are often near misses
-    (same shape in another colour), which is what makes the question visual."""
+def _existence(scene: Scene, rng: random.Random, yes: float = 0.5, near_share: float = 0.5) -> QA:
+    """One yes/no existence probe, "yes" with probability `yes` (the demo's 0.5: equally likely); "no"
+    objects are near misses (same shape in another colour) with probability `near_share`, which is what
+    makes the question visual. The same number of draws whatever the shares, so a world's other
+    questions do not move when they change."""
     present = sorted(scene.objects())
     kinds = {s.kind for s in scene.shapes}
-    if rng.random() < 0.5:
+    if rng.random() < yes:
         if rng.random() < 0.3:
             kind = rng.choice(sorted(kinds, key=SHAPES.index))
             return f"Is there {with_article(kind)} in the image?", "yes"
@@ -317,7 +322,7 @@ def _existence(scene: Scene, rng: random.Random) -> QA:
         return f"Is there {with_article(kind)} in the image?", "no"
     absent = [f"{c} {k}" for k in SHAPES for c in COLOR_NAMES if f"{c} {k}" not in present]
     near = [o for o in absent if o.split()[1] in kinds]
-    obj = rng.choice(near if near and rng.random() < 0.5 else absent)
+    obj = rng.choice(near if near and rng.random() < near_share else absent)
     return f"Is there {with_article(obj)} in the image?", "no"
 
 

@@ -106,11 +106,14 @@ def two_options(category: str, question: str, answer: str, rng: random.Random) -
     return multiple_choice(category, question, answer, rng)
 
 
-def existence_probes(scene: Scene, rng: random.Random, k: int) -> list[QA]:
-    """`k` POPE-style "Is there a {colour} {shape} in the image?" probes, yes and no alternating.
+def existence_probes(
+    scene: Scene, rng: random.Random, k: int, yes: float = 0.5, near_share: float = 0.5
+) -> list[QA]:
+    """`k` POPE-style "Is there a {colour} {shape} in the image?" probes: yes and no alternating at the
+    demo's `yes` 0.5, else each "yes" with probability `yes`.
 
-    Negatives are near misses half of the time (a present shape in another colour, or a present
-    colour on another shape): that is what POPE's adversarial split asks, and what a model that
+    Negatives are near misses with probability `near_share` (a present shape in another colour, or a
+    present colour on another shape): that is what POPE's adversarial split asks, and what a model that
     only reads "there is something red" gets wrong.
     """
     present = sorted(scene.objects())
@@ -121,11 +124,12 @@ def existence_probes(scene: Scene, rng: random.Random, k: int) -> list[QA]:
     out: list[QA] = []
     first_yes = rng.random() < 0.5
     for j in range(k):
-        if (j % 2 == 0) == first_yes and present:
+        says_yes = (j % 2 == 0) == first_yes if yes == 0.5 else rng.random() < yes
+        if says_yes and present:
             obj = rng.choice(present)
             out.append((f"Is there {with_article(obj)} in the image?", "yes"))
         else:
-            obj = rng.choice(near if near and rng.random() < 0.5 else absent)
+            obj = rng.choice(near if near and rng.random() < near_share else absent)
             out.append((f"Is there {with_article(obj)} in the image?", "no"))
     return out
 
@@ -147,9 +151,10 @@ def grounding_turns(scene: Scene, rng: random.Random, k: int) -> list[QA]:
 def qa_turns(scene: Scene, rng: random.Random, cfg: LiveWorldConfig) -> list[QA]:
     """The question/answer turns of one live sample (see the module docstring)."""
     lo, hi = cfg.turns
-    picks = pick_turns(qa_pool(scene, rng), rng, lo, hi)
+    picks = pick_turns(qa_pool(scene, rng, cfg.existence_yes, cfg.existence_near), rng, lo, hi)
     if scene.figure is None and cfg.existence:
-        picks += [("existence", qa) for qa in existence_probes(scene, rng, cfg.existence)]
+        probes = existence_probes(scene, rng, cfg.existence, cfg.existence_yes, cfg.existence_near)
+        picks += [("existence", qa) for qa in probes]
     if scene.figure is None and cfg.grounding:
         picks += [("grounding", qa) for qa in grounding_turns(scene, rng, cfg.grounding)]
     rng.shuffle(picks)
