@@ -276,25 +276,23 @@ def test_agla_runs_end_to_end_and_a_rerun_is_a_report(tmp_path, bases):
 
 
 def test_a_claim_on_a_base_variant_builds_it_once_and_its_arms_are_that_model(tmp_path, bases):
-    """agla-plain: the plain-yes base (the demo's recipe without its readout, instruct on a yes-heavy
-    existence mix) is built once per seed beside the demo's run, from the demo's world and encoder, and
-    both arms are that model, linked, not the demo's."""
+    """agla-weak: the weak-yes base (the demo's instruct shortened, on a yes-heavy existence mix) is built
+    once per seed beside the demo's run, the stages before instruct linked from it, and both arms are that
+    model, linked, not the demo's."""
     from mllm.config import load_recipe
-    from mllm.evidence.runner import mllm_recipe, run_claim
+    from mllm.evidence.runner import run_claim
 
-    out = tmp_path / "agla-plain"
-    run_claim(C.AGLA_PLAIN, [0], out, bases=bases, quick=True, log=lambda *_: None)
-    variant = bases / "s0" / "variants" / "plain-yes"
+    out = tmp_path / "agla-weak"
+    run_claim(C.AGLA_WEAK, [0], out, bases=bases, quick=True, log=lambda *_: None)
+    variant = bases / "s0" / "variants" / "weak-yes"
     cost = json.loads((variant / "cost.json").read_text())
-    # the model differs from the demo's (no readout), so no stage of the demo's run can be reused
-    assert cost["shared_with_base"] == [] and all(v["steps"] > 0 for v in cost["stages"].values())
+    assert cost["shared_with_base"] == ["lm_pretrain", "tower_warmup", "align"]
+    assert list(cost["stages"]) == ["instruct"] and cost["stages"]["instruct"]["steps"] > 0
+    assert (variant / "run" / "align").is_symlink() and not (variant / "run" / "instruct").is_symlink()
     saved = load_recipe(variant / "run" / "recipe.yaml")
     live = saved.stage("instruct").data.live
-    assert saved.model.readout is None and (live.existence_yes, live.existence_near, live.existence) == (
-        0.9,
-        0.0,
-        4,
-    )
+    assert (live.existence_yes, live.existence_near, live.existence) == (0.9, 0.0, 4)
+    assert saved.stage("instruct").max_steps < 210  # the quick sizes come after the variant's steps
     assert saved.extra["world"] == str(bases / "s0" / "world")  # the demo's world and held-out sets
     table = json.loads((out / "b0" / "table.json").read_text())
     for arm in ("greedy", "agla"):
@@ -302,14 +300,28 @@ def test_a_claim_on_a_base_variant_builds_it_once_and_its_arms_are_that_model(tm
         linked = out / "b0" / arm / "s0" / "run" / "instruct"
         assert linked.resolve() == (variant / "run" / "instruct").resolve()
     stamp = (variant / "cost.json").stat().st_mtime_ns
-    run_claim(C.AGLA_PLAIN, [0], tmp_path / "again", bases=bases, quick=True, log=lambda *_: None)
+    run_claim(C.AGLA_WEAK, [0], tmp_path / "again", bases=bases, quick=True, log=lambda *_: None)
     assert (variant / "cost.json").stat().st_mtime_ns == stamp  # built once, shared
-    # a PRIOR arm on the variant starts from the variant's stages, not the demo's
-    prior = mllm_recipe(
-        C.PRIOR_PLAIN.arm("prior"), bases / "s0", 0, C.PRIOR_PLAIN.budgets[0], True, variant=C.PLAIN_YES
-    )
-    assert prior.model.readout is None and prior.stage("instruct").data.live.existence_yes == 0.9
-    assert prior.stage("prior").trainable == {"projector": 1.0e-3}
+
+
+def test_a_budget_on_a_variant_states_its_steps_and_the_variant_the_rest():
+    """prior-weak: PRIOR's stages on the weak-yes base; its larger budget doubles PRIOR's alignment and
+    leaves the variant's instruct (210 steps, the yes-heavy mix) as it is."""
+    from mllm.evidence.runner import mllm_recipe
+
+    for level, prior_steps in ((0, 30), (1, 60)):
+        r = mllm_recipe(
+            C.PRIOR_WEAK.arm("prior"), Path("b"), 0, C.PRIOR_WEAK.budgets[level], False, variant=C.WEAK_YES
+        )
+        steps = {s.name: s.max_steps for s in r.stages}
+        assert steps == {
+            "lm_pretrain": 100,
+            "tower_warmup": 400,
+            "prior_ref": 60,
+            "prior": prior_steps,
+            "instruct": 210,
+        }
+        assert r.stage("instruct").data.live.existence_yes == 0.9
 
 
 def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):

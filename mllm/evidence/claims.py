@@ -251,51 +251,54 @@ PRIOR = Claim(
     budgets=MLLM_BUDGETS,
 )
 
-#: A base that sees yet hallucinates: LLaVA-1.5's shape and LLaVA-Instruct's existence questions. The demo
-#: answers from its readout, a look that pools what the question names at the answer (docs/results.md,
-#: "Fifth round" on), and says "yes" to under 1% of absent objects; a yes-heavy existence mix alone did not
-#: change that (docs/evidence.md). Without the readout the LM answers from the projected tokens in context,
-#: as LLaVA's does, and the POPE paper traces LVLMs' "yes" bias to instruction data whose existence
-#: questions are nearly all positive: 9 in 10 here, negatives never near misses by design.
-PLAIN_YES = BaseVariant(
-    "plain-yes",
-    "the demo without its readout (projector -> LM, as LLaVA-1.5) and with a yes-heavy existence mix in "
-    "instruct: 9 in 10 existence questions answered yes, negatives never near misses by design, four probes "
-    "an image",
+#: A base that sees yet hallucinates, as LLaVA-1.5 does on POPE (fine on random objects, "yes" to absent
+#: objects that co-occur with present ones): the demo's instruct at half its steps (210, the curriculum
+#: scaled with it) on LLaVA-Instruct's existence mix, 9 in 10 existence questions answered yes and negatives
+#: never near misses by design (the POPE paper traces LVLMs' "yes" bias to such data). Either change alone
+#: fell short on seed 0 (docs/evidence.md): the mix on the full demo still said yes to under 1% of absent
+#: objects, and dropping the readout instead left a model that answered every POPE question "yes".
+WEAK_YES = BaseVariant(
+    "weak-yes",
+    "the demo with instruct at half its steps (210) on a yes-heavy existence mix: 9 in 10 existence questions "
+    "answered yes, negatives never near misses by design, four probes an image",
     overrides=(
-        "model.readout=null",
-        "stages.instruct.trainable={projector: 1.0e-3, lm: 1.0e-3}",
-        # PRIOR's alignment (prior-plain) trains the projector alone, there being no readout
-        "stages.prior.trainable={projector: 1.0e-3}",
+        "stages.instruct.max_steps=210",
+        "stages.instruct.data.live.curriculum=3200",
+        "stages.instruct.eval_every=210",
         "stages.instruct.data.live.existence_yes=0.9",
         "stages.instruct.data.live.existence_near=0.0",
         "stages.instruct.data.live.existence=4",
     ),
 )
 
-AGLA_PLAIN = replace(
+AGLA_WEAK = replace(
     AGLA,
-    name="agla-plain",
+    name="agla-weak",
     title="AGLA on a base that hallucinates: does assembling global and local attention cut false yeses?",
-    base=PLAIN_YES,
-    budgets=(Budget("decoding only: the plain-yes base as trained"),),
+    base=WEAK_YES,
+    budgets=(Budget("decoding only: the weak-yes base as trained"),),
     notes=(
-        "Both arms are the plain-yes base model (the demo's recipe without its readout, instruct on a "
-        "yes-heavy existence mix, every stage trained once per seed); only the decoder differs, so the "
-        "budget is fixed.",
+        "Both arms are the weak-yes base model (the demo's stages up to align, linked; instruct retrained at "
+        "210 steps on a yes-heavy existence mix); only the decoder differs, so the budget is fixed.",
         "The question the demo's base cannot answer (it says yes to under 1% of absent objects): whether "
-        "AGLA helps a model that hallucinates.",
+        "AGLA helps a model that sees yet hallucinates.",
     ),
 )
 
-PRIOR_PLAIN = replace(
+PRIOR_WEAK = replace(
     PRIOR,
-    name="prior-plain",
+    name="prior-weak",
     title="PRIOR on a base that hallucinates: does re-weighting alignment cut false yeses?",
-    base=PLAIN_YES,
+    base=WEAK_YES,
+    budgets=(
+        Budget("the weak-yes base's budget: alignment 30 steps, instruct 210"),
+        Budget("alignment doubled (60 steps), instruct as the base's (210)", ("stages.prior.max_steps=60",)),
+    ),
     notes=(
-        "Both arms are the plain-yes base's recipe with align replaced by PRIOR's pair (alpha 0 or 1), then "
-        "its instruct; the LM's pretraining and the warm-up are the plain-yes base's, linked.",
+        "Both arms are the weak-yes base's recipe with align replaced by PRIOR's pair (alpha 0 or 1), then its "
+        "instruct (210 steps, the yes-heavy mix); the LM's pretraining and the warm-up are the demo's, linked.",
+        "The larger budget doubles the stage PRIOR changes; instruct stays the base's, whose shortness is "
+        "what leaves the base hallucinating.",
     ),
 )
 
@@ -606,7 +609,7 @@ SVE = Claim(
 
 CLAIMS: dict[str, Claim] = {
     c.name: c
-    for c in (AGLA, AGLA_PLAIN, PRIOR, PRIOR_PLAIN, OBJECTIVES, TIPS, TIPS_QA, CLOC, CLOC_QA, MOF, SVE)
+    for c in (AGLA, AGLA_WEAK, PRIOR, PRIOR_WEAK, OBJECTIVES, TIPS, TIPS_QA, CLOC, CLOC_QA, MOF, SVE)
 }
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from mllm.config import Recipe, find_recipe, load_recipe, recipe_from_dict
-from mllm.demo import RECIPE, demo_overrides, ensure_world, run_demo
+from mllm.demo import QUICK, RECIPE, demo_overrides, ensure_world, run_demo
 from mllm.evidence.claims import Arm, BaseVariant, Budget, Claim
 from mllm.evidence.encoder_evals import ENCODER_EVALS
 from mllm.evidence.report import write_report
@@ -77,8 +77,10 @@ def mllm_recipe(
         arm.edit(tree)
     if arm is not None and arm.graft is not None:
         tree["model"]["fusion"] = copy.deepcopy(arm.graft)
-    shared = demo_overrides(base, seed, quick) + (list(QUICK_ADDED) if quick else []) + list(budget.overrides)
-    shared += list(variant.overrides if variant else ())
+    # the variant before the quick sizes and the budget: a budget states its steps outright (a claim on
+    # a variant that changes a stage's steps gives budgets of its own), and a test's variant stays quick
+    shared = demo_overrides(base, seed) + list(variant.overrides if variant else ())
+    shared += (list(QUICK) + list(QUICK_ADDED) if quick else []) + list(budget.overrides)
     own = [f"extra.{k}={v}" for k, v in (extras or {}).items()] + list(arm.overrides if arm else ())
     return recipe_from_dict(tree, _present(shared, tree) + own)
 
