@@ -275,6 +275,10 @@ AGLA_WEAK = replace(
     AGLA,
     name="agla-weak",
     title="AGLA on a base that hallucinates: does assembling global and local attention cut false yeses?",
+    arms=(
+        Arm("greedy", "the weak-yes base model, greedy decoding"),
+        Arm("agla", "the same model, AGLA decoding (alpha 2, beta 0.5, keep 0.5)", decoding="agla"),
+    ),
     base=WEAK_YES,
     budgets=(Budget("decoding only: the weak-yes base as trained"),),
     notes=(
