@@ -27,17 +27,18 @@ from mllm.evidence.runner import MLLM_DATA, ensure_base, ensure_variant
 from mllm.model import MultimodalLM
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bases", required=True, help="the evidence bases folder (BASES/s<seed> = the demo)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", required=True, help="the variant's folder name")
+    ap.add_argument("--quick", action="store_true", help="the demo's quick sizes (tests, smoke runs)")
     ap.add_argument("overrides", nargs="+", help="key=value overrides of the demo's recipe")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     base = Path(args.bases) / f"s{args.seed}"
-    ensure_base(AGLA, base, args.seed, False, print)  # the demo of this seed, built if missing
+    ensure_base(AGLA, base, args.seed, args.quick, print)  # the demo of this seed, built if missing
     variant = BaseVariant(args.name, "a candidate base", tuple(args.overrides))
-    cost = ensure_variant(variant, base, args.seed, False, print)
+    cost = ensure_variant(variant, base, args.seed, args.quick, print)
     model = MultimodalLM.from_pretrained(cost["final"])
     out: dict[str, object] = {"name": args.name, "seed": args.seed, "overrides": args.overrides}
     for bench in ("pope", "qa", "mmvp"):
@@ -53,6 +54,7 @@ def main() -> None:
     out["train_cpu_s"] = cost["cpu_s"]
     out["shared_with_demo"] = cost["shared_with_base"]
     print("RESULT " + json.dumps(out), flush=True)
+    return out
 
 
 if __name__ == "__main__":
