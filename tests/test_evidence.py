@@ -302,6 +302,12 @@ def test_a_claim_on_a_base_variant_builds_it_once_and_its_arms_are_that_model(tm
     stamp = (variant / "cost.json").stat().st_mtime_ns
     run_claim(C.AGLA_WEAK, [0], tmp_path / "again", bases=bases, quick=True, log=lambda *_: None)
     assert (variant / "cost.json").stat().st_mtime_ns == stamp  # built once, shared
+    # a variant whose overrides changed under the same name is refused, not silently reused
+    from mllm.evidence.runner import ensure_variant
+
+    changed = replace(C.WEAK_YES, overrides=(*C.WEAK_YES.overrides, "stages.instruct.lr=5.0e-4"))
+    with pytest.raises(ValueError, match="another recipe"):
+        ensure_variant(changed, bases / "s0", 0, True, lambda *_: None)
 
 
 def test_a_budget_on_a_variant_states_its_steps_and_the_variant_the_rest():

@@ -270,6 +270,14 @@ def ensure_variant(variant: BaseVariant, base: Path, seed: int, quick: bool, log
     recipe = mllm_recipe(None, base, seed, Budget(""), quick, variant=variant)
     demo = mllm_recipe(None, base, seed, Budget(""), quick)
     run_dir = variant_run(base, variant)
+    saved = run_dir / "recipe.yaml"
+    if saved.is_file():
+        built = load_recipe(saved)
+        if (built.model, built.engine, built.stages) != (recipe.model, recipe.engine, recipe.stages):
+            raise ValueError(
+                f"{run_dir.parent}: base variant {variant.name!r} was built from another recipe than its "
+                "overrides give now; remove that folder to rebuild it, or give the changed variant a new name"
+            )
     if not (run_dir.parent / "cost.json").is_file():
         log(f"building the base variant {variant.name!r} of seed {seed}: {', '.join(variant.overrides)}")
     shared = link_shared(recipe, demo, base / "run", run_dir)
