@@ -3,18 +3,13 @@ the overrides change is trained), scored on the world's POPE, QA and MMVP, and a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "base_probe.py"
+from scripts_loader import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("base_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("base_probe")
 
 
 def test_a_candidate_is_built_from_the_demos_stages_and_scored(tmp_path, capsys):

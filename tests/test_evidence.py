@@ -395,13 +395,9 @@ def test_a_svemath_arm_is_the_base_with_a_geometric_encoder_and_a_silent_router_
     for name, p in const.geo.state_dict().items():  # the encoder stays frozen
         assert torch.equal(p, start.geo.state_dict()[name])
     # scripts/router_weights.py reads what each router learned: a grafted start's branch is zero
-    import importlib.util
+    from scripts_loader import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "router_weights", Path(__file__).resolve().parents[1] / "scripts" / "router_weights.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("router_weights")
     images = sorted((bases / "s0" / "world" / "eval" / "images").glob("*.png"))[:4]
     assert mod.router_stats(start, images)["branch_over_tower"] == 0.0
     trained = mod.router_stats(final, images)

@@ -3,20 +3,15 @@ cut" ask what they say (binding negatives are absent yet built from what is pres
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
+
+from scripts_loader import load_script
 
 from mllm.evaluation.benchmarks.pope import load
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pope_headroom.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("pope_headroom", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("pope_headroom")
 
 
 def test_binding_negatives_are_absent_but_made_of_a_present_colour_and_shape():
