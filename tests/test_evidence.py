@@ -310,12 +310,47 @@ def test_a_claim_on_a_base_variant_builds_it_once_and_its_arms_are_that_model(tm
         ensure_variant(changed, bases / "s0", 0, True, lambda *_: None)
 
 
+def test_a_budget_of_more_pope_items_reuses_the_arms_and_asks_a_larger_set_that_starts_with_the_worlds(
+    tmp_path, bases
+):
+    """agla-weak's second budget trains nothing new: each arm links the first budget's run (its cost says
+    where it was trained) and answers a POPE set written once beside the world, twice the world's at quick
+    sizes, whose first questions are the world's own."""
+    from mllm.evidence.runner import run_claim
+
+    out = tmp_path / "agla-weak"
+    quiet = dict(bases=bases, quick=True, log=lambda *_: None)
+    run_claim(C.AGLA_WEAK, [0], out, **quiet)
+    run_claim(C.AGLA_WEAK, [0], out, budget=1, **quiet)
+    world_pope = bases / "s0" / "world" / "pope"
+    n = json.loads((bases / "s0" / "world" / "manifest.json").read_text())["params"]["pope_questions"]
+    larger = bases / "s0" / "heldout" / f"pope-{2 * n}" / "pope"
+    for split in ("random", "popular", "adversarial"):
+        rows = (larger / f"geoworld_pope_{split}.json").read_text().splitlines()
+        assert len(rows) == 2 * n
+        assert rows[:n] == (world_pope / f"geoworld_pope_{split}.json").read_text().splitlines()
+    for arm in ("greedy", "agla"):
+        first, second = out / "b0" / arm / "s0", out / "b1" / arm / "s0"
+        cost = json.loads((second / "cost.json").read_text())
+        assert cost["trained_at"] == str(first)
+        assert (second / "run").resolve() == (first / "run").resolve()
+        units = [json.loads((d / "eval" / "pope.json").read_text())["units"] for d in (first, second)]
+        assert len(units[1]) == 2 * len(units[0])
+        assert {u["id"] for u in units[0]} < {u["id"] for u in units[1]}
+    table = json.loads((out / "b1" / "table.json").read_text())
+    assert table["cost"]["agla"]["trained_at"] == ["b0"]
+    assert table["measures"]["pope/adversarial accuracy"]["agla"]["items_per_seed"] == [2 * n]
+    assert "(trained at b0, reused)" in (out / "b1" / "table.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [lv["budget"] for lv in summary["levels"]] == [0, 1]
+
+
 def test_a_budget_on_a_variant_states_its_steps_and_the_variant_the_rest():
     """prior-weak: PRIOR's stages on the weak-yes base; its larger budget doubles PRIOR's alignment and
     leaves the variant's instruct (210 steps, the yes-heavy mix) as it is."""
     from mllm.evidence.runner import mllm_recipe
 
-    for level, prior_steps in ((0, 30), (1, 60)):
+    for level, prior_steps in ((0, 30), (1, 60), (2, 60)):
         r = mllm_recipe(
             C.PRIOR_WEAK.arm("prior"), Path("b"), 0, C.PRIOR_WEAK.budgets[level], False, variant=C.WEAK_YES
         )

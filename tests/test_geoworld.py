@@ -19,7 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mllm.data.geoworld import iter_text, qa_pool, refer, render, sample_scene, scene_from_dict, write_world
+from mllm.data.geoworld import (
+    iter_text,
+    qa_pool,
+    refer,
+    render,
+    sample_scene,
+    scene_from_dict,
+    write_pope_at,
+    write_world,
+)
 from mllm.data.geoworld.sampling import fresh, pixel_key, stream
 from mllm.data.geoworld.vocab import COLORS, SHAPES
 
@@ -629,3 +638,30 @@ def test_every_generated_question_is_unambiguous_and_right(seed):
     for cat, qas in qa_pool(scene, rng).items():
         for q, a in qas:
             assert expected_answer(d, q) == a, (cat, q, a)
+
+
+def test_a_larger_pope_for_a_written_world_is_what_the_world_would_have_held(tmp_path):
+    """write_pope_at(world, out, N) writes, byte for byte, the POPE `write_world` writes with
+    pope_questions=N (so its first images are the world's own, and the rest are checked against the same
+    training and held-out images), and refuses to overwrite the world's own set."""
+    small = dict(n=40, size=64, n_eval=16, mmvp_pairs=8, refcoco_n=4, mathverse_problems=2, mmvp_vlm_pairs=1)
+    write_world(tmp_path / "w12", seed=5, pope_questions=12, **small)
+    write_world(tmp_path / "w48", seed=5, pope_questions=48, **small)
+    rows = write_pope_at(tmp_path / "w12", tmp_path / "larger", 48)
+    assert {s: len(r) for s, r in rows.items()} == {"random": 48, "popular": 48, "adversarial": 48}
+    want = sorted(p.relative_to(tmp_path / "w48" / "pope") for p in (tmp_path / "w48" / "pope").rglob("*"))
+    got = sorted(
+        p.relative_to(tmp_path / "larger" / "pope") for p in (tmp_path / "larger" / "pope").rglob("*")
+    )
+    assert got == want and len(want) > 8
+    for rel in want:
+        if (tmp_path / "w48" / "pope" / rel).is_file():
+            assert (tmp_path / "larger" / "pope" / rel).read_bytes() == (
+                tmp_path / "w48" / "pope" / rel
+            ).read_bytes()
+    first = (tmp_path / "w12" / "pope" / "geoworld_pope_adversarial.json").read_text().splitlines()
+    assert (tmp_path / "larger" / "pope" / "geoworld_pope_adversarial.json").read_text().splitlines()[
+        :12
+    ] == first
+    with pytest.raises(ValueError, match="beside the world"):
+        write_pope_at(tmp_path / "w12", tmp_path / "w12", 48)

@@ -90,6 +90,10 @@ class Budget:
     describe: str
     overrides: tuple[str, ...] = ()
     steps: int | None = None  # encoder claims: every arm's (single) training stage runs this many steps
+    # MLLM claims: POPE questions per split, where more than the world's own (a larger set of which the
+    # world's is the first part, written once per seed: runner.held_out); a budget that changes nothing
+    # else reuses the arms an earlier budget trained
+    pope_questions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -280,12 +284,19 @@ AGLA_WEAK = replace(
         Arm("agla", "the same model, AGLA decoding (alpha 2, beta 0.5, keep 0.5)", decoding="agla"),
     ),
     base=WEAK_YES,
-    budgets=(Budget("decoding only: the weak-yes base as trained"),),
+    budgets=(
+        Budget("decoding only: the weak-yes base as trained"),
+        Budget(
+            "decoding only; POPE at its official size, 3,000 questions per split (the world's 300 its first)",
+            pope_questions=3000,
+        ),
+    ),
     notes=(
         "Both arms are the weak-yes base model (the demo's stages up to align, linked; instruct retrained at "
-        "210 steps on a yes-heavy existence mix); only the decoder differs, so the budget is fixed.",
+        "210 steps on a yes-heavy existence mix); only the decoder differs, so no budget trains more.",
         "The question the demo's base cannot answer (it says yes to under 1% of absent objects): whether "
-        "AGLA helps a model that sees yet hallucinates.",
+        "AGLA helps a model that sees yet hallucinates. The second budget asks ten times as many POPE "
+        "questions, since the first left a point's difference inside its interval.",
     ),
 )
 
@@ -297,12 +308,17 @@ PRIOR_WEAK = replace(
     budgets=(
         Budget("the weak-yes base's budget: alignment 30 steps, instruct 210"),
         Budget("alignment doubled (60 steps), instruct as the base's (210)", ("stages.prior.max_steps=60",)),
+        Budget(
+            "budget 1's arms (reused, not retrained); POPE at its official size, 3,000 questions per split",
+            ("stages.prior.max_steps=60",),
+            pope_questions=3000,
+        ),
     ),
     notes=(
         "Both arms are the weak-yes base's recipe with align replaced by PRIOR's pair (alpha 0 or 1), then its "
         "instruct (210 steps, the yes-heavy mix); the LM's pretraining and the warm-up are the demo's, linked.",
         "The larger budget doubles the stage PRIOR changes; instruct stays the base's, whose shortness is "
-        "what leaves the base hallucinating.",
+        "what leaves the base hallucinating. The cap asks the same arms ten times as many POPE questions.",
     ),
 )
 

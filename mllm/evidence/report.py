@@ -111,6 +111,8 @@ def write_report(
             "steps": costs[a][seeds[0]]["stages"]
             and {k: v["steps"] for k, v in costs[a][seeds[0]]["stages"].items()},
             "shared_with_base": costs[a][seeds[0]]["shared_with_base"],
+            # the budget folder whose run an arm reused (a budget that only adds held-out items), per seed
+            "trained_at": [_budget_folder(costs[a][s].get("trained_at")) for s in seeds],
         }
         for a in arms
     }
@@ -137,6 +139,11 @@ def write_report(
     atomic_write_text(out / "table.md", markdown(claim, result))
     figure(claim, result, out / "figure.png")
     return result
+
+
+def _budget_folder(trained_at: str | None) -> str | None:
+    """`OUT/b<K>/<arm>/s<seed>` -> "b<K>" (None: trained at this budget)."""
+    return Path(trained_at).parents[1].name if trained_at else None
 
 
 #: the figure a benchmark's per-group breakdown shows (the rest: accuracy)
@@ -209,6 +216,9 @@ def markdown(claim: Claim, r: dict[str, Any]) -> str:
     for a in arms:
         c = r["cost"][a]
         steps = ", ".join(f"{k} {v}" for k, v in (c["steps"] or {}).items()) or "none"
+        reused = sorted({b for b in c.get("trained_at", []) if b})
+        if reused:
+            steps += f" (trained at {', '.join(reused)}, reused)"
         lines.append(
             f"| {a} | {r['arms'][a]} | {' / '.join(_fmt(x) for x in c['train_cpu_s'])} | {steps} | "
             f"{', '.join(c['shared_with_base']) or '-'} |"

@@ -5,11 +5,14 @@ comparison is unresolved (`--scale`), up to the claim's last budget (its cap).
 Layout under OUT (the claim's folder):
     b<K>/<arm>/s<seed>/run/            the arm's training run (MLLM: the demo's stages it shares are links)
     b<K>/<arm>/s<seed>/eval/<bench>.json   metrics + units, written once; a re-run reads them
-    b<K>/<arm>/s<seed>/cost.json       the arm's own training CPU-seconds and wall seconds
+    b<K>/<arm>/s<seed>/cost.json       the arm's own training CPU-seconds and wall seconds (an arm an
+                                       earlier budget trained from the same recipe links that run: its
+                                       cost says `trained_at`)
     b<K>/table.json, table.md, figure.png
     summary.json                       every budget run, its verdicts, and the cap
 and under BASES (shared by every claim): s<seed>/ = `mllm demo --seed S --out BASES/s<seed>`, and
-s<seed>/variants/<name>/ for a claim whose base is the demo with a change (claims.BaseVariant).
+s<seed>/variants/<name>/ for a claim whose base is the demo with a change (claims.BaseVariant), and
+s<seed>/heldout/pope-<N>/ for a budget that asks for more POPE questions than the world's.
 
 Finished stages are skipped and an interrupted stage resumes from its checkpoint (train_recipe), an
 evaluation written is never redone, so a killed run resumes where it stopped and a re-run is a report.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import resource
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -191,8 +195,67 @@ def _evaluated(arm_dir: Path, bench: str, compute, log) -> Evaluation:
     return out
 
 
+def _same_recipe(a: Recipe, b: Recipe) -> bool:
+    return (a.model, a.engine, a.stages) == (b.model, b.engine, b.stages)
+
+
+def reuse_earlier(recipe: Recipe, arm_dir: Path, earlier: list[Path], log) -> bool:
+    """Where an earlier budget trained this arm from the same recipe (a budget that adds only held-out
+    items), link its run and take its cost, so the arm is not trained twice; the cost names where it was
+    trained. True when the arm is (now) reused or already finished here."""
+    if (arm_dir / "cost.json").is_file():
+        return True
+    for before in earlier:
+        saved = before / "run" / "recipe.yaml"
+        if not (before / "cost.json").is_file() or not saved.is_file():
+            continue
+        if not _same_recipe(load_recipe(saved), recipe):
+            continue
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        run = arm_dir / "run"
+        if run.is_symlink() or not run.exists():  # a half-made link from a killed run is made again
+            run.unlink(missing_ok=True)
+            run.symlink_to(before.joinpath("run").resolve(), target_is_directory=True)
+        cost = json.loads((before / "cost.json").read_text())
+        cost["trained_at"] = str(before)
+        atomic_write_text(arm_dir / "cost.json", json.dumps(cost, indent=1))
+        log(f"{arm_dir}: the arm as trained at {before} (same recipe)")
+        return True
+    return False
+
+
+def held_out(base: Path, bench: str, budget: Budget, quick: bool) -> Path:
+    """Where an MLLM benchmark's items sit: the world's own set, or, for a budget that asks for more POPE
+    questions, a larger POPE written once beside the world (BASES/s<seed>/heldout/pope-<N>/pope), whose
+    first images are the world's own (write_pope_at). Quick runs use twice the world's own."""
+    world = base / "world"
+    if bench != "pope" or not budget.pope_questions:
+        return world / MLLM_DATA[bench]
+    from mllm.data.geoworld import write_pope_at
+
+    n = budget.pope_questions
+    if quick:
+        n = 2 * json.loads((world / "manifest.json").read_text())["params"]["pope_questions"]
+    dst = base / "heldout" / f"pope-{n}"
+    if not (dst / "pope" / "scenes.jsonl").is_file():  # its last file: a set cut short is written again
+        partial = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_pope_at(world, partial, n)
+        shutil.rmtree(dst, ignore_errors=True)
+        partial.rename(dst)
+    return dst / "pope"
+
+
 def run_mllm_arm(
-    claim: Claim, arm: Arm, seed: int, budget: Budget, base: Path, arm_dir: Path, quick: bool, log
+    claim: Claim,
+    arm: Arm,
+    seed: int,
+    budget: Budget,
+    base: Path,
+    arm_dir: Path,
+    quick: bool,
+    log,
+    earlier: list[Path] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Evaluation]]:
     from mllm.evaluation.agla import AglaConfig
     from mllm.evaluation.runner import evaluate
@@ -200,22 +263,23 @@ def run_mllm_arm(
 
     extras = ensure_extras(claim, base, seed, quick, log)
     recipe = mllm_recipe(arm, base, seed, budget, quick, extras, claim.base)
-    reference = mllm_recipe(None, base, seed, Budget(""), quick, variant=claim.base)
-    reference_run = variant_run(base, claim.base)
     run_dir = arm_dir / "run"
-    if arm.graft is not None:
-        shared = graft_shared(recipe, reference, reference_run, run_dir, arm.graft_at)
-    else:
-        shared = link_shared(recipe, reference, reference_run, run_dir)
+    shared: list[str] = []
+    if not reuse_earlier(recipe, arm_dir, earlier or [], log):
+        reference = mllm_recipe(None, base, seed, Budget(""), quick, variant=claim.base)
+        reference_run = variant_run(base, claim.base)
+        if arm.graft is not None:
+            shared = graft_shared(recipe, reference, reference_run, run_dir, arm.graft_at)
+        else:
+            shared = link_shared(recipe, reference, reference_run, run_dir)
     cost = _train(recipe, run_dir, arm_dir, shared, log)
-    world = base / "world"
     agla = AglaConfig() if arm.decoding == "agla" else None
     model: list[MultimodalLM] = []  # loaded at the first benchmark not yet evaluated
 
     def answer(bench: str):
         if not model:
             model.append(MultimodalLM.from_pretrained(cost["final"]))
-        data = world / MLLM_DATA[bench]
+        data = held_out(base, bench, budget, quick)
         metrics, records = evaluate(model[0], bench, data, batch_size=32, decoding=arm.decoding, agla=agla)
         return metrics, units_for(bench, records, data)
 
@@ -245,10 +309,19 @@ def encoder_recipe(arm: Arm, world: Path, seed: int, budget: Budget, quick: bool
 
 
 def run_encoder_arm(
-    claim: Claim, arm: Arm, seed: int, budget: Budget, base: Path, arm_dir: Path, quick: bool, log
+    claim: Claim,
+    arm: Arm,
+    seed: int,
+    budget: Budget,
+    base: Path,
+    arm_dir: Path,
+    quick: bool,
+    log,
+    earlier: list[Path] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Evaluation]]:
     world = base / "world"
     recipe = encoder_recipe(arm, world, seed, budget, quick)
+    reuse_earlier(recipe, arm_dir, earlier or [], log)
     cost = _train(recipe, arm_dir / "run", arm_dir, [], log)
 
     def answer(bench: str):
@@ -272,8 +345,7 @@ def ensure_variant(variant: BaseVariant, base: Path, seed: int, quick: bool, log
     run_dir = variant_run(base, variant)
     saved = run_dir / "recipe.yaml"
     if saved.is_file():
-        built = load_recipe(saved)
-        if (built.model, built.engine, built.stages) != (recipe.model, recipe.engine, recipe.stages):
+        if not _same_recipe(load_recipe(saved), recipe):
             raise ValueError(
                 f"{run_dir.parent}: base variant {variant.name!r} was built from another recipe than its "
                 "overrides give now; remove that folder to rebuild it, or give the changed variant a new name"
@@ -309,8 +381,9 @@ def _run_arms(
         ensure_base(claim, base, seed, quick, log)
         for arm in arms:
             arm_dir = out / f"b{level}" / arm.name / f"s{seed}"
+            earlier = [out / f"b{j}" / arm.name / f"s{seed}" for j in range(level)]
             done.setdefault(arm.name, {})[seed] = arm_run(
-                claim, arm, seed, claim.budgets[level], base, arm_dir, quick, log
+                claim, arm, seed, claim.budgets[level], base, arm_dir, quick, log, earlier
             )
     return done
 

@@ -271,6 +271,32 @@ def write_world(
     return manifest
 
 
+def write_pope_at(world: str | Path, out: str | Path, questions: int) -> dict[str, list[dict]]:
+    """POPE with `questions` per split for a world already written, exactly as `write_world` would have
+    written it with `pope_questions=questions` (files under `out/pope/`).
+
+    Why: POPE's splits differ by a point or two between methods, which 300 questions per split cannot
+    resolve; the official set has 3,000. The draws are per image, so the world's own POPE is this set's
+    first images, and the new ones are as held-out as it is: each is checked against every training and
+    earlier held-out image (re-rendered from the world's scene graphs, since MMVP's files are JPEG) and
+    the negatives use the training world's object statistics. `out` must not be the world itself.
+    """
+    world, out = Path(world), Path(out)
+    if out.resolve() == world.resolve():
+        raise ValueError(f"{out}: write the larger POPE beside the world, not over its own POPE")
+    manifest = json.loads((world / "manifest.json").read_text(encoding="utf-8"))
+    seed, size, max_shapes = manifest["seed"], manifest["size"], manifest["params"]["max_shapes"]
+    seen: set[bytes] = set()
+    train_objects: list[set[str]] = []
+    for name in ("scenes.jsonl", "eval/scenes.jsonl", "mmvp/scenes.jsonl"):  # what write_world drew first
+        for row in read_jsonl(world / name):
+            scene = scene_from_dict(row["scene"])
+            seen.add(pixel_key(render(scene)))
+            if name == "scenes.jsonl":
+                train_objects.append(scene.objects())
+    return write_pope(out, seed, questions, size, seen, train_objects, max_shapes)
+
+
 def _strip_image(text: str) -> str:
     return text.replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip()
 
