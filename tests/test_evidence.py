@@ -343,6 +343,35 @@ def test_a_budget_of_more_pope_items_reuses_the_arms_and_asks_a_larger_set_that_
     assert "(trained at b0, reused)" in (out / "b1" / "table.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert [lv["budget"] for lv in summary["levels"]] == [0, 1]
+    # each evaluation names the set it answered; one from another set is refused, not mixed into the table
+    path = out / "b1" / "agla" / "s0" / "eval" / "pope.json"
+    done = json.loads(path.read_text())
+    assert done["data"] == f"heldout/pope-{2 * n}/pope"
+    assert json.loads((out / "b0" / "agla" / "s0" / "eval" / "qa.json").read_text())["data"] == "world"
+    path.write_text(json.dumps({**done, "data": "world/pope"}))
+    with pytest.raises(ValueError, match="answered world/pope, but this budget asks heldout/pope"):
+        run_claim(C.AGLA_WEAK, [0], out, budget=1, **quiet)
+
+
+def test_a_budget_that_only_enlarges_a_held_out_set_trains_exactly_what_the_budget_before_it_did():
+    """Every budget with a larger held-out set follows one whose arms it reuses: the same recipe for every
+    arm, so reuse_earlier links that run instead of training the arm again."""
+    from mllm.evidence.runner import mllm_recipe
+
+    enlarging = [(c, k) for c in C.CLAIMS.values() for k, b in enumerate(c.budgets) if b.held_out]
+    assert {c.name for c, _ in enlarging} >= {"agla-weak", "prior-weak", "mof", "tips-qa"}
+    for claim, k in enlarging:
+        assert k > 0 and claim.level == "mllm"
+        extras = {ex.name: f"extras/{ex.name}" for ex in claim.extras}
+        for arm in claim.arms:
+            now, before = (
+                mllm_recipe(arm, Path("b"), 0, claim.budgets[j], False, extras, claim.base)
+                for j in (k, k - 1)
+            )
+            assert (now.model, now.engine, now.stages) == (before.model, before.engine, before.stages), (
+                claim.name,
+                arm.name,
+            )
 
 
 def test_a_budget_on_a_variant_states_its_steps_and_the_variant_the_rest():

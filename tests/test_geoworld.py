@@ -26,7 +26,7 @@ from mllm.data.geoworld import (
     render,
     sample_scene,
     scene_from_dict,
-    write_pope_at,
+    write_held_out_at,
     write_world,
 )
 from mllm.data.geoworld.sampling import fresh, pixel_key, stream
@@ -640,28 +640,30 @@ def test_every_generated_question_is_unambiguous_and_right(seed):
             assert expected_answer(d, q) == a, (cat, q, a)
 
 
-def test_a_larger_pope_for_a_written_world_is_what_the_world_would_have_held(tmp_path):
-    """write_pope_at(world, out, N) writes, byte for byte, the POPE `write_world` writes with
-    pope_questions=N (so its first images are the world's own, and the rest are checked against the same
+@pytest.mark.parametrize(
+    "bench, param, small_n, n", [("pope", "pope_questions", 12, 48), ("mmvp", "mmvp_pairs", 8, 24)]
+)
+def test_a_larger_held_out_set_for_a_written_world_is_what_the_world_would_have_held(
+    tmp_path, bench, param, small_n, n
+):
+    """write_held_out_at(world, out, bench, N) writes, byte for byte, the set `write_world` writes with
+    that size N (so its first items are the world's own, and the rest are checked against the same
     training and held-out images), and refuses to overwrite the world's own set."""
-    small = dict(n=40, size=64, n_eval=16, mmvp_pairs=8, refcoco_n=4, mathverse_problems=2, mmvp_vlm_pairs=1)
-    write_world(tmp_path / "w12", seed=5, pope_questions=12, **small)
-    write_world(tmp_path / "w48", seed=5, pope_questions=48, **small)
-    rows = write_pope_at(tmp_path / "w12", tmp_path / "larger", 48)
-    assert {s: len(r) for s, r in rows.items()} == {"random": 48, "popular": 48, "adversarial": 48}
-    want = sorted(p.relative_to(tmp_path / "w48" / "pope") for p in (tmp_path / "w48" / "pope").rglob("*"))
-    got = sorted(
-        p.relative_to(tmp_path / "larger" / "pope") for p in (tmp_path / "larger" / "pope").rglob("*")
+    small = dict(n=40, size=64, n_eval=16, mmvp_pairs=8, pope_questions=12, refcoco_n=4, mathverse_problems=2)
+    write_world(tmp_path / "own", seed=5, **{**small, param: small_n}, mmvp_vlm_pairs=1)
+    write_world(tmp_path / "big", seed=5, **{**small, param: n}, mmvp_vlm_pairs=1)
+    assert write_held_out_at(tmp_path / "own", tmp_path / "larger", bench, n) == n * (
+        3 if bench == "pope" else 2
     )
-    assert got == want and len(want) > 8
+    want_root, got_root = tmp_path / "big" / bench, tmp_path / "larger" / bench
+    want = sorted(p.relative_to(want_root) for p in want_root.rglob("*"))
+    assert sorted(p.relative_to(got_root) for p in got_root.rglob("*")) == want and len(want) > 8
     for rel in want:
-        if (tmp_path / "w48" / "pope" / rel).is_file():
-            assert (tmp_path / "larger" / "pope" / rel).read_bytes() == (
-                tmp_path / "w48" / "pope" / rel
-            ).read_bytes()
-    first = (tmp_path / "w12" / "pope" / "geoworld_pope_adversarial.json").read_text().splitlines()
-    assert (tmp_path / "larger" / "pope" / "geoworld_pope_adversarial.json").read_text().splitlines()[
-        :12
-    ] == first
+        if (want_root / rel).is_file():
+            assert (got_root / rel).read_bytes() == (want_root / rel).read_bytes(), rel
+    first = (tmp_path / "own" / bench / "scenes.jsonl").read_text().splitlines()
+    assert (got_root / "scenes.jsonl").read_text().splitlines()[: len(first)] == first
     with pytest.raises(ValueError, match="beside the world"):
-        write_pope_at(tmp_path / "w12", tmp_path / "w12", 48)
+        write_held_out_at(tmp_path / "own", tmp_path / "own", bench, n)
+    with pytest.raises(ValueError, match="not 'eval'"):
+        write_held_out_at(tmp_path / "own", tmp_path / "x", "eval", n)

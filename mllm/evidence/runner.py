@@ -12,7 +12,7 @@ Layout under OUT (the claim's folder):
     summary.json                       every budget run, its verdicts, and the cap
 and under BASES (shared by every claim): s<seed>/ = `mllm demo --seed S --out BASES/s<seed>`, and
 s<seed>/variants/<name>/ for a claim whose base is the demo with a change (claims.BaseVariant), and
-s<seed>/heldout/pope-<N>/ for a budget that asks for more POPE questions than the world's.
+s<seed>/heldout/<bench>-<N>/ for a budget that asks for a larger MMVP or POPE than the world's.
 
 Finished stages are skipped and an interrupted stage resumes from its checkpoint (train_recipe), an
 evaluation written is never redone, so a killed run resumes where it stopped and a re-run is a report.
@@ -181,14 +181,21 @@ def _train(recipe: Recipe, run_dir: Path, arm_dir: Path, shared: list[str], log)
 Evaluation = dict[str, Any]  # {"metrics": ..., "units": [...]}, one benchmark of one arm and seed
 
 
-def _evaluated(arm_dir: Path, bench: str, compute, log) -> Evaluation:
+def _evaluated(arm_dir: Path, bench: str, compute, log, data: Path | None = None) -> Evaluation:
     """The arm's evaluation on `bench`: read if written before, else `compute()` -> (metrics, units),
-    written once (atomically) so a re-run never redoes it."""
+    written once (atomically) so a re-run never redoes it. `data` (the held-out set answered, relative to
+    the seed's base folder) is recorded, and an evaluation recorded on another set is refused, not mixed
+    into a table of this one."""
     path = arm_dir / "eval" / f"{bench}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        done = json.loads(path.read_text())
+        if data is not None and done.get("data", str(data)) != str(data):
+            raise ValueError(
+                f"{path} answered {done['data']}, but this budget asks {data}; remove that file to evaluate again"
+            )
+        return done
     metrics, units = compute()
-    out = {"metrics": metrics, "units": units}
+    out = {"metrics": metrics, "units": units, **({"data": str(data)} if data is not None else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(out))
     log(f"{arm_dir}: {bench} done")
@@ -224,26 +231,30 @@ def reuse_earlier(recipe: Recipe, arm_dir: Path, earlier: list[Path], log) -> bo
     return False
 
 
-def held_out(base: Path, bench: str, budget: Budget, quick: bool) -> Path:
-    """Where an MLLM benchmark's items sit: the world's own set, or, for a budget that asks for more POPE
-    questions, a larger POPE written once beside the world (BASES/s<seed>/heldout/pope-<N>/pope), whose
-    first images are the world's own (write_pope_at). Quick runs use twice the world's own."""
-    world = base / "world"
-    if bench != "pope" or not budget.pope_questions:
-        return world / MLLM_DATA[bench]
-    from mllm.data.geoworld import write_pope_at
+#: a world's own size of each set a budget can enlarge (its manifest's params)
+HELD_OUT_PARAM = {"mmvp": "mmvp_pairs", "pope": "pope_questions"}
 
-    n = budget.pope_questions
+
+def held_out(base: Path, bench: str, budget: Budget, quick: bool) -> Path:
+    """Where an MLLM benchmark's items sit: the world's own set, or, for a budget that asks for a larger
+    one, that set written once beside the world (BASES/s<seed>/heldout/<bench>-<N>/<bench>), whose first
+    items are the world's own (write_held_out_at). Quick runs use twice the world's own size."""
+    world = base / "world"
+    n = dict(budget.held_out).get(bench)
+    if not n:
+        return world / MLLM_DATA[bench]
+    from mllm.data.geoworld import write_held_out_at
+
     if quick:
-        n = 2 * json.loads((world / "manifest.json").read_text())["params"]["pope_questions"]
-    dst = base / "heldout" / f"pope-{n}"
-    if not (dst / "pope" / "scenes.jsonl").is_file():  # its last file: a set cut short is written again
+        n = 2 * json.loads((world / "manifest.json").read_text())["params"][HELD_OUT_PARAM[bench]]
+    dst = base / "heldout" / f"{bench}-{n}"
+    if not (dst / bench / "scenes.jsonl").is_file():  # its last file: a set cut short is written again
         partial = dst.with_name(dst.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        write_pope_at(world, partial, n)
+        write_held_out_at(world, partial, bench, n)
         shutil.rmtree(dst, ignore_errors=True)
         partial.rename(dst)
-    return dst / "pope"
+    return dst / bench
 
 
 def run_mllm_arm(
@@ -283,7 +294,12 @@ def run_mllm_arm(
         metrics, records = evaluate(model[0], bench, data, batch_size=32, decoding=arm.decoding, agla=agla)
         return metrics, units_for(bench, records, data)
 
-    return cost, {b: _evaluated(arm_dir, b, lambda b=b: answer(b), log) for b in claim.benches}
+    return cost, {
+        b: _evaluated(
+            arm_dir, b, lambda b=b: answer(b), log, held_out(base, b, budget, quick).relative_to(base)
+        )
+        for b in claim.benches
+    }
 
 
 def single_stage_recipe(

@@ -6,15 +6,15 @@ official MMVP, POPE, RefCOCO and MathVerse file layouts. The same seed gives byt
 
 Public API: `write_world` (the whole world to a folder, returns the manifest), `iter_text` (every
 string of a written world, for tokenizer training), and the building blocks `sample_scene`,
-`render`, `long_caption`, `short_caption`, `qa_pool`, `refer`; `write_pope_at` (a larger POPE
-for a world already written).
+`render`, `long_caption`, `short_caption`, `qa_pool`, `refer`; `write_held_out_at` (a larger MMVP
+or POPE for a world already written).
 """
 
 from .language import long_caption, qa_pool, refer, short_caption
 from .render import render
 from .scene import Scene, Shape, sample_scene, scene_from_dict
 from .vocab import CATEGORIES, COLORS, SHAPES
-from .writer import iter_text, write_pope_at, write_world
+from .writer import iter_text, write_held_out_at, write_world
 
 __all__ = [
     "CATEGORIES",
@@ -30,6 +30,6 @@ __all__ = [
     "sample_scene",
     "scene_from_dict",
     "short_caption",
-    "write_pope_at",
+    "write_held_out_at",
     "write_world",
 ]

@@ -271,30 +271,43 @@ def write_world(
     return manifest
 
 
-def write_pope_at(world: str | Path, out: str | Path, questions: int) -> dict[str, list[dict]]:
-    """POPE with `questions` per split for a world already written, exactly as `write_world` would have
-    written it with `pope_questions=questions` (files under `out/pope/`).
+#: the held-out sets write_world draws after the training scenes, in order: each image is checked against
+#: the training images and every set before it, so a larger set must see the same ones
+HELD_OUT_ORDER: tuple[str, ...] = ("eval", "mmvp", "pope")
 
-    Why: POPE's splits differ by a point or two between methods, which 300 questions per split cannot
-    resolve; the official set has 3,000. The draws are per image, so the world's own POPE is this set's
-    first images, and the new ones are as held-out as it is: each is checked against every training and
-    earlier held-out image (re-rendered from the world's scene graphs, since MMVP's files are JPEG) and
-    the negatives use the training world's object statistics. `out` must not be the world itself.
+
+def write_held_out_at(world: str | Path, out: str | Path, bench: str, n: int) -> int:
+    """A larger held-out set `bench` ("mmvp": `n` pairs; "pope": `n` questions per split) for a world
+    already written, exactly as `write_world` would have written it with `mmvp_pairs=n` or
+    `pope_questions=n` (files under `out/<bench>/`); returns the number of rows written.
+
+    Why: methods differ by a point or two, which the world's 64 pairs or 300 questions per split cannot
+    resolve (the official POPE has 3,000 per split). The draws are per item, so the world's own set is
+    this set's first items, and the new ones are as held-out as it is: each is checked against every
+    training image and every set write_world drew before it (re-rendered from the scene graphs, since
+    MMVP's files are JPEG), and POPE's negatives use the training world's object statistics. `out` must
+    not be the world itself.
     """
     world, out = Path(world), Path(out)
+    if bench not in HELD_OUT_ORDER[1:]:
+        raise ValueError(f"a larger held-out set is written for {HELD_OUT_ORDER[1:]}, not {bench!r}")
     if out.resolve() == world.resolve():
-        raise ValueError(f"{out}: write the larger POPE beside the world, not over its own POPE")
+        raise ValueError(f"{out}: write the larger {bench} beside the world, not over its own set")
     manifest = json.loads((world / "manifest.json").read_text(encoding="utf-8"))
     seed, size, max_shapes = manifest["seed"], manifest["size"], manifest["params"]["max_shapes"]
     seen: set[bytes] = set()
     train_objects: list[set[str]] = []
-    for name in ("scenes.jsonl", "eval/scenes.jsonl", "mmvp/scenes.jsonl"):  # what write_world drew first
+    before = HELD_OUT_ORDER[: HELD_OUT_ORDER.index(bench)]
+    for name in ["scenes.jsonl", *(f"{b}/scenes.jsonl" for b in before)]:
         for row in read_jsonl(world / name):
             scene = scene_from_dict(row["scene"])
             seen.add(pixel_key(render(scene)))
             if name == "scenes.jsonl":
                 train_objects.append(scene.objects())
-    return write_pope(out, seed, questions, size, seen, train_objects, max_shapes)
+    if bench == "mmvp":
+        return len(write_mmvp(out, seed, n, size, seen))
+    rows = write_pope(out, seed, n, size, seen, train_objects, max_shapes)
+    return sum(len(r) for r in rows.values())
 
 
 def _strip_image(text: str) -> str:
