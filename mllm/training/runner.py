@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from encoders.common import seed_everything
-from mllm.config import ConfigError, Recipe, StageConfig, save_recipe
+from mllm.config import ConfigError, Recipe, StageConfig, load_recipe, save_recipe
 from mllm.families import get_family, get_stage_kind, get_task, resolve_template, resolve_trainable
 from mllm.families.mllm import build_model as build_model
 from mllm.loading import resolve_model_dir as resolve_model_dir
@@ -36,6 +36,7 @@ from mllm.lora import apply_lora, save_lora_final
 from mllm.prior import resolve_ref
 from mllm.training import distributed as D
 from mllm.training.checkpoint import STEP_RE, atomic_write_text
+from mllm.training.continuity import check_continuity
 from mllm.training.engine import Evaluator, StageResult, StepEvaluator, Trainer, eval_mode
 from mllm.training.preemption import Preempted, PreemptionWatch
 from mllm.training.runlock import RunLock, RunLocked
@@ -104,16 +105,18 @@ class NothingToResume(ValueError):
     """`resume=True` on a run folder that holds no checkpoint and no finished stage."""
 
 
+def _state(stage_dir: Path, family) -> str | None:
+    """What a stage folder holds: "final" (a finished model), "checkpoint", or None."""
+    if family.is_saved(stage_dir / "final"):
+        return "final"
+    ckpts = stage_dir / "checkpoints"
+    return "checkpoint" if ckpts.is_dir() and any(STEP_RE.match(p.name) for p in ckpts.iterdir()) else None
+
+
 def has_progress(run_dir: Path, recipe: Recipe) -> bool:
     """Whether `run_dir` holds a checkpoint or a finished stage of `recipe` (something to resume)."""
     family = get_family(recipe.model.kind)
-    for s in recipe.stages:
-        ckpts = run_dir / s.name / "checkpoints"
-        if family.is_saved(run_dir / s.name / "final"):
-            return True
-        if ckpts.is_dir() and any(STEP_RE.match(p.name) for p in ckpts.iterdir()):
-            return True
-    return False
+    return any(_state(run_dir / s.name, family) for s in recipe.stages)
 
 
 def acquire_run_lock(run_dir: Path) -> RunLock | None:
@@ -190,6 +193,13 @@ def _train_stages(
     evaluator: Evaluator | None,
     watch: PreemptionWatch,
 ) -> dict[str, Any]:
+    family = get_family(recipe.model.kind)
+    saved = run_dir / "recipe.yaml"
+    if saved.is_file():  # every rank checks, so every rank raises the same error
+        for note in check_continuity(
+            load_recipe(saved), recipe, run_dir, lambda n: _state(run_dir / n, family)
+        ):
+            log(note)
     if D.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
@@ -205,7 +215,7 @@ def _train_stages(
     if first > 0:
         prev_final = run_dir / names[first - 1] / "final"
     corpus = [Path(s.data.json) for s in recipe.stages if s.data.json]
-    model_kind = get_family(recipe.model.kind)
+    model_kind = family
     for stage in stages:
         if stage.prior is not None:  # `ref: stage:NAME` is NAME's final LM in this run
             stage = replace(stage, prior=resolve_ref(stage.prior, run_dir))
