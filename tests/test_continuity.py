@@ -8,6 +8,7 @@ named, while changes that only affect how the run is watched pass, and stages no
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 
 import pytest
@@ -110,3 +111,24 @@ def test_a_begun_stage_may_be_extended_from_its_checkpoint_and_nothing_else(tmp_
     )
     assert any("resumed from its checkpoint with stages.align.max_steps: 3 -> 5" in line for line in lines)
     assert summary["stages"]["align"]["steps"] == 5 and summary["stages"]["align"]["resumed_from"] == 3
+
+
+def test_training_changes_name_the_leaf_and_take_one_path_spelled_two_ways(finished, monkeypatch):
+    """The whole-run comparison the evidence runner uses: a changed option inside a nested mapping is named
+    at its key; a data path given relative to the working folder equals its absolute spelling."""
+    from mllm.training.continuity import training_changes
+
+    tree, run = finished
+    base = recipe_from_dict(tree)
+    deeper = copy.deepcopy(tree)
+    deeper["model"]["lm"]["config"]["num_hidden_layers"] = 3
+    assert training_changes(base, recipe_from_dict(deeper)) == ["model.lm.config.num_hidden_layers: 2 -> 3"]
+    monkeypatch.chdir(run.parent)
+    relative = copy.deepcopy(tree)
+    for stage in relative["stages"]:
+        stage["data"]["json"] = os.path.relpath(stage["data"]["json"])
+    assert not os.path.isabs(relative["stages"][0]["data"]["json"])
+    assert training_changes(base, recipe_from_dict(relative)) == []
+    assert training_changes(base, recipe_from_dict(_with(tree, "instruct", "lr", 1e-3))) == [
+        "stages.instruct.lr: 0.003 -> 0.001"
+    ]

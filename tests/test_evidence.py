@@ -306,7 +306,9 @@ def test_a_claim_on_a_base_variant_builds_it_once_and_its_arms_are_that_model(tm
     from mllm.evidence.runner import ensure_variant
 
     changed = replace(C.WEAK_YES, overrides=(*C.WEAK_YES.overrides, "stages.instruct.lr=5.0e-4"))
-    with pytest.raises(ValueError, match="another recipe"):
+    with pytest.raises(
+        ValueError, match=r"trained under other settings than it is asked now: stages\.instruct\.lr"
+    ):
         ensure_variant(changed, bases / "s0", 0, True, lambda *_: None)
 
 

@@ -39,6 +39,7 @@ from mllm.evidence.report import write_report
 from mllm.evidence.stats import UNRESOLVED
 from mllm.evidence.units import units_for
 from mllm.training.checkpoint import atomic_write_text
+from mllm.training.continuity import training_changes
 
 #: MLLM benchmarks: where each one's data sits in a world.
 MLLM_DATA = {"qa": "", "pope": "pope", "mmvp": "mmvp", "mathverse": "mathverse", "refcoco": "refcoco"}
@@ -161,7 +162,15 @@ def _train(recipe: Recipe, run_dir: Path, arm_dir: Path, shared: list[str], log)
     from mllm.training.runner import train_recipe
 
     cost_path = arm_dir / "cost.json"
-    if cost_path.is_file():
+    if cost_path.is_file():  # done: but only if done with what is asked now (claims.py may have changed)
+        saved = run_dir / "recipe.yaml"
+        changed = training_changes(load_recipe(saved), recipe) if saved.is_file() else []
+        if changed:
+            raise ValueError(
+                f"{arm_dir} was trained under other settings than it is asked now: {'; '.join(changed[:6])}"
+                f"{'; ...' if len(changed) > 6 else ''}; remove that folder to train it again, or give the "
+                "changed arm or base variant a new name"
+            )
         return json.loads(cost_path.read_text())
     evaluator = make_evaluator(recipe) if any(s.eval_every for s in recipe.stages) else None
     cpu0, t0 = _cpu_s(), time.time()
@@ -202,10 +211,6 @@ def _evaluated(arm_dir: Path, bench: str, compute, log, data: Path | None = None
     return out
 
 
-def _same_recipe(a: Recipe, b: Recipe) -> bool:
-    return (a.model, a.engine, a.stages) == (b.model, b.engine, b.stages)
-
-
 def reuse_earlier(recipe: Recipe, arm_dir: Path, earlier: list[Path], log) -> bool:
     """Where an earlier budget trained this arm from the same recipe (a budget that adds only held-out
     items), link its run and take its cost, so the arm is not trained twice; the cost names where it was
@@ -216,7 +221,7 @@ def reuse_earlier(recipe: Recipe, arm_dir: Path, earlier: list[Path], log) -> bo
         saved = before / "run" / "recipe.yaml"
         if not (before / "cost.json").is_file() or not saved.is_file():
             continue
-        if not _same_recipe(load_recipe(saved), recipe):
+        if training_changes(load_recipe(saved), recipe):
             continue
         arm_dir.mkdir(parents=True, exist_ok=True)
         run = arm_dir / "run"
@@ -359,13 +364,6 @@ def ensure_variant(variant: BaseVariant, base: Path, seed: int, quick: bool, log
     recipe = mllm_recipe(None, base, seed, Budget(""), quick, variant=variant)
     demo = mllm_recipe(None, base, seed, Budget(""), quick)
     run_dir = variant_run(base, variant)
-    saved = run_dir / "recipe.yaml"
-    if saved.is_file():
-        if not _same_recipe(load_recipe(saved), recipe):
-            raise ValueError(
-                f"{run_dir.parent}: base variant {variant.name!r} was built from another recipe than its "
-                "overrides give now; remove that folder to rebuild it, or give the changed variant a new name"
-            )
     if not (run_dir.parent / "cost.json").is_file():
         log(f"building the base variant {variant.name!r} of seed {seed}: {', '.join(variant.overrides)}")
     shared = link_shared(recipe, demo, base / "run", run_dir)

@@ -15,6 +15,7 @@ reported, since a new length sets the learning-rate schedule from there on.
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,42 @@ def _trains(recipe: Recipe) -> tuple[Any, EngineConfig, list[StageConfig]]:
     )
 
 
+def _same_path(a: str, b: str) -> bool:
+    """Two spellings of one path ("runs/x" and "/abs/runs/x" from the same folder, "./runs/x"): a run
+    started with a relative folder and re-run with an absolute one asks the same data."""
+    return (os.sep in a or os.sep in b) and os.path.abspath(a) == os.path.abspath(b)
+
+
 def _diff(a: Any, b: Any, where: str) -> list[str]:
-    """`where.field: old -> new` for each top-level field that differs (nested dataclasses by field)."""
+    """`where.field: old -> new` for each field that differs, through dataclasses, mappings and sequences
+    (so the message names the leaf); a path spelled two ways is the same path."""
+    if a == b:
+        return []
     if is_dataclass(a) and is_dataclass(b) and type(a) is type(b):
-        out = []
-        for f in fields(a):
-            x, y = getattr(a, f.name), getattr(b, f.name)
-            if x != y:
-                out += _diff(x, y, f"{where}.{f.name}")
-        return out
+        return [
+            c for f in fields(a) for c in _diff(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}")
+        ]
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return [c for k in a for c in _diff(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [c for i, (x, y) in enumerate(zip(a, b, strict=True)) for c in _diff(x, y, f"{where}[{i}]")]
+    if isinstance(a, str) and isinstance(b, str) and _same_path(a, b):
+        return []
     return [f"{where}: {a!r} -> {b!r}"]
+
+
+def training_changes(saved: Recipe, recipe: Recipe) -> list[str]:
+    """Every weight-deciding difference between two recipes (model, engine, each stage), as
+    `field: old -> new`: empty when a run of `saved` is a run of `recipe`. For callers that keep a whole
+    run as done (the evidence runner's arms and base variants), where a stage-by-stage check is not reached."""
+    old_model, old_engine, old_stages = _trains(saved)
+    model, engine, stages = _trains(recipe)
+    out = _diff(old_model, model, "model") + _diff(old_engine, engine, "engine")
+    if [s.name for s in old_stages] != [s.name for s in stages]:
+        return [*out, f"stages: {[s.name for s in old_stages]} -> {[s.name for s in stages]}"]
+    for a, b in zip(old_stages, stages, strict=True):
+        out += _diff(a, b, f"stages.{a.name}")
+    return out
 
 
 #: what may change on a stage that is begun but not finished: its length (extending it from its
