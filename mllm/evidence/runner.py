@@ -25,7 +25,8 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +212,7 @@ def _evaluated(arm_dir: Path, bench: str, compute, log, data: Path | None = None
     return out
 
 
-def reuse_earlier(recipe: Recipe, arm_dir: Path, earlier: list[Path], log) -> bool:
+def reuse_earlier(recipe: Recipe, arm_dir: Path, earlier: tuple[Path, ...], log) -> bool:
     """Where an earlier budget trained this arm from the same recipe (a budget that adds only held-out
     items), link its run and take its cost, so the arm is not trained twice; the cost names where it was
     trained. True when the arm is (now) reused or already finished here."""
@@ -262,26 +263,45 @@ def held_out(base: Path, bench: str, budget: Budget, quick: bool) -> Path:
     return dst / bench
 
 
-def run_mllm_arm(
-    claim: Claim,
-    arm: Arm,
-    seed: int,
-    budget: Budget,
-    base: Path,
-    arm_dir: Path,
-    quick: bool,
-    log,
-    earlier: list[Path] | None = None,
-) -> tuple[dict[str, Any], dict[str, Evaluation]]:
+@dataclass(frozen=True)
+class ArmJob:
+    """One arm of a claim at one budget and seed: where its base and its folder are, and the folders of
+    the same arm at the earlier budgets (one of which may already have trained it: reuse_earlier)."""
+
+    claim: Claim
+    arm: Arm
+    seed: int
+    budget: Budget
+    base: Path
+    arm_dir: Path
+    quick: bool
+    log: Callable[..., Any]
+    earlier: tuple[Path, ...] = ()
+
+
+Outcome = tuple[dict[str, Any], dict[str, Evaluation]]  # (cost, {bench: evaluation})
+
+
+def run_mllm_arm(job: ArmJob) -> Outcome:
     from mllm.evaluation.agla import AglaConfig
     from mllm.evaluation.runner import evaluate
     from mllm.model import MultimodalLM
 
+    claim, arm, seed, budget, base, arm_dir, quick, log = (
+        job.claim,
+        job.arm,
+        job.seed,
+        job.budget,
+        job.base,
+        job.arm_dir,
+        job.quick,
+        job.log,
+    )
     extras = ensure_extras(claim, base, seed, quick, log)
     recipe = mllm_recipe(arm, base, seed, budget, quick, extras, claim.base)
     run_dir = arm_dir / "run"
     shared: list[str] = []
-    if not reuse_earlier(recipe, arm_dir, earlier or [], log):
+    if not reuse_earlier(recipe, arm_dir, job.earlier, log):
         reference = mllm_recipe(None, base, seed, Budget(""), quick, variant=claim.base)
         reference_run = variant_run(base, claim.base)
         if arm.graft is not None:
@@ -329,27 +349,21 @@ def encoder_recipe(arm: Arm, world: Path, seed: int, budget: Budget, quick: bool
     )
 
 
-def run_encoder_arm(
-    claim: Claim,
-    arm: Arm,
-    seed: int,
-    budget: Budget,
-    base: Path,
-    arm_dir: Path,
-    quick: bool,
-    log,
-    earlier: list[Path] | None = None,
-) -> tuple[dict[str, Any], dict[str, Evaluation]]:
-    world = base / "world"
-    recipe = encoder_recipe(arm, world, seed, budget, quick)
-    reuse_earlier(recipe, arm_dir, earlier or [], log)
-    cost = _train(recipe, arm_dir / "run", arm_dir, [], log)
+def run_encoder_arm(job: ArmJob) -> Outcome:
+    world = job.base / "world"
+    recipe = encoder_recipe(job.arm, world, job.seed, job.budget, job.quick)
+    reuse_earlier(recipe, job.arm_dir, job.earlier, job.log)
+    cost = _train(recipe, job.arm_dir / "run", job.arm_dir, [], job.log)
 
     def answer(bench: str):
         metrics, rows = ENCODER_EVALS[bench](Path(cost["final"]), recipe.model.tower.type, world)
         return metrics, units_for(bench, rows, world)
 
-    return cost, {b: _evaluated(arm_dir, b, lambda b=b: answer(b), log) for b in claim.benches}
+    return cost, {b: _evaluated(job.arm_dir, b, lambda b=b: answer(b), job.log) for b in job.claim.benches}
+
+
+#: how an arm of each claim level is trained and evaluated
+ARM_RUNNERS: dict[str, Callable[[ArmJob], Outcome]] = {"mllm": run_mllm_arm, "encoder": run_encoder_arm}
 
 
 def variant_run(base: Path, variant: BaseVariant | None) -> Path:
@@ -385,20 +399,19 @@ def ensure_base(claim: Claim, base: Path, seed: int, quick: bool, log) -> None:
 
 def _run_arms(
     claim: Claim, arms: list[Arm], level: int, seeds: list[int], out: Path, bases: Path, quick: bool, log
-) -> dict[str, dict[int, tuple[dict[str, Any], dict[str, Evaluation]]]]:
+) -> dict[str, dict[int, Outcome]]:
     """Each arm trained and evaluated per seed at budget `level` (finished ones read back):
     {arm: {seed: (cost, {bench: evaluation})}}."""
-    arm_run = run_mllm_arm if claim.level == "mllm" else run_encoder_arm
-    done: dict[str, dict[int, tuple[dict[str, Any], dict[str, Evaluation]]]] = {}
+    arm_run = ARM_RUNNERS[claim.level]
+    done: dict[str, dict[int, Outcome]] = {}
     for seed in seeds:
         base = bases / f"s{seed}"
         ensure_base(claim, base, seed, quick, log)
         for arm in arms:
             arm_dir = out / f"b{level}" / arm.name / f"s{seed}"
-            earlier = [out / f"b{j}" / arm.name / f"s{seed}" for j in range(level)]
-            done.setdefault(arm.name, {})[seed] = arm_run(
-                claim, arm, seed, claim.budgets[level], base, arm_dir, quick, log, earlier
-            )
+            earlier = tuple(out / f"b{j}" / arm.name / f"s{seed}" for j in range(level))
+            job = ArmJob(claim, arm, seed, claim.budgets[level], base, arm_dir, quick, log, earlier)
+            done.setdefault(arm.name, {})[seed] = arm_run(job)
     return done
 
 
