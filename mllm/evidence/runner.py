@@ -287,42 +287,32 @@ def run_mllm_arm(job: ArmJob) -> Outcome:
     from mllm.evaluation.runner import evaluate
     from mllm.model import MultimodalLM
 
-    claim, arm, seed, budget, base, arm_dir, quick, log = (
-        job.claim,
-        job.arm,
-        job.seed,
-        job.budget,
-        job.base,
-        job.arm_dir,
-        job.quick,
-        job.log,
-    )
-    extras = ensure_extras(claim, base, seed, quick, log)
-    recipe = mllm_recipe(arm, base, seed, budget, quick, extras, claim.base)
-    run_dir = arm_dir / "run"
+    claim, arm, base = job.claim, job.arm, job.base
+    extras = ensure_extras(claim, base, job.seed, job.quick, job.log)
+    recipe = mllm_recipe(arm, base, job.seed, job.budget, job.quick, extras, claim.base)
+    run_dir = job.arm_dir / "run"
     shared: list[str] = []
-    if not reuse_earlier(recipe, arm_dir, job.earlier, log):
-        reference = mllm_recipe(None, base, seed, Budget(""), quick, variant=claim.base)
+    if not reuse_earlier(recipe, job.arm_dir, job.earlier, job.log):
+        reference = mllm_recipe(None, base, job.seed, Budget(""), job.quick, variant=claim.base)
         reference_run = variant_run(base, claim.base)
         if arm.graft is not None:
             shared = graft_shared(recipe, reference, reference_run, run_dir, arm.graft_at)
         else:
             shared = link_shared(recipe, reference, reference_run, run_dir)
-    cost = _train(recipe, run_dir, arm_dir, shared, log)
+    cost = _train(recipe, run_dir, job.arm_dir, shared, job.log)
     agla = AglaConfig() if arm.decoding == "agla" else None
     model: list[MultimodalLM] = []  # loaded at the first benchmark not yet evaluated
+    sets = {b: held_out(base, b, job.budget, job.quick) for b in claim.benches}
 
     def answer(bench: str):
         if not model:
             model.append(MultimodalLM.from_pretrained(cost["final"]))
-        data = held_out(base, bench, budget, quick)
+        data = sets[bench]
         metrics, records = evaluate(model[0], bench, data, batch_size=32, decoding=arm.decoding, agla=agla)
         return metrics, units_for(bench, records, data)
 
     return cost, {
-        b: _evaluated(
-            arm_dir, b, lambda b=b: answer(b), log, held_out(base, b, budget, quick).relative_to(base)
-        )
+        b: _evaluated(job.arm_dir, b, lambda b=b: answer(b), job.log, sets[b].relative_to(base))
         for b in claim.benches
     }
 

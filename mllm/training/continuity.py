@@ -82,18 +82,24 @@ def _diff(a: Any, b: Any, where: str) -> list[str]:
     return [f"{where}: {a!r} -> {b!r}"]
 
 
-def training_changes(saved: Recipe, recipe: Recipe) -> list[str]:
-    """Every weight-deciding difference between two recipes (model, engine, each stage), as
-    `field: old -> new`: empty when a run of `saved` is a run of `recipe`. For callers that keep a whole
-    run as done (the evidence runner's arms and base variants), where a stage-by-stage check is not reached."""
-    old_model, old_engine, old_stages = _trains(saved)
-    model, engine, stages = _trains(recipe)
+def _changes(
+    old: tuple[Any, EngineConfig, list[StageConfig]], new: tuple[Any, EngineConfig, list[StageConfig]]
+) -> list[str]:
+    """The differences between two `_trains` triples: model, engine, then the stages in order."""
+    (old_model, old_engine, old_stages), (model, engine, stages) = old, new
     out = _diff(old_model, model, "model") + _diff(old_engine, engine, "engine")
     if [s.name for s in old_stages] != [s.name for s in stages]:
         return [*out, f"stages: {[s.name for s in old_stages]} -> {[s.name for s in stages]}"]
     for a, b in zip(old_stages, stages, strict=True):
         out += _diff(a, b, f"stages.{a.name}")
     return out
+
+
+def training_changes(saved: Recipe, recipe: Recipe) -> list[str]:
+    """Every weight-deciding difference between two recipes (model, engine, each stage), as
+    `field: old -> new`: empty when a run of `saved` is a run of `recipe`. For callers that keep a whole
+    run as done (the evidence runner's arms and base variants), where a stage-by-stage check is not reached."""
+    return _changes(_trains(saved), _trains(recipe))
 
 
 #: what may change on a stage that is begun but not finished: its length (extending it from its
@@ -121,26 +127,21 @@ def check_continuity(saved: Recipe, recipe: Recipe, run_dir: Path, state) -> lis
                 f"{stage.name!r}; remove that folder to train it again, or train into a new run folder"
             )
         j = old_names.index(stage.name)
-        changes = _diff(old_model, model, "model") + _diff(old_engine, engine, "engine")
-        if [s.name for s in old_stages[:j]] != [s.name for s in stages[:k]]:
-            changes.append(f"stages before {stage.name!r}: {old_names[:j]} -> {[s.name for s in stages[:k]]}")
-        else:
-            for a, b in zip(old_stages[:j], stages[:k], strict=True):
-                changes += _diff(a, b, f"stages.{a.name}")
-            then, now = old_stages[j], stage
-            if has == "checkpoint":  # a begun stage: its length and accumulation may change, nothing else
-                moved = [
-                    f"stages.{now.name}.{n}: {getattr(then, n)!r} -> {getattr(now, n)!r}"
-                    for n in RESUMABLE
-                    if getattr(then, n) != getattr(now, n)
-                ]
-                if moved:
-                    notes.append(
-                        f"{where}: resumed from its checkpoint with {'; '.join(moved)} (a new length sets the "
-                        "learning-rate schedule from here on)"
-                    )
-                now = replace(now, **{n: getattr(then, n) for n in RESUMABLE})
-            changes += _diff(then, now, f"stages.{now.name}")
+        then, now = old_stages[j], stage
+        if has == "checkpoint":  # a begun stage: its length and accumulation may change, nothing else
+            moved = [
+                f"stages.{now.name}.{n}: {getattr(then, n)!r} -> {getattr(now, n)!r}"
+                for n in RESUMABLE
+                if getattr(then, n) != getattr(now, n)
+            ]
+            if moved:
+                notes.append(
+                    f"{where}: resumed from its checkpoint with {'; '.join(moved)} (a new length sets the "
+                    "learning-rate schedule from here on)"
+                )
+            now = replace(now, **{n: getattr(then, n) for n in RESUMABLE})
+        # the stage's weights depend on it and on every stage before it
+        changes = _changes((old_model, old_engine, old_stages[: j + 1]), (model, engine, [*stages[:k], now]))
         if changes:
             raise RecipeChanged(
                 f"{where} was trained (or begun) under other settings than this recipe asks: "
