@@ -242,7 +242,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         layout = meta["predictions_layout"]
         print(f"predictions: {args.predictions} read as {layout} ({PREDICTION_LAYOUTS[layout].doc})")
     print(json.dumps({k: v for k, v in metrics.items() if k != "meta"}, indent=1))
-    print(f"rule: {meta['rule']}\nmetrics: {args.out}\nrecords: {Path(args.out).with_suffix('.jsonl')}")
+    from mllm.evaluation.benchmarks import report_paths
+
+    json_path, jsonl_path = report_paths(args.out)
+    print(f"rule: {meta['rule']}\nmetrics: {json_path}\nrecords: {jsonl_path}")
     return 0
 
 

@@ -793,3 +793,32 @@ def test_cli_one_line_errors_and_the_layout_it_read(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert str(unknown) in err and "accepted: mllm" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_refuses_an_out_that_would_overwrite_its_inputs(tmp_path, capsys):
+    """`--predictions p.jsonl --out p.json` writes its records to p.jsonl: the predictions would be
+    replaced by the report of them. Refused before anything is written; the inputs are byte for byte as
+    they were, and an --out beside them works."""
+    data = _mmvp(tmp_path / "mmvp")
+    preds = _jsonl(tmp_path / "p.jsonl", [{"Index": i, "response": "(a)"} for i in "1234"])
+    before = preds.read_bytes(), (data / "Questions.csv").read_bytes()
+    mmvp = ["eval", "mmvp", "--predictions", str(preds), "--data", str(data)]
+    for out in (tmp_path / "p.json", tmp_path / "p"):
+        assert cli_main(mmvp + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "choose an --out outside the inputs" in err and str(out) in err
+    assert (preds.read_bytes(), (data / "Questions.csv").read_bytes()) == before
+    # POPE's questions are .json files: an --out named like one of them would replace it
+    pope = _pope(tmp_path / "pope")
+    split = pope / "coco_pope_random.json"
+    kept = split.read_bytes()
+    pope_preds = _jsonl(tmp_path / "pp.jsonl", [{"question_id": i, "response": "yes"} for i in range(1, 5)])
+    assert (
+        cli_main(["eval", "pope", "--predictions", str(pope_preds), "--data", str(pope), "--out", str(split)])
+        == 2
+    )
+    assert "a file of the input folder" in capsys.readouterr().err and split.read_bytes() == kept
+    assert not (tmp_path / "p.json").exists()
+    assert cli_main(mmvp + ["--out", str(tmp_path / "scored.json")]) == 0
+    assert len((tmp_path / "scored.jsonl").read_text().splitlines()) == 4
+    assert preds.read_bytes() == before[0]

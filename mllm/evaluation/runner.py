@@ -16,7 +16,13 @@ import torch
 
 from mllm.data.images import load_image
 from mllm.evaluation.agla import AglaConfig
-from mllm.evaluation.benchmarks import get_benchmark, resolve_rule, score_predictions_file, write_report
+from mllm.evaluation.benchmarks import (
+    get_benchmark,
+    refuse_to_overwrite_inputs,
+    resolve_rule,
+    score_predictions_file,
+    write_report,
+)
 from mllm.inference import answer_batch
 from mllm.loading import get_loader, resolve_model_dir
 from mllm.model import MultimodalLM
@@ -122,6 +128,7 @@ def run_eval(
         raise ValueError(
             "give exactly one of --model (generate answers) or --predictions (score a predictions file)"
         )
+    refuse_to_overwrite_inputs(out, [data] + ([predictions] if predictions is not None else []))
     options = dict(options or {})
     b = get_benchmark(bench)
     rule, _ = resolve_rule(b, options)  # a rule the benchmark lacks fails here, before any model loads

@@ -243,6 +243,29 @@ def read_predictions(path: str | Path, id_key: str) -> dict[str, str]:
     return out
 
 
+def report_paths(out_json: str | Path) -> tuple[Path, Path]:
+    """The two files `write_report(out_json, ...)` writes: FILE.json and FILE.jsonl."""
+    out = Path(out_json)
+    json_path = out if out.suffix == ".json" else out.with_name(out.name + ".json")
+    return json_path, json_path.with_suffix(".jsonl")
+
+
+def refuse_to_overwrite_inputs(out_json: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Raise before anything is scored when a report file would replace an input: `--predictions p.jsonl
+    --out p.json` writes its records to p.jsonl, and `--out` inside the benchmark's own folder can land on
+    its data. Why here and not after scoring: the input would be gone by then."""
+    outs = {p.resolve(): p for p in report_paths(out_json)}
+    for given in inputs:
+        root = Path(given).resolve()
+        for out, spelled in outs.items():
+            if out == root or (root.is_dir() and out.is_file() and out.is_relative_to(root)):
+                raise ValueError(
+                    f"--out {out_json} would write {spelled}, which is "
+                    + ("an input" if out == root else f"a file of the input folder {given}")
+                    + "; choose an --out outside the inputs"
+                )
+
+
 def write_report(
     out_json: str | Path,
     metrics: Mapping[str, Any],
@@ -257,9 +280,7 @@ def write_report(
     """
     if meta is not None:
         metrics = {**metrics, "meta": dict(meta)}
-    out = Path(out_json)
-    json_path = out if out.suffix == ".json" else out.with_name(out.name + ".json")
-    jsonl_path = json_path.with_suffix(".jsonl")
+    json_path, jsonl_path = report_paths(out_json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(
         json.dumps(metrics, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
