@@ -116,6 +116,7 @@ def test_survivor_exits_with_a_clear_error(setup, tmp_path, backend, zero):
     assert [m["step"] for m in metrics][:2] == [1, 2] and len(metrics) <= 3
 
 
+@pytest.mark.slow
 def test_silent_peer_is_bounded_by_the_recipe_timeout(setup, tmp_path):
     """Rank 1 stops (SIGSTOP: alive, connections open, silent): only the process-group timeout can free
     rank 0, and gloo's "Timed out" must come back as the clear error naming the recipe's timeout."""

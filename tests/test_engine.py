@@ -78,6 +78,7 @@ def _run_cli(recipe_path: Path, out: Path, fault: str | None) -> subprocess.Comp
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,zero", [("torch", None), ("deepspeed", "train/ds/zero2.json")])
 def test_kill_and_resume_reproduces_the_loss_sequence(world, tmp_path, backend, zero):
     rec = tiny_recipe(world, backend, str(REPO / zero) if zero else None, steps=(1, 8), checkpoint_every=2)

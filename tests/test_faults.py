@@ -9,7 +9,7 @@ deterministic), and so must its final weights.
 Every run is a real process killed by a real SIGKILL: a child forked from a `forkserver` process
 that has imported torch, transformers and the trainer but never started a thread (so a launch costs
 the training, not the imports). Forking the pytest process itself deadlocks once earlier tests have
-left threads holding locks (OpenMP pools, W&B/TensorBoard writers): the child waits forever. Trials: `MLLM_FAULT_TRIALS` (default 24), seed: `MLLM_FAULT_SEED` (default 0). A failure
+left threads holding locks (OpenMP pools, W&B/TensorBoard writers): the child waits forever. Trials (the long tier, `-m slow`): `MLLM_FAULT_TRIALS` (default 24), seed: `MLLM_FAULT_SEED` (default 0); the quick tier runs three fixed ones. A failure
 prints each failed trial's faults and the command that replays the same list.
 """
 
@@ -304,20 +304,48 @@ def test_trials_are_seeded_and_cover_every_point():
     assert {t.setup for t in a} == {"lm-torch", "image-torch", "lm-zero2"}
 
 
-def test_kill_anywhere_resume_exactly(bench):
-    root, setups, refs = bench
-    n = int(os.environ.get("MLLM_FAULT_TRIALS", "24"))
-    seed = int(os.environ.get("MLLM_FAULT_SEED", "0"))
-    trials = draw_trials(n, seed)
+def _run_trials(trials: list[Trial], root: Path, setups: dict[str, Setup], refs: dict) -> list[str]:
     failures = []
     for trial in trials:
         errors = run_trial(trial, root, setups, refs)
         if errors:
             failures.append(f"{trial}\n    " + "\n    ".join(errors))
+    return failures
+
+
+#: the quick tier's trials: one SIGKILL at each kill point, every setup at least once, and one trial killed
+#: twice (a resumed run killed again)
+EACH_POINT = (
+    Trial(0, "lm-torch", ["after_step:3"]),
+    Trial(1, "image-torch", ["mid_checkpoint:4"]),
+    Trial(2, "lm-zero2", ["before_latest:2", "mid_metrics:5"]),
+)
+
+
+def test_the_quick_trials_kill_at_every_point_in_every_setup():
+    assert {f.partition(":")[0] for t in EACH_POINT for f in t.faults} == set(KILL_POINTS)
+    assert {t.setup for t in EACH_POINT} == {"lm-torch", "image-torch", "lm-zero2"}
+
+
+def test_a_kill_at_each_point_resumes_exactly(bench):
+    """The quick tier's share of the randomised trials below (the long tier runs 24 of them)."""
+    root, setups, refs = bench
+    (root / "each-point").mkdir(exist_ok=True)
+    failures = _run_trials(list(EACH_POINT), root / "each-point", setups, refs)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_kill_anywhere_resume_exactly(bench):
+    root, setups, refs = bench
+    n = int(os.environ.get("MLLM_FAULT_TRIALS", "24"))
+    seed = int(os.environ.get("MLLM_FAULT_SEED", "0"))
+    trials = draw_trials(n, seed)
+    failures = _run_trials(trials, root, setups, refs)
     kills = sum(len(t.faults) for t in trials)
     summary = f"{len(trials)} trials, {kills} SIGKILLs, {len(failures)} failed"
     print(summary)
     assert not failures, (
-        f"{summary} (replay: MLLM_FAULT_TRIALS={n} MLLM_FAULT_SEED={seed} pytest tests/test_faults.py)\n"
+        f"{summary} (replay: MLLM_FAULT_TRIALS={n} MLLM_FAULT_SEED={seed} pytest -m slow tests/test_faults.py)\n"
         + "\n".join(failures)
     )

@@ -103,6 +103,7 @@ def _env(**extra: str) -> dict[str, str]:
     return subprocess_env(REPO, OMP_NUM_THREADS="1", **{"PATH": path, **extra})
 
 
+@pytest.mark.slow
 def test_zero3_two_processes_under_launch_sh_resume_as_torch_one(bench, tmp_path):
     root, setup, _, _ = bench
     rec2 = write_recipe(lm_recipe(setup, "zero3", 2), tmp_path / "zero3.yaml")
