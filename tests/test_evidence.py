@@ -396,6 +396,38 @@ def test_a_budget_on_a_variant_states_its_steps_and_the_variant_the_rest():
         assert r.stage("instruct").data.live.existence_yes == 0.9
 
 
+def test_the_prior_sweep_arms_differ_from_plain_ntp_by_alpha_alone():
+    """prior-weak sweeps PRIOR's alpha (0.5, 1, 2), each against NTP: every arm's recipe must be NTP's but
+    for the token weights' exponent, or a sweep would measure something else too; and every sweep arm is
+    compared with NTP on the paper's side (POPE up) as alpha 1 is."""
+    from mllm.evidence.runner import mllm_recipe
+
+    budget = C.PRIOR_WEAK.budgets[1]
+
+    def recipe(name: str):
+        return mllm_recipe(C.PRIOR_WEAK.arm(name), Path("b"), 0, budget, False, variant=C.WEAK_YES)
+
+    ntp = recipe("ntp")
+    alphas = {}
+    for arm in C.PRIOR_WEAK.arms:
+        r = recipe(arm.name)
+        alphas[arm.name] = r.stage("prior").prior.alpha
+        assert replace(r.stage("prior"), prior=ntp.stage("prior").prior) == ntp.stage("prior")
+        assert [s for s in r.stages if s.name != "prior"] == [s for s in ntp.stages if s.name != "prior"]
+        assert r.model == ntp.model and r.engine == ntp.engine
+    assert alphas == {"ntp": 0.0, "prior05": 0.5, "prior": 1.0, "prior2": 2.0}
+    pope_up = {
+        c.arm
+        for c in C.PRIOR_WEAK.comparisons
+        if c.reference == "ntp"
+        and c.measure == C.Measure("pope", "accuracy", "adversarial")
+        and c.expect == 1
+    }
+    assert pope_up == {"prior05", "prior", "prior2"}
+    # the demo-base claim keeps its two arms (POPE at its ceiling there: nothing for a sweep to show)
+    assert [a.name for a in C.PRIOR.arms] == ["ntp", "prior"]
+
+
 def test_a_mof_arm_is_the_base_with_a_dino_tower_grafted_on(tmp_path, bases):
     """The fused arms link the base's first stages, start align from its warmed-up model with the
     claim's DINO tower attached, and train the same stages as the base; the CLIP arm is the base."""

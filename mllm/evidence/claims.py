@@ -244,25 +244,37 @@ AGLA = Claim(
     ),
 )
 
+
+def _prior_arm(name: str, alpha: float) -> Arm:
+    """PRIOR's pair in place of `align`, its token weights (1 - p_ref)^alpha: alpha 0 is exactly the plain
+    next-token loss, 1 the paper's default; larger alphas push the loss further towards the tokens the
+    text-only reference could not predict."""
+    what = "exactly the plain next-token loss" if alpha == 0 else f"alpha {alpha:g}"
+    return Arm(
+        name,
+        f"align as prior_ref + prior with alpha {alpha:g}" + (f" ({what})" if alpha == 0 else ""),
+        overrides=() if alpha == 1 else (f"stages.prior.prior.alpha={alpha!r}",),
+        edit=_prior_stages,
+    )
+
+
+def _prior_comparisons(arm: str) -> list[Comparison]:
+    """`arm` against plain next-token prediction: POPE up (the paper's claim), QA up, yes-ratio no
+    direction."""
+    return (
+        [Comparison(arm, "ntp", m) for m in _pope_measures("accuracy") + _pope_measures("f1")]
+        + [Comparison(arm, "ntp", Measure("qa", "accuracy"))]
+        + [Comparison(arm, "ntp", m, expect=0) for m in _pope_measures("yes_ratio")]
+    )
+
+
 PRIOR = Claim(
     name="prior",
     title="PRIOR: re-weighting alignment towards image-related tokens cuts hallucination",
     paper="PRIOR (2025): about +19% average relative gain on hallucination benchmarks over plain NTP.",
     level="mllm",
-    arms=(
-        Arm(
-            "ntp",
-            "align as prior_ref + prior with alpha 0 (exactly the plain next-token loss)",
-            overrides=("stages.prior.prior.alpha=0.0",),
-            edit=_prior_stages,
-        ),
-        Arm("prior", "align as prior_ref + prior with alpha 1", edit=_prior_stages),
-    ),
-    comparisons=tuple(
-        [Comparison("prior", "ntp", m) for m in _pope_measures("accuracy") + _pope_measures("f1")]
-        + [Comparison("prior", "ntp", Measure("qa", "accuracy"))]
-        + [Comparison("prior", "ntp", m, expect=0) for m in _pope_measures("yes_ratio")]
-    ),
+    arms=(_prior_arm("ntp", 0.0), _prior_arm("prior", 1.0)),
+    comparisons=tuple(_prior_comparisons("prior")),
     benches=("pope", "qa"),
     budgets=MLLM_BUDGETS,
 )
@@ -312,11 +324,17 @@ AGLA_WEAK = replace(
     ),
 )
 
+#: PRIOR's alpha swept where there is hallucination to cut (on the demo base POPE is at its ceiling): 0.5
+#: and 2 beside the paper's 1, each against plain next-token prediction
+_PRIOR_SWEEP = (("prior05", 0.5), ("prior", 1.0), ("prior2", 2.0))
+
 PRIOR_WEAK = replace(
     PRIOR,
     name="prior-weak",
     title="PRIOR on a base that hallucinates: does re-weighting alignment cut false yeses?",
     base=WEAK_YES,
+    arms=(_prior_arm("ntp", 0.0), *(_prior_arm(n, a) for n, a in _PRIOR_SWEEP)),
+    comparisons=tuple(c for n, _ in _PRIOR_SWEEP for c in _prior_comparisons(n)),
     budgets=(
         Budget("the weak-yes base's budget: alignment 30 steps, instruct 210"),
         Budget("alignment doubled (60 steps), instruct as the base's (210)", ("stages.prior.max_steps=60",)),
@@ -327,7 +345,7 @@ PRIOR_WEAK = replace(
         ),
     ),
     notes=(
-        "Both arms are the weak-yes base's recipe with align replaced by PRIOR's pair (alpha 0 or 1), then its "
+        "Every arm is the weak-yes base's recipe with align replaced by PRIOR's pair (alpha 0, 0.5, 1 or 2), then its "
         "instruct (210 steps, the yes-heavy mix); the LM's pretraining and the warm-up are the demo's, linked.",
         "The larger budget doubles the stage PRIOR changes; instruct stays the base's, whose shortness is "
         "what leaves the base hallucinating. The cap asks the same arms ten times as many POPE questions.",
