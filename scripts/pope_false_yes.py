@@ -13,14 +13,16 @@ import argparse
 import json
 from pathlib import Path
 
+from mllm.evidence.stats import metric_value, table_from_rows
+
 
 def false_yes(units: list[dict], split: str, where: str) -> float:
-    """Percent of the split's absent-object questions answered yes; an absent object is a question that
-    can be neither a hit nor a miss (tp = fn = 0)."""
-    negatives = [u for u in units if u["group"] == split and not (u["tp"] or u["fn"])]
-    if not negatives:
+    """Percent of the split's absent-object questions answered yes (the evidence stack's `false_yes`
+    metric, mllm.evidence.stats); an absent object is a question that can be neither a hit nor a miss."""
+    rows = [u for u in units if u["group"] == split]
+    if not any(not (u["tp"] or u["fn"]) for u in rows):
         raise ValueError(f"{where}: no absent-object questions in split {split!r}")
-    return 100 * sum(u["fp"] for u in negatives) / len(negatives)
+    return metric_value(table_from_rows(rows, ("tp", "fp", "fn")), "false_yes")
 
 
 def main() -> None:

@@ -249,10 +249,10 @@ def _prior_arm(name: str, alpha: float) -> Arm:
     """PRIOR's pair in place of `align`, its token weights (1 - p_ref)^alpha: alpha 0 is exactly the plain
     next-token loss, 1 the paper's default; larger alphas push the loss further towards the tokens the
     text-only reference could not predict."""
-    what = "exactly the plain next-token loss" if alpha == 0 else f"alpha {alpha:g}"
     return Arm(
         name,
-        f"align as prior_ref + prior with alpha {alpha:g}" + (f" ({what})" if alpha == 0 else ""),
+        f"align as prior_ref + prior with alpha {alpha:g}"
+        + (" (exactly the plain next-token loss)" if alpha == 0 else ""),
         overrides=() if alpha == 1 else (f"stages.prior.prior.alpha={alpha!r}",),
         edit=_prior_stages,
     )

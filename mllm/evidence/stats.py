@@ -36,11 +36,19 @@ def _f1(s: Mapping[str, np.ndarray]) -> np.ndarray:
     return 100.0 * np.divide(2 * s["tp"], den, out=np.zeros_like(den, dtype=float), where=den > 0)
 
 
+def _false_yes(s: Mapping[str, np.ndarray]) -> np.ndarray:
+    """POPE's false yeses over its absent objects (the items that can be neither a hit nor a miss): what a
+    hallucination method claims to cut, which accuracy and yes-ratio mix with misses."""
+    absent = s["n"] - s["tp"] - s["fn"]
+    return 100.0 * np.divide(s["fp"], absent, out=np.zeros_like(absent, dtype=float), where=absent > 0)
+
+
 #: How each metric is made from an item table's columns (every table has "n", one per item).
 REDUCERS: dict[str, Reducer] = {
     "accuracy": _ratio("correct"),
     "f1": _f1,
     "yes_ratio": _ratio("yes"),
+    "false_yes": _false_yes,
     "R@1": _ratio("r1"),
     "R@5": _ratio("r5"),
 }
